@@ -1,0 +1,103 @@
+@0xeab139527c8a42c8;
+# duro's wire contract. Foreign clients are written against this file: names and ordinals are
+# fixed. New methods and fields are added after the last ordinal; nothing is renumbered or renamed.
+#
+# Errors travel as Cap'n Proto exceptions; the exception type tells the caller what to do:
+#   failed, message "remote: ..."   the object's code returned an error; the object lives on.
+#   disconnected                    the stub is broken (object reset, host shutting down,
+#                                   connection lost): call `Namespace.get` again for a new stub.
+#   overloaded                      too many requests queued for the object or the host: back
+#                                   off, do not retry at once.
+#   failed, other message           a bad argument (invalid id, unknown namespace, limit
+#                                   exceeded); the message names the rule. Fix the call.
+
+interface Host {
+  # The bootstrap capability of a duro host.
+
+  namespace @0 (name :Text) -> (namespace :Namespace);
+  # The namespace bound to `name`. An unknown name fails with a message naming it.
+  # The returned capability stays valid for the life of the connection.
+
+  listNamespaces @1 () -> (namespaces :List(NamespaceInfo));
+  # Every namespace of the host with the class it is bound to, ordered by name.
+}
+
+struct NamespaceInfo {
+  name @0 :Text;
+  className @1 :Text;
+}
+
+interface Namespace {
+  # A name bound to an object class. Every object of the namespace is addressed by an ObjectId
+  # minted by this namespace; IDs of other namespaces are refused.
+
+  newUniqueId @0 () -> (id :ObjectId);
+  # A fresh random ID: never the same twice, and unguessable.
+
+  idFromName @1 (name :Text) -> (id :ObjectId);
+  # The ID for `name`: the same (namespace, name) gives the same ID, also after a restart.
+  # `id.name` carries the name.
+
+  idFromString @2 (id :Text) -> (id :ObjectId);
+  # Parses the 64-hex-digit text form (either case). Fails when the text has the wrong length, is
+  # not hexadecimal, or was not minted by this namespace (altered, forged, or of another one).
+
+  get @3 (id :ObjectId) -> (stub :DurableObject);
+  # A stub for the object. Answers at once, so `get(id).stub.fetch(req)` pipelines into one round
+  # trip. There is at most one live instance per ID in the host: every stub to the same ID, from
+  # any connection, reaches the same instance. The ID is checked as in `idFromString`.
+  #
+  # Calls made on one stub are delivered to the object in the order they were made (E-order),
+  # also calls pipelined before the object finished activating. No order holds between stubs.
+  #
+  # A stub breaks when its object is reset (a panic in the object's code, a failed commit) or the
+  # host shuts down: its in-flight and later calls fail with `disconnected`, and it stays broken.
+  # Call `get` again for a stub to a fresh instance, built from the object's durable storage.
+
+  getByName @4 (name :Text) -> (stub :DurableObject);
+  # `get(idFromName(name))` in one step, so that it pipelines: an ID must arrive at the caller
+  # before it can be passed to `get`, but a stub can be used before it arrives.
+
+  listObjects @5 (startAfter :Text, limit :UInt32) -> (ids :List(ObjectId), more :Bool);
+  # The namespace's objects that have stored data, in order of their hex IDs, starting after the
+  # hex ID `startAfter` (empty: from the start). At most `limit` IDs (0 is refused); `more` says
+  # whether more remain. `name` is filled for objects that were reached by name.
+}
+
+struct ObjectId {
+  bytes @0 :Data;
+  # 32 bytes: 16 bytes of identity and a 16-byte MAC under the namespace's secret.
+  # Text form: 64 lowercase hex digits.
+
+  name @1 :Text;
+  # The name the ID was derived from (idFromName / getByName); empty otherwise. When set in a
+  # `get`, it must match the ID.
+}
+
+interface DurableObject {
+  # A stub: a capability to one object (see Namespace.get for its lifecycle).
+
+  fetch @0 (request :HttpRequest) -> (response :HttpResponse);
+  # Delivers an HTTP request to the object. The response is released only after every write the
+  # object made before it is durable (committed and fsynced).
+}
+
+struct HttpRequest {
+  method @0 :Text;
+  url @1 :Text;
+  # An absolute URL or a path with its query, e.g. "/path?q=1".
+  headers @2 :List(Header);
+  body @3 :Data;
+}
+
+struct HttpResponse {
+  status @0 :UInt16;
+  statusText @1 :Text;
+  headers @2 :List(Header);
+  body @3 :Data;
+}
+
+struct Header {
+  name @0 :Text;
+  value @1 :Text;
+}
