@@ -1,0 +1,27 @@
+//! `echo`: answers 200 with a JSON description of the request it got:
+//! `{"method": ..., "url": ..., "headers": [[name, value], ...], "body_base64": ...}`.
+
+use base64::Engine;
+use http::StatusCode;
+use serde_json::json;
+
+use crate::{BoxError, DurableObject, Request, Response};
+
+pub struct Echo;
+
+impl DurableObject for Echo {
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let headers: Vec<[String; 2]> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| [name.to_string(), String::from_utf8_lossy(value.as_bytes()).into()])
+            .collect();
+        let body = json!({
+            "method": request.method().as_str(),
+            "url": request.uri().to_string(),
+            "headers": headers,
+            "body_base64": base64::engine::general_purpose::STANDARD.encode(request.body()),
+        });
+        Ok(super::json(StatusCode::OK, &body))
+    }
+}

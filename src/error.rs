@@ -1,0 +1,58 @@
+//! The errors a call to an object can end with, as every caller sees them: objects calling
+//! objects, the Rust client, and (as Cap'n Proto exception types) any client on the wire.
+
+/// Why a call to an object failed. The variant tells the caller what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The object's code returned an error: an application error. The object lives on.
+    #[error("remote: {0}")]
+    Remote(String),
+    /// The stub is broken (object reset, host shutting down, connection lost): get a new stub.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
+    /// Too many requests are queued for the object or the host: back off, do not retry at once.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// A bad argument (invalid ID, unknown namespace, a limit exceeded); the message names the rule.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// Prefix of the message of an application error on the wire.
+pub(crate) const REMOTE_PREFIX: &str = "remote: ";
+
+impl From<Error> for capnp::Error {
+    fn from(error: Error) -> capnp::Error {
+        match error {
+            Error::Remote(message) => capnp::Error::failed(format!("{REMOTE_PREFIX}{message}")),
+            Error::Disconnected(message) => capnp::Error::disconnected(message),
+            Error::Overloaded(message) => capnp::Error::overloaded(message),
+            Error::InvalidArgument(message) => capnp::Error::failed(message),
+        }
+    }
+}
+
+impl From<capnp::Error> for Error {
+    /// Maps by exception type; only `failed` needs its message, to tell the object's own errors
+    /// (sent with the `remote: ` prefix) from refused arguments.
+    fn from(error: capnp::Error) -> Error {
+        use capnp::ErrorKind;
+        // capnp-rpc marks exceptions that crossed the wire with this prefix.
+        let message = error.extra.strip_prefix("remote exception: ").unwrap_or(&error.extra);
+        match error.kind {
+            ErrorKind::Disconnected => Error::Disconnected(message.to_owned()),
+            ErrorKind::Overloaded => Error::Overloaded(message.to_owned()),
+            _ => match message.strip_prefix(REMOTE_PREFIX) {
+                Some(message) => Error::Remote(message.to_owned()),
+                None => Error::InvalidArgument(message.to_owned()),
+            },
+        }
+    }
+}
+
+impl From<crate::id::Error> for Error {
+    fn from(error: crate::id::Error) -> Error {
+        Error::InvalidArgument(error.to_string())
+    }
+}

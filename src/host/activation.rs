@@ -1,0 +1,211 @@
+//! An activation: the one live instance of an object, with its input gate and storage.
+//!
+//! Lifecycle: built by the first `get` of its ID; lives while the host does; reset by a panic
+//! in the object's code, a failed commit, or a failed `block_concurrency_while`. A reset drops
+//! the instance and its unflushed writes and breaks every stub to it (`disconnected`); the next
+//! `get` builds a new activation, which waits for the old one's in-flight commit to settle
+//! before it delivers anything, so it never reads storage that is about to change under it.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::rc::{Rc, Weak};
+
+use futures::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use super::NamespaceCore;
+use super::gate::{self, Gated, InputGate};
+use crate::class::{Env, ErasedObject, Request, Response, State};
+use crate::error::Error;
+use crate::id::ObjectId;
+use crate::storage::store::ObjectStore;
+use crate::storage::{ObjectKey, Storage};
+
+pub(crate) struct Activation {
+    pub(crate) id: ObjectId,
+    /// `None` once reset: the instance is dropped at the reset.
+    instance: RefCell<Option<Rc<dyn ErasedObject>>>,
+    gate: Rc<InputGate>,
+    pub(crate) store: Rc<ObjectStore>,
+    /// Cancelled at the reset: every call of this activation ends with `disconnected`.
+    broken: CancellationToken,
+    /// Most calls waiting for delivery before new ones are refused as overloaded.
+    queue_max: usize,
+}
+
+impl Activation {
+    /// Builds the activation and its instance. `predecessor` is the store of a reset activation
+    /// of the same ID, whose in-flight commit must settle first.
+    pub(crate) fn create(
+        namespace: &Rc<NamespaceCore>,
+        id: ObjectId,
+        predecessor: Option<Rc<ObjectStore>>,
+    ) -> Result<Rc<Activation>, Error> {
+        let host = namespace.host.upgrade().ok_or_else(shutting_down)?;
+        let key = ObjectKey { tag: namespace.tag, id: *id.bytes() };
+        let store = Rc::new(ObjectStore::new(host.storage.clone(), key, id.name().map(Into::into)));
+        let gate = Rc::new(InputGate::default());
+        if let Some(predecessor) = predecessor {
+            hold_gate_until_idle(&gate, predecessor);
+        }
+        let activation = Rc::new_cyclic(|_: &Weak<Activation>| Activation {
+            id: id.clone(),
+            instance: RefCell::new(None),
+            gate: gate.clone(),
+            store: store.clone(),
+            broken: CancellationToken::new(),
+            queue_max: host.limits.object_queue_max,
+        });
+        let weak = Rc::downgrade(&activation);
+        store.set_on_failure(Box::new(move |error| {
+            if let Some(activation) = weak.upgrade() {
+                activation.reset(&format!("commit failed: {error}"));
+            }
+        }));
+        let storage = Storage::new(store, gate.clone());
+        let state = State::new(id, storage, gate, Rc::downgrade(&activation));
+        let env = Env::new(namespace.host.clone());
+        let factory = namespace.factory.clone();
+        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env)))
+            .map_err(|panic| Error::Remote(format!("constructor panicked: {}", panic_message(&*panic))))?;
+        *activation.instance.borrow_mut() = Some(instance);
+        Ok(activation)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.is_cancelled()
+    }
+
+    /// Calls waiting for delivery.
+    pub(crate) fn queued(&self) -> usize {
+        self.gate.queued()
+    }
+
+    /// Resets the object (see the module docs). Idempotent.
+    pub(crate) fn reset(&self, reason: &str) {
+        if self.broken.is_cancelled() {
+            return;
+        }
+        tracing::warn!(id = %self.id, reason, "object reset");
+        self.broken.cancel();
+        self.store.fail(crate::storage::Error::Reset(reason.to_owned()));
+        let instance = self.instance.borrow_mut().take();
+        drop(instance);
+    }
+
+    /// Delivers `request`. Its place in the delivery order is taken now, at the call, which is
+    /// what keeps E-order; the returned future runs it. Dropping the future cancels the call.
+    pub(crate) fn call(
+        self: &Rc<Self>,
+        request: Request,
+    ) -> impl Future<Output = Result<Response, Error>> + use<> {
+        let admitted = if self.is_broken() {
+            Err(disconnected())
+        } else {
+            self.gate.enqueue(self.queue_max).map_err(|_| {
+                Error::Overloaded(format!(
+                    "object {} has {} requests queued (object_queue_max)",
+                    self.id, self.queue_max
+                ))
+            })
+        };
+        // A task of its own, so the call progresses whoever awaits it (an object awaiting
+        // another object's call must not stall that object's handler while its gate is shut).
+        let task = admitted.map(|ticket| {
+            let handle = tokio::task::spawn_local(run(self.clone(), ticket, request));
+            AbortOnDrop(handle)
+        });
+        async move {
+            match task?.await {
+                Ok(result) => result,
+                Err(_) => Err(disconnected()),
+            }
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run(
+    activation: Rc<Activation>,
+    ticket: gate::Ticket,
+    request: Request,
+) -> Result<Response, Error> {
+    let broken = activation.broken.clone();
+    tokio::select! {
+        biased;
+        _ = broken.cancelled() => return Err(disconnected()),
+        _ = ticket => {}
+    }
+    let instance = activation.instance.borrow().clone().ok_or_else(disconnected)?;
+    let handler = AssertUnwindSafe(instance.fetch(request)).catch_unwind();
+    let outcome = tokio::select! {
+        biased;
+        _ = broken.cancelled() => return Err(disconnected()),
+        outcome = Gated::new(handler, activation.gate.clone(), gate::next_task_id()) => outcome,
+    };
+    let result = match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            activation.reset(&format!("panic: {}", panic_message(&*panic)));
+            return Err(disconnected());
+        }
+    };
+    // The output gate: nothing leaves before the writes made so far are durable.
+    let seq = activation.store.written_seq();
+    tokio::select! {
+        biased;
+        _ = broken.cancelled() => return Err(disconnected()),
+        durable = activation.store.wait_durable(seq) => {
+            durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?
+        }
+    }
+    result.map_err(|error| Error::Remote(error.to_string()))
+}
+
+/// Closes `gate` until `predecessor` has no commit in flight.
+fn hold_gate_until_idle(gate: &Rc<InputGate>, predecessor: Rc<ObjectStore>) {
+    let mut lock = gate.lock(gate::next_task_id());
+    lock.try_now();
+    tokio::task::spawn_local(async move {
+        predecessor.wait_idle().await;
+        drop(lock);
+    });
+}
+
+pub(crate) fn disconnected() -> Error {
+    Error::Disconnected("the object was reset or the host is shutting down; get a new stub".into())
+}
+
+pub(crate) fn shutting_down() -> Error {
+    Error::Disconnected("the host is shutting down".into())
+}
+
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}

@@ -1,0 +1,308 @@
+//! The input gate of one object: the order in which events are delivered to it, and the lock
+//! that keeps them out while a storage call or `block_concurrency_while` is in progress.
+//!
+//! Invariants:
+//! - Calls are delivered (their handler starts) in the order they were enqueued, one at a time.
+//!   Enqueueing happens synchronously when the call is made, which is what makes E-order hold.
+//! - While the gate is held by a task, no call is delivered and no other task of the object is
+//!   polled (its [`Gated`] future parks), so the holder sees no interleaving at its awaits.
+//! - The holder may re-enter (nested `block_concurrency_while`, a transaction inside one).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// Identifies a task that may hold an input gate: a delivered call, or a lock taken outside one.
+pub(crate) type TaskId = u64;
+
+thread_local! {
+    /// The task being polled through a [`Gated`] future on this thread, or 0 for none.
+    static CURRENT_TASK: Cell<TaskId> = const { Cell::new(0) };
+    static NEXT_TASK: Cell<TaskId> = const { Cell::new(1) };
+}
+
+/// A fresh task id, never 0.
+pub(crate) fn next_task_id() -> TaskId {
+    NEXT_TASK.with(|next| {
+        let id = next.get();
+        next.set(id + 1);
+        id
+    })
+}
+
+/// The task being polled, if a gated one is.
+pub(crate) fn current_task() -> Option<TaskId> {
+    match CURRENT_TASK.with(Cell::get) {
+        0 => None,
+        id => Some(id),
+    }
+}
+
+struct Waiting {
+    ticket: u64,
+    waker: Option<Waker>,
+}
+
+#[derive(Default)]
+pub(crate) struct InputGate {
+    /// The task holding the gate closed, and how many nested locks it holds.
+    holder: Cell<Option<TaskId>>,
+    depth: Cell<u32>,
+    /// Calls not yet delivered, in arrival order.
+    queue: RefCell<VecDeque<Waiting>>,
+    next_ticket: Cell<u64>,
+    /// Tasks waiting for the gate to open (parked gated tasks and lock requests).
+    parked: RefCell<Vec<Waker>>,
+}
+
+/// Returned when the queue of undelivered calls is full.
+#[derive(Debug)]
+pub(crate) struct QueueFull;
+
+impl InputGate {
+    /// Number of calls waiting for delivery.
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.borrow().len()
+    }
+
+    fn is_open_for(&self, task: Option<TaskId>) -> bool {
+        match self.holder.get() {
+            None => true,
+            Some(holder) => Some(holder) == task,
+        }
+    }
+
+    /// Takes a place in the delivery queue. At most `queue_max` calls may wait.
+    pub(crate) fn enqueue(self: &Rc<Self>, queue_max: usize) -> Result<Ticket, QueueFull> {
+        let mut queue = self.queue.borrow_mut();
+        if queue.len() >= queue_max {
+            return Err(QueueFull);
+        }
+        let ticket = self.next_ticket.get();
+        self.next_ticket.set(ticket + 1);
+        queue.push_back(Waiting { ticket, waker: None });
+        Ok(Ticket { gate: self.clone(), ticket, delivered: false })
+    }
+
+    fn wake_front(&self) {
+        if let Some(front) = self.queue.borrow_mut().front_mut()
+            && let Some(waker) = front.waker.take()
+        {
+            waker.wake();
+        }
+    }
+
+    fn wake_parked(&self) {
+        let parked = std::mem::take(&mut *self.parked.borrow_mut());
+        for waker in parked {
+            waker.wake();
+        }
+        self.wake_front();
+    }
+
+    /// Closes the gate for `task` (re-entrant), waiting while another task holds it.
+    pub(crate) fn lock(self: &Rc<Self>, task: TaskId) -> Lock {
+        Lock { gate: self.clone(), task, held: false }
+    }
+
+    fn try_acquire(&self, task: TaskId) -> bool {
+        if !self.is_open_for(Some(task)) {
+            return false;
+        }
+        self.holder.set(Some(task));
+        self.depth.set(self.depth.get() + 1);
+        true
+    }
+
+    fn release(&self) {
+        let depth = self.depth.get() - 1;
+        self.depth.set(depth);
+        if depth == 0 {
+            self.holder.set(None);
+            self.wake_parked();
+        }
+    }
+}
+
+/// A place in the delivery queue; resolves when it is this call's turn to start.
+pub(crate) struct Ticket {
+    gate: Rc<InputGate>,
+    ticket: u64,
+    delivered: bool,
+}
+
+impl Future for Ticket {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.delivered {
+            return Poll::Ready(());
+        }
+        let gate = self.gate.clone();
+        let mut queue = gate.queue.borrow_mut();
+        let at_front = queue.front().map(|w| w.ticket) == Some(self.ticket);
+        if at_front && gate.holder.get().is_none() {
+            queue.pop_front();
+            drop(queue);
+            self.delivered = true;
+            // The next call may start once this one has run to its first await; it is polled
+            // after the current poll returns, so order holds.
+            gate.wake_front();
+            return Poll::Ready(());
+        }
+        if let Some(waiting) = queue.iter_mut().find(|w| w.ticket == self.ticket) {
+            waiting.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.delivered {
+            return;
+        }
+        let mut queue = self.gate.queue.borrow_mut();
+        let Some(pos) = queue.iter().position(|w| w.ticket == self.ticket) else { return };
+        queue.remove(pos);
+        drop(queue);
+        if pos == 0 {
+            self.gate.wake_front();
+        }
+    }
+}
+
+/// A held (or awaited) lock of the gate; releases it when dropped.
+pub(crate) struct Lock {
+    gate: Rc<InputGate>,
+    task: TaskId,
+    held: bool,
+}
+
+impl Lock {
+    /// Takes the lock now if the gate is open for the task; used so a lock taken at call time
+    /// (e.g. from a constructor) closes the gate before any call is delivered.
+    pub(crate) fn try_now(&mut self) -> bool {
+        if !self.held {
+            self.held = self.gate.try_acquire(self.task);
+        }
+        self.held
+    }
+}
+
+impl Future for Lock {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.try_now() {
+            return Poll::Ready(());
+        }
+        self.gate.parked.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if self.held {
+            self.gate.release();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A task of an object: polled only while the gate is open or held by this task, and
+    /// known as the current task while polled.
+    pub(crate) struct Gated<F> {
+        #[pin]
+        inner: F,
+        gate: Rc<InputGate>,
+        task: TaskId,
+    }
+}
+
+impl<F> Gated<F> {
+    pub(crate) fn new(inner: F, gate: Rc<InputGate>, task: TaskId) -> Self {
+        Gated { inner, gate, task }
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !this.gate.is_open_for(Some(*this.task)) {
+            this.gate.parked.borrow_mut().push(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let outer = CURRENT_TASK.with(|current| current.replace(*this.task));
+        let result = this.inner.poll(cx);
+        CURRENT_TASK.with(|current| current.set(outer));
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+    use std::task::Poll;
+
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        let waker = futures::task::noop_waker();
+        f.poll_unpin(&mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn tickets_are_delivered_in_order() {
+        let gate = Rc::new(InputGate::default());
+        let mut first = gate.enqueue(10).unwrap();
+        let mut second = gate.enqueue(10).unwrap();
+        assert!(poll_once(&mut second).is_pending());
+        assert!(poll_once(&mut first).is_ready());
+        assert!(poll_once(&mut second).is_ready());
+    }
+
+    #[test]
+    fn a_dropped_ticket_gives_up_its_turn() {
+        let gate = Rc::new(InputGate::default());
+        let first = gate.enqueue(10).unwrap();
+        let mut second = gate.enqueue(10).unwrap();
+        drop(first);
+        assert!(poll_once(&mut second).is_ready());
+        assert_eq!(gate.queued(), 0);
+    }
+
+    #[test]
+    fn the_queue_is_bounded() {
+        let gate = Rc::new(InputGate::default());
+        let _a = gate.enqueue(2).unwrap();
+        let _b = gate.enqueue(2).unwrap();
+        assert!(gate.enqueue(2).is_err());
+    }
+
+    #[test]
+    fn a_held_gate_stops_delivery_and_other_tasks() {
+        let gate = Rc::new(InputGate::default());
+        let mut lock = gate.lock(1);
+        assert!(lock.try_now());
+        let mut ticket = gate.enqueue(10).unwrap();
+        assert!(poll_once(&mut ticket).is_pending());
+        let mut other = Gated::new(async { 7 }.boxed_local(), gate.clone(), 2);
+        assert!(poll_once(&mut other).is_pending());
+        let mut holder = Gated::new(async { 8 }.boxed_local(), gate.clone(), 1);
+        assert_eq!(poll_once(&mut holder), Poll::Ready(8));
+        // Re-entrant for the holder.
+        let mut nested = gate.lock(1);
+        assert!(nested.try_now());
+        drop(nested);
+        assert!(poll_once(&mut ticket).is_pending());
+        drop(lock);
+        assert_eq!(poll_once(&mut other), Poll::Ready(7));
+        assert!(poll_once(&mut ticket).is_ready());
+    }
+}

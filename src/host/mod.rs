@@ -1,0 +1,328 @@
+//! The host: namespaces, the registry of live objects, and their activations.
+//!
+//! Everything here runs on one event-loop thread (capnp-rpc is `!Send`): a tokio current-thread
+//! runtime with a `LocalSet`. Storage writes go to the writer thread. Scaling past one core
+//! means several such hosts (shards), each owning the objects whose ID hashes to it; nothing
+//! here assumes there is only one.
+
+pub(crate) mod activation;
+pub(crate) mod gate;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use activation::Activation;
+
+use crate::class::{Factory, Request, Response};
+use crate::error::Error;
+use crate::id::{IdMinter, ObjectId};
+use crate::storage::lmdb::LmdbBackend;
+use crate::storage::store::{ObjectStore, Shared};
+use crate::storage::writer::Writer;
+use crate::storage::{self, Backend, Limits, ObjectRecord, WriterStats};
+
+/// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.
+#[derive(Clone, Debug)]
+pub struct HostLimits {
+    /// Calls waiting for delivery to one object (default 1000). Past it, new calls are refused
+    /// with `overloaded` while the object serves what it queued: a hot object cannot take all
+    /// of the host's memory.
+    pub object_queue_max: usize,
+    /// Longest namespace name and object name, in bytes (default 1024, as the hosted service).
+    pub name_bytes_max: usize,
+    /// Most IDs one `listObjects` call returns (default 1000).
+    pub list_objects_max: usize,
+}
+
+impl Default for HostLimits {
+    fn default() -> HostLimits {
+        HostLimits { object_queue_max: 1000, name_bytes_max: 1024, list_objects_max: 1000 }
+    }
+}
+
+/// What a host is made of; built by [`crate::server::Builder`].
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) classes: BTreeMap<String, Factory>,
+    /// Namespace name → class name.
+    pub(crate) bindings: BTreeMap<String, String>,
+    pub(crate) data_dir: std::path::PathBuf,
+    pub(crate) limits: HostLimits,
+    pub(crate) storage_limits: Limits,
+    pub(crate) lmdb: storage::lmdb::LmdbOptions,
+    /// Wraps the opened backend, e.g. to inject faults in tests.
+    pub(crate) wrap_backend: Option<Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>>,
+}
+
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("namespace '{namespace}' is bound to class '{class}', which is not registered")]
+    UnknownClass { namespace: String, class: String },
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub(crate) struct HostInner {
+    namespaces: BTreeMap<String, Rc<NamespaceCore>>,
+    pub(crate) storage: Rc<Shared>,
+    pub(crate) limits: HostLimits,
+    /// The writer thread; taken at shutdown.
+    writer: RefCell<Option<Writer>>,
+}
+
+/// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
+#[derive(Clone)]
+pub struct Host {
+    inner: Rc<HostInner>,
+}
+
+impl Host {
+    /// Opens the data dir and builds the namespaces. Must run inside a `LocalSet`.
+    pub(crate) fn open(config: Config) -> Result<Host, StartError> {
+        for (namespace, class) in &config.bindings {
+            if !config.classes.contains_key(class) {
+                return Err(StartError::UnknownClass { namespace: namespace.clone(), class: class.clone() });
+            }
+        }
+        let lmdb = LmdbBackend::open(&config.data_dir, &config.lmdb)?;
+        let mut backend: Arc<dyn Backend> = Arc::new(lmdb);
+        if let Some(wrap) = &config.wrap_backend {
+            backend = wrap(backend);
+        }
+        let writer = Writer::spawn(backend.clone())?;
+        let shared = Rc::new(Shared {
+            backend: backend.clone(),
+            writer: writer.handle(),
+            limits: config.storage_limits.clone(),
+        });
+        let records = config
+            .bindings
+            .iter()
+            .map(|(name, class)| Ok((name.clone(), class.clone(), backend.namespace(name)?)))
+            .collect::<Result<Vec<(String, String, storage::NamespaceRecord)>, storage::Error>>()?;
+        let inner = Rc::new_cyclic(|host: &Weak<HostInner>| HostInner {
+            namespaces: records
+                .into_iter()
+                .map(|(name, class, record)| {
+                    let core = NamespaceCore {
+                        minter: IdMinter::new(&name, &record.secret),
+                        tag: record.tag,
+                        factory: config.classes[&class].clone(),
+                        name: name.clone(),
+                        class_name: class,
+                        activations: RefCell::default(),
+                        host: host.clone(),
+                    };
+                    (name, Rc::new(core))
+                })
+                .collect(),
+            storage: shared,
+            limits: config.limits.clone(),
+            writer: RefCell::new(Some(writer)),
+        });
+        Ok(Host { inner })
+    }
+
+    /// The namespace bound to `name`.
+    pub fn namespace(&self, name: &str) -> Option<Namespace> {
+        self.inner.namespace(name)
+    }
+
+    /// Every namespace, as (name, class name), ordered by name.
+    pub fn namespaces(&self) -> Vec<(String, String)> {
+        let namespaces = self.inner.namespaces.values();
+        namespaces.map(|ns| (ns.name.clone(), ns.class_name.clone())).collect()
+    }
+
+    /// The bootstrap capability of the wire protocol, served by this host.
+    pub fn bootstrap(&self) -> crate::duro_capnp::host::Client {
+        crate::rpc::bootstrap(self.clone())
+    }
+
+    /// Counters of the storage writer.
+    pub fn writer_stats(&self) -> Arc<WriterStats> {
+        self.inner.storage.writer.stats.clone()
+    }
+
+    /// Live activations, over all namespaces.
+    pub fn activations(&self) -> usize {
+        self.inner.namespaces.values().map(|ns| ns.activations.borrow().len()).sum()
+    }
+
+    /// Breaks every stub, lets in-flight commits finish, and stops the writer.
+    pub async fn shutdown(&self) {
+        let mut stores = Vec::new();
+        for namespace in self.inner.namespaces.values() {
+            let activations = std::mem::take(&mut *namespace.activations.borrow_mut());
+            for activation in activations.into_values() {
+                stores.push(activation.store.clone());
+                activation.reset("the host is shutting down");
+            }
+        }
+        for store in stores {
+            store.wait_idle().await;
+        }
+        let writer = self.inner.writer.borrow_mut().take();
+        if let Some(writer) = writer {
+            tokio::task::spawn_blocking(move || writer.shutdown()).await.ok();
+        }
+    }
+}
+
+impl HostInner {
+    pub(crate) fn namespace(self: &Rc<Self>, name: &str) -> Option<Namespace> {
+        let core = self.namespaces.get(name)?.clone();
+        Some(Namespace { core })
+    }
+}
+
+pub(crate) struct NamespaceCore {
+    pub(crate) name: String,
+    pub(crate) class_name: String,
+    pub(crate) factory: Factory,
+    pub(crate) minter: IdMinter,
+    /// The namespace's prefix in storage.
+    pub(crate) tag: u32,
+    /// The registry: at most one live activation per ID. A reset activation stays until the
+    /// next `get` of its ID replaces it (the successor waits on its last commit).
+    activations: RefCell<HashMap<[u8; 32], Rc<Activation>>>,
+    pub(crate) host: Weak<HostInner>,
+}
+
+impl NamespaceCore {
+    fn activation(self: &Rc<Self>, id: ObjectId) -> Result<Rc<Activation>, Error> {
+        let existing = self.activations.borrow().get(id.bytes()).cloned();
+        let predecessor: Option<Rc<ObjectStore>> = match existing {
+            Some(activation) if !activation.is_broken() => return Ok(activation),
+            Some(activation) => Some(activation.store.clone()),
+            None => None,
+        };
+        let activation = Activation::create(self, id, predecessor)?;
+        self.activations.borrow_mut().insert(*activation.id.bytes(), activation.clone());
+        Ok(activation)
+    }
+}
+
+/// A namespace of the host, for objects calling objects and for embedding. Cheap to clone.
+#[derive(Clone)]
+pub struct Namespace {
+    core: Rc<NamespaceCore>,
+}
+
+impl Namespace {
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// The name of the class it is bound to.
+    pub fn class_name(&self) -> &str {
+        &self.core.class_name
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), Error> {
+        let max = self.limits().name_bytes_max;
+        if name.len() > max {
+            return Err(Error::InvalidArgument(format!(
+                "object name is {} bytes, over the limit of {max} bytes (name_bytes_max)",
+                name.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> HostLimits {
+        self.core.host.upgrade().map(|h| h.limits.clone()).unwrap_or_default()
+    }
+
+    /// A fresh random ID.
+    pub fn new_unique_id(&self) -> ObjectId {
+        self.core.minter.new_unique()
+    }
+
+    /// The ID of `name`.
+    pub fn id_from_name(&self, name: &str) -> Result<ObjectId, Error> {
+        self.check_name(name)?;
+        Ok(self.core.minter.from_name(name))
+    }
+
+    /// Parses and checks the text form of an ID of this namespace.
+    pub fn id_from_string(&self, text: &str) -> Result<ObjectId, Error> {
+        Ok(self.core.minter.parse(text)?)
+    }
+
+    /// Checks raw ID bytes (and the name sent with them) as an ID of this namespace.
+    pub fn check_id(&self, bytes: &[u8], name: Option<&str>) -> Result<ObjectId, Error> {
+        if let Some(name) = name {
+            self.check_name(name)?;
+        }
+        Ok(self.core.minter.check(bytes, name)?)
+    }
+
+    /// A stub for the object `id`, activating it if needed.
+    pub fn get(&self, id: &ObjectId) -> Result<Stub, Error> {
+        let id = self.check_id(id.bytes(), id.name())?;
+        Ok(Stub { activation: self.core.activation(id)? })
+    }
+
+    /// A stub for the object named `name`.
+    pub fn get_by_name(&self, name: &str) -> Result<Stub, Error> {
+        let id = self.id_from_name(name)?;
+        Ok(Stub { activation: self.core.activation(id)? })
+    }
+
+    /// Objects with stored data, in ID order, after `start_after`; and whether more remain.
+    pub fn list_objects(
+        &self,
+        start_after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectRecord>, bool), Error> {
+        let max = self.limits().list_objects_max;
+        if limit == 0 || limit > max {
+            return Err(Error::InvalidArgument(format!(
+                "limit must be between 1 and {max} (list_objects_max), got {limit}"
+            )));
+        }
+        let host = self.core.host.upgrade().ok_or_else(activation::shutting_down)?;
+        host.storage
+            .backend
+            .list_objects(self.core.tag, start_after, limit)
+            .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
+    }
+}
+
+/// A stub: a reference to one object, through which calls arrive in the order made.
+#[derive(Clone)]
+pub struct Stub {
+    activation: Rc<Activation>,
+}
+
+impl Stub {
+    /// The object's ID.
+    pub fn id(&self) -> &ObjectId {
+        &self.activation.id
+    }
+
+    /// Sends `request` to the object. The call takes its place in the object's delivery order
+    /// when `fetch` is called, not when the future is first polled.
+    pub fn fetch(&self, request: Request) -> impl Future<Output = Result<Response, Error>> + use<> {
+        self.activation.call(request)
+    }
+
+    /// Whether the stub is broken (its object was reset): get a new one.
+    pub fn is_broken(&self) -> bool {
+        self.activation.is_broken()
+    }
+
+    /// Calls waiting for delivery to the object.
+    pub fn queued(&self) -> usize {
+        self.activation.queued()
+    }
+}

@@ -1,0 +1,136 @@
+//! HTTP requests and responses to and from their Cap'n Proto form.
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+
+use crate::class::{Request, Response};
+use crate::duro_capnp::{header, http_request, http_response};
+
+fn invalid(rule: String) -> capnp::Error {
+    capnp::Error::failed(rule)
+}
+
+fn read_headers(
+    headers: capnp::struct_list::Reader<header::Owned>,
+    into: &mut http::HeaderMap,
+) -> capnp::Result<()> {
+    for header in headers.iter() {
+        let name = header.get_name()?.to_str()?;
+        let value = header.get_value()?.to_str()?;
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid(format!("invalid header name {name:?}")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| invalid(format!("invalid value of header {name}")))?;
+        into.append(name, value);
+    }
+    Ok(())
+}
+
+fn write_headers(headers: &http::HeaderMap, mut list: capnp::struct_list::Builder<header::Owned>) {
+    for (i, (name, value)) in headers.iter().enumerate() {
+        let mut header = list.reborrow().get(i as u32);
+        header.set_name(name.as_str());
+        header.set_value(&*String::from_utf8_lossy(value.as_bytes()));
+    }
+}
+
+/// Reads a request sent on the wire. An empty method means GET; an empty URL means "/".
+pub fn request_from_capnp(reader: http_request::Reader) -> capnp::Result<Request> {
+    let method = match reader.get_method()?.to_str()? {
+        "" => Method::GET,
+        method => Method::from_bytes(method.as_bytes())
+            .map_err(|_| invalid(format!("invalid HTTP method {method:?}")))?,
+    };
+    let uri = match reader.get_url()?.to_str()? {
+        "" => Uri::from_static("/"),
+        url => url.parse::<Uri>().map_err(|e| invalid(format!("invalid URL {url:?}: {e}")))?,
+    };
+    let body = Bytes::copy_from_slice(reader.get_body()?);
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    read_headers(reader.get_headers()?, request.headers_mut())?;
+    Ok(request)
+}
+
+/// Writes a request for the wire.
+pub fn request_to_capnp(request: &Request, mut builder: http_request::Builder) {
+    builder.set_method(request.method().as_str());
+    builder.set_url(&*request.uri().to_string());
+    let headers = builder.reborrow().init_headers(request.headers().len() as u32);
+    write_headers(request.headers(), headers);
+    builder.set_body(request.body());
+}
+
+/// Reads a response sent on the wire.
+pub fn response_from_capnp(reader: http_response::Reader) -> capnp::Result<Response> {
+    let status = StatusCode::from_u16(reader.get_status())
+        .map_err(|_| invalid(format!("invalid HTTP status {}", reader.get_status())))?;
+    let mut response = Response::new(Bytes::copy_from_slice(reader.get_body()?));
+    *response.status_mut() = status;
+    read_headers(reader.get_headers()?, response.headers_mut())?;
+    Ok(response)
+}
+
+/// Writes a response for the wire.
+pub fn response_to_capnp(response: &Response, mut builder: http_response::Builder) {
+    builder.set_status(response.status().as_u16());
+    builder.set_status_text(response.status().canonical_reason().unwrap_or(""));
+    let headers = builder.reborrow().init_headers(response.headers().len() as u32);
+    write_headers(response.headers(), headers);
+    builder.set_body(response.body());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let request = http::Request::builder()
+            .method("PATCH")
+            .uri("/a/b?x=1&y=%20")
+            .header("x-one", "1")
+            .header("x-one", "2")
+            .header("content-type", "text/plain")
+            .body(Bytes::from_static(b"\x00body\xff"))
+            .unwrap();
+        let mut message = capnp::message::Builder::new_default();
+        request_to_capnp(&request, message.init_root());
+        let back = request_from_capnp(message.get_root_as_reader().unwrap()).unwrap();
+        assert_eq!(back.method(), request.method());
+        assert_eq!(back.uri(), request.uri());
+        assert_eq!(back.headers(), request.headers());
+        assert_eq!(back.body(), request.body());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let response = http::Response::builder()
+            .status(418)
+            .header("x-a", "b")
+            .body(Bytes::from_static(b"teapot"))
+            .unwrap();
+        let mut message = capnp::message::Builder::new_default();
+        response_to_capnp(&response, message.init_root());
+        let reader: http_response::Reader = message.get_root_as_reader().unwrap();
+        assert_eq!(reader.get_status_text().unwrap().to_str().unwrap(), "I'm a teapot");
+        let back = response_from_capnp(reader).unwrap();
+        assert_eq!(back.status(), 418);
+        assert_eq!(back.headers(), response.headers());
+        assert_eq!(back.body(), response.body());
+    }
+
+    #[test]
+    fn bad_requests_name_the_rule() {
+        let mut message = capnp::message::Builder::new_default();
+        let mut builder: http_request::Builder = message.init_root();
+        builder.set_method("GE T");
+        let error = request_from_capnp(message.get_root_as_reader().unwrap()).unwrap_err();
+        assert!(error.extra.contains("invalid HTTP method"), "{error}");
+        let mut builder: http_request::Builder = message.init_root();
+        builder.set_url("http://[::1");
+        let error = request_from_capnp(message.get_root_as_reader().unwrap()).unwrap_err();
+        assert!(error.extra.contains("invalid URL"), "{error}");
+    }
+}

@@ -1,0 +1,214 @@
+//! The Cap'n Proto face of the host: servers for `Host`, `Namespace` and `DurableObject`
+//! (stubs), and the serving of one connection. This layer only translates; the semantics live
+//! in [`crate::host`].
+
+pub mod convert;
+
+use std::future::{Future, ready};
+
+use capnp::capability::Rc;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::duro_capnp::{durable_object, host, namespace, object_id};
+use crate::error::Error;
+use crate::host::{Host, Namespace, Stub};
+use crate::id::{self, ObjectId};
+
+/// Largest message accepted from a peer: far below capnp's 64 MiB default, and above the
+/// largest body a request should carry.
+pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
+
+/// Reader options for every connection: the message size bound, and capnp's nesting bound.
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut options = capnp::message::ReaderOptions::new();
+    options.traversal_limit_in_words(Some(MESSAGE_BYTES_MAX / 8));
+    options.nesting_limit(64);
+    options
+}
+
+pub(crate) fn bootstrap(host: Host) -> host::Client {
+    capnp_rpc::new_client(HostServer { host })
+}
+
+/// Serves the protocol on one connection until the peer leaves. Dropping the future drops the
+/// connection, and with it every call the peer had in flight.
+pub async fn serve_connection<R, W>(host: Host, reader: R, writer: W) -> Result<(), capnp::Error>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Server,
+        reader_options(),
+    );
+    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap(host).client));
+    rpc.await
+}
+
+fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {
+    reader.to_str().map_err(|_| capnp::Error::failed("text is not valid UTF-8".into()))
+}
+
+struct HostServer {
+    host: Host,
+}
+
+impl host::Server for HostServer {
+    fn namespace(
+        self: Rc<Self>,
+        params: host::NamespaceParams,
+        mut results: host::NamespaceResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let name = text(params.get()?.get_name()?)?;
+            let namespace = self.host.namespace(name).ok_or_else(|| {
+                capnp::Error::failed(format!("unknown namespace '{name}'"))
+            })?;
+            results.get().set_namespace(capnp_rpc::new_client(NamespaceServer { namespace }));
+            Ok(())
+        })())
+    }
+
+    fn list_namespaces(
+        self: Rc<Self>,
+        _: host::ListNamespacesParams,
+        mut results: host::ListNamespacesResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let namespaces = self.host.namespaces();
+        let mut list = results.get().init_namespaces(namespaces.len() as u32);
+        for (i, (name, class)) in namespaces.iter().enumerate() {
+            let mut info = list.reborrow().get(i as u32);
+            info.set_name(name);
+            info.set_class_name(class);
+        }
+        ready(Ok(()))
+    }
+}
+
+struct NamespaceServer {
+    namespace: Namespace,
+}
+
+fn write_id(id: &ObjectId, mut builder: object_id::Builder) {
+    builder.set_bytes(id.bytes());
+    builder.set_name(id.name().unwrap_or(""));
+}
+
+fn stub_client(stub: Stub) -> durable_object::Client {
+    capnp_rpc::new_client(StubServer { stub })
+}
+
+impl namespace::Server for NamespaceServer {
+    fn new_unique_id(
+        self: Rc<Self>,
+        _: namespace::NewUniqueIdParams,
+        mut results: namespace::NewUniqueIdResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        write_id(&self.namespace.new_unique_id(), results.get().init_id());
+        ready(Ok(()))
+    }
+
+    fn id_from_name(
+        self: Rc<Self>,
+        params: namespace::IdFromNameParams,
+        mut results: namespace::IdFromNameResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let name = text(params.get()?.get_name()?)?;
+            write_id(&self.namespace.id_from_name(name)?, results.get().init_id());
+            Ok(())
+        })())
+    }
+
+    fn id_from_string(
+        self: Rc<Self>,
+        params: namespace::IdFromStringParams,
+        mut results: namespace::IdFromStringResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let text = text(params.get()?.get_id()?)?;
+            write_id(&self.namespace.id_from_string(text)?, results.get().init_id());
+            Ok(())
+        })())
+    }
+
+    fn get(
+        self: Rc<Self>,
+        params: namespace::GetParams,
+        mut results: namespace::GetResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let id = params.get()?.get_id()?;
+            let name = text(id.get_name()?)?;
+            let name = (!name.is_empty()).then_some(name);
+            let id = self.namespace.check_id(id.get_bytes()?, name)?;
+            results.get().set_stub(stub_client(self.namespace.get(&id)?));
+            Ok(())
+        })())
+    }
+
+    fn get_by_name(
+        self: Rc<Self>,
+        params: namespace::GetByNameParams,
+        mut results: namespace::GetByNameResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let name = text(params.get()?.get_name()?)?;
+            results.get().set_stub(stub_client(self.namespace.get_by_name(name)?));
+            Ok(())
+        })())
+    }
+
+    fn list_objects(
+        self: Rc<Self>,
+        params: namespace::ListObjectsParams,
+        mut results: namespace::ListObjectsResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let params = params.get()?;
+            let start_after = match text(params.get_start_after()?)? {
+                "" => None,
+                hex => Some(id::from_hex(hex).map_err(Error::from)?),
+            };
+            let limit = params.get_limit() as usize;
+            let (records, more) = self.namespace.list_objects(start_after.as_ref(), limit)?;
+            let mut results = results.get();
+            results.set_more(more);
+            let mut ids = results.init_ids(records.len() as u32);
+            for (i, record) in records.iter().enumerate() {
+                let mut id = ids.reborrow().get(i as u32);
+                id.set_bytes(&record.id);
+                id.set_name(record.name.as_deref().unwrap_or(""));
+            }
+            Ok(())
+        })())
+    }
+}
+
+struct StubServer {
+    stub: Stub,
+}
+
+impl durable_object::Server for StubServer {
+    fn fetch(
+        self: Rc<Self>,
+        params: durable_object::FetchParams,
+        mut results: durable_object::FetchResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
+        let stub = self.stub.clone();
+        let call = params
+            .get()
+            .and_then(|p| convert::request_from_capnp(p.get_request()?))
+            .map(|request| stub.fetch(request));
+        async move {
+            let response = call?.await?;
+            convert::response_to_capnp(&response, results.get().init_response());
+            Ok(())
+        }
+    }
+}

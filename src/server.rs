@@ -1,0 +1,320 @@
+//! Hosting: the builder that assembles a host from classes and namespaces, the listeners, and
+//! the event-loop thread.
+
+use std::cell::Cell;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::oneshot;
+
+use crate::class::{DurableObject, Env, State, factory};
+use crate::host::{Config, Host, HostLimits, StartError};
+use crate::storage::{Backend, Limits};
+
+/// Most client connections at once. Each costs buffers and an RPC state; past the bound new
+/// connections are closed at once, so a flood of connections cannot exhaust memory or FDs.
+pub const CONNECTIONS_MAX: usize = 4096;
+
+/// Where the host listens: a TCP address, or a unix socket (`unix:/path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ListenAddr, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        text.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT or unix:PATH"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The default listen address: loopback.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+
+/// A duro server: a host reachable over the network.
+pub struct Server;
+
+impl Server {
+    /// A builder with no classes, listening on [`DEFAULT_LISTEN`], data in `./duro-data`.
+    pub fn builder() -> Builder {
+        Builder {
+            config: Config {
+                classes: Default::default(),
+                bindings: Default::default(),
+                data_dir: PathBuf::from("duro-data"),
+                limits: HostLimits::default(),
+                storage_limits: Limits::default(),
+                lmdb: Default::default(),
+                wrap_backend: None,
+            },
+            listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
+        }
+    }
+}
+
+/// Assembles a host: classes, namespaces bound to them, data dir, listen address, limits.
+pub struct Builder {
+    config: Config,
+    listen: ListenAddr,
+}
+
+impl Builder {
+    /// Registers a class under `class_name`, built by `constructor`.
+    pub fn class<T, F>(mut self, class_name: &str, constructor: F) -> Builder
+    where
+        T: DurableObject,
+        F: Fn(State, Env) -> T + Send + Sync + 'static,
+    {
+        self.config.classes.insert(class_name.to_owned(), factory(constructor));
+        self
+    }
+
+    /// Binds the namespace `name` to the class `class_name`.
+    pub fn namespace(mut self, name: &str, class_name: &str) -> Builder {
+        self.config.bindings.insert(name.to_owned(), class_name.to_owned());
+        self
+    }
+
+    /// Registers the built-in classes (`echo`, `counter`, `kv`), each bound to a namespace of
+    /// the same name.
+    pub fn builtins(self) -> Builder {
+        crate::builtin::register(self)
+    }
+
+    /// The data dir (created if missing). One host at a time may use it.
+    pub fn data_dir(mut self, path: impl AsRef<Path>) -> Builder {
+        self.config.data_dir = path.as_ref().to_owned();
+        self
+    }
+
+    /// The listen address.
+    pub fn listen(mut self, addr: ListenAddr) -> Builder {
+        self.listen = addr;
+        self
+    }
+
+    /// The host's bounds.
+    pub fn limits(mut self, limits: HostLimits) -> Builder {
+        self.config.limits = limits;
+        self
+    }
+
+    /// The storage limits.
+    pub fn storage_limits(mut self, limits: Limits) -> Builder {
+        self.config.storage_limits = limits;
+        self
+    }
+
+    /// The LMDB map size: the most the data file may grow to.
+    pub fn map_bytes(mut self, bytes: usize) -> Builder {
+        self.config.lmdb.map_bytes = bytes;
+        self
+    }
+
+    /// Wraps the storage backend, e.g. to inject faults in tests
+    /// (see [`crate::testing::FaultyBackend`]).
+    pub fn wrap_backend(
+        mut self,
+        wrap: impl Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync + 'static,
+    ) -> Builder {
+        self.config.wrap_backend = Some(Arc::new(wrap));
+        self
+    }
+
+    /// Opens the host in the current thread, without a listener. Must run inside a tokio
+    /// `LocalSet`. For embedding, and for testing capabilities in-process.
+    pub fn open_host(self) -> Result<Host, StartError> {
+        Host::open(self.config)
+    }
+
+    /// Starts the server on a thread of its own, and returns once it listens.
+    pub fn start(self) -> Result<ServerHandle, StartError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("duro-host".into()).spawn(move || {
+            let ready = ready_tx.clone();
+            let result = self.serve(move |addr| drop(ready.send(Ok(addr))), async {
+                let _ = stop_rx.await;
+            });
+            if let Err(error) = &result {
+                let _ = ready_tx.send(Err(error.to_string()));
+            }
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(addr)) => Ok(ServerHandle { addr, stop: Some(stop_tx), thread: Some(thread) }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(StartError::Io(std::io::Error::other(message)))
+            }
+            Err(_) => Err(StartError::Io(std::io::Error::other("the host thread died"))),
+        }
+    }
+
+    /// Serves on the current thread until Ctrl-C or SIGTERM, then shuts down gracefully.
+    pub fn run(self) -> Result<(), StartError> {
+        self.serve(|addr| tracing::info!(%addr, "duro is listening"), shutdown_signal())
+    }
+
+    fn serve(
+        self,
+        on_ready: impl FnOnce(ListenAddr),
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let host = Host::open(self.config)?;
+            let listener = Listener::bind(&self.listen).await?;
+            on_ready(listener.local_addr()?);
+            tokio::select! {
+                _ = accept_loop(&host, &listener) => {}
+                _ = stop => {}
+            }
+            tracing::info!("shutting down");
+            host.shutdown().await;
+            Ok(())
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).await?)),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).await;
+                let listener = UnixListener::bind(path)?;
+                use std::os::unix::fs::PermissionsExt;
+                // Only the owner may connect: a unix socket has no other authentication.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(listener) => Ok(ListenAddr::Tcp(listener.local_addr()?)),
+            Listener::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+/// Removes a socket file nobody listens on (left by a killed server).
+async fn remove_stale_socket(path: &Path) {
+    if path.exists() && tokio::net::UnixStream::connect(path).await.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn accept_loop(host: &Host, listener: &Listener) {
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = match listener {
+            Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
+                // Request/response RPC would otherwise wait on Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                let (reader, writer) = stream.into_split();
+                spawn_connection(host, &open, reader, writer)
+            }),
+            Listener::Unix(listener, _) => listener.accept().await.map(|(stream, _)| {
+                let (reader, writer) = stream.into_split();
+                spawn_connection(host, &open, reader, writer)
+            }),
+        };
+        if let Err(error) = accepted {
+            // Out of FDs and the like: back off instead of spinning.
+            tracing::warn!(%error, "accept failed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn spawn_connection<R, W>(host: &Host, open: &Rc<Cell<usize>>, reader: R, writer: W)
+where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
+{
+    if open.get() >= CONNECTIONS_MAX {
+        tracing::warn!(limit = CONNECTIONS_MAX, "connection refused: too many connections");
+        return;
+    }
+    open.set(open.get() + 1);
+    let (host, open) = (host.clone(), open.clone());
+    tokio::task::spawn_local(async move {
+        if let Err(error) = crate::rpc::serve_connection(host, reader, writer).await {
+            tracing::debug!(%error, "connection ended");
+        }
+        open.set(open.get() - 1);
+    });
+}
+
+/// A server running on its own thread. Dropping it shuts the server down.
+pub struct ServerHandle {
+    addr: ListenAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with the port it was given for port 0).
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    /// Shuts the server down gracefully and waits until it has.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

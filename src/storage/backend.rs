@@ -1,0 +1,83 @@
+//! The narrow interface between duro's storage layer and the engine that persists it.
+//!
+//! The event loop reads through it directly (reads are memory-mapped and take microseconds); the
+//! writer thread is the only caller of [`Backend::commit`]. Keeping the interface this small lets a
+//! test wrap the real engine and inject I/O errors or a full disk at the Nth commit.
+
+use std::ops::Bound;
+
+/// Identifies one object's storage: the namespace's tag and the object's 32-byte ID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Small integer the engine assigned to the namespace (see [`Backend::namespace`]).
+    pub tag: u32,
+    /// The object's ID bytes.
+    pub id: [u8; 32],
+}
+
+/// What one object asks to be made durable, as one atomic unit inside a group commit.
+#[derive(Clone, Debug)]
+pub struct ObjectBatch {
+    pub object: ObjectKey,
+    /// The name the object was reached by, if any: recorded in the object registry.
+    pub name: Option<String>,
+    /// Delete every key of the object before applying `mutations` (`delete_all`).
+    pub clear: bool,
+    /// Keys to write (`Some(value)`) or delete (`None`), applied in order.
+    pub mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// A row of the object registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRecord {
+    pub id: [u8; 32],
+    /// The name the object was first reached by, if it was reached by name.
+    pub name: Option<String>,
+    /// Milliseconds since the Unix epoch when the object first stored data.
+    pub created_ms: u64,
+}
+
+/// A namespace's persistent identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceRecord {
+    pub tag: u32,
+    /// Secret keying the MACs and name hashes of the namespace's IDs.
+    pub secret: [u8; 32],
+}
+
+/// One key and its stored value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+pub trait Backend: Send + Sync + 'static {
+    /// The value stored under `key`, if any.
+    fn get(&self, object: &ObjectKey, key: &[u8]) -> Result<Option<Vec<u8>>, super::Error>;
+
+    /// Up to `limit` entries with `start <= key < end` (as the bounds say), in ascending byte
+    /// order of keys, or descending when `reverse`.
+    fn scan(
+        &self,
+        object: &ObjectKey,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>, super::Error>;
+
+    /// Applies every batch in one transaction and makes it durable (fsync) before returning.
+    /// On error nothing of the transaction is visible. Also maintains the object registry: an
+    /// object enters it when it stores its first key, and leaves it when it has no keys left.
+    fn commit(&self, batches: &[ObjectBatch]) -> Result<(), super::Error>;
+
+    /// Objects of the namespace `tag` that have stored data, in ID byte order, after
+    /// `start_after`; at most `limit`, and whether more remain.
+    fn list_objects(
+        &self,
+        tag: u32,
+        start_after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectRecord>, bool), super::Error>;
+
+    /// The record of the namespace `name`, created (tag and a secret from the OS CSPRNG) and made
+    /// durable on first use.
+    fn namespace(&self, name: &str) -> Result<NamespaceRecord, super::Error>;
+}

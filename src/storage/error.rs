@@ -1,0 +1,53 @@
+/// Errors of duro's storage.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The LMDB map is full; the configured map size must grow, or data be deleted.
+    #[error("storage is full (LMDB map size {map_bytes} bytes reached)")]
+    MapFull { map_bytes: usize },
+    /// The data dir holds data in a format this build cannot read.
+    #[error(
+        "data dir format version {found} is not supported (this build reads version {supported})"
+    )]
+    FormatVersion { found: u32, supported: u32 },
+    /// The data dir is in use by another process.
+    #[error("data dir {0} is in use by another duro process")]
+    Locked(String),
+    /// An I/O or engine error.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// Stored bytes that do not decode.
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+    /// A key longer than the limit.
+    #[error("key is {len} bytes, over the limit of {max} bytes (key_bytes_max)")]
+    KeyTooLarge { len: usize, max: usize },
+    /// A value larger than the limit.
+    #[error("value is {len} bytes, over the limit of {max} bytes (value_bytes_max)")]
+    ValueTooLarge { len: usize, max: usize },
+    /// A batched call with too many keys.
+    #[error("{count} keys in one call, over the limit of {max} (batch_keys_max)")]
+    TooManyKeys { count: usize, max: usize },
+    /// Bad list options; the message names the rule.
+    #[error("invalid list options: {0}")]
+    InvalidList(&'static str),
+    /// A value that cannot be encoded.
+    #[error("cannot encode value: {0}")]
+    Encode(String),
+    /// A stored value that does not decode as the type asked for.
+    #[error("cannot decode value: {0}")]
+    Decode(String),
+    /// A call on a transaction after `rollback()`, or after it ended.
+    #[error("the transaction was rolled back or has ended")]
+    TransactionEnded,
+    /// A transaction kept conflicting with concurrent writes.
+    #[error("transaction conflicted {attempts} times; gave up")]
+    Conflict { attempts: u32 },
+    /// The object was reset (a failed commit or a panic): its storage handle is dead, and its
+    /// uncommitted writes were dropped.
+    #[error("the object was reset: {0}")]
+    Reset(String),
+    /// The storage writer has stopped (the host is shutting down).
+    #[error("storage is shut down")]
+    Closed,
+}

@@ -1,0 +1,1532 @@
+//! The LMDB engine behind [`Backend`]: one memory-mapped, copy-on-write B+tree environment per
+//! data dir, whose committed write transactions are fsynced before [`Backend::commit`] returns.
+//!
+//! # On-disk layout (format version [`FORMAT_VERSION`] = 1)
+//!
+//! This layout is an API: a data dir written by one build must be readable by every later build
+//! that reports the same format version. Change it only together with [`FORMAT_VERSION`].
+//!
+//! Files in the data dir:
+//! - `LOCK`: an empty file on which the open backend holds `flock(LOCK_EX)`, so that only one
+//!   process (and only one [`LmdbBackend`] within a process) uses the dir at a time.
+//! - `data.mdb`, `lock.mdb`: the LMDB environment (LMDB's own files).
+//!
+//! All integers are big-endian. "‖" is concatenation. LMDB compares keys bytewise
+//! (memcmp, shorter first on a tie), which is the order every layout below relies on.
+//!
+//! Named database `meta`:
+//! - `format_version` → u32: the layout version of the dir (written when the env is created).
+//! - `next_tag` → u32: the tag the next new namespace gets (absent = 1; tag 0 is never used).
+//! - `ns/{name}` → tag u32 ‖ secret (32 bytes): a namespace's record (see
+//!   [`Backend::namespace`]). `{name}` is the UTF-8 name, so a name is at most
+//!   [`MAX_NAMESPACE_NAME`] bytes (LMDB's key size limit).
+//!
+//! Named database `objects` (the object registry):
+//! - tag u32 ‖ id (32 bytes) → created_ms u64 ‖ name (UTF-8, empty = reached by ID only).
+//!
+//! Named database `kv` (every object's keys). Let *prefix* = tag u32 ‖ id (32 bytes), and
+//! P = [`LONG_KEY_SPLIT`] = 400. LMDB keys are limited to 511 bytes but user keys have no upper
+//! bound, so a user key K is stored at one of two addresses:
+//! - short, `len(K) ≤ P`: LMDB key = prefix ‖ K; LMDB value = `0x00` ‖ value.
+//! - long, `len(K) > P`: LMDB key = prefix ‖ K[..P] ‖ H, where H = the first 16 bytes of
+//!   BLAKE3(K); LMDB value = `0x01` ‖ u32 len(K) − P ‖ K[P..] ‖ value.
+//!
+//! An LMDB key's length tells the two kinds apart: a short address is at most 36 + P bytes
+//! long, a long one exactly 36 + P + 16 = 452 bytes. The marker byte is redundant with it, and
+//! checked.
+//!
+//! Order: LMDB order of addresses equals user-key byte order, except among long keys that share
+//! their first P bytes (a "group"), which are ordered by H. A group is contiguous and sits right
+//! after the short key equal to its P bytes (if any), before every address that is greater in
+//! its first 36 + P bytes: exactly where its user keys belong. So a scan reads a group whole,
+//! decodes its full keys and sorts them; everywhere else LMDB order is the answer. A point
+//! lookup of a long key is one LMDB lookup at its address, whose stored K[P..] is compared with
+//! the key sought (a mismatch would be a 128-bit hash collision and reads as "not found").
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lmdb::{
+    Cursor, Database, DatabaseFlags, Environment, EnvironmentFlags, RoCursor, RwTransaction,
+    Transaction, WriteFlags,
+};
+
+use super::Error;
+use super::backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+
+/// Layout version this build writes and reads (see the module docs).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Length P of the user-key prefix stored in the address of a long key (see the module docs).
+/// 36 (object prefix) + 400 + 16 (hash) = 452 stays under LMDB's 511-byte key limit.
+pub const LONG_KEY_SPLIT: usize = 400;
+
+/// Longest namespace name [`Backend::namespace`] accepts: `ns/{name}` must fit LMDB's
+/// 511-byte key limit.
+pub const MAX_NAMESPACE_NAME: usize = MAX_LMDB_KEY - NS_PREFIX.len();
+
+/// LMDB's default `MDB_MAXKEYSIZE`, which lmdb-rkv-sys builds with.
+const MAX_LMDB_KEY: usize = 511;
+const NS_PREFIX: &str = "ns/";
+const FORMAT_VERSION_KEY: &[u8] = b"format_version";
+const NEXT_TAG_KEY: &[u8] = b"next_tag";
+/// tag ‖ id: the part of every `kv` and `objects` key that names the object.
+const PREFIX_LEN: usize = 4 + 32;
+const HASH_LEN: usize = 16;
+/// Length of every long-key address: prefix ‖ K[..P] ‖ H.
+const LONG_ADDR_LEN: usize = PREFIX_LEN + LONG_KEY_SPLIT + HASH_LEN;
+const SHORT_MARKER: u8 = 0;
+const LONG_MARKER: u8 = 1;
+
+// `MDB_cursor_op` values from lmdb.h. lmdb-rkv does not re-export them; they are part of
+// LMDB's stable ABI, and defining them here spares a direct dependency on lmdb-rkv-sys.
+const MDB_GET_CURRENT: u32 = 4;
+const MDB_LAST: u32 = 6;
+const MDB_NEXT: u32 = 8;
+const MDB_PREV: u32 = 12;
+const MDB_SET_RANGE: u32 = 17;
+
+/// Tuning of the LMDB environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmdbOptions {
+    /// Size of the memory map, i.e. the most data the dir can hold; commits fail with
+    /// [`Error::MapFull`] beyond it. Default 64 GiB: it only reserves address space (the file
+    /// grows as data is written), so a large value costs nothing on 64-bit hosts. If the data
+    /// file is already larger, LMDB uses the file's size.
+    pub map_bytes: usize,
+    /// Most read transactions open at once (LMDB reader-table slots). Default 1024.
+    pub max_readers: u32,
+}
+
+impl Default for LmdbOptions {
+    fn default() -> Self {
+        LmdbOptions {
+            map_bytes: 64 << 30,
+            max_readers: 1024,
+        }
+    }
+}
+
+/// The LMDB storage engine of one data dir; see the module docs for its on-disk layout.
+///
+/// Reads (`get`, `scan`, `list_objects`) each use their own read-only transaction and may run
+/// on any thread concurrently with the writer; LMDB serializes write transactions.
+#[derive(Debug)]
+pub struct LmdbBackend {
+    // Field order matters: the environment must close before the lock is released.
+    env: Environment,
+    meta: Database,
+    kv: Database,
+    objects: Database,
+    map_bytes: usize,
+    dir: PathBuf,
+    _lock: File,
+}
+
+/// A raw LMDB (key, value) pair borrowed from a transaction.
+type Raw<'t> = (&'t [u8], &'t [u8]);
+
+impl LmdbBackend {
+    /// Opens (creating if missing) the data dir `dir`, taking its exclusive lock.
+    ///
+    /// Fails with [`Error::Locked`] if another [`LmdbBackend`] (in this or another process)
+    /// has the dir open, and with [`Error::FormatVersion`] if the dir was written in another
+    /// layout version.
+    pub fn open(dir: &Path, options: &LmdbOptions) -> Result<LmdbBackend, Error> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+        // Lock before LMDB touches the files: two environments on one file in one process
+        // break LMDB's own locking (its fcntl locks are per process).
+        let lock = lock_dir(dir)?;
+        let err = |e| lmdb_error(e, options.map_bytes);
+        let env = Environment::new()
+            .set_flags(EnvironmentFlags::NO_TLS | EnvironmentFlags::NO_READAHEAD)
+            .set_max_dbs(3)
+            .set_max_readers(options.max_readers)
+            .set_map_size(options.map_bytes)
+            .open(dir)
+            .map_err(err)?;
+        let map_bytes = env.info().map_err(err)?.map_size();
+        // Refuse a dir of another format before creating anything in it.
+        check_existing_format(&env).map_err(|e| e.into_error(map_bytes))?;
+        let meta = env
+            .create_db(Some("meta"), DatabaseFlags::empty())
+            .map_err(err)?;
+        let kv = env
+            .create_db(Some("kv"), DatabaseFlags::empty())
+            .map_err(err)?;
+        let objects = env
+            .create_db(Some("objects"), DatabaseFlags::empty())
+            .map_err(err)?;
+        let backend = LmdbBackend {
+            env,
+            meta,
+            kv,
+            objects,
+            map_bytes,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        };
+        backend.check_format()?;
+        Ok(backend)
+    }
+
+    /// The size of the memory map in bytes: the most data the dir can hold.
+    pub fn map_bytes(&self) -> usize {
+        self.map_bytes
+    }
+
+    /// The size of the data file (`data.mdb`) in bytes.
+    pub fn stat_bytes(&self) -> Result<u64, Error> {
+        let path = self.dir.join("data.mdb");
+        std::fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| Error::Io(format!("stat {}: {e}", path.display())))
+    }
+
+    fn err(&self, e: lmdb::Error) -> Error {
+        lmdb_error(e, self.map_bytes)
+    }
+
+    /// Writes the format version into a fresh env (or checks it again, now that the
+    /// databases exist).
+    fn check_format(&self) -> Result<(), Error> {
+        let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
+        if let Some(bytes) =
+            get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(|e| self.err(e))?
+        {
+            // Any other version is refused, older ones too: version 1 is the first format, so
+            // an older number cannot come from a real build; a future build that migrates
+            // older dirs would relax this.
+            let found = decode_u32(bytes, "format_version")?;
+            if found != FORMAT_VERSION {
+                return Err(Error::FormatVersion {
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            return Ok(());
+        }
+        for db in [self.kv, self.objects] {
+            if txn.stat(db).map_err(|e| self.err(e))?.entries() != 0 {
+                return Err(Error::Corrupt(
+                    "data present but format_version missing".into(),
+                ));
+            }
+        }
+        let version = FORMAT_VERSION.to_be_bytes();
+        txn.put(
+            self.meta,
+            &FORMAT_VERSION_KEY,
+            &version,
+            WriteFlags::empty(),
+        )
+        .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Applies one batch inside the group-commit transaction.
+    fn apply_batch(
+        &self,
+        txn: &mut RwTransaction,
+        batch: &ObjectBatch,
+        now: u64,
+    ) -> Result<(), Error> {
+        let prefix = object_prefix(&batch.object);
+        if batch.clear {
+            self.clear_object(txn, &prefix).map_err(|e| self.err(e))?;
+        }
+        for (key, value) in &batch.mutations {
+            match value {
+                Some(value) => {
+                    let stored = encode_value(key, value)?;
+                    txn.put(
+                        self.kv,
+                        &kv_address(&prefix, key),
+                        &stored,
+                        WriteFlags::empty(),
+                    )
+                    .map_err(|e| self.err(e))?;
+                }
+                None => self.delete_key(txn, &prefix, key)?,
+            }
+        }
+        self.update_registry(txn, &prefix, batch.name.as_deref(), now)
+    }
+
+    /// Deletes every `kv` entry of the object.
+    fn clear_object(&self, txn: &mut RwTransaction, prefix: &[u8; PREFIX_LEN]) -> lmdb::Result<()> {
+        let mut cursor = txn.open_rw_cursor(self.kv)?;
+        let mut entry = cursor_get(&cursor, Some(prefix), MDB_SET_RANGE)?;
+        while let Some((key, _)) = entry {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            cursor.del(WriteFlags::empty())?;
+            // After a cursor delete LMDB leaves the cursor on the following entry, and MDB_NEXT
+            // returns that entry rather than skipping it.
+            entry = cursor_get(&cursor, None, MDB_NEXT)?;
+        }
+        Ok(())
+    }
+
+    fn delete_key(
+        &self,
+        txn: &mut RwTransaction,
+        prefix: &[u8; PREFIX_LEN],
+        key: &[u8],
+    ) -> Result<(), Error> {
+        let address = kv_address(prefix, key);
+        if key.len() > LONG_KEY_SPLIT {
+            // Do not delete another key that collides on the hash (see `get`).
+            let Some(stored) = get_opt(txn, self.kv, &address).map_err(|e| self.err(e))? else {
+                return Ok(());
+            };
+            if decode_long_value(stored)?.0 != &key[LONG_KEY_SPLIT..] {
+                return Ok(());
+            }
+        }
+        match txn.del(self.kv, &address, None) {
+            Ok(()) | Err(lmdb::Error::NotFound) => Ok(()),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Adds, names or removes the object's registry row to match whether it has keys.
+    fn update_registry(
+        &self,
+        txn: &mut RwTransaction,
+        prefix: &[u8; PREFIX_LEN],
+        name: Option<&str>,
+        now: u64,
+    ) -> Result<(), Error> {
+        let err = |e| self.err(e);
+        let has_keys = {
+            let cursor = txn.open_ro_cursor(self.kv).map_err(err)?;
+            let first = cursor_get(&cursor, Some(prefix), MDB_SET_RANGE).map_err(err)?;
+            first.is_some_and(|(key, _)| key.starts_with(prefix))
+        };
+        let existing = get_opt(txn, self.objects, prefix).map_err(err)?;
+        let name = name.unwrap_or("");
+        let row = match (has_keys, existing) {
+            (false, None) => return Ok(()),
+            (false, Some(_)) => return txn.del(self.objects, prefix, None).map_err(err),
+            (true, None) => encode_record(now, name),
+            (true, Some(row)) => {
+                let (created_ms, stored_name) = decode_record_value(row)?;
+                if !stored_name.is_empty() || name.is_empty() {
+                    return Ok(());
+                }
+                encode_record(created_ms, name)
+            }
+        };
+        txn.put(self.objects, prefix, &row, WriteFlags::empty())
+            .map_err(err)
+    }
+
+    fn namespace_create(&self, key: &[u8]) -> Result<NamespaceRecord, Error> {
+        let err = |e| self.err(e);
+        let mut txn = self.env.begin_rw_txn().map_err(err)?;
+        // Another thread may have created it between our read and this write transaction.
+        if let Some(bytes) = get_opt(&txn, self.meta, key).map_err(err)? {
+            return decode_namespace(bytes);
+        }
+        let tag = match get_opt(&txn, self.meta, NEXT_TAG_KEY).map_err(err)? {
+            Some(bytes) => decode_u32(bytes, "next_tag")?,
+            None => 1,
+        };
+        let next = tag
+            .checked_add(1)
+            .ok_or_else(|| Error::Io("namespace tags exhausted".into()))?;
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| Error::Io(format!("OS random source: {e}")))?;
+        let mut record = Vec::with_capacity(36);
+        record.extend_from_slice(&tag.to_be_bytes());
+        record.extend_from_slice(&secret);
+        txn.put(self.meta, &key, &record, WriteFlags::empty())
+            .map_err(err)?;
+        txn.put(
+            self.meta,
+            &NEXT_TAG_KEY,
+            &next.to_be_bytes(),
+            WriteFlags::empty(),
+        )
+        .map_err(err)?;
+        txn.commit().map_err(err)?;
+        Ok(NamespaceRecord { tag, secret })
+    }
+}
+
+impl Backend for LmdbBackend {
+    fn get(&self, object: &ObjectKey, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let prefix = object_prefix(object);
+        let txn = self.env.begin_ro_txn().map_err(|e| self.err(e))?;
+        let address = kv_address(&prefix, key);
+        let Some(stored) = get_opt(&txn, self.kv, &address).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        if key.len() <= LONG_KEY_SPLIT {
+            return decode_short_value(stored).map(|v| Some(v.to_vec()));
+        }
+        let (rest, value) = decode_long_value(stored)?;
+        // A different stored rest is another key with the same 128-bit hash: not this key.
+        Ok((rest == &key[LONG_KEY_SPLIT..]).then(|| value.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        object: &ObjectKey,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>, Error> {
+        if limit == 0 || range_is_empty(start, end) {
+            return Ok(Vec::new());
+        }
+        let prefix = object_prefix(object);
+        let txn = self.env.begin_ro_txn().map_err(|e| self.err(e))?;
+        let cursor = txn.open_ro_cursor(self.kv).map_err(|e| self.err(e))?;
+        let mut walker = Walker::new(cursor, prefix, reverse, self.map_bytes);
+        if reverse {
+            walker.seek_back(end)?;
+        } else {
+            walker.seek_forward(start)?;
+        }
+        collect_scan(walker, start, end, limit)
+    }
+
+    fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
+        let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
+        let now = now_ms();
+        for batch in batches {
+            // On error `txn` drops, which aborts it: nothing of the commit becomes visible.
+            self.apply_batch(&mut txn, batch, now)?;
+        }
+        // LMDB's commit fsyncs (the env has neither NO_SYNC nor NO_META_SYNC).
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn list_objects(
+        &self,
+        tag: u32,
+        start_after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectRecord>, bool), Error> {
+        let err = |e| self.err(e);
+        let txn = self.env.begin_ro_txn().map_err(err)?;
+        let cursor = txn.open_ro_cursor(self.objects).map_err(err)?;
+        let tag_bytes = tag.to_be_bytes();
+        let mut entry = match start_after {
+            None => cursor_get(&cursor, Some(&tag_bytes), MDB_SET_RANGE).map_err(err)?,
+            Some(id) => {
+                let after = object_prefix(&ObjectKey { tag, id: *id });
+                match cursor_get(&cursor, Some(&after), MDB_SET_RANGE).map_err(err)? {
+                    Some((key, _)) if key == after => {
+                        cursor_get(&cursor, None, MDB_NEXT).map_err(err)?
+                    }
+                    other => other,
+                }
+            }
+        };
+        let mut out = Vec::new();
+        while let Some((key, value)) = entry {
+            if !key.starts_with(&tag_bytes) {
+                break;
+            }
+            if out.len() >= limit {
+                return Ok((out, true));
+            }
+            out.push(decode_record(key, value)?);
+            entry = cursor_get(&cursor, None, MDB_NEXT).map_err(err)?;
+        }
+        Ok((out, false))
+    }
+
+    fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
+        if name.len() > MAX_NAMESPACE_NAME {
+            return Err(Error::Io(format!(
+                "namespace name is {} bytes long; at most {MAX_NAMESPACE_NAME} are supported",
+                name.len()
+            )));
+        }
+        let key = format!("{NS_PREFIX}{name}").into_bytes();
+        {
+            let txn = self.env.begin_ro_txn().map_err(|e| self.err(e))?;
+            if let Some(bytes) = get_opt(&txn, self.meta, &key).map_err(|e| self.err(e))? {
+                return decode_namespace(bytes);
+            }
+        }
+        self.namespace_create(&key)
+    }
+}
+
+/// Steps a cursor through one object's `kv` entries in one direction, yielding "chunks": a
+/// single short key, or a whole long-key group, decoded and sorted in the walk's direction.
+struct Walker<'t> {
+    cursor: RoCursor<'t>,
+    prefix: [u8; PREFIX_LEN],
+    reverse: bool,
+    /// The next entry of the object not yet yielded.
+    pending: Option<Raw<'t>>,
+    /// For error mapping only.
+    map_bytes: usize,
+}
+
+impl<'t> Walker<'t> {
+    fn new(
+        cursor: RoCursor<'t>,
+        prefix: [u8; PREFIX_LEN],
+        reverse: bool,
+        map_bytes: usize,
+    ) -> Self {
+        Walker {
+            cursor,
+            prefix,
+            reverse,
+            pending: None,
+            map_bytes,
+        }
+    }
+
+    fn get(&self, key: Option<&[u8]>, op: u32) -> Result<Option<Raw<'t>>, Error> {
+        cursor_get(&self.cursor, key, op).map_err(|e| lmdb_error(e, self.map_bytes))
+    }
+
+    /// Positions at the first entry that may hold a user key at or after `start`.
+    fn seek_forward(&mut self, start: Bound<&[u8]>) -> Result<(), Error> {
+        let mut target = self.prefix.to_vec();
+        if let Bound::Included(key) | Bound::Excluded(key) = start {
+            // Every key ≥ `start` has an address ≥ prefix ‖ start[..P] (see the module docs).
+            target.extend_from_slice(&key[..key.len().min(LONG_KEY_SPLIT)]);
+        }
+        let first = self.get(Some(&target), MDB_SET_RANGE)?;
+        self.pending = self.own(first);
+        Ok(())
+    }
+
+    /// Positions at the last entry that may hold a user key at or before `end`.
+    fn seek_back(&mut self, end: Bound<&[u8]>) -> Result<(), Error> {
+        // The last address the walk may start at, and whether it is itself allowed.
+        let (target, inclusive) = match end {
+            Bound::Included(key) | Bound::Excluded(key) => {
+                let mut target = self.prefix.to_vec();
+                if key.len() <= LONG_KEY_SPLIT {
+                    target.extend_from_slice(key);
+                } else {
+                    // The end key's group may hold keys on both sides of it: start after the
+                    // whole group (its addresses are all ≤ prefix ‖ key[..P] ‖ ff…ff).
+                    target.extend_from_slice(&key[..LONG_KEY_SPLIT]);
+                    target.extend_from_slice(&[0xff; HASH_LEN]);
+                }
+                (Some(target), true)
+            }
+            // Just before the next object's first possible address.
+            Bound::Unbounded => (successor(&self.prefix), false),
+        };
+        let last = match target {
+            None => self.get(None, MDB_LAST)?,
+            Some(target) => match self.get(Some(&target), MDB_SET_RANGE)? {
+                Some(found) if inclusive && found.0 == target.as_slice() => Some(found),
+                Some(_) => self.get(None, MDB_PREV)?,
+                None => self.get(None, MDB_LAST)?,
+            },
+        };
+        self.pending = self.own(last);
+        Ok(())
+    }
+
+    /// `entry` if it belongs to this walk's object.
+    fn own(&self, entry: Option<Raw<'t>>) -> Option<Raw<'t>> {
+        entry.filter(|(key, _)| key.starts_with(&self.prefix))
+    }
+
+    fn step(&mut self) -> Result<Option<Raw<'t>>, Error> {
+        let entry = self.get(None, if self.reverse { MDB_PREV } else { MDB_NEXT })?;
+        Ok(self.own(entry))
+    }
+
+    /// The next chunk, or `None` at the end of the object.
+    fn next_chunk(&mut self) -> Result<Option<Vec<Entry>>, Error> {
+        let Some(first) = self.pending.take() else {
+            return Ok(None);
+        };
+        if first.0.len() != LONG_ADDR_LEN {
+            self.pending = self.step()?;
+            return Ok(Some(vec![decode_entry(first)?]));
+        }
+        let group_prefix = &first.0[..PREFIX_LEN + LONG_KEY_SPLIT];
+        let mut group = vec![decode_entry(first)?];
+        loop {
+            match self.step()? {
+                Some(raw) if raw.0.len() == LONG_ADDR_LEN && raw.0.starts_with(group_prefix) => {
+                    group.push(decode_entry(raw)?)
+                }
+                other => {
+                    self.pending = other;
+                    break;
+                }
+            }
+        }
+        // Inside a group LMDB orders by hash; put the keys in the walk's order.
+        if self.reverse {
+            group.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        } else {
+            group.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
+        Ok(Some(group))
+    }
+}
+
+/// Reads the rest of a scan; `walker` is positioned at the entry nearest the bound it
+/// starts from.
+fn collect_scan(
+    mut walker: Walker,
+    start: Bound<&[u8]>,
+    end: Bound<&[u8]>,
+    limit: usize,
+) -> Result<Vec<Entry>, Error> {
+    let reverse = walker.reverse;
+    let mut out = Vec::new();
+    while let Some(chunk) = walker.next_chunk()? {
+        for (key, value) in chunk {
+            let (after_start, before_end) = (above(&key, start), below(&key, end));
+            // Keys come sorted, so the first key past the far bound ends the scan.
+            if (!reverse && !before_end) || (reverse && !after_start) {
+                return Ok(out);
+            }
+            if after_start && before_end {
+                out.push((key, value));
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Either an engine error or one of ours, for helpers that run before [`LmdbBackend`] exists.
+enum OpenError {
+    Lmdb(lmdb::Error),
+    Storage(Error),
+}
+
+impl OpenError {
+    fn into_error(self, map_bytes: usize) -> Error {
+        match self {
+            OpenError::Lmdb(e) => lmdb_error(e, map_bytes),
+            OpenError::Storage(e) => e,
+        }
+    }
+}
+
+/// Fails if the env holds a `meta` database whose format version is not ours.
+fn check_existing_format(env: &Environment) -> Result<(), OpenError> {
+    let meta = match env.open_db(Some("meta")) {
+        Ok(meta) => meta,
+        Err(lmdb::Error::NotFound) => return Ok(()),
+        Err(e) => return Err(OpenError::Lmdb(e)),
+    };
+    let txn = env.begin_ro_txn().map_err(OpenError::Lmdb)?;
+    let Some(bytes) = get_opt(&txn, meta, FORMAT_VERSION_KEY).map_err(OpenError::Lmdb)? else {
+        return Ok(());
+    };
+    let found = decode_u32(bytes, "format_version").map_err(OpenError::Storage)?;
+    if found != FORMAT_VERSION {
+        return Err(OpenError::Storage(Error::FormatVersion {
+            found,
+            supported: FORMAT_VERSION,
+        }));
+    }
+    Ok(())
+}
+
+/// Takes `flock(LOCK_EX | LOCK_NB)` on `dir/LOCK` (std's `try_lock` is exactly that on Unix).
+/// The lock belongs to the open file description, so a second open in the same process
+/// conflicts too.
+fn lock_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked(dir.display().to_string())),
+        Err(TryLockError::Error(e)) => Err(Error::Io(format!("locking {}: {e}", path.display()))),
+    }
+}
+
+fn lmdb_error(e: lmdb::Error, map_bytes: usize) -> Error {
+    match e {
+        lmdb::Error::MapFull => Error::MapFull { map_bytes },
+        other => Error::Io(format!("LMDB: {other}")),
+    }
+}
+
+/// Runs a cursor operation, mapping "no such entry" to `None`.
+fn cursor_get<'t>(
+    cursor: &impl Cursor<'t>,
+    key: Option<&[u8]>,
+    op: u32,
+) -> lmdb::Result<Option<Raw<'t>>> {
+    match cursor.get(key, None, op) {
+        Ok((Some(key), value)) => Ok(Some((key, value))),
+        // lmdb-rkv returns the key only if LMDB moved the key pointer; ask for it explicitly.
+        Ok((None, _)) => match cursor.get(None, None, MDB_GET_CURRENT) {
+            Ok((Some(key), value)) => Ok(Some((key, value))),
+            Ok((None, _)) => Err(lmdb::Error::Invalid),
+            Err(lmdb::Error::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        },
+        Err(lmdb::Error::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn get_opt<'t, T: Transaction>(
+    txn: &'t T,
+    db: Database,
+    key: &[u8],
+) -> lmdb::Result<Option<&'t [u8]>> {
+    match txn.get(db, &key) {
+        Ok(value) => Ok(Some(value)),
+        Err(lmdb::Error::NotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn object_prefix(object: &ObjectKey) -> [u8; PREFIX_LEN] {
+    let mut prefix = [0u8; PREFIX_LEN];
+    prefix[..4].copy_from_slice(&object.tag.to_be_bytes());
+    prefix[4..].copy_from_slice(&object.id);
+    prefix
+}
+
+/// The smallest byte string greater than every string starting with `prefix`, if any.
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|&b| b != 0xff)?;
+    let mut next = prefix[..=last].to_vec();
+    next[last] += 1;
+    Some(next)
+}
+
+fn key_hash(key: &[u8]) -> [u8; HASH_LEN] {
+    let mut hash = [0u8; HASH_LEN];
+    hash.copy_from_slice(&blake3::hash(key).as_bytes()[..HASH_LEN]);
+    hash
+}
+
+/// The `kv` address of user key `key` (see the module docs).
+fn kv_address(prefix: &[u8; PREFIX_LEN], key: &[u8]) -> Vec<u8> {
+    let mut address = Vec::with_capacity(LONG_ADDR_LEN.max(PREFIX_LEN + key.len()));
+    address.extend_from_slice(prefix);
+    if key.len() <= LONG_KEY_SPLIT {
+        address.extend_from_slice(key);
+    } else {
+        address.extend_from_slice(&key[..LONG_KEY_SPLIT]);
+        address.extend_from_slice(&key_hash(key));
+    }
+    address
+}
+
+/// The `kv` value stored for `key` → `value` (see the module docs).
+fn encode_value(key: &[u8], value: &[u8]) -> Result<Vec<u8>, Error> {
+    if key.len() <= LONG_KEY_SPLIT {
+        let mut stored = Vec::with_capacity(1 + value.len());
+        stored.push(SHORT_MARKER);
+        stored.extend_from_slice(value);
+        return Ok(stored);
+    }
+    let rest = &key[LONG_KEY_SPLIT..];
+    let rest_len = u32::try_from(rest.len())
+        .map_err(|_| Error::Io(format!("key of {} bytes is too long to store", key.len())))?;
+    let mut stored = Vec::with_capacity(5 + rest.len() + value.len());
+    stored.push(LONG_MARKER);
+    stored.extend_from_slice(&rest_len.to_be_bytes());
+    stored.extend_from_slice(rest);
+    stored.extend_from_slice(value);
+    Ok(stored)
+}
+
+fn decode_short_value(stored: &[u8]) -> Result<&[u8], Error> {
+    match stored.split_first() {
+        Some((&SHORT_MARKER, value)) => Ok(value),
+        _ => Err(Error::Corrupt(
+            "kv value of a short key lacks its marker".into(),
+        )),
+    }
+}
+
+/// Splits a long key's stored value into (key[P..], value).
+fn decode_long_value(stored: &[u8]) -> Result<(&[u8], &[u8]), Error> {
+    let corrupt = || Error::Corrupt("malformed kv value of a long key".into());
+    let (&LONG_MARKER, rest) = stored.split_first().ok_or_else(corrupt)? else {
+        return Err(corrupt());
+    };
+    let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).map_err(|_| corrupt())?;
+    if len == 0 || len > rest.len() {
+        return Err(corrupt());
+    }
+    Ok(rest.split_at(len))
+}
+
+/// Decodes one raw `kv` entry of the object into (user key, value).
+fn decode_entry((address, stored): Raw) -> Result<Entry, Error> {
+    let body = &address[PREFIX_LEN..];
+    if address.len() != LONG_ADDR_LEN {
+        return Ok((body.to_vec(), decode_short_value(stored)?.to_vec()));
+    }
+    let (rest, value) = decode_long_value(stored)?;
+    let mut key = Vec::with_capacity(LONG_KEY_SPLIT + rest.len());
+    key.extend_from_slice(&body[..LONG_KEY_SPLIT]);
+    key.extend_from_slice(rest);
+    if key_hash(&key) != body[LONG_KEY_SPLIT..] {
+        return Err(Error::Corrupt(
+            "long key does not match its address hash".into(),
+        ));
+    }
+    Ok((key, value.to_vec()))
+}
+
+fn encode_record(created_ms: u64, name: &str) -> Vec<u8> {
+    let mut row = Vec::with_capacity(8 + name.len());
+    row.extend_from_slice(&created_ms.to_be_bytes());
+    row.extend_from_slice(name.as_bytes());
+    row
+}
+
+/// Splits an `objects` value into (created_ms, name); the name is empty if there is none.
+fn decode_record_value(row: &[u8]) -> Result<(u64, &str), Error> {
+    let (created, name) = row
+        .split_first_chunk::<8>()
+        .ok_or_else(|| Error::Corrupt("object registry row too short".into()))?;
+    let name = std::str::from_utf8(name)
+        .map_err(|_| Error::Corrupt("object registry name is not UTF-8".into()))?;
+    Ok((u64::from_be_bytes(*created), name))
+}
+
+fn decode_record(key: &[u8], row: &[u8]) -> Result<ObjectRecord, Error> {
+    let id: [u8; 32] = key
+        .get(4..)
+        .and_then(|id| id.try_into().ok())
+        .ok_or_else(|| Error::Corrupt("object registry key is not 36 bytes".into()))?;
+    let (created_ms, name) = decode_record_value(row)?;
+    Ok(ObjectRecord {
+        id,
+        name: (!name.is_empty()).then(|| name.to_owned()),
+        created_ms,
+    })
+}
+
+fn decode_u32(bytes: &[u8], what: &str) -> Result<u32, Error> {
+    let bytes: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| Error::Corrupt(format!("meta {what} is not 4 bytes")))?;
+    Ok(u32::from_be_bytes(bytes))
+}
+
+fn decode_namespace(bytes: &[u8]) -> Result<NamespaceRecord, Error> {
+    let corrupt = || Error::Corrupt("namespace record is not 36 bytes".into());
+    let (tag, secret) = bytes.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    Ok(NamespaceRecord {
+        tag: u32::from_be_bytes(*tag),
+        secret: secret.try_into().map_err(|_| corrupt())?,
+    })
+}
+
+/// Whether `key` is at or after `start`.
+fn above(key: &[u8], start: Bound<&[u8]>) -> bool {
+    match start {
+        Bound::Included(s) => key >= s,
+        Bound::Excluded(s) => key > s,
+        Bound::Unbounded => true,
+    }
+}
+
+/// Whether `key` is at or before `end`.
+fn below(key: &[u8], end: Bound<&[u8]>) -> bool {
+    match end {
+        Bound::Included(e) => key <= e,
+        Bound::Excluded(e) => key < e,
+        Bound::Unbounded => true,
+    }
+}
+
+fn range_is_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
+    match (start, end) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) => {
+            s >= e
+        }
+        _ => false,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn open(dir: &Path) -> LmdbBackend {
+        LmdbBackend::open(dir, &LmdbOptions::default()).unwrap()
+    }
+
+    fn obj(tag: u32, id_byte: u8) -> ObjectKey {
+        ObjectKey {
+            tag,
+            id: [id_byte; 32],
+        }
+    }
+
+    fn batch(object: ObjectKey, mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> ObjectBatch {
+        ObjectBatch {
+            object,
+            name: None,
+            clear: false,
+            mutations,
+        }
+    }
+
+    fn put(key: &[u8], value: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        (key.to_vec(), Some(value.to_vec()))
+    }
+
+    fn del(key: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        (key.to_vec(), None)
+    }
+
+    fn all(backend: &LmdbBackend, object: &ObjectKey) -> Vec<Entry> {
+        let (start, end) = (Bound::Unbounded, Bound::Unbounded);
+        backend.scan(object, start, end, false, usize::MAX).unwrap()
+    }
+
+    fn long_key(fill: u8, len: usize, tail: &[u8]) -> Vec<u8> {
+        let mut key = vec![fill; len];
+        key.extend_from_slice(tail);
+        key
+    }
+
+    #[test]
+    fn backend_is_send_sync() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<LmdbBackend>();
+    }
+
+    #[test]
+    fn put_get_delete_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let o = obj(1, 7);
+        let big = vec![0xab; 32 * 1024];
+        let long = long_key(b'k', 2048, b"");
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (b"".to_vec(), b"empty key".to_vec()),
+            (b"zero".to_vec(), Vec::new()),
+            (b"big".to_vec(), big.clone()),
+            (long.clone(), big.clone()),
+            (long_key(b'k', 2047, b""), Vec::new()),
+        ];
+        let muts = keys.iter().map(|(k, v)| put(k, v)).collect();
+        b.commit(&[batch(o, muts)]).unwrap();
+        for (k, v) in &keys {
+            assert_eq!(
+                b.get(&o, k).unwrap().as_ref(),
+                Some(v),
+                "key len {}",
+                k.len()
+            );
+        }
+        assert_eq!(b.get(&o, b"missing").unwrap(), None);
+        assert_eq!(b.get(&o, &long_key(b'k', 2049, b"")).unwrap(), None);
+        // Overwrite, then delete present and missing keys.
+        b.commit(&[batch(o, vec![put(b"zero", b"now 1"), put(&long, b"v2")])])
+            .unwrap();
+        assert_eq!(b.get(&o, b"zero").unwrap(), Some(b"now 1".to_vec()));
+        assert_eq!(b.get(&o, &long).unwrap(), Some(b"v2".to_vec()));
+        let missing_long = long_key(b'k', 3000, b"");
+        b.commit(&[batch(
+            o,
+            vec![del(b"big"), del(&long), del(b"nope"), del(&missing_long)],
+        )])
+        .unwrap();
+        assert_eq!(b.get(&o, b"big").unwrap(), None);
+        assert_eq!(b.get(&o, &long).unwrap(), None);
+        assert_eq!(b.get(&o, b"zero").unwrap(), Some(b"now 1".to_vec()));
+        assert_eq!(all(&b, &o).len(), 3);
+    }
+
+    #[test]
+    fn batches_of_one_object_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let o = obj(1, 1);
+        let first = batch(o, vec![put(b"a", b"1"), put(b"b", b"1")]);
+        let mut second = batch(o, vec![put(b"c", b"2"), del(b"a")]);
+        second.clear = false;
+        let mut third = batch(o, vec![put(b"d", b"3")]);
+        third.clear = true;
+        b.commit(&[first.clone(), second.clone()]).unwrap();
+        assert_eq!(
+            all(&b, &o),
+            vec![
+                (b"b".to_vec(), b"1".to_vec()),
+                (b"c".to_vec(), b"2".to_vec())
+            ]
+        );
+        b.commit(&[first, third]).unwrap();
+        assert_eq!(all(&b, &o), vec![(b"d".to_vec(), b"3".to_vec())]);
+    }
+
+    /// xorshift64*: tiny, seedable, good enough to drive a model test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            const ALPHABET: [u8; 4] = [0x00, 0x01, b'a', 0xff];
+            (0..len).map(|_| ALPHABET[self.below(4)]).collect()
+        }
+
+        /// Keys that often share 400-byte prefixes, straddle the short/long split, and are
+        /// prefixes of one another.
+        fn key(&mut self) -> Vec<u8> {
+            match self.below(8) {
+                0 => {
+                    let len = self.below(7);
+                    self.bytes(len)
+                }
+                1 => {
+                    let len = self.below(1101);
+                    self.bytes(len)
+                }
+                _ => {
+                    const LENS: [usize; 8] = [398, 399, 400, 400, 401, 402, 450, 1000];
+                    let base = if self.below(3) == 0 { 0x01 } else { b'a' };
+                    let mut key = vec![b'a'; LENS[self.below(LENS.len())]];
+                    // A second base that differs just before the split.
+                    if base == 0x01 && key.len() >= 399 {
+                        key[398] = 0x01;
+                    }
+                    let tail = self.below(4);
+                    key.extend(self.bytes(tail));
+                    key.truncate(1100);
+                    key
+                }
+            }
+        }
+    }
+
+    type Model = BTreeMap<ObjectKey, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+    fn model_scan(
+        model: &BTreeMap<Vec<u8>, Vec<u8>>,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<Entry> {
+        if range_is_empty(start, end) {
+            return Vec::new();
+        }
+        let range = model
+            .range::<[u8], _>((start, end))
+            .map(|(k, v)| (k.clone(), v.clone()));
+        if reverse {
+            range.rev().take(limit).collect()
+        } else {
+            range.take(limit).collect()
+        }
+    }
+
+    fn random_batch(rng: &mut Rng, objects: &[ObjectKey], model: &Model, seq: u64) -> ObjectBatch {
+        let object = objects[rng.below(objects.len())];
+        let existing: Vec<&Vec<u8>> = model
+            .get(&object)
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        let mut mutations = Vec::new();
+        for _ in 0..1 + rng.below(8) {
+            let key = if !existing.is_empty() && rng.below(3) == 0 {
+                existing[rng.below(existing.len())].clone()
+            } else {
+                rng.key()
+            };
+            let value = (rng.below(10) != 0).then(|| {
+                let mut v = seq.to_be_bytes().to_vec();
+                v.truncate(rng.below(9));
+                v
+            });
+            mutations.push((key, value));
+        }
+        ObjectBatch {
+            object,
+            name: Some(format!("n{}", object.id[0])),
+            clear: rng.below(25) == 0,
+            mutations,
+        }
+    }
+
+    fn apply_to_model(model: &mut Model, batch: &ObjectBatch) {
+        let keys = model.entry(batch.object).or_default();
+        if batch.clear {
+            keys.clear();
+        }
+        for (k, v) in &batch.mutations {
+            match v {
+                Some(v) => keys.insert(k.clone(), v.clone()),
+                None => keys.remove(k),
+            };
+        }
+    }
+
+    fn bounds(key: &[u8]) -> [Bound<&[u8]>; 2] {
+        [Bound::Included(key), Bound::Excluded(key)]
+    }
+
+    fn check_object(
+        b: &LmdbBackend,
+        rng: &mut Rng,
+        object: &ObjectKey,
+        keys: &BTreeMap<Vec<u8>, Vec<u8>>,
+        seed: u64,
+    ) {
+        for (k, v) in keys {
+            assert_eq!(
+                b.get(object, k).unwrap().as_ref(),
+                Some(v),
+                "seed {seed}: get"
+            );
+        }
+        let mut candidates: Vec<Vec<u8>> = (0..4).map(|_| rng.key()).collect();
+        let existing: Vec<&Vec<u8>> = keys.keys().collect();
+        for _ in 0..2 {
+            if !existing.is_empty() {
+                candidates.push(existing[rng.below(existing.len())].clone());
+            }
+        }
+        for c in &candidates {
+            let expected = keys.get(c);
+            assert_eq!(
+                b.get(object, c).unwrap().as_ref(),
+                expected,
+                "seed {seed}: get candidate"
+            );
+        }
+        let mut all_bounds = vec![Bound::Unbounded];
+        all_bounds.extend(candidates.iter().flat_map(|c| bounds(c)));
+        for &start in &all_bounds {
+            for &end in &all_bounds {
+                for reverse in [false, true] {
+                    for limit in [0, 1, 3, usize::MAX] {
+                        let got = b.scan(object, start, end, reverse, limit).unwrap();
+                        let want = model_scan(keys, start, end, reverse, limit);
+                        if got != want {
+                            let show = |bound: Bound<&[u8]>| {
+                                bound.map(|k| (k.len(), k.iter().rposition(|&x| x != b'a')))
+                            };
+                            panic!(
+                                "seed {seed}: scan {:?}..{:?} reverse {reverse} limit {limit}: got {} entries, want {}",
+                                show(start),
+                                show(end),
+                                got.len(),
+                                want.len()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_all(b: &LmdbBackend, rng: &mut Rng, objects: &[ObjectKey], model: &Model, seed: u64) {
+        let empty = BTreeMap::new();
+        for object in objects {
+            check_object(b, rng, object, model.get(object).unwrap_or(&empty), seed);
+        }
+        let listed = b.list_objects(1, None, usize::MAX).unwrap().0;
+        let listed: Vec<[u8; 32]> = listed.iter().map(|r| r.id).collect();
+        let want: Vec<[u8; 32]> = model
+            .iter()
+            .filter(|(o, keys)| o.tag == 1 && !keys.is_empty())
+            .map(|(o, _)| o.id)
+            .collect();
+        assert_eq!(listed, want, "seed {seed}: registry");
+    }
+
+    fn run_model(seed: u64, commits: u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(seed.max(1)); // xorshift stays at 0 forever
+        // Neighbouring objects and tags, to catch leaks across prefixes.
+        let objects = [obj(1, 0x10), obj(1, 0x11), obj(2, 0x10)];
+        let mut model = Model::new();
+        let b = open(dir.path());
+        for seq in 0..commits {
+            let batches: Vec<ObjectBatch> = (0..1 + rng.below(3))
+                .map(|_| random_batch(&mut rng, &objects, &model, seq))
+                .collect();
+            b.commit(&batches).unwrap();
+            batches
+                .iter()
+                .for_each(|batch| apply_to_model(&mut model, batch));
+            if seq % 15 == 14 {
+                check_all(&b, &mut rng, &objects, &model, seed);
+            }
+        }
+        drop(b);
+        let b = open(dir.path());
+        check_all(&b, &mut rng, &objects, &model, seed);
+    }
+
+    #[test]
+    fn model_scan_matches_btreemap() {
+        let seeds: Vec<u64> = match std::env::var("DURO_MODEL_SEED") {
+            Ok(seed) => vec![seed.parse().unwrap()],
+            Err(_) => vec![0x9e37_79b9_7f4a_7c15, 42, 7_777_777],
+        };
+        for seed in seeds {
+            eprintln!("model test seed {seed} (rerun with DURO_MODEL_SEED={seed})");
+            run_model(seed, 200);
+        }
+    }
+
+    #[test]
+    fn objects_and_tags_are_isolated() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        // Adjacent prefixes: `a`'s successor prefix is `next`, whose empty key's address is
+        // exactly that successor; `last` has the greatest possible prefix.
+        let mut id = [0u8; 32];
+        id[31] = 5;
+        let a = ObjectKey { tag: 1, id };
+        id[31] = 6;
+        let next = ObjectKey { tag: 1, id };
+        let other_tag = ObjectKey { tag: 2, id: a.id };
+        let last = ObjectKey {
+            tag: u32::MAX,
+            id: [0xff; 32],
+        };
+        let long = long_key(b'x', 700, b"");
+        let objects = [a, next, other_tag, last];
+        let batches: Vec<ObjectBatch> = objects
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| {
+                batch(
+                    o,
+                    vec![
+                        put(b"", &[i as u8]),
+                        put(b"k", &[i as u8]),
+                        put(&long, &[i as u8]),
+                    ],
+                )
+            })
+            .collect();
+        b.commit(&batches).unwrap();
+        for (i, o) in objects.iter().enumerate() {
+            let want: Vec<Entry> = [b"".to_vec(), b"k".to_vec(), long.clone()]
+                .into_iter()
+                .map(|k| (k, vec![i as u8]))
+                .collect();
+            assert_eq!(all(&b, o), want);
+            let reversed = b
+                .scan(o, Bound::Unbounded, Bound::Unbounded, true, usize::MAX)
+                .unwrap();
+            assert_eq!(reversed, want.iter().rev().cloned().collect::<Vec<_>>());
+            assert_eq!(b.get(o, &long).unwrap(), Some(vec![i as u8]));
+        }
+        // Clearing one object leaves its neighbours alone.
+        let mut clear = batch(a, vec![]);
+        clear.clear = true;
+        b.commit(&[clear]).unwrap();
+        assert!(all(&b, &a).is_empty());
+        assert_eq!(b.get(&a, b"k").unwrap(), None);
+        for (i, o) in objects.iter().enumerate().skip(1) {
+            assert_eq!(all(&b, o).len(), 3, "object {i}");
+        }
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
+        assert_eq!(b.list_objects(2, None, 10).unwrap().0.len(), 1);
+        assert_eq!(b.list_objects(u32::MAX, None, 10).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn clear_spans_many_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let (o, neighbour) = (obj(3, 1), obj(3, 2));
+        let keys: Vec<Vec<u8>> = (0..3000u32).map(|i| i.to_be_bytes().repeat(50)).collect();
+        let muts = |v: &[u8]| keys.iter().map(|k| put(k, v)).collect::<Vec<_>>();
+        b.commit(&[batch(o, muts(b"o")), batch(neighbour, muts(b"n"))])
+            .unwrap();
+        let mut clear = batch(o, vec![put(b"after", b"1")]);
+        clear.clear = true;
+        b.commit(&[clear]).unwrap();
+        assert_eq!(all(&b, &o), vec![(b"after".to_vec(), b"1".to_vec())]);
+        assert_eq!(all(&b, &neighbour).len(), keys.len());
+    }
+
+    #[test]
+    fn registry_tracks_objects_with_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let (o, p) = (obj(1, 1), obj(1, 2));
+        let before = now_ms();
+        let mut first = batch(o, vec![put(b"a", b"1"), put(b"b", b"2")]);
+        first.name = Some("alice".into());
+        // A batch that stores nothing does not register its object.
+        b.commit(&[first, batch(p, vec![del(b"x")])]).unwrap();
+        let (rows, more) = b.list_objects(1, None, 10).unwrap();
+        assert!(!more);
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].id, rows[0].name.as_deref()), (o.id, Some("alice")));
+        let created = rows[0].created_ms;
+        assert!(created >= before && created <= now_ms());
+        // The first name and creation time are kept.
+        let mut again = batch(o, vec![put(b"c", b"3")]);
+        again.name = Some("bob".into());
+        b.commit(&[again]).unwrap();
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0, rows);
+        // Deleting keys one by one: it leaves with the last one.
+        b.commit(&[batch(o, vec![del(b"a"), del(b"b")])]).unwrap();
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
+        b.commit(&[batch(o, vec![del(b"c")])]).unwrap();
+        assert_eq!(b.list_objects(1, None, 10).unwrap(), (vec![], false));
+        // An unnamed object gains a name later; `clear` removes it.
+        b.commit(&[batch(p, vec![put(b"k", b"v")])]).unwrap();
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0[0].name, None);
+        let mut named = batch(p, vec![]);
+        named.name = Some("carol".into());
+        b.commit(&[named]).unwrap();
+        assert_eq!(
+            b.list_objects(1, None, 10).unwrap().0[0].name.as_deref(),
+            Some("carol")
+        );
+        let mut clear = batch(p, vec![]);
+        clear.clear = true;
+        b.commit(&[clear]).unwrap();
+        assert_eq!(b.list_objects(1, None, 10).unwrap(), (vec![], false));
+    }
+
+    #[test]
+    fn list_objects_paginates_within_a_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let ids = [3u8, 5, 9, 0xff];
+        let mut batches: Vec<ObjectBatch> = ids
+            .iter()
+            .map(|&i| batch(obj(7, i), vec![put(b"k", b"v")]))
+            .collect();
+        batches.push(batch(obj(6, 4), vec![put(b"k", b"v")]));
+        batches.push(batch(obj(8, 0), vec![put(b"k", b"v")]));
+        b.commit(&batches).unwrap();
+        let page = |after: Option<u8>, limit| {
+            let after = after.map(|i| [i; 32]);
+            let (rows, more) = b.list_objects(7, after.as_ref(), limit).unwrap();
+            (rows.iter().map(|r| r.id[0]).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(page(None, 2), (vec![3, 5], true));
+        assert_eq!(page(Some(5), 2), (vec![9, 0xff], false));
+        assert_eq!(page(Some(4), 1), (vec![5], true));
+        assert_eq!(page(Some(9), 1), (vec![0xff], false));
+        assert_eq!(page(Some(0xff), 5), (vec![], false));
+        assert_eq!(page(None, 0), (vec![], true));
+        assert_eq!(page(None, 4), (ids.to_vec(), false));
+        assert_eq!(b.list_objects(5, None, 10).unwrap(), (vec![], false));
+    }
+
+    #[test]
+    fn namespaces_are_distinct_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let x = b.namespace("x").unwrap();
+        let y = b.namespace("y").unwrap();
+        assert_eq!((x.tag, y.tag), (1, 2));
+        assert_ne!(x.secret, y.secret);
+        assert_ne!(x.secret, [0; 32]);
+        assert_eq!(b.namespace("x").unwrap(), x);
+        assert!(b.namespace(&"n".repeat(MAX_NAMESPACE_NAME)).is_ok());
+        assert!(matches!(
+            b.namespace(&"n".repeat(MAX_NAMESPACE_NAME + 1)),
+            Err(Error::Io(_))
+        ));
+        drop(b);
+        let b = open(dir.path());
+        assert_eq!(b.namespace("y").unwrap(), y);
+        assert_eq!(b.namespace("x").unwrap(), x);
+        assert_eq!(b.namespace("z").unwrap().tag, 4);
+    }
+
+    #[test]
+    fn namespace_is_safe_across_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let records: Vec<Vec<NamespaceRecord>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        ["a", "b", "c"]
+                            .iter()
+                            .map(|n| b.namespace(n).unwrap())
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(records.iter().all(|r| *r == records[0]));
+        let mut tags: Vec<u32> = records[0].iter().map(|r| r.tag).collect();
+        tags.sort();
+        assert_eq!(tags, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn newer_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let mut txn = b.env.begin_rw_txn().unwrap();
+        let newer = (FORMAT_VERSION + 1).to_be_bytes();
+        let flags = WriteFlags::empty();
+        txn.put(b.meta, &FORMAT_VERSION_KEY, &newer, flags).unwrap();
+        txn.commit().unwrap();
+        drop(b);
+        let err = LmdbBackend::open(dir.path(), &LmdbOptions::default()).unwrap_err();
+        let want = Error::FormatVersion {
+            found: FORMAT_VERSION + 1,
+            supported: FORMAT_VERSION,
+        };
+        assert_eq!(err, want);
+    }
+
+    #[test]
+    fn refused_dir_is_left_untouched() {
+        // A future format that has only a `meta` database: opening it must not create ours.
+        let dir = tempfile::tempdir().unwrap();
+        let env = Environment::new().set_max_dbs(3).open(dir.path()).unwrap();
+        let meta = env.create_db(Some("meta"), DatabaseFlags::empty()).unwrap();
+        let mut txn = env.begin_rw_txn().unwrap();
+        let newer = (FORMAT_VERSION + 1).to_be_bytes();
+        let flags = WriteFlags::empty();
+        txn.put(meta, &FORMAT_VERSION_KEY, &newer, flags).unwrap();
+        txn.commit().unwrap();
+        drop(env);
+        let err = LmdbBackend::open(dir.path(), &LmdbOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::FormatVersion { .. }));
+        let env = Environment::new().set_max_dbs(3).open(dir.path()).unwrap();
+        assert_eq!(env.open_db(Some("kv")).unwrap_err(), lmdb::Error::NotFound);
+    }
+
+    #[test]
+    fn second_open_is_locked_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("nested/data");
+        let b = open(&data);
+        b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
+            .unwrap();
+        let err = LmdbBackend::open(&data, &LmdbOptions::default()).unwrap_err();
+        assert_eq!(err, Error::Locked(data.display().to_string()));
+        // The failed open must not have disturbed the live backend.
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+        drop(b);
+        let b = open(&data);
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn map_full_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LmdbOptions {
+            map_bytes: 1 << 20,
+            ..LmdbOptions::default()
+        };
+        let b = LmdbBackend::open(dir.path(), &options).unwrap();
+        assert_eq!(b.map_bytes(), 1 << 20);
+        let o = obj(1, 1);
+        let value = vec![7u8; 20_000];
+        let mut committed = 0u32;
+        let err = loop {
+            let muts = vec![
+                put(&committed.to_be_bytes(), &value),
+                put(b"marker", &committed.to_be_bytes()),
+            ];
+            match b.commit(&[batch(o, muts)]) {
+                Ok(()) => committed += 1,
+                Err(e) => break e,
+            }
+            assert!(committed < 1000, "1 MiB map never filled");
+        };
+        assert_eq!(err, Error::MapFull { map_bytes: 1 << 20 });
+        assert!(committed > 10);
+        // Nothing of the failed commit is visible; everything before it is.
+        assert_eq!(b.get(&o, &committed.to_be_bytes()).unwrap(), None);
+        assert_eq!(
+            b.get(&o, b"marker").unwrap(),
+            Some((committed - 1).to_be_bytes().to_vec())
+        );
+        assert_eq!(all(&b, &o).len() as u32, committed + 1);
+        assert!(b.stat_bytes().unwrap() <= 1 << 20);
+        // Deleting still commits, and makes room again: LMDB reuses the freed pages once no
+        // snapshot can see them, i.e. two write transactions later.
+        let deletes = (0..committed / 2).map(|i| del(&i.to_be_bytes())).collect();
+        b.commit(&[batch(o, deletes)]).unwrap();
+        b.commit(&[batch(o, vec![del(&(committed / 2).to_be_bytes())])])
+            .unwrap();
+        b.commit(&[batch(o, vec![put(b"again", &value)])]).unwrap();
+        assert_eq!(b.get(&o, b"again").unwrap(), Some(value));
+    }
+
+    #[test]
+    fn corrupt_bytes_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        let o = obj(1, 1);
+        let prefix = object_prefix(&o);
+        let long = long_key(b'l', 500, b"");
+        let mut txn = b.env.begin_rw_txn().unwrap();
+        let flags = WriteFlags::empty();
+        txn.put(b.kv, &kv_address(&prefix, b"s"), &[LONG_MARKER], flags)
+            .unwrap();
+        txn.put(
+            b.kv,
+            &kv_address(&prefix, &long),
+            &[LONG_MARKER, 0, 0, 0, 200, 1],
+            flags,
+        )
+        .unwrap();
+        txn.put(b.objects, &prefix, &[0, 1], flags).unwrap();
+        txn.commit().unwrap();
+        assert!(matches!(b.get(&o, b"s"), Err(Error::Corrupt(_))));
+        assert!(matches!(b.get(&o, &long), Err(Error::Corrupt(_))));
+        let (start, end) = (Bound::Unbounded, Bound::Unbounded);
+        assert!(matches!(
+            b.scan(&o, start, end, true, 10),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(matches!(
+            b.list_objects(1, None, 10),
+            Err(Error::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,412 @@
+//! One object's storage state: its cache, its unflushed writes, and its flushes.
+//!
+//! - Reads see the object's own writes at once: every write lands in the cache, and a key with a
+//!   write not yet durable is never evicted, so it is never read from the backend.
+//! - Writes are grouped: all writes made before the flush task runs (that is, with no pending
+//!   await between them) go to the writer as one atomic batch. One batch is in flight per object
+//!   at a time; writes made meanwhile form the next batch. So batches commit in order, and a
+//!   failed batch never has a successor committed after it.
+//! - `written_seq` numbers write operations; `durable_seq` is the newest one known durable. The
+//!   output gate waits for `durable_seq >= written_seq` as it was when the response was made.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+
+use super::backend::{Backend, ObjectBatch, ObjectKey};
+use super::writer::WriterHandle;
+use super::{Error, Limits};
+
+/// How many entries a `list` reads from the backend at a time.
+const SCAN_CHUNK: usize = 256;
+/// Bookkeeping bytes counted per cache entry besides key and value.
+const CACHE_ENTRY_OVERHEAD: usize = 48;
+
+/// What an object's storage shares with every other: the backend, the writer, the limits.
+pub(crate) struct Shared {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) writer: WriterHandle,
+    pub(crate) limits: Limits,
+}
+
+struct Cached {
+    /// `None`: known to be absent.
+    value: Option<Bytes>,
+    /// The write that put this entry here; 0 for an entry read from the backend. The entry is
+    /// clean (and evictable) once `seq <= durable_seq`.
+    seq: u64,
+}
+
+#[derive(Default)]
+struct State {
+    cache: BTreeMap<Vec<u8>, Cached>,
+    cached_bytes: usize,
+    /// Writes not yet handed to the writer, latest per key, applied after `clear_pending`.
+    dirty: BTreeMap<Vec<u8>, Option<Bytes>>,
+    /// A `delete_all` not yet handed to the writer.
+    clear_pending: bool,
+    /// The write that was the last `delete_all`: until it is durable the backend's keys are
+    /// stale, and reads must not consult the backend.
+    clear_seq: u64,
+    written_seq: u64,
+    durable_seq: u64,
+    flushing: bool,
+    /// Set when a commit failed or the object was reset; every later call fails with it.
+    failed: Option<Error>,
+    durable_waiters: Vec<Waker>,
+    idle_waiters: Vec<Waker>,
+}
+
+pub(crate) struct ObjectStore {
+    pub(crate) shared: Rc<Shared>,
+    pub(crate) key: ObjectKey,
+    /// Recorded in the object registry with the object's first write.
+    name: Option<String>,
+    state: RefCell<State>,
+    /// Called once when a commit of this object fails: resets the object.
+    on_failure: RefCell<Option<Box<dyn FnOnce(&Error)>>>,
+    /// Bumped by every write; a transaction compares it to detect concurrent writes.
+    pub(crate) mutations: Cell<u64>,
+}
+
+impl ObjectStore {
+    pub(crate) fn new(shared: Rc<Shared>, key: ObjectKey, name: Option<String>) -> ObjectStore {
+        ObjectStore {
+            shared,
+            key,
+            name,
+            state: RefCell::default(),
+            on_failure: RefCell::new(None),
+            mutations: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn set_on_failure(&self, callback: Box<dyn FnOnce(&Error)>) {
+        *self.on_failure.borrow_mut() = Some(callback);
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    fn check_live(&self) -> Result<(), Error> {
+        match &self.state.borrow().failed {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the store dead: later calls fail, unflushed writes are dropped.
+    pub(crate) fn fail(&self, error: Error) {
+        let mut state = self.state.borrow_mut();
+        if state.failed.is_none() {
+            state.failed = Some(error);
+        }
+        state.dirty.clear();
+        state.clear_pending = false;
+        wake_all(&mut state.durable_waiters);
+    }
+
+    /// The stored (encoded) value of `key`.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+        self.check_live()?;
+        let mut state = self.state.borrow_mut();
+        if let Some(cached) = state.cache.get(key) {
+            return Ok(cached.value.clone());
+        }
+        let value = if state.clear_seq > state.durable_seq {
+            None
+        } else {
+            self.shared.backend.get(&self.key, key)?.map(Bytes::from)
+        };
+        insert_cached(&mut state, key.to_vec(), value.clone(), 0);
+        self.evict_if_needed(&mut state);
+        Ok(value)
+    }
+
+    /// Applies writes (`None` deletes) as one atomic group, and schedules a flush.
+    pub(crate) fn write(self: &Rc<Self>, writes: Vec<(Vec<u8>, Option<Bytes>)>) -> Result<(), Error> {
+        self.check_live()?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state.borrow_mut();
+        state.written_seq += 1;
+        let seq = state.written_seq;
+        for (key, value) in writes {
+            state.dirty.insert(key.clone(), value.clone());
+            insert_cached(&mut state, key, value, seq);
+        }
+        self.after_write(&mut state);
+        Ok(())
+    }
+
+    /// Deletes every key of the object.
+    pub(crate) fn delete_all(self: &Rc<Self>) -> Result<(), Error> {
+        self.check_live()?;
+        let mut state = self.state.borrow_mut();
+        state.written_seq += 1;
+        state.clear_seq = state.written_seq;
+        state.cache.clear();
+        state.cached_bytes = 0;
+        state.dirty.clear();
+        state.clear_pending = true;
+        self.after_write(&mut state);
+        Ok(())
+    }
+
+    fn after_write(self: &Rc<Self>, state: &mut State) {
+        self.mutations.set(self.mutations.get() + 1);
+        if !state.flushing {
+            state.flushing = true;
+            // Runs once the current task yields: every write made before that joins the batch.
+            tokio::task::spawn_local(self.clone().flush());
+        }
+    }
+
+    async fn flush(self: Rc<Self>) {
+        while let Some((batch, seq)) = self.take_batch() {
+            let result = match self.shared.writer.submit(batch).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Closed),
+            };
+            if let Err(error) = result {
+                self.commit_failed(error);
+                return;
+            }
+            let mut state = self.state.borrow_mut();
+            state.durable_seq = seq;
+            wake_all(&mut state.durable_waiters);
+            self.evict_if_needed(&mut state);
+        }
+    }
+
+    /// The next batch and the newest write it carries, or `None` (and the flush ends).
+    fn take_batch(&self) -> Option<(ObjectBatch, u64)> {
+        let mut state = self.state.borrow_mut();
+        if state.failed.is_some() || (state.dirty.is_empty() && !state.clear_pending) {
+            state.flushing = false;
+            wake_all(&mut state.idle_waiters);
+            return None;
+        }
+        let dirty = std::mem::take(&mut state.dirty);
+        let batch = ObjectBatch {
+            object: self.key,
+            name: self.name.clone(),
+            clear: std::mem::take(&mut state.clear_pending),
+            mutations: dirty.into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect(),
+        };
+        Some((batch, state.written_seq))
+    }
+
+    fn commit_failed(&self, error: Error) {
+        self.fail(error.clone());
+        {
+            let mut state = self.state.borrow_mut();
+            state.flushing = false;
+            wake_all(&mut state.idle_waiters);
+        }
+        let callback = self.on_failure.borrow_mut().take();
+        if let Some(callback) = callback {
+            callback(&error);
+        }
+    }
+
+    /// The newest write so far; the output gate waits until it is durable.
+    pub(crate) fn written_seq(&self) -> u64 {
+        self.state.borrow().written_seq
+    }
+
+    /// Resolves when every write up to `seq` is durable, or with the error that lost them.
+    pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), Error> {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if let Some(error) = &state.failed {
+                return Poll::Ready(Err(error.clone()));
+            }
+            if state.durable_seq >= seq {
+                return Poll::Ready(Ok(()));
+            }
+            state.durable_waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Resolves when no batch of this store is in flight (so the backend is final for it).
+    pub(crate) async fn wait_idle(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if !state.flushing {
+                return Poll::Ready(());
+            }
+            state.idle_waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn evict_if_needed(&self, state: &mut State) {
+        let max = self.shared.limits.cache_bytes_max;
+        if state.cached_bytes <= max {
+            return;
+        }
+        let target = max / 4 * 3;
+        let durable = state.durable_seq;
+        let mut freed = 0;
+        state.cache.retain(|key, cached| {
+            if state.cached_bytes - freed <= target || cached.seq > durable {
+                return true;
+            }
+            freed += entry_bytes(key, &cached.value);
+            false
+        });
+        state.cached_bytes -= freed;
+    }
+
+    /// Entries in the range, in key order (descending when `reverse`), at most `limit`: the
+    /// backend's entries with the cache laid over them.
+    pub(crate) fn range(
+        &self,
+        start: Bound<Vec<u8>>,
+        end: Bound<Vec<u8>>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Bytes)>, Error> {
+        self.check_live()?;
+        let state = self.state.borrow();
+        let backend_live = state.clear_seq <= state.durable_seq;
+        let scan = |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>, n: usize| {
+            if !backend_live {
+                return Ok(Vec::new());
+            }
+            let rows = self.shared.backend.scan(&self.key, as_ref(from), as_ref(to), reverse, n)?;
+            Ok(rows.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+        };
+        let overlay = |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
+            let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
+            let entries = range.map(|(k, c)| (k.clone(), c.value.clone()));
+            if reverse { entries.rev().collect() } else { entries.collect() }
+        };
+        merge_range(start, end, reverse, limit, scan, overlay)
+    }
+}
+
+fn wake_all(wakers: &mut Vec<Waker>) {
+    for waker in wakers.drain(..) {
+        waker.wake();
+    }
+}
+
+fn entry_bytes(key: &[u8], value: &Option<Bytes>) -> usize {
+    key.len() + value.as_ref().map_or(0, Bytes::len) + CACHE_ENTRY_OVERHEAD
+}
+
+fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64) {
+    let added = entry_bytes(&key, &value);
+    if let Some(old) = state.cache.insert(key.clone(), Cached { value, seq }) {
+        state.cached_bytes -= entry_bytes(&key, &old.value);
+    }
+    state.cached_bytes += added;
+}
+
+pub(crate) fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key),
+        Bound::Excluded(key) => Bound::Excluded(key),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// A source of sorted entries in a range: `(from, to, limit)`, where `from` is the bound the
+/// walk starts at (the start, or the end when reverse).
+type Entries = Vec<(Vec<u8>, Bytes)>;
+
+/// Merges a sorted `base` (read in chunks) with an `overlay` of newer values (`None` deletes),
+/// in the walk's direction, stopping after `limit` entries. `base` and `overlay` take the range
+/// as (start, end) bounds and answer in walk order.
+pub(crate) fn merge_range(
+    start: Bound<Vec<u8>>,
+    end: Bound<Vec<u8>>,
+    reverse: bool,
+    limit: usize,
+    base: impl Fn(&Bound<Vec<u8>>, &Bound<Vec<u8>>, usize) -> Result<Entries, Error>,
+    overlay: impl Fn(&Bound<Vec<u8>>, &Bound<Vec<u8>>) -> Vec<(Vec<u8>, Option<Bytes>)>,
+) -> Result<Entries, Error> {
+    let (mut start, mut end) = (start, end);
+    let mut out = Vec::new();
+    loop {
+        let chunk = base(&start, &end, SCAN_CHUNK)?;
+        let exhausted = chunk.len() < SCAN_CHUNK;
+        // This step covers the range up to the last base key read (all of it when exhausted).
+        let (step_start, step_end) = match (exhausted, chunk.last()) {
+            (false, Some((last, _))) if reverse => (Bound::Included(last.clone()), end.clone()),
+            (false, Some((last, _))) => (start.clone(), Bound::Included(last.clone())),
+            _ => (start.clone(), end.clone()),
+        };
+        let layer = overlay(&step_start, &step_end);
+        if merge_step(chunk, layer, reverse, limit, &mut out) || exhausted {
+            return Ok(out);
+        }
+        let last = out_last_base_key(&step_start, &step_end, reverse);
+        if reverse {
+            end = last;
+        } else {
+            start = last;
+        }
+    }
+}
+
+/// The bound that continues a walk after a step that ended at an included key.
+fn out_last_base_key(
+    step_start: &Bound<Vec<u8>>,
+    step_end: &Bound<Vec<u8>>,
+    reverse: bool,
+) -> Bound<Vec<u8>> {
+    let edge = if reverse { step_start } else { step_end };
+    match edge {
+        Bound::Included(key) => Bound::Excluded(key.clone()),
+        other => other.clone(),
+    }
+}
+
+/// Merges one chunk; true when `limit` is reached.
+fn merge_step(
+    chunk: Entries,
+    layer: Vec<(Vec<u8>, Option<Bytes>)>,
+    reverse: bool,
+    limit: usize,
+    out: &mut Entries,
+) -> bool {
+    use std::cmp::Ordering;
+    let mut base = chunk.into_iter().peekable();
+    let mut over = layer.into_iter().peekable();
+    loop {
+        if out.len() >= limit {
+            return true;
+        }
+        let order = match (base.peek(), over.peek()) {
+            (None, None) => return false,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((b, _)), Some((o, _))) if reverse => o.cmp(b),
+            (Some((b, _)), Some((o, _))) => b.cmp(o),
+        };
+        let taken = match order {
+            Ordering::Less => base.next().map(|(k, v)| (k, Some(v))),
+            Ordering::Greater => over.next(),
+            Ordering::Equal => {
+                base.next();
+                over.next()
+            }
+        };
+        if let Some((key, Some(value))) = taken {
+            out.push((key, value));
+        }
+    }
+}

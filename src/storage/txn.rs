@@ -1,0 +1,171 @@
+//! Transactions: writes buffered in the transaction, laid over the object's storage for its
+//! reads, and applied as one atomic group when the body succeeds.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::store::merge_range;
+use super::{Error, ListOptions, Storage, value};
+
+/// How many times a transaction body runs before it gives up on conflicts. Conflicts need a
+/// write from outside the transaction while it runs, which the input gate rules out for the
+/// object's own calls; only tasks the object spawned can cause one.
+pub const ATTEMPTS_MAX: u32 = 8;
+
+/// A transaction in progress, handed to the body of [`Storage::transaction`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Transaction {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    storage: Storage,
+    /// Buffered writes (`None` deletes), applied together at the end.
+    writes: RefCell<BTreeMap<Vec<u8>, Option<Bytes>>>,
+    /// Set by `rollback()` or when the body finished: later calls fail.
+    ended: Cell<bool>,
+    rolled_back: Cell<bool>,
+    /// The store's write counter when the transaction began; a change means a conflict.
+    mutations_at_start: u64,
+}
+
+pub(crate) enum Outcome {
+    Done,
+    Conflict,
+}
+
+impl Transaction {
+    pub(crate) fn begin(storage: Storage) -> Transaction {
+        let mutations_at_start = storage.store().mutations.get();
+        let inner = Inner {
+            storage,
+            writes: RefCell::default(),
+            ended: Cell::new(false),
+            rolled_back: Cell::new(false),
+            mutations_at_start,
+        };
+        Transaction { inner: Rc::new(inner) }
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.inner.ended.get() {
+            return Err(Error::TransactionEnded);
+        }
+        Ok(())
+    }
+
+    fn get_encoded(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+        self.check_open()?;
+        if let Some(value) = self.inner.writes.borrow().get(key) {
+            return Ok(value.clone());
+        }
+        self.inner.storage.get_encoded(key)
+    }
+
+    /// The value of `key` as the transaction sees it.
+    pub async fn get<T: DeserializeOwned>(&self, key: impl AsRef<[u8]>) -> Result<Option<T>, Error> {
+        match self.get_encoded(key.as_ref())? {
+            Some(stored) => value::decode(&stored).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The raw bytes of `key` as the transaction sees them.
+    pub async fn get_bytes(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, Error> {
+        match self.get_encoded(key.as_ref())? {
+            Some(stored) => value::decode_raw(&stored).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn write(&self, key: &[u8], value: Option<Bytes>) -> Result<(), Error> {
+        self.check_open()?;
+        self.inner.storage.check_key(key)?;
+        if let Some(value) = &value {
+            self.inner.storage.check_value(value)?;
+        }
+        self.inner.writes.borrow_mut().insert(key.to_vec(), value);
+        Ok(())
+    }
+
+    /// Stores `value` under `key` when the transaction commits.
+    pub async fn put<T: Serialize + ?Sized>(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.write(key.as_ref(), Some(value::encode(value)?))
+    }
+
+    /// Stores raw bytes under `key` when the transaction commits.
+    pub async fn put_bytes(&self, key: impl AsRef<[u8]>, value: &[u8]) -> Result<(), Error> {
+        self.write(key.as_ref(), Some(value::encode_raw(value)))
+    }
+
+    /// Deletes `key` when the transaction commits; whether it exists now.
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
+        let existed = self.get_encoded(key.as_ref())?.is_some();
+        self.write(key.as_ref(), None)?;
+        Ok(existed)
+    }
+
+    /// Entries as the transaction sees them (see [`ListOptions`]).
+    pub async fn list<T: DeserializeOwned>(
+        &self,
+        options: &ListOptions,
+    ) -> Result<Vec<(Vec<u8>, T)>, Error> {
+        self.list_encoded(options)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, value::decode(&v)?)))
+            .collect()
+    }
+
+    /// Entries with their encoded values, as the transaction sees them.
+    pub fn list_encoded(&self, options: &ListOptions) -> Result<Vec<(Vec<u8>, Bytes)>, Error> {
+        self.check_open()?;
+        let (start, end, limit) = options.bounds()?;
+        let reverse = options.reverse;
+        let store = self.inner.storage.store();
+        let writes = self.inner.writes.borrow();
+        merge_range(
+            start,
+            end,
+            reverse,
+            limit,
+            |from, to, n| store.range(from.clone(), to.clone(), reverse, n),
+            |from, to| {
+                let range = writes.range::<Vec<u8>, _>((from.clone(), to.clone()));
+                let entries = range.map(|(k, v)| (k.clone(), v.clone()));
+                if reverse { entries.rev().collect() } else { entries.collect() }
+            },
+        )
+    }
+
+    /// Abandons the transaction: nothing it wrote is stored, and later calls on it fail.
+    pub fn rollback(&self) {
+        self.inner.rolled_back.set(true);
+        self.inner.ended.set(true);
+    }
+
+    /// Ends the transaction, applying its writes if `commit` and it was not rolled back.
+    pub(crate) fn finish(&self, commit: bool) -> Result<Outcome, Error> {
+        let inner = &self.inner;
+        let rolled_back = inner.rolled_back.get();
+        inner.ended.set(true);
+        if !commit || rolled_back {
+            return Ok(Outcome::Done);
+        }
+        let store = inner.storage.store();
+        if store.mutations.get() != inner.mutations_at_start {
+            return Ok(Outcome::Conflict);
+        }
+        let writes = std::mem::take(&mut *inner.writes.borrow_mut());
+        store.write(writes.into_iter().collect())?;
+        Ok(Outcome::Done)
+    }
+}
