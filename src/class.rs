@@ -9,10 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
 
+use crate::host::HostInner;
 use crate::host::Namespace;
 use crate::host::activation::Activation;
 use crate::host::gate::{self, Gated, InputGate};
-use crate::host::HostInner;
 use crate::id::ObjectId;
 use crate::storage::Storage;
 
@@ -63,11 +63,17 @@ pub trait DurableObject: 'static {
 
 /// A class with its type erased, as the host keeps it.
 pub(crate) trait ErasedObject {
-    fn fetch(self: Rc<Self>, request: Request) -> LocalBoxFuture<'static, Result<Response, BoxError>>;
+    fn fetch(
+        self: Rc<Self>,
+        request: Request,
+    ) -> LocalBoxFuture<'static, Result<Response, BoxError>>;
 }
 
 impl<T: DurableObject> ErasedObject for T {
-    fn fetch(self: Rc<Self>, request: Request) -> LocalBoxFuture<'static, Result<Response, BoxError>> {
+    fn fetch(
+        self: Rc<Self>,
+        request: Request,
+    ) -> LocalBoxFuture<'static, Result<Response, BoxError>> {
         Box::pin(async move { DurableObject::fetch(&*self, request).await })
     }
 }
@@ -100,7 +106,12 @@ impl State {
         gate: Rc<InputGate>,
         activation: Weak<Activation>,
     ) -> State {
-        State { id, storage, gate, activation }
+        State {
+            id,
+            storage,
+            gate,
+            activation,
+        }
     }
 
     /// The object's ID.
@@ -117,7 +128,10 @@ impl State {
     /// no other of its handlers resumes, until `body` is done. The gate closes at the call, so a
     /// constructor can use it (spawning the returned future) to finish initialising before the
     /// first request. If `body` fails, the object is reset.
-    pub fn block_concurrency_while<T, E, F>(&self, body: F) -> impl Future<Output = Result<T, E>> + use<T, E, F>
+    pub fn block_concurrency_while<T, E, F>(
+        &self,
+        body: F,
+    ) -> impl Future<Output = Result<T, E>> + use<T, E, F>
     where
         F: Future<Output = Result<T, E>>,
         E: Display,

@@ -39,7 +39,10 @@ impl From<capnp::Error> for Error {
     fn from(error: capnp::Error) -> Error {
         use capnp::ErrorKind;
         // capnp-rpc marks exceptions that crossed the wire with this prefix.
-        let message = error.extra.strip_prefix("remote exception: ").unwrap_or(&error.extra);
+        let message = error
+            .extra
+            .strip_prefix("remote exception: ")
+            .unwrap_or(&error.extra);
         match error.kind {
             ErrorKind::Disconnected => Error::Disconnected(message.to_owned()),
             ErrorKind::Overloaded => Error::Overloaded(message.to_owned()),

@@ -89,7 +89,11 @@ impl IdMinter {
         // Separate keys for the two uses, so a name hash can never double as a MAC.
         let mac_key = blake3::derive_key("duro 2026 object id mac", secret);
         let name_key = blake3::derive_key("duro 2026 object id from name", secret);
-        IdMinter { namespace: namespace.to_owned(), mac_key, name_key }
+        IdMinter {
+            namespace: namespace.to_owned(),
+            mac_key,
+            name_key,
+        }
     }
 
     /// A fresh random ID.
@@ -116,8 +120,9 @@ impl IdMinter {
 
     /// Checks raw ID bytes, and the name given with them (which must derive the same ID).
     pub fn check(&self, bytes: &[u8], name: Option<&str>) -> Result<ObjectId, Error> {
-        let bytes: [u8; ID_BYTES] =
-            bytes.try_into().map_err(|_| Error::ByteLength(bytes.len()))?;
+        let bytes: [u8; ID_BYTES] = bytes
+            .try_into()
+            .map_err(|_| Error::ByteLength(bytes.len()))?;
         let mut identity = [0u8; IDENTITY_BYTES];
         identity.copy_from_slice(&bytes[..IDENTITY_BYTES]);
         let expected = self.mac(&identity);
@@ -128,7 +133,10 @@ impl IdMinter {
             Some(name) if self.from_name(name).bytes != bytes => {
                 Err(Error::NameMismatch(name.to_owned()))
             }
-            _ => Ok(ObjectId { bytes, name: name.map(str::to_owned) }),
+            _ => Ok(ObjectId {
+                bytes,
+                name: name.map(str::to_owned),
+            }),
         }
     }
 
@@ -204,7 +212,11 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(m.parse(&a.to_hex()).unwrap().bytes(), a.bytes());
         assert_eq!(a.to_hex().len(), 64);
-        assert!(a.to_hex().chars().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
+        assert!(
+            a.to_hex()
+                .chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        );
     }
 
     #[test]
@@ -212,7 +224,10 @@ mod tests {
         let m = minter("ns", 1);
         assert_eq!(m.from_name("alice"), minter("ns", 1).from_name("alice"));
         assert_ne!(m.from_name("alice").bytes(), m.from_name("bob").bytes());
-        assert_ne!(m.from_name("alice").bytes(), minter("other", 2).from_name("alice").bytes());
+        assert_ne!(
+            m.from_name("alice").bytes(),
+            minter("other", 2).from_name("alice").bytes()
+        );
         assert_eq!(m.from_name("alice").name(), Some("alice"));
     }
 
@@ -220,7 +235,10 @@ mod tests {
     fn uppercase_is_accepted() {
         let m = minter("ns", 1);
         let id = m.new_unique();
-        assert_eq!(m.parse(&id.to_hex().to_uppercase()).unwrap().bytes(), id.bytes());
+        assert_eq!(
+            m.parse(&id.to_hex().to_uppercase()).unwrap().bytes(),
+            id.bytes()
+        );
     }
 
     #[test]
@@ -244,14 +262,21 @@ mod tests {
             let mut digits = hex.clone().into_bytes();
             digits[i] = if digits[i] == b'0' { b'1' } else { b'0' };
             let altered = String::from_utf8(digits).unwrap();
-            assert_eq!(m.parse(&altered), Err(Error::NotMinted("ns".into())), "digit {i}");
+            assert_eq!(
+                m.parse(&altered),
+                Err(Error::NotMinted("ns".into())),
+                "digit {i}"
+            );
         }
     }
 
     #[test]
     fn ids_of_another_namespace_are_refused() {
         let id = minter("a", 1).new_unique();
-        assert_eq!(minter("b", 2).parse(&id.to_hex()), Err(Error::NotMinted("b".into())));
+        assert_eq!(
+            minter("b", 2).parse(&id.to_hex()),
+            Err(Error::NotMinted("b".into()))
+        );
     }
 
     #[test]
@@ -259,7 +284,10 @@ mod tests {
         let m = minter("ns", 1);
         let id = m.from_name("alice");
         assert!(m.check(id.bytes(), Some("alice")).is_ok());
-        assert_eq!(m.check(id.bytes(), Some("bob")), Err(Error::NameMismatch("bob".into())));
+        assert_eq!(
+            m.check(id.bytes(), Some("bob")),
+            Err(Error::NameMismatch("bob".into()))
+        );
         assert_eq!(m.check(&id.bytes()[..31], None), Err(Error::ByteLength(31)));
     }
 }

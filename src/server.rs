@@ -88,13 +88,17 @@ impl Builder {
         T: DurableObject,
         F: Fn(State, Env) -> T + Send + Sync + 'static,
     {
-        self.config.classes.insert(class_name.to_owned(), factory(constructor));
+        self.config
+            .classes
+            .insert(class_name.to_owned(), factory(constructor));
         self
     }
 
     /// Binds the namespace `name` to the class `class_name`.
     pub fn namespace(mut self, name: &str, class_name: &str) -> Builder {
-        self.config.bindings.insert(name.to_owned(), class_name.to_owned());
+        self.config
+            .bindings
+            .insert(name.to_owned(), class_name.to_owned());
         self
     }
 
@@ -154,28 +158,44 @@ impl Builder {
     pub fn start(self) -> Result<ServerHandle, StartError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("duro-host".into()).spawn(move || {
-            let ready = ready_tx.clone();
-            let result = self.serve(move |addr| drop(ready.send(Ok(addr))), async {
-                let _ = stop_rx.await;
-            });
-            if let Err(error) = &result {
-                let _ = ready_tx.send(Err(error.to_string()));
-            }
-        })?;
+        let thread = std::thread::Builder::new()
+            .name("duro-host".into())
+            .spawn(move || {
+                let ready = ready_tx.clone();
+                let result = self.serve(move |addr| drop(ready.send(Ok(addr))), async {
+                    let _ = stop_rx.await;
+                });
+                if let Err(error) = &result {
+                    let _ = ready_tx.send(Err(error.to_string()));
+                }
+            })?;
         match ready_rx.recv() {
-            Ok(Ok(addr)) => Ok(ServerHandle { addr, stop: Some(stop_tx), thread: Some(thread) }),
+            Ok(Ok(addr)) => Ok(ServerHandle {
+                addr,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
             Ok(Err(message)) => {
                 let _ = thread.join();
                 Err(StartError::Io(std::io::Error::other(message)))
             }
-            Err(_) => Err(StartError::Io(std::io::Error::other("the host thread died"))),
+            Err(_) => Err(StartError::Io(std::io::Error::other(
+                "the host thread died",
+            ))),
         }
     }
 
-    /// Serves on the current thread until Ctrl-C or SIGTERM, then shuts down gracefully.
+    /// Serves on the current thread until Ctrl-C or SIGTERM, then shuts down gracefully. Once
+    /// listening, prints `duro listening on ADDR` on stdout (with the port given for port 0).
     pub fn run(self) -> Result<(), StartError> {
-        self.serve(|addr| tracing::info!(%addr, "duro is listening"), shutdown_signal())
+        let on_ready = |addr: ListenAddr| {
+            use std::io::Write;
+            tracing::info!(%addr, "listening");
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(stdout, "duro listening on {addr}");
+            let _ = stdout.flush();
+        };
+        self.serve(on_ready, shutdown_signal())
     }
 
     fn serve(
@@ -183,7 +203,9 @@ impl Builder {
         on_ready: impl FnOnce(ListenAddr),
         stop: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             let host = Host::open(self.config)?;
@@ -272,7 +294,10 @@ where
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
     if open.get() >= CONNECTIONS_MAX {
-        tracing::warn!(limit = CONNECTIONS_MAX, "connection refused: too many connections");
+        tracing::warn!(
+            limit = CONNECTIONS_MAX,
+            "connection refused: too many connections"
+        );
         return;
     }
     open.set(open.get() + 1);

@@ -55,8 +55,15 @@ impl TestServer {
     /// Starts `builder` on `127.0.0.1:0` with the data dir `dir`.
     pub fn start_in(builder: Builder, dir: tempfile::TempDir) -> TestServer {
         let listen = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
-        let handle = builder.data_dir(dir.path()).listen(listen).start().expect("starting duro");
-        TestServer { handle: Some(handle), dir }
+        let handle = builder
+            .data_dir(dir.path())
+            .listen(listen)
+            .start()
+            .expect("starting duro");
+        TestServer {
+            handle: Some(handle),
+            dir,
+        }
     }
 
     /// The TCP address the server listens on.
@@ -74,7 +81,9 @@ impl TestServer {
 
     /// Connects a client. Must be called inside a `LocalSet` (see [`run_local`]).
     pub async fn connect(&self) -> host::Client {
-        connect(self.addr()).await.expect("connecting to the test server")
+        connect(self.addr())
+            .await
+            .expect("connecting to the test server")
     }
 
     /// Shuts the server down gracefully and gives back its data dir, to start another on it.
@@ -163,7 +172,11 @@ pub struct FaultyBackend {
 impl FaultyBackend {
     /// Wraps `inner`; no faults until [`FaultyBackend::fail_commits`].
     pub fn new(inner: Arc<dyn Backend>) -> Arc<FaultyBackend> {
-        Arc::new(FaultyBackend { inner, fault: Mutex::new(None), commits: AtomicU64::new(0) })
+        Arc::new(FaultyBackend {
+            inner,
+            fault: Mutex::new(None),
+            commits: AtomicU64::new(0),
+        })
     }
 
     /// Makes the next `count` commits fail with `error`, writing nothing.

@@ -26,7 +26,10 @@ impl DurableObject for Counter {
                 storage.put("value", &(value + 1)).await?;
                 Ok(super::text(StatusCode::OK, (value + 1).to_string()))
             }
-            _ => Ok(super::text(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n")),
+            _ => Ok(super::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET or POST\n",
+            )),
         }
     }
 }

@@ -14,7 +14,12 @@ impl DurableObject for Echo {
         let headers: Vec<[String; 2]> = request
             .headers()
             .iter()
-            .map(|(name, value)| [name.to_string(), String::from_utf8_lossy(value.as_bytes()).into()])
+            .map(|(name, value)| {
+                [
+                    name.to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into(),
+                ]
+            })
             .collect();
         let body = json!({
             "method": request.method().as_str(),

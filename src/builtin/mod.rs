@@ -21,9 +21,10 @@ pub(crate) fn register(builder: Builder) -> Builder {
 pub(crate) fn text(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> crate::Response {
     let mut response = crate::Response::new(body.into());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -31,8 +32,9 @@ pub(crate) fn text(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> c
 pub(crate) fn json(status: http::StatusCode, body: &serde_json::Value) -> crate::Response {
     let mut response = crate::Response::new(body.to_string().into());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -44,8 +44,15 @@ impl Activation {
         predecessor: Option<Rc<ObjectStore>>,
     ) -> Result<Rc<Activation>, Error> {
         let host = namespace.host.upgrade().ok_or_else(shutting_down)?;
-        let key = ObjectKey { tag: namespace.tag, id: *id.bytes() };
-        let store = Rc::new(ObjectStore::new(host.storage.clone(), key, id.name().map(Into::into)));
+        let key = ObjectKey {
+            tag: namespace.tag,
+            id: *id.bytes(),
+        };
+        let store = Rc::new(ObjectStore::new(
+            host.storage.clone(),
+            key,
+            id.name().map(Into::into),
+        ));
         let gate = Rc::new(InputGate::default());
         if let Some(predecessor) = predecessor {
             hold_gate_until_idle(&gate, predecessor);
@@ -68,8 +75,9 @@ impl Activation {
         let state = State::new(id, storage, gate, Rc::downgrade(&activation));
         let env = Env::new(namespace.host.clone());
         let factory = namespace.factory.clone();
-        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env)))
-            .map_err(|panic| Error::Remote(format!("constructor panicked: {}", panic_message(&*panic))))?;
+        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env))).map_err(
+            |panic| Error::Remote(format!("constructor panicked: {}", panic_message(&*panic))),
+        )?;
         *activation.instance.borrow_mut() = Some(instance);
         Ok(activation)
     }
@@ -90,7 +98,8 @@ impl Activation {
         }
         tracing::warn!(id = %self.id, reason, "object reset");
         self.broken.cancel();
-        self.store.fail(crate::storage::Error::Reset(reason.to_owned()));
+        self.store
+            .fail(crate::storage::Error::Reset(reason.to_owned()));
         let instance = self.instance.borrow_mut().take();
         drop(instance);
     }
@@ -156,7 +165,11 @@ async fn run(
         _ = broken.cancelled() => return Err(disconnected()),
         _ = ticket => {}
     }
-    let instance = activation.instance.borrow().clone().ok_or_else(disconnected)?;
+    let instance = activation
+        .instance
+        .borrow()
+        .clone()
+        .ok_or_else(disconnected)?;
     let handler = AssertUnwindSafe(instance.fetch(request)).catch_unwind();
     let outcome = tokio::select! {
         biased;

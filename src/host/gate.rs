@@ -83,8 +83,15 @@ impl InputGate {
         }
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
-        queue.push_back(Waiting { ticket, waker: None });
-        Ok(Ticket { gate: self.clone(), ticket, delivered: false })
+        queue.push_back(Waiting {
+            ticket,
+            waker: None,
+        });
+        Ok(Ticket {
+            gate: self.clone(),
+            ticket,
+            delivered: false,
+        })
     }
 
     fn wake_front(&self) {
@@ -105,7 +112,11 @@ impl InputGate {
 
     /// Closes the gate for `task` (re-entrant), waiting while another task holds it.
     pub(crate) fn lock(self: &Rc<Self>, task: TaskId) -> Lock {
-        Lock { gate: self.clone(), task, held: false }
+        Lock {
+            gate: self.clone(),
+            task,
+            held: false,
+        }
     }
 
     fn try_acquire(&self, task: TaskId) -> bool {
@@ -166,7 +177,9 @@ impl Drop for Ticket {
             return;
         }
         let mut queue = self.gate.queue.borrow_mut();
-        let Some(pos) = queue.iter().position(|w| w.ticket == self.ticket) else { return };
+        let Some(pos) = queue.iter().position(|w| w.ticket == self.ticket) else {
+            return;
+        };
         queue.remove(pos);
         drop(queue);
         if pos == 0 {

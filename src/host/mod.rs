@@ -39,7 +39,11 @@ pub struct HostLimits {
 
 impl Default for HostLimits {
     fn default() -> HostLimits {
-        HostLimits { object_queue_max: 1000, name_bytes_max: 1024, list_objects_max: 1000 }
+        HostLimits {
+            object_queue_max: 1000,
+            name_bytes_max: 1024,
+            list_objects_max: 1000,
+        }
     }
 }
 
@@ -54,7 +58,8 @@ pub(crate) struct Config {
     pub(crate) storage_limits: Limits,
     pub(crate) lmdb: storage::lmdb::LmdbOptions,
     /// Wraps the opened backend, e.g. to inject faults in tests.
-    pub(crate) wrap_backend: Option<Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>>,
+    pub(crate) wrap_backend:
+        Option<Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>>,
 }
 
 /// Why a host could not start.
@@ -88,7 +93,10 @@ impl Host {
     pub(crate) fn open(config: Config) -> Result<Host, StartError> {
         for (namespace, class) in &config.bindings {
             if !config.classes.contains_key(class) {
-                return Err(StartError::UnknownClass { namespace: namespace.clone(), class: class.clone() });
+                return Err(StartError::UnknownClass {
+                    namespace: namespace.clone(),
+                    class: class.clone(),
+                });
             }
         }
         let lmdb = LmdbBackend::open(&config.data_dir, &config.lmdb)?;
@@ -138,7 +146,9 @@ impl Host {
     /// Every namespace, as (name, class name), ordered by name.
     pub fn namespaces(&self) -> Vec<(String, String)> {
         let namespaces = self.inner.namespaces.values();
-        namespaces.map(|ns| (ns.name.clone(), ns.class_name.clone())).collect()
+        namespaces
+            .map(|ns| (ns.name.clone(), ns.class_name.clone()))
+            .collect()
     }
 
     /// The bootstrap capability of the wire protocol, served by this host.
@@ -153,7 +163,11 @@ impl Host {
 
     /// Live activations, over all namespaces.
     pub fn activations(&self) -> usize {
-        self.inner.namespaces.values().map(|ns| ns.activations.borrow().len()).sum()
+        self.inner
+            .namespaces
+            .values()
+            .map(|ns| ns.activations.borrow().len())
+            .sum()
     }
 
     /// Breaks every stub, lets in-flight commits finish, and stops the writer.
@@ -171,7 +185,9 @@ impl Host {
         }
         let writer = self.inner.writer.borrow_mut().take();
         if let Some(writer) = writer {
-            tokio::task::spawn_blocking(move || writer.shutdown()).await.ok();
+            tokio::task::spawn_blocking(move || writer.shutdown())
+                .await
+                .ok();
         }
     }
 }
@@ -205,7 +221,9 @@ impl NamespaceCore {
             None => None,
         };
         let activation = Activation::create(self, id, predecessor)?;
-        self.activations.borrow_mut().insert(*activation.id.bytes(), activation.clone());
+        self.activations
+            .borrow_mut()
+            .insert(*activation.id.bytes(), activation.clone());
         Ok(activation)
     }
 }
@@ -239,7 +257,11 @@ impl Namespace {
     }
 
     fn limits(&self) -> HostLimits {
-        self.core.host.upgrade().map(|h| h.limits.clone()).unwrap_or_default()
+        self.core
+            .host
+            .upgrade()
+            .map(|h| h.limits.clone())
+            .unwrap_or_default()
     }
 
     /// A fresh random ID.
@@ -269,13 +291,17 @@ impl Namespace {
     /// A stub for the object `id`, activating it if needed.
     pub fn get(&self, id: &ObjectId) -> Result<Stub, Error> {
         let id = self.check_id(id.bytes(), id.name())?;
-        Ok(Stub { activation: self.core.activation(id)? })
+        Ok(Stub {
+            activation: self.core.activation(id)?,
+        })
     }
 
     /// A stub for the object named `name`.
     pub fn get_by_name(&self, name: &str) -> Result<Stub, Error> {
         let id = self.id_from_name(name)?;
-        Ok(Stub { activation: self.core.activation(id)? })
+        Ok(Stub {
+            activation: self.core.activation(id)?,
+        })
     }
 
     /// Objects with stored data, in ID order, after `start_after`; and whether more remain.
@@ -290,7 +316,11 @@ impl Namespace {
                 "limit must be between 1 and {max} (list_objects_max), got {limit}"
             )));
         }
-        let host = self.core.host.upgrade().ok_or_else(activation::shutting_down)?;
+        let host = self
+            .core
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
         host.storage
             .backend
             .list_objects(self.core.tag, start_after, limit)

@@ -43,7 +43,9 @@ pub fn request_from_capnp(reader: http_request::Reader) -> capnp::Result<Request
     };
     let uri = match reader.get_url()?.to_str()? {
         "" => Uri::from_static("/"),
-        url => url.parse::<Uri>().map_err(|e| invalid(format!("invalid URL {url:?}: {e}")))?,
+        url => url
+            .parse::<Uri>()
+            .map_err(|e| invalid(format!("invalid URL {url:?}: {e}")))?,
     };
     let body = Bytes::copy_from_slice(reader.get_body()?);
     let mut request = Request::new(body);
@@ -57,7 +59,9 @@ pub fn request_from_capnp(reader: http_request::Reader) -> capnp::Result<Request
 pub fn request_to_capnp(request: &Request, mut builder: http_request::Builder) {
     builder.set_method(request.method().as_str());
     builder.set_url(&*request.uri().to_string());
-    let headers = builder.reborrow().init_headers(request.headers().len() as u32);
+    let headers = builder
+        .reborrow()
+        .init_headers(request.headers().len() as u32);
     write_headers(request.headers(), headers);
     builder.set_body(request.body());
 }
@@ -76,7 +80,9 @@ pub fn response_from_capnp(reader: http_response::Reader) -> capnp::Result<Respo
 pub fn response_to_capnp(response: &Response, mut builder: http_response::Builder) {
     builder.set_status(response.status().as_u16());
     builder.set_status_text(response.status().canonical_reason().unwrap_or(""));
-    let headers = builder.reborrow().init_headers(response.headers().len() as u32);
+    let headers = builder
+        .reborrow()
+        .init_headers(response.headers().len() as u32);
     write_headers(response.headers(), headers);
     builder.set_body(response.body());
 }
@@ -114,7 +120,10 @@ mod tests {
         let mut message = capnp::message::Builder::new_default();
         response_to_capnp(&response, message.init_root());
         let reader: http_response::Reader = message.get_root_as_reader().unwrap();
-        assert_eq!(reader.get_status_text().unwrap().to_str().unwrap(), "I'm a teapot");
+        assert_eq!(
+            reader.get_status_text().unwrap().to_str().unwrap(),
+            "I'm a teapot"
+        );
         let back = response_from_capnp(reader).unwrap();
         assert_eq!(back.status(), 418);
         assert_eq!(back.headers(), response.headers());

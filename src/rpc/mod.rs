@@ -50,7 +50,9 @@ where
 }
 
 fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {
-    reader.to_str().map_err(|_| capnp::Error::failed("text is not valid UTF-8".into()))
+    reader
+        .to_str()
+        .map_err(|_| capnp::Error::failed("text is not valid UTF-8".into()))
 }
 
 struct HostServer {
@@ -65,10 +67,13 @@ impl host::Server for HostServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let name = text(params.get()?.get_name()?)?;
-            let namespace = self.host.namespace(name).ok_or_else(|| {
-                capnp::Error::failed(format!("unknown namespace '{name}'"))
-            })?;
-            results.get().set_namespace(capnp_rpc::new_client(NamespaceServer { namespace }));
+            let namespace = self
+                .host
+                .namespace(name)
+                .ok_or_else(|| capnp::Error::failed(format!("unknown namespace '{name}'")))?;
+            results
+                .get()
+                .set_namespace(capnp_rpc::new_client(NamespaceServer { namespace }));
             Ok(())
         })())
     }
@@ -131,7 +136,10 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let text = text(params.get()?.get_id()?)?;
-            write_id(&self.namespace.id_from_string(text)?, results.get().init_id());
+            write_id(
+                &self.namespace.id_from_string(text)?,
+                results.get().init_id(),
+            );
             Ok(())
         })())
     }
@@ -146,7 +154,9 @@ impl namespace::Server for NamespaceServer {
             let name = text(id.get_name()?)?;
             let name = (!name.is_empty()).then_some(name);
             let id = self.namespace.check_id(id.get_bytes()?, name)?;
-            results.get().set_stub(stub_client(self.namespace.get(&id)?));
+            results
+                .get()
+                .set_stub(stub_client(self.namespace.get(&id)?));
             Ok(())
         })())
     }
@@ -158,7 +168,9 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let name = text(params.get()?.get_name()?)?;
-            results.get().set_stub(stub_client(self.namespace.get_by_name(name)?));
+            results
+                .get()
+                .set_stub(stub_client(self.namespace.get_by_name(name)?));
             Ok(())
         })())
     }

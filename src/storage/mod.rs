@@ -89,7 +89,9 @@ impl ListOptions {
     /// The range as (start, end) bounds.
     pub(crate) fn bounds(&self) -> Result<(Bound<Vec<u8>>, Bound<Vec<u8>>, usize), Error> {
         if self.start.is_some() && self.start_after.is_some() {
-            return Err(Error::InvalidList("start and start_after cannot both be set"));
+            return Err(Error::InvalidList(
+                "start and start_after cannot both be set",
+            ));
         }
         if self.limit == Some(0) {
             return Err(Error::InvalidList("limit must be at least 1"));
@@ -159,7 +161,10 @@ impl Storage {
     pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), Error> {
         let max = self.store.limits().key_bytes_max;
         if key.len() > max {
-            return Err(Error::KeyTooLarge { len: key.len(), max });
+            return Err(Error::KeyTooLarge {
+                len: key.len(),
+                max,
+            });
         }
         Ok(())
     }
@@ -188,7 +193,10 @@ impl Storage {
     }
 
     /// The value stored under `key`, decoded as `T`; `None` if there is none.
-    pub async fn get<T: DeserializeOwned>(&self, key: impl AsRef<[u8]>) -> Result<Option<T>, Error> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, Error> {
         match self.get_encoded(key.as_ref())? {
             Some(stored) => value::decode(&stored).map(Some),
             None => Ok(None),
@@ -251,7 +259,8 @@ impl Storage {
             self.check_key(key)?;
             self.check_value(value)?;
         }
-        self.store.write(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
+        self.store
+            .write(entries.into_iter().map(|(k, v)| (k, Some(v))).collect())
     }
 
     /// Deletes `key`; whether it existed.
@@ -271,7 +280,8 @@ impl Storage {
         for key in keys {
             existed += usize::from(self.get_encoded(key)?.is_some());
         }
-        self.store.write(keys.iter().map(|k| (k.to_vec(), None)).collect())?;
+        self.store
+            .write(keys.iter().map(|k| (k.to_vec(), None)).collect())?;
         Ok(existed)
     }
 
@@ -329,7 +339,10 @@ impl Storage {
                 txn::Outcome::Conflict => continue,
             }
         }
-        Err(Error::Conflict { attempts: txn::ATTEMPTS_MAX }.into())
+        Err(Error::Conflict {
+            attempts: txn::ATTEMPTS_MAX,
+        }
+        .into())
     }
 }
 
@@ -351,7 +364,10 @@ mod tests {
             }),
             Err(Error::InvalidList(_))
         ));
-        assert!(matches!(opts(|o| o.limit = Some(0)), Err(Error::InvalidList(_))));
+        assert!(matches!(
+            opts(|o| o.limit = Some(0)),
+            Err(Error::InvalidList(_))
+        ));
         let (start, end, _) = opts(|o| o.prefix = Some(b"ab".to_vec())).unwrap();
         assert_eq!(start, Bound::Included(b"ab".to_vec()));
         assert_eq!(end, Bound::Excluded(b"ac".to_vec()));

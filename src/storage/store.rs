@@ -130,7 +130,10 @@ impl ObjectStore {
     }
 
     /// Applies writes (`None` deletes) as one atomic group, and schedules a flush.
-    pub(crate) fn write(self: &Rc<Self>, writes: Vec<(Vec<u8>, Option<Bytes>)>) -> Result<(), Error> {
+    pub(crate) fn write(
+        self: &Rc<Self>,
+        writes: Vec<(Vec<u8>, Option<Bytes>)>,
+    ) -> Result<(), Error> {
         self.check_live()?;
         if writes.is_empty() {
             return Ok(());
@@ -199,7 +202,10 @@ impl ObjectStore {
             object: self.key,
             name: self.name.clone(),
             clear: std::mem::take(&mut state.clear_pending),
-            mutations: dirty.into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect(),
+            mutations: dirty
+                .into_iter()
+                .map(|(k, v)| (k, v.map(|v| v.to_vec())))
+                .collect(),
         };
         Some((batch, state.written_seq))
     }
@@ -285,14 +291,22 @@ impl ObjectStore {
             if !backend_live {
                 return Ok(Vec::new());
             }
-            let rows = self.shared.backend.scan(&self.key, as_ref(from), as_ref(to), reverse, n)?;
+            let rows = self
+                .shared
+                .backend
+                .scan(&self.key, as_ref(from), as_ref(to), reverse, n)?;
             Ok(rows.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
         };
-        let overlay = |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
-            let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
-            let entries = range.map(|(k, c)| (k.clone(), c.value.clone()));
-            if reverse { entries.rev().collect() } else { entries.collect() }
-        };
+        let overlay =
+            |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
+                let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
+                let entries = range.map(|(k, c)| (k.clone(), c.value.clone()));
+                if reverse {
+                    entries.rev().collect()
+                } else {
+                    entries.collect()
+                }
+            };
         merge_range(start, end, reverse, limit, scan, overlay)
     }
 }

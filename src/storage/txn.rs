@@ -49,7 +49,9 @@ impl Transaction {
             rolled_back: Cell::new(false),
             mutations_at_start,
         };
-        Transaction { inner: Rc::new(inner) }
+        Transaction {
+            inner: Rc::new(inner),
+        }
     }
 
     fn check_open(&self) -> Result<(), Error> {
@@ -68,7 +70,10 @@ impl Transaction {
     }
 
     /// The value of `key` as the transaction sees it.
-    pub async fn get<T: DeserializeOwned>(&self, key: impl AsRef<[u8]>) -> Result<Option<T>, Error> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>, Error> {
         match self.get_encoded(key.as_ref())? {
             Some(stored) => value::decode(&stored).map(Some),
             None => Ok(None),
@@ -141,7 +146,11 @@ impl Transaction {
             |from, to| {
                 let range = writes.range::<Vec<u8>, _>((from.clone(), to.clone()));
                 let entries = range.map(|(k, v)| (k.clone(), v.clone()));
-                if reverse { entries.rev().collect() } else { entries.collect() }
+                if reverse {
+                    entries.rev().collect()
+                } else {
+                    entries.collect()
+                }
             },
         )
     }

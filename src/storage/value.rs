@@ -38,9 +38,9 @@ pub fn decode<T: DeserializeOwned>(stored: &[u8]) -> Result<T, Error> {
         Some((&TAG_CBOR, payload)) => {
             ciborium::from_reader(payload).map_err(|e| Error::Decode(e.to_string()))
         }
-        Some((&TAG_RAW, _)) => {
-            Err(Error::Decode("the value was stored as raw bytes: read it with get_bytes".into()))
-        }
+        Some((&TAG_RAW, _)) => Err(Error::Decode(
+            "the value was stored as raw bytes: read it with get_bytes".into(),
+        )),
         _ => Err(Error::Corrupt("stored value has an unknown tag".into())),
     }
 }
@@ -49,9 +49,9 @@ pub fn decode<T: DeserializeOwned>(stored: &[u8]) -> Result<T, Error> {
 pub fn decode_raw(stored: &Bytes) -> Result<Bytes, Error> {
     match stored.first() {
         Some(&TAG_RAW) => Ok(stored.slice(1..)),
-        Some(&TAG_CBOR) => {
-            Err(Error::Decode("the value was stored as a typed value: read it with get".into()))
-        }
+        Some(&TAG_CBOR) => Err(Error::Decode(
+            "the value was stored as a typed value: read it with get".into(),
+        )),
         _ => Err(Error::Corrupt("stored value has an unknown tag".into())),
     }
 }
@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn typed_values_come_back_as_the_same_type() {
         let map: BTreeMap<String, Vec<i64>> = [("a".to_string(), vec![1, -2, 3])].into();
-        assert_eq!(decode::<BTreeMap<String, Vec<i64>>>(&encode(&map).unwrap()).unwrap(), map);
+        assert_eq!(
+            decode::<BTreeMap<String, Vec<i64>>>(&encode(&map).unwrap()).unwrap(),
+            map
+        );
         assert_eq!(decode::<u64>(&encode(&42u64).unwrap()).unwrap(), 42);
         assert_eq!(decode::<String>(&encode("hi").unwrap()).unwrap(), "hi");
         assert!(decode::<String>(&encode(&42u64).unwrap()).is_err());
@@ -87,7 +90,10 @@ mod tests {
         let raw = encode_raw(b"bytes");
         assert_eq!(decode_raw(&raw).unwrap(), Bytes::from_static(b"bytes"));
         assert!(matches!(decode::<String>(&raw), Err(Error::Decode(_))));
-        assert!(matches!(decode_raw(&encode("x").unwrap()), Err(Error::Decode(_))));
+        assert!(matches!(
+            decode_raw(&encode("x").unwrap()),
+            Err(Error::Decode(_))
+        ));
         assert!(matches!(decode::<u8>(&[9, 1]), Err(Error::Corrupt(_))));
     }
 }

@@ -58,8 +58,14 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("duro-writer".into())
             .spawn(move || run(&*backend, &receiver, &thread_stats))?;
-        let handle = WriterHandle { sender: Arc::new(Mutex::new(Some(sender))), stats };
-        Ok(Writer { handle, thread: Some(thread) })
+        let handle = WriterHandle {
+            sender: Arc::new(Mutex::new(Some(sender))),
+            stats,
+        };
+        Ok(Writer {
+            handle,
+            thread: Some(thread),
+        })
     }
 
     pub(crate) fn handle(&self) -> WriterHandle {
@@ -72,7 +78,11 @@ impl Writer {
     }
 
     fn stop(&mut self) {
-        self.handle.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.handle
+            .sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -126,7 +136,9 @@ fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &WriterStats) {
         tracing::error!(%error, batches = batches.len(), "commit failed");
     }
     stats.commits.fetch_add(1, Ordering::Relaxed);
-    stats.batches.fetch_add(batches.len() as u64, Ordering::Relaxed);
+    stats
+        .batches
+        .fetch_add(batches.len() as u64, Ordering::Relaxed);
     for answer in answers {
         let _ = answer.send(result.clone());
     }
