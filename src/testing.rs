@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
@@ -167,6 +167,9 @@ pub struct FaultyBackend {
     /// The error the next commits fail with, and how many more will fail.
     fault: Mutex<Option<(storage::Error, u64)>>,
     commits: AtomicU64,
+    /// While true, commits wait before writing (to observe what waits on durability).
+    held: Mutex<bool>,
+    released: Condvar,
 }
 
 impl FaultyBackend {
@@ -176,12 +179,25 @@ impl FaultyBackend {
             inner,
             fault: Mutex::new(None),
             commits: AtomicU64::new(0),
+            held: Mutex::new(false),
+            released: Condvar::new(),
         })
     }
 
     /// Makes the next `count` commits fail with `error`, writing nothing.
     pub fn fail_commits(&self, error: storage::Error, count: u64) {
         *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some((error, count));
+    }
+
+    /// Makes commits wait (after counting them) until [`FaultyBackend::release`].
+    pub fn hold(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets held and later commits proceed.
+    pub fn release(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.released.notify_all();
     }
 
     /// Commits attempted so far.
@@ -208,6 +224,11 @@ impl Backend for FaultyBackend {
 
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), storage::Error> {
         self.commits.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(held);
         let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((error, remaining)) = fault.as_mut() {
             let error = error.clone();

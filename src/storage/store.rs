@@ -299,6 +299,9 @@ impl ObjectStore {
         };
         let overlay =
             |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
+                if range_is_empty(from, to) {
+                    return Vec::new();
+                }
                 let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
                 let entries = range.map(|(k, c)| (k.clone(), c.value.clone()));
                 if reverse {
@@ -327,6 +330,15 @@ fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64
         state.cached_bytes -= entry_bytes(&key, &old.value);
     }
     state.cached_bytes += added;
+}
+
+/// Whether no key lies between the bounds (`BTreeMap::range` panics on such ranges).
+pub(crate) fn range_is_empty(start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
+    match (start, end) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e) | Bound::Included(e)) => s >= e,
+        _ => false,
+    }
 }
 
 pub(crate) fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {

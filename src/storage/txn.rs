@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::store::merge_range;
+use super::store::{merge_range, range_is_empty};
 use super::{Error, ListOptions, Storage, value};
 
 /// How many times a transaction body runs before it gives up on conflicts. Conflicts need a
@@ -144,6 +144,9 @@ impl Transaction {
             limit,
             |from, to, n| store.range(from.clone(), to.clone(), reverse, n),
             |from, to| {
+                if range_is_empty(from, to) {
+                    return Vec::new();
+                }
                 let range = writes.range::<Vec<u8>, _>((from.clone(), to.clone()));
                 let entries = range.map(|(k, v)| (k.clone(), v.clone()));
                 if reverse {
