@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -561,25 +562,43 @@ fn a_failed_commit_resets_the_object_and_keeps_nothing() {
     });
 }
 
-/// Writes of many objects in flight at once share commits (and fsyncs).
+/// Writes of many objects waiting at once share one commit (and one fsync).
 #[test]
 fn many_objects_share_commits() {
-    let (server, faulty) = faulty_server();
+    let dir = tempfile::tempdir().unwrap();
+    let slot: Arc<Mutex<Option<Arc<FaultyBackend>>>> = Arc::default();
+    let wrap_slot = slot.clone();
     run_local(async {
-        let host = server.connect().await;
-        let before = faulty.commits();
-        let mut calls = Vec::new();
-        for i in 0..1000 {
-            let host = host.clone();
-            calls.push(tokio::task::spawn_local(async move {
-                fetch_by_name(&host, "counter", &format!("c{i}"), "POST", "/", b"").await
-            }));
+        let host = Server::builder()
+            .builtins()
+            .data_dir(dir.path())
+            .wrap_backend(move |inner| {
+                let faulty = FaultyBackend::new(inner);
+                *wrap_slot.lock().unwrap() = Some(faulty.clone());
+                faulty
+            })
+            .open_host()
+            .unwrap();
+        let faulty = slot.lock().unwrap().clone().unwrap();
+        let stats = host.writer_stats();
+        let counter = host.namespace("counter").unwrap();
+        // Hold the disk while every object writes, so all their batches wait together.
+        faulty.hold();
+        let calls: Vec<_> = (0..1000)
+            .map(|i| counter.get_by_name(&format!("c{i}")).unwrap().fetch(request("POST", "/", b"")))
+            .map(tokio::task::spawn_local)
+            .collect();
+        while stats.submitted.load(Ordering::SeqCst) < 1000 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        faulty.release();
         for call in calls {
             assert_eq!(call.await.unwrap().unwrap().body().as_ref(), b"1");
         }
-        let commits = faulty.commits() - before;
-        assert!(commits * 4 <= 1000, "1000 writes of 1000 objects took {commits} commits");
+        let commits = stats.commits.load(Ordering::SeqCst);
+        assert!(commits <= 2, "1000 objects' writes took {commits} commits");
+        assert_eq!(stats.batches.load(Ordering::SeqCst), 1000);
+        host.shutdown().await;
     });
 }
 

@@ -29,6 +29,8 @@ struct Job {
 /// Counters of the writer's work, for tests and benchmarks.
 #[derive(Debug, Default)]
 pub struct WriterStats {
+    /// Batches handed to the writer.
+    pub submitted: AtomicU64,
     /// Transactions committed (or attempted).
     pub commits: AtomicU64,
     /// Batches they carried.
@@ -99,6 +101,7 @@ impl WriterHandle {
     /// Queues a batch; the receiver answers once it is durable, or with the commit's error.
     pub(crate) fn submit(&self, batch: ObjectBatch) -> oneshot::Receiver<Result<(), Error>> {
         let (done, receiver) = oneshot::channel();
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         let job = Job { batch, done };
         let refused = match sender.as_ref() {

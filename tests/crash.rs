@@ -1,0 +1,140 @@
+//! Crash safety: `duro serve` as a child process, SIGKILLed at random moments under load, then
+//! restarted. Every acknowledged write must be there, and no transaction half-applied.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use duro::testing::{connect, fetch_by_name, run_local};
+
+/// Rounds of kill and restart. `DURO_CRASH_ROUNDS` raises it for a longer run.
+fn rounds() -> u32 {
+    std::env::var("DURO_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10)
+}
+
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+fn serve(data: &std::path::Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting duro serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("reading the listen line");
+    let addr = line
+        .trim()
+        .strip_prefix("duro listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("a TCP address");
+    Served { child, addr }
+}
+
+/// What the clients were told is durable.
+#[derive(Default)]
+struct Acknowledged {
+    /// Counter name → the highest value a POST answered.
+    counters: BTreeMap<String, u64>,
+    /// Transactions (kv puts of `a/N` and `b/N` together) that were answered 200.
+    txns: Vec<u64>,
+}
+
+/// Drives increments and two-key transactions until the connection dies or `deadline`.
+async fn load(addr: SocketAddr, worker: u64, acked: Rc<RefCell<Acknowledged>>, deadline: Instant) {
+    let Ok(host) = connect(addr).await else { return };
+    let mut n = 0u64;
+    while Instant::now() < deadline && n < 100_000 {
+        n += 1;
+        let name = format!("c{}", (worker * 7 + n) % 16);
+        match fetch_by_name(&host, "counter", &name, "POST", "/", b"").await {
+            Ok(response) => {
+                let value: u64 = std::str::from_utf8(response.body()).unwrap().parse().unwrap();
+                let mut acked = acked.borrow_mut();
+                let top = acked.counters.entry(name).or_default();
+                *top = (*top).max(value);
+            }
+            Err(_) => return,
+        }
+        let id = worker * 1_000_000 + n;
+        let txn = format!(
+            r#"{{"ops": [{{"op": "put", "key": "a/{id}", "value": "{id}"}}, {{"op": "put", "key": "b/{id}", "value": "{id}"}}]}}"#
+        );
+        match fetch_by_name(&host, "kv", "txns", "POST", "/txn", txn.as_bytes()).await {
+            Ok(response) if response.status() == 200 => acked.borrow_mut().txns.push(id),
+            Ok(response) => panic!("txn answered {}", response.status()),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Checks the restarted server holds everything acknowledged, and whole transactions only.
+async fn check(addr: SocketAddr, acked: &Acknowledged) {
+    let host = connect(addr).await.unwrap();
+    for (name, value) in &acked.counters {
+        let response = fetch_by_name(&host, "counter", name, "GET", "/", b"").await.unwrap();
+        let stored: u64 = std::str::from_utf8(response.body()).unwrap().parse().unwrap();
+        assert!(stored >= *value, "counter {name}: acknowledged {value}, found {stored}");
+    }
+    let list = |prefix: &str| {
+        let host = host.clone();
+        let path = format!("/list?prefix={prefix}");
+        async move {
+            let response = fetch_by_name(&host, "kv", "txns", "GET", &path, b"").await.unwrap();
+            let entries: Vec<serde_json::Value> = serde_json::from_slice(response.body()).unwrap();
+            entries
+                .iter()
+                .map(|e| e["key"].as_str().unwrap()[2..].parse::<u64>().unwrap())
+                .collect::<std::collections::BTreeSet<u64>>()
+        }
+    };
+    let (a, b) = (list("a/").await, list("b/").await);
+    assert_eq!(a, b, "a transaction was half-applied");
+    for id in &acked.txns {
+        assert!(a.contains(id), "acknowledged transaction {id} is lost");
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = Rc::new(RefCell::new(Acknowledged::default()));
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ std::process::id() as u64;
+    println!("seed {seed}");
+    for round in 0..rounds() {
+        let mut served = serve(dir.path());
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let kill_after = Duration::from_millis(30 + seed % 250);
+        run_local(async {
+            check(served.addr, &acked.borrow()).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let workers: Vec<_> = (0..4)
+                .map(|w| tokio::task::spawn_local(load(served.addr, w + 10 * round as u64, acked.clone(), deadline)))
+                .collect();
+            tokio::time::sleep(kill_after).await;
+            // SIGKILL: no chance to flush or say goodbye.
+            served.child.kill().expect("killing duro serve");
+            for worker in workers {
+                worker.await.unwrap();
+            }
+        });
+        served.child.wait().unwrap();
+    }
+    let mut served = serve(dir.path());
+    run_local(check(served.addr, &acked.borrow()));
+    assert!(!acked.borrow().txns.is_empty(), "the load acknowledged nothing");
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+}
