@@ -1,0 +1,514 @@
+//! The built-in `kv` class, over a real Cap'n Proto connection on loopback.
+
+use duro::Server;
+use duro::duro_capnp::host;
+use duro::testing::{TestServer, fetch_by_name, run_local};
+use serde_json::{Value, json};
+
+fn start() -> TestServer {
+    TestServer::start(Server::builder().builtins())
+}
+
+/// One request to the `kv` object named "store": (status, body).
+async fn call(host: &host::Client, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let response = fetch_by_name(host, "kv", "store", method, path, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (response.status().as_u16(), response.body().to_vec())
+}
+
+/// `GET path`, expecting 200 and a JSON body.
+async fn get_json(host: &host::Client, path: &str) -> Value {
+    let (status, body) = call(host, "GET", path, b"").await;
+    assert_eq!(
+        status,
+        200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).expect("a JSON body")
+}
+
+/// The keys `GET /list?{query}` answers, in order (UTF-8 keys only).
+async fn list_keys(host: &host::Client, query: &str) -> Vec<String> {
+    let entries = get_json(host, &format!("/list?{query}")).await;
+    let entries = entries.as_array().expect("an array");
+    entries
+        .iter()
+        .map(|e| e["key"].as_str().expect("a UTF-8 key").to_owned())
+        .collect()
+}
+
+async fn post_txn(host: &host::Client, txn: &Value) -> (u16, Vec<u8>) {
+    call(host, "POST", "/txn", txn.to_string().as_bytes()).await
+}
+
+/// Asserts a refusal: the status, and that the message names `rule`.
+fn assert_refused((status, body): (u16, Vec<u8>), expected: u16, rule: &str) {
+    let message = String::from_utf8_lossy(&body);
+    assert_eq!(status, expected, "{message}");
+    assert!(message.contains(rule), "{message:?} should name {rule}");
+}
+
+#[test]
+fn put_get_delete() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        assert_eq!(call(&host, "GET", "/k/greeting", b"").await.0, 404);
+        assert_eq!(
+            call(&host, "PUT", "/k/greeting", b"hello").await,
+            (204, vec![])
+        );
+        assert_eq!(
+            call(&host, "GET", "/k/greeting", b"").await,
+            (200, b"hello".to_vec())
+        );
+        assert_eq!(call(&host, "PUT", "/k/greeting", b"").await.0, 204);
+        assert_eq!(call(&host, "GET", "/k/greeting", b"").await, (200, vec![]));
+        assert_eq!(
+            call(&host, "DELETE", "/k/greeting", b"").await,
+            (200, b"true".to_vec())
+        );
+        assert_eq!(call(&host, "GET", "/k/greeting", b"").await.0, 404);
+        assert_eq!(
+            call(&host, "DELETE", "/k/greeting", b"").await,
+            (200, b"false".to_vec())
+        );
+
+        // Another object of the namespace has storage of its own.
+        call(&host, "PUT", "/k/mine", b"1").await;
+        let other = fetch_by_name(&host, "kv", "other", "GET", "/k/mine", b"")
+            .await
+            .unwrap();
+        assert_eq!(other.status().as_u16(), 404);
+    });
+}
+
+#[test]
+fn other_routes_and_methods() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        for path in ["/", "/k", "/kk/a", "/lists", "/txn/x"] {
+            assert_eq!(call(&host, "GET", path, b"").await.0, 404, "GET {path}");
+        }
+        assert_eq!(call(&host, "POST", "/k/a", b"x").await.0, 405);
+        assert_eq!(call(&host, "PUT", "/list", b"").await.0, 405);
+        assert_eq!(call(&host, "GET", "/txn", b"").await.0, 405);
+        assert_eq!(
+            call(&host, "GET", "/k/a", b"").await.0,
+            404,
+            "the POST stored nothing"
+        );
+    });
+}
+
+#[test]
+fn keys_are_the_percent_decoded_rest_of_the_path() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        assert_eq!(call(&host, "PUT", "/k/dir/sub/file", b"slash").await.0, 204);
+        assert_eq!(
+            call(&host, "GET", "/k/dir%2Fsub%2ffile", b"").await,
+            (200, b"slash".to_vec())
+        );
+        call(&host, "PUT", "/k/nul%00byte", b"nul").await;
+        call(&host, "PUT", "/k/%E2%9C%93", b"check").await;
+        call(&host, "PUT", "/k/sp%20ace+plus", b"space").await;
+        call(&host, "PUT", "/k/raw%FF", b"not utf-8").await;
+        assert_eq!(
+            call(&host, "GET", "/k/nul%00byte", b"").await,
+            (200, b"nul".to_vec())
+        );
+        assert_eq!(call(&host, "GET", "/k/nul", b"").await.0, 404);
+        assert_eq!(
+            call(&host, "GET", "/k/%e2%9c%93", b"").await,
+            (200, b"check".to_vec())
+        );
+        assert_eq!(call(&host, "GET", "/k/%FF", b"").await.0, 404);
+
+        // The stored keys are the decoded bytes, in byte order.
+        let entries = get_json(&host, "/list").await;
+        assert_eq!(
+            entries,
+            json!([
+                {"key": "dir/sub/file", "value": "slash"},
+                {"key": "nul\u{0}byte", "value": "nul"},
+                {"key_base64": "cmF3/w==", "value": "not utf-8"},
+                {"key": "sp ace+plus", "value": "space"},
+                {"key": "\u{2713}", "value": "check"},
+            ])
+        );
+        assert_eq!(
+            call(&host, "DELETE", "/k/raw%ff", b"").await,
+            (200, b"true".to_vec())
+        );
+        assert_eq!(
+            call(&host, "DELETE", "/k/dir%2Fsub/file", b"").await,
+            (200, b"true".to_vec())
+        );
+        assert_eq!(
+            list_keys(&host, "").await,
+            ["nul\u{0}byte", "sp ace+plus", "\u{2713}"]
+        );
+    });
+}
+
+#[test]
+fn list_with_every_option() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        for key in ["a", "b", "c", "d", "p/1", "p/2", "p/3", "q"] {
+            let value = format!("value of {key}");
+            assert_eq!(
+                call(&host, "PUT", &format!("/k/{key}"), value.as_bytes())
+                    .await
+                    .0,
+                204
+            );
+        }
+        let all = get_json(&host, "/list").await;
+        assert_eq!(all.as_array().unwrap().len(), 8);
+        assert_eq!(all[4], json!({"key": "p/1", "value": "value of p/1"}));
+
+        let cases: &[(&str, &[&str])] = &[
+            ("", &["a", "b", "c", "d", "p/1", "p/2", "p/3", "q"]),
+            ("start=b", &["b", "c", "d", "p/1", "p/2", "p/3", "q"]),
+            ("startAfter=b", &["c", "d", "p/1", "p/2", "p/3", "q"]),
+            ("end=c", &["a", "b"]),
+            ("start=b&end=d", &["b", "c"]),
+            ("startAfter=a&end=c&reverse=true", &["b"]),
+            ("limit=3", &["a", "b", "c"]),
+            ("reverse=true&limit=2", &["q", "p/3"]),
+            ("reverse=false&limit=1", &["a"]),
+            ("prefix=p/", &["p/1", "p/2", "p/3"]),
+            ("prefix=p%2F&reverse=true&limit=2", &["p/3", "p/2"]),
+            ("prefix=p%2f&startAfter=p%2F1", &["p/2", "p/3"]),
+            ("prefix=p&end=p%2F3&reverse=true", &["p/2", "p/1"]),
+            ("prefix=x", &[]),
+            ("start=", &["a", "b", "c", "d", "p/1", "p/2", "p/3", "q"]),
+            ("limit=100", &["a", "b", "c", "d", "p/1", "p/2", "p/3", "q"]),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(list_keys(&host, query).await, *expected, "/list?{query}");
+        }
+
+        let refused = |query: &'static str| call(&host, "GET", query, b"");
+        assert_refused(
+            refused("/list?start=a&startAfter=b").await,
+            400,
+            "start_after",
+        );
+        assert_refused(refused("/list?limit=0").await, 400, "limit");
+        assert_refused(refused("/list?limit=ten").await, 400, "limit");
+        assert_refused(refused("/list?limit=-1").await, 400, "limit");
+        assert_refused(refused("/list?reverse=yes").await, 400, "reverse");
+        assert_refused(refused("/list?reverse").await, 400, "reverse");
+        assert_refused(refused("/list?start_after=a").await, 400, "start_after");
+    });
+}
+
+#[test]
+fn values_that_are_not_utf8_come_as_base64() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        let bytes = [0xff, 0x00, 0xfe, b'a'];
+        assert_eq!(call(&host, "PUT", "/k/bin", &bytes).await.0, 204);
+        assert_eq!(
+            call(&host, "GET", "/k/bin", b"").await,
+            (200, bytes.to_vec())
+        );
+        call(&host, "PUT", "/k/text", "caf\u{e9}".as_bytes()).await;
+        assert_eq!(
+            get_json(&host, "/list").await,
+            json!([{"key": "bin", "value_base64": "/wD+YQ=="}, {"key": "text", "value": "café"}])
+        );
+        let (status, body) = post_txn(&host, &json!({"ops": [{"op": "get", "key": "bin"}]})).await;
+        assert_eq!(status, 200);
+        let reads: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(reads, json!([{"value_base64": "/wD+YQ=="}]));
+    });
+}
+
+#[test]
+fn transaction_applies_ops_in_order_and_answers_the_reads() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        call(&host, "PUT", "/k/x", b"1").await;
+        let txn = json!({
+            "if": [{"key": "x", "equals": "1"}, {"key": "absent", "equals": null}],
+            "ops": [
+                {"op": "get", "key": "x"},
+                {"op": "put", "key": "y", "value": "2"},
+                {"op": "get", "key": "y"},
+                {"op": "delete", "key": "x"},
+                {"op": "get", "key": "x"},
+                {"op": "put", "key": "y", "value": "3"},
+                {"op": "get", "key": "y"},
+                {"op": "get", "key": "absent"},
+            ],
+        });
+        let (status, body) = post_txn(&host, &txn).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let reads: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(reads, json!(["1", "2", null, "3", null]));
+        assert_eq!(call(&host, "GET", "/k/x", b"").await.0, 404);
+        assert_eq!(call(&host, "GET", "/k/y", b"").await, (200, b"3".to_vec()));
+
+        // No conditions and no reads: an empty array; `if` and `ops` may be left out.
+        let (status, body) = post_txn(
+            &host,
+            &json!({"ops": [{"op": "put", "key": "z", "value": "zz"}]}),
+        )
+        .await;
+        assert_eq!((status, body), (200, b"[]".to_vec()));
+        assert_eq!(call(&host, "GET", "/k/z", b"").await, (200, b"zz".to_vec()));
+        let (status, body) = post_txn(&host, &json!({"if": [{"key": "z", "equals": "zz"}]})).await;
+        assert_eq!((status, body), (200, b"[]".to_vec()));
+    });
+}
+
+#[test]
+fn failed_condition_changes_nothing() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        call(&host, "PUT", "/k/a", b"1").await;
+        let ops = json!([
+            {"op": "put", "key": "a", "value": "changed"},
+            {"op": "delete", "key": "a"},
+            {"op": "put", "key": "b", "value": "new"},
+            {"op": "get", "key": "a"},
+        ]);
+        let failing = [
+            json!([{"key": "a", "equals": "2"}]),
+            json!([{"key": "a", "equals": null}]),
+            json!([{"key": "b", "equals": "1"}]),
+            json!([{"key": "b", "equals": null}, {"key": "a", "equals": "1 "}]),
+        ];
+        for conditions in failing {
+            let (status, body) = post_txn(&host, &json!({"if": conditions, "ops": ops})).await;
+            assert_eq!(
+                status,
+                409,
+                "if {conditions}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert_eq!(call(&host, "GET", "/k/a", b"").await, (200, b"1".to_vec()));
+            assert_eq!(call(&host, "GET", "/k/b", b"").await.0, 404);
+        }
+        assert_eq!(
+            get_json(&host, "/list").await,
+            json!([{"key": "a", "value": "1"}])
+        );
+
+        // The same ops succeed once the conditions hold.
+        let conditions = json!([{"key": "a", "equals": "1"}, {"key": "b", "equals": null}]);
+        let (status, body) = post_txn(&host, &json!({"if": conditions, "ops": ops})).await;
+        assert_eq!((status, body), (200, b"[null]".to_vec()));
+        assert_eq!(
+            get_json(&host, "/list").await,
+            json!([{"key": "b", "value": "new"}])
+        );
+    });
+}
+
+#[test]
+fn malformed_transactions_are_refused() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        call(&host, "PUT", "/k/a", b"1").await;
+        let put_b = json!({"op": "put", "key": "b", "value": "x"});
+        let bad: Vec<Vec<u8>> = vec![
+            b"{".to_vec(),
+            b"".to_vec(),
+            b"[]".to_vec(),
+            json!({"ops": [put_b, {"op": "increment", "key": "a"}]})
+                .to_string()
+                .into(),
+            json!({"ops": [put_b, {"op": "put", "key": "a"}]})
+                .to_string()
+                .into(),
+            json!({"ops": [put_b, {"op": "put", "key": "a", "value": 5}]})
+                .to_string()
+                .into(),
+            json!({"ops": [put_b, {"key": "a"}]}).to_string().into(),
+            json!({"ops": [put_b, {"op": "get", "key": "a", "extra": 1}]})
+                .to_string()
+                .into(),
+            // A misspelt `if` must not run the ops unconditionally.
+            json!({"iff": [{"key": "a", "equals": "2"}], "ops": [put_b]})
+                .to_string()
+                .into(),
+            // `equals` is required: null must be said.
+            json!({"if": [{"key": "b"}], "ops": [put_b]})
+                .to_string()
+                .into(),
+        ];
+        for body in bad {
+            let (status, answer) = call(&host, "POST", "/txn", &body).await;
+            let (body, answer) = (
+                String::from_utf8_lossy(&body),
+                String::from_utf8_lossy(&answer),
+            );
+            assert_eq!(status, 400, "{body} got {answer}");
+        }
+        assert_eq!(
+            get_json(&host, "/list").await,
+            json!([{"key": "a", "value": "1"}])
+        );
+
+        // At most batch_keys_max (128) ops.
+        let ops = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| json!({"op": "put", "key": format!("k{i:03}"), "value": "v"}))
+                .collect()
+        };
+        assert_refused(
+            post_txn(&host, &json!({"ops": ops(129)})).await,
+            400,
+            "batch_keys_max",
+        );
+        assert_eq!(list_keys(&host, "").await, ["a"]);
+        assert_eq!(post_txn(&host, &json!({"ops": ops(128)})).await.0, 200);
+        assert_eq!(list_keys(&host, "prefix=k").await.len(), 128);
+    });
+}
+
+#[test]
+fn keys_and_values_over_the_limits_are_refused() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        let long_key = "k".repeat(2049);
+        let path = format!("/k/{long_key}");
+        assert_refused(call(&host, "PUT", &path, b"v").await, 400, "key_bytes_max");
+        assert_refused(call(&host, "GET", &path, b"").await, 400, "key_bytes_max");
+        assert_refused(
+            call(&host, "DELETE", &path, b"").await,
+            400,
+            "key_bytes_max",
+        );
+        assert_eq!(list_keys(&host, "").await, Vec::<String>::new());
+        // The limit counts decoded bytes: 2048 of them is fine.
+        let max_key = "%41".repeat(2048);
+        assert_eq!(
+            call(&host, "PUT", &format!("/k/{max_key}"), b"v").await.0,
+            204
+        );
+        assert_eq!(list_keys(&host, "").await, ["A".repeat(2048)]);
+
+        let big = vec![b'v'; 32 * 1024 + 1];
+        assert_refused(
+            call(&host, "PUT", "/k/big", &big).await,
+            413,
+            "value_bytes_max",
+        );
+        assert_eq!(call(&host, "GET", "/k/big", b"").await.0, 404);
+        let max = vec![b'v'; 32 * 1024];
+        assert_eq!(call(&host, "PUT", "/k/big", &max).await.0, 204);
+        assert_eq!(call(&host, "GET", "/k/big", b"").await, (200, max.clone()));
+        // A refused overwrite keeps the old value.
+        assert_refused(
+            call(&host, "PUT", "/k/big", &big).await,
+            413,
+            "value_bytes_max",
+        );
+        assert_eq!(call(&host, "GET", "/k/big", b"").await, (200, max));
+
+        // In a transaction: refused, and its other ops are not applied either.
+        let first = json!({"op": "put", "key": "first", "value": "1"});
+        let big_value = json!({"op": "put", "key": "x", "value": "v".repeat(32 * 1024 + 1)});
+        let txn = json!({"ops": [first, big_value]});
+        assert_refused(post_txn(&host, &txn).await, 413, "value_bytes_max");
+        let long = json!({"op": "put", "key": long_key, "value": "v"});
+        assert_refused(
+            post_txn(&host, &json!({"ops": [first, long]})).await,
+            400,
+            "key_bytes_max",
+        );
+        let get_long = json!({"op": "get", "key": long_key});
+        assert_refused(
+            post_txn(&host, &json!({"ops": [first, get_long]})).await,
+            400,
+            "key_bytes_max",
+        );
+        assert_eq!(call(&host, "GET", "/k/first", b"").await.0, 404);
+        assert_eq!(list_keys(&host, "").await.len(), 2);
+    });
+}
+
+#[test]
+fn data_persists_across_a_restart() {
+    let server = start();
+    let bytes = [0u8, 159, 146, 150];
+    run_local(async {
+        let host = server.connect().await;
+        call(&host, "PUT", "/k/a/b", b"slash").await;
+        call(&host, "PUT", "/k/bin", &bytes).await;
+        call(&host, "PUT", "/k/gone", b"x").await;
+        call(&host, "DELETE", "/k/gone", b"").await;
+        let txn = json!({"ops": [{"op": "put", "key": "t", "value": "from txn"}]});
+        assert_eq!(post_txn(&host, &txn).await.0, 200);
+    });
+    let dir = server.stop();
+    let server = TestServer::start_in(Server::builder().builtins(), dir);
+    run_local(async {
+        let host = server.connect().await;
+        assert_eq!(
+            call(&host, "GET", "/k/a%2Fb", b"").await,
+            (200, b"slash".to_vec())
+        );
+        assert_eq!(
+            call(&host, "GET", "/k/bin", b"").await,
+            (200, bytes.to_vec())
+        );
+        assert_eq!(call(&host, "GET", "/k/gone", b"").await.0, 404);
+        assert_eq!(
+            call(&host, "GET", "/k/t", b"").await,
+            (200, b"from txn".to_vec())
+        );
+        assert_eq!(list_keys(&host, "").await.len(), 3);
+    });
+}
+
+/// Ranges that hold no key, such as a start past the end, answer an empty list.
+///
+/// Ignored: the storage layer panics on them (and resets the object) while the object's cache
+/// holds entries, because `ObjectStore::range` (src/storage/store.rs) passes the bounds to
+/// `BTreeMap::range`, which panics when start > end or both are the same excluded key.
+/// Run it with `cargo test --test kv -- --ignored`; remove the `ignore` once fixed.
+#[test]
+#[ignore = "storage bug: BTreeMap::range panics on an empty range (src/storage/store.rs:292)"]
+fn empty_ranges_answer_an_empty_list() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        // Written by this activation, so the keys are in its cache.
+        for key in ["a", "b", "c", "d", "p/1", "q"] {
+            assert_eq!(call(&host, "PUT", &format!("/k/{key}"), b"v").await.0, 204);
+        }
+        let queries = [
+            "start=d&end=b",
+            "start=b&end=b",
+            "startAfter=b&end=b",
+            "startAfter=b&end=c",
+            "prefix=p%2F&start=q",
+            "prefix=p%2F&end=a",
+            "start=d&end=b&reverse=true",
+        ];
+        for query in queries {
+            assert_eq!(
+                list_keys(&host, query).await,
+                Vec::<String>::new(),
+                "/list?{query}"
+            );
+        }
+    });
+}
