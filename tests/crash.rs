@@ -13,7 +13,10 @@ use duro::testing::{connect, fetch_by_name, run_local};
 
 /// Rounds of kill and restart. `DURO_CRASH_ROUNDS` raises it for a longer run.
 fn rounds() -> u32 {
-    std::env::var("DURO_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10)
+    std::env::var("DURO_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10)
 }
 
 struct Served {
@@ -31,7 +34,9 @@ fn serve(data: &std::path::Path) -> Served {
         .expect("starting duro serve");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reading the listen line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the listen line");
     let addr = line
         .trim()
         .strip_prefix("duro listening on ")
@@ -42,7 +47,7 @@ fn serve(data: &std::path::Path) -> Served {
 }
 
 /// What the clients were told is durable.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Acknowledged {
     /// Counter name → the highest value a POST answered.
     counters: BTreeMap<String, u64>,
@@ -52,14 +57,19 @@ struct Acknowledged {
 
 /// Drives increments and two-key transactions until the connection dies or `deadline`.
 async fn load(addr: SocketAddr, worker: u64, acked: Rc<RefCell<Acknowledged>>, deadline: Instant) {
-    let Ok(host) = connect(addr).await else { return };
+    let Ok(host) = connect(addr).await else {
+        return;
+    };
     let mut n = 0u64;
     while Instant::now() < deadline && n < 100_000 {
         n += 1;
         let name = format!("c{}", (worker * 7 + n) % 16);
         match fetch_by_name(&host, "counter", &name, "POST", "/", b"").await {
             Ok(response) => {
-                let value: u64 = std::str::from_utf8(response.body()).unwrap().parse().unwrap();
+                let value: u64 = std::str::from_utf8(response.body())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 let mut acked = acked.borrow_mut();
                 let top = acked.counters.entry(name).or_default();
                 *top = (*top).max(value);
@@ -82,15 +92,25 @@ async fn load(addr: SocketAddr, worker: u64, acked: Rc<RefCell<Acknowledged>>, d
 async fn check(addr: SocketAddr, acked: &Acknowledged) {
     let host = connect(addr).await.unwrap();
     for (name, value) in &acked.counters {
-        let response = fetch_by_name(&host, "counter", name, "GET", "/", b"").await.unwrap();
-        let stored: u64 = std::str::from_utf8(response.body()).unwrap().parse().unwrap();
-        assert!(stored >= *value, "counter {name}: acknowledged {value}, found {stored}");
+        let response = fetch_by_name(&host, "counter", name, "GET", "/", b"")
+            .await
+            .unwrap();
+        let stored: u64 = std::str::from_utf8(response.body())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            stored >= *value,
+            "counter {name}: acknowledged {value}, found {stored}"
+        );
     }
     let list = |prefix: &str| {
         let host = host.clone();
         let path = format!("/list?prefix={prefix}");
         async move {
-            let response = fetch_by_name(&host, "kv", "txns", "GET", &path, b"").await.unwrap();
+            let response = fetch_by_name(&host, "kv", "txns", "GET", &path, b"")
+                .await
+                .unwrap();
             let entries: Vec<serde_json::Value> = serde_json::from_slice(response.body()).unwrap();
             entries
                 .iter()
@@ -118,10 +138,18 @@ fn acknowledged_writes_survive_sigkill() {
         seed ^= seed << 17;
         let kill_after = Duration::from_millis(30 + seed % 250);
         run_local(async {
-            check(served.addr, &acked.borrow()).await;
+            let snapshot = acked.borrow().clone();
+            check(served.addr, &snapshot).await;
             let deadline = Instant::now() + Duration::from_secs(5);
             let workers: Vec<_> = (0..4)
-                .map(|w| tokio::task::spawn_local(load(served.addr, w + 10 * round as u64, acked.clone(), deadline)))
+                .map(|w| {
+                    tokio::task::spawn_local(load(
+                        served.addr,
+                        w + 10 * round as u64,
+                        acked.clone(),
+                        deadline,
+                    ))
+                })
                 .collect();
             tokio::time::sleep(kill_after).await;
             // SIGKILL: no chance to flush or say goodbye.
@@ -133,8 +161,12 @@ fn acknowledged_writes_survive_sigkill() {
         served.child.wait().unwrap();
     }
     let mut served = serve(dir.path());
-    run_local(check(served.addr, &acked.borrow()));
-    assert!(!acked.borrow().txns.is_empty(), "the load acknowledged nothing");
+    let snapshot = acked.borrow().clone();
+    run_local(check(served.addr, &snapshot));
+    assert!(
+        !acked.borrow().txns.is_empty(),
+        "the load acknowledged nothing"
+    );
     served.child.kill().unwrap();
     served.child.wait().unwrap();
 }

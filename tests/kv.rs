@@ -478,14 +478,9 @@ fn data_persists_across_a_restart() {
     });
 }
 
-/// Ranges that hold no key, such as a start past the end, answer an empty list.
-///
-/// Ignored: the storage layer panics on them (and resets the object) while the object's cache
-/// holds entries, because `ObjectStore::range` (src/storage/store.rs) passes the bounds to
-/// `BTreeMap::range`, which panics when start > end or both are the same excluded key.
-/// Run it with `cargo test --test kv -- --ignored`; remove the `ignore` once fixed.
+/// Ranges that hold no key, such as a start past the end, answer an empty list (also while
+/// the object's cache holds entries in and around the range).
 #[test]
-#[ignore = "storage bug: BTreeMap::range panics on an empty range (src/storage/store.rs:292)"]
 fn empty_ranges_answer_an_empty_list() {
     let server = start();
     run_local(async {

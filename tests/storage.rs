@@ -49,7 +49,10 @@ fn opts(f: impl FnOnce(&mut ListOptions)) -> ListOptions {
 }
 
 fn keys(entries: &[(Vec<u8>, u32)]) -> Vec<String> {
-    entries.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect()
+    entries
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect()
 }
 
 #[test]
@@ -58,16 +61,34 @@ fn values_keep_their_type_and_raw_bytes_stay_raw() {
     run_local(async {
         let host = probe_builder(dir.path()).open_host().unwrap();
         let s = probe(&host, "types");
-        let nested: BTreeMap<String, Vec<Option<i64>>> = [("a".into(), vec![Some(-1), None])].into();
+        let nested: BTreeMap<String, Vec<Option<i64>>> =
+            [("a".into(), vec![Some(-1), None])].into();
         s.put("map", &nested).await.unwrap();
         s.put("text", "hello").await.unwrap();
         s.put_bytes("raw", b"\x00\xff").await.unwrap();
-        assert_eq!(s.get::<BTreeMap<String, Vec<Option<i64>>>>("map").await.unwrap(), Some(nested));
-        assert_eq!(s.get::<String>("text").await.unwrap().as_deref(), Some("hello"));
-        assert_eq!(s.get_bytes("raw").await.unwrap().unwrap().as_ref(), b"\x00\xff");
+        assert_eq!(
+            s.get::<BTreeMap<String, Vec<Option<i64>>>>("map")
+                .await
+                .unwrap(),
+            Some(nested)
+        );
+        assert_eq!(
+            s.get::<String>("text").await.unwrap().as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            s.get_bytes("raw").await.unwrap().unwrap().as_ref(),
+            b"\x00\xff"
+        );
         assert_eq!(s.get::<String>("missing").await.unwrap(), None);
-        assert!(matches!(s.get::<u64>("text").await, Err(StorageError::Decode(_))));
-        assert!(matches!(s.get::<String>("raw").await, Err(StorageError::Decode(_))));
+        assert!(matches!(
+            s.get::<u64>("text").await,
+            Err(StorageError::Decode(_))
+        ));
+        assert!(matches!(
+            s.get::<String>("raw").await,
+            Err(StorageError::Decode(_))
+        ));
         host.shutdown().await;
     });
 }
@@ -78,13 +99,18 @@ fn batched_calls_and_delete_report_what_existed() {
     run_local(async {
         let host = probe_builder(dir.path()).open_host().unwrap();
         let s = probe(&host, "batch");
-        s.put_many(&[("a", 1u32), ("b", 2), ("c", 3)]).await.unwrap();
+        s.put_many(&[("a", 1u32), ("b", 2), ("c", 3)])
+            .await
+            .unwrap();
         let found: BTreeMap<Vec<u8>, u32> = s.get_many(&["a", "c", "zz"]).await.unwrap();
         assert_eq!(found, [(b"a".to_vec(), 1), (b"c".to_vec(), 3)].into());
         assert!(s.delete("a").await.unwrap());
         assert!(!s.delete("a").await.unwrap());
         assert_eq!(s.delete_many(&["b", "c", "zz"]).await.unwrap(), 2);
-        assert_eq!(s.list::<u32>(&ListOptions::default()).await.unwrap(), vec![]);
+        assert_eq!(
+            s.list::<u32>(&ListOptions::default()).await.unwrap(),
+            vec![]
+        );
         host.shutdown().await;
     });
 }
@@ -100,17 +126,38 @@ fn limits_refuse_the_call_and_write_nothing() {
         s.put_bytes(&key_ok, b"v").await.unwrap();
         assert_eq!(
             s.put_bytes(&key_long, b"v").await,
-            Err(StorageError::KeyTooLarge { len: 2049, max: 2048 })
+            Err(StorageError::KeyTooLarge {
+                len: 2049,
+                max: 2048
+            })
         );
-        assert!(matches!(s.get::<u8>(&key_long).await, Err(StorageError::KeyTooLarge { .. })));
+        assert!(matches!(
+            s.get::<u8>(&key_long).await,
+            Err(StorageError::KeyTooLarge { .. })
+        ));
         s.put_bytes("big", &vec![7; 32 * 1024]).await.unwrap();
         let too_big = s.put_bytes("bigger", &vec![7; 32 * 1024 + 1]).await;
-        assert_eq!(too_big, Err(StorageError::ValueTooLarge { len: 32 * 1024 + 1, max: 32 * 1024 }));
+        assert_eq!(
+            too_big,
+            Err(StorageError::ValueTooLarge {
+                len: 32 * 1024 + 1,
+                max: 32 * 1024
+            })
+        );
         assert_eq!(s.get_bytes("bigger").await.unwrap(), None);
         let many: Vec<(String, u8)> = (0..129).map(|i| (format!("m{i}"), 1)).collect();
-        assert_eq!(s.put_many(&many).await, Err(StorageError::TooManyKeys { count: 129, max: 128 }));
+        assert_eq!(
+            s.put_many(&many).await,
+            Err(StorageError::TooManyKeys {
+                count: 129,
+                max: 128
+            })
+        );
         // One bad entry in a batch writes none of it.
-        let mixed = vec![("fine".to_string(), vec![1u8]), (key_long.clone(), vec![1u8])];
+        let mixed = vec![
+            ("fine".to_string(), vec![1u8]),
+            (key_long.clone(), vec![1u8]),
+        ];
         assert!(s.put_many(&mixed).await.is_err());
         assert_eq!(s.get::<Vec<u8>>("fine").await.unwrap(), None);
         assert_eq!(s.get::<u8>("m0").await.unwrap(), None);
@@ -121,10 +168,19 @@ fn limits_refuse_the_call_and_write_nothing() {
     forget_probes();
     // The limits are configurable.
     run_local(async {
-        let limits = Limits { key_bytes_max: 4, ..Limits::default() };
-        let host = probe_builder(dir.path()).storage_limits(limits).open_host().unwrap();
+        let limits = Limits {
+            key_bytes_max: 4,
+            ..Limits::default()
+        };
+        let host = probe_builder(dir.path())
+            .storage_limits(limits)
+            .open_host()
+            .unwrap();
         let s = probe(&host, "limits");
-        assert!(matches!(s.put("12345", &1).await, Err(StorageError::KeyTooLarge { max: 4, .. })));
+        assert!(matches!(
+            s.put("12345", &1).await,
+            Err(StorageError::KeyTooLarge { max: 4, .. })
+        ));
         host.shutdown().await;
     });
 }
@@ -144,10 +200,22 @@ fn list_options_select_the_range_in_order() {
             async move { keys(&s.list::<u32>(&o).await.unwrap()) }
         };
         assert_eq!(list(opts(|_| {})).await, ["a", "b", "ba", "bb", "c", "d"]);
-        assert_eq!(list(opts(|o| o.start = Some(b"b".into()))).await, ["b", "ba", "bb", "c", "d"]);
-        assert_eq!(list(opts(|o| o.start_after = Some(b"b".into()))).await, ["ba", "bb", "c", "d"]);
-        assert_eq!(list(opts(|o| o.end = Some(b"c".into()))).await, ["a", "b", "ba", "bb"]);
-        assert_eq!(list(opts(|o| o.prefix = Some(b"b".into()))).await, ["b", "ba", "bb"]);
+        assert_eq!(
+            list(opts(|o| o.start = Some(b"b".into()))).await,
+            ["b", "ba", "bb", "c", "d"]
+        );
+        assert_eq!(
+            list(opts(|o| o.start_after = Some(b"b".into()))).await,
+            ["ba", "bb", "c", "d"]
+        );
+        assert_eq!(
+            list(opts(|o| o.end = Some(b"c".into()))).await,
+            ["a", "b", "ba", "bb"]
+        );
+        assert_eq!(
+            list(opts(|o| o.prefix = Some(b"b".into()))).await,
+            ["b", "ba", "bb"]
+        );
         let reversed = opts(|o| {
             o.prefix = Some(b"b".into());
             o.reverse = true;
@@ -158,9 +226,15 @@ fn list_options_select_the_range_in_order() {
             o.start = Some(b"a".into());
             o.start_after = Some(b"a".into());
         });
-        assert!(matches!(s.list::<u32>(&both).await, Err(StorageError::InvalidList(_))));
+        assert!(matches!(
+            s.list::<u32>(&both).await,
+            Err(StorageError::InvalidList(_))
+        ));
         let zero = opts(|o| o.limit = Some(0));
-        assert!(matches!(s.list::<u32>(&zero).await, Err(StorageError::InvalidList(_))));
+        assert!(matches!(
+            s.list::<u32>(&zero).await,
+            Err(StorageError::InvalidList(_))
+        ));
         host.shutdown().await;
     });
 }
@@ -196,12 +270,18 @@ impl Rng {
 /// evict, so entries come from the cache, from LMDB, and from both merged.
 #[test]
 fn storage_matches_a_model_through_cache_evictions_and_restarts() {
-    let seed = std::env::var("DURO_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_u64);
+    let seed = std::env::var("DURO_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234_u64);
     println!("seed {seed} (set DURO_SEED to repeat)");
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(seed);
     let mut model: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
-    let limits = Limits { cache_bytes_max: 4096, ..Limits::default() };
+    let limits = Limits {
+        cache_bytes_max: 4096,
+        ..Limits::default()
+    };
     for _restart in 0..4 {
         let builder = probe_builder(dir.path()).storage_limits(limits.clone());
         run_local(async {
@@ -223,7 +303,12 @@ fn forget_probes() {
     PROBES.with(|p| p.borrow_mut().clear());
 }
 
-async fn apply_random_step(s: &Storage, rng: &mut Rng, model: &mut BTreeMap<Vec<u8>, u32>, step: u32) {
+async fn apply_random_step(
+    s: &Storage,
+    rng: &mut Rng,
+    model: &mut BTreeMap<Vec<u8>, u32>,
+    step: u32,
+) {
     match rng.below(20) {
         0..=8 => {
             let key = rng.key();
@@ -310,7 +395,9 @@ fn transactions_commit_whole_or_not_at_all() {
                 txn.put("balance/b", &5u32).await?;
                 txn.delete("balance/a").await?;
                 let b = txn.get::<u32>("balance/b").await?;
-                let listed = txn.list::<u32>(&opts(|o| o.prefix = Some(b"balance/".into()))).await?;
+                let listed = txn
+                    .list::<u32>(&opts(|o| o.prefix = Some(b"balance/".into())))
+                    .await?;
                 Ok::<_, StorageError>((b, keys(&listed)))
             })
             .await
@@ -386,7 +473,10 @@ fn writes_are_durable_across_restarts_and_delete_all_is_too() {
         other.delete_all().await.unwrap();
         assert_eq!(other.get::<u32>("a").await.unwrap(), None, "hidden at once");
         other.put("after", &2u32).await.unwrap();
-        assert_eq!(keys(&other.list::<u32>(&ListOptions::default()).await.unwrap()), ["after"]);
+        assert_eq!(
+            keys(&other.list::<u32>(&ListOptions::default()).await.unwrap()),
+            ["after"]
+        );
         s.sync().await.unwrap();
         other.sync().await.unwrap();
         host.shutdown().await;
@@ -394,9 +484,15 @@ fn writes_are_durable_across_restarts_and_delete_all_is_too() {
     forget_probes();
     run_local(async {
         let host = probe_builder(dir.path()).open_host().unwrap();
-        assert_eq!(probe(&host, "durable").get::<u32>("keep").await.unwrap(), Some(1));
+        assert_eq!(
+            probe(&host, "durable").get::<u32>("keep").await.unwrap(),
+            Some(1)
+        );
         let other = probe(&host, "wiped");
-        assert_eq!(keys(&other.list::<u32>(&ListOptions::default()).await.unwrap()), ["after"]);
+        assert_eq!(
+            keys(&other.list::<u32>(&ListOptions::default()).await.unwrap()),
+            ["after"]
+        );
         host.shutdown().await;
     });
 }
@@ -424,7 +520,9 @@ impl DurableObject for Gatekeeper {
                     .await?;
             }
             "/fail-gate" => {
-                self.state.block_concurrency_while(async { Err::<(), _>("bad init") }).await?;
+                self.state
+                    .block_concurrency_while(async { Err::<(), _>("bad init") })
+                    .await?;
             }
             "/sleep" => tokio::time::sleep(Duration::from_millis(5)).await,
             _ => {}
@@ -463,8 +561,14 @@ fn block_concurrency_while_keeps_other_requests_out() {
         let held = log.iter().position(|e| e == "held").unwrap();
         let sleep_end = log.iter().position(|e| e == "end /sleep").unwrap();
         let after_start = log.iter().position(|e| e == "start /after").unwrap();
-        assert!(held < sleep_end, "a started handler does not resume while the gate is held: {log:?}");
-        assert!(held < after_start, "no new request is delivered while the gate is held: {log:?}");
+        assert!(
+            held < sleep_end,
+            "a started handler does not resume while the gate is held: {log:?}"
+        );
+        assert!(
+            held < after_start,
+            "no new request is delivered while the gate is held: {log:?}"
+        );
         // A failure inside the gate resets the object.
         let failed = stub.fetch(request("POST", "/fail-gate", b"")).await;
         assert!(matches!(failed, Err(Error::Disconnected(_))), "{failed:?}");
@@ -484,7 +588,9 @@ fn concurrent_increments_are_never_lost() {
             let host = server.connect().await;
             clients.push(tokio::task::spawn_local(async move {
                 for _ in 0..100 {
-                    fetch_by_name(&host, "counter", "hot", "POST", "/", b"").await.unwrap();
+                    fetch_by_name(&host, "counter", "hot", "POST", "/", b"")
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -492,7 +598,9 @@ fn concurrent_increments_are_never_lost() {
             client.await.unwrap();
         }
         let host = server.connect().await;
-        let value = fetch_by_name(&host, "counter", "hot", "GET", "/", b"").await.unwrap();
+        let value = fetch_by_name(&host, "counter", "hot", "GET", "/", b"")
+            .await
+            .unwrap();
         assert_eq!(value.body().as_ref(), b"6400");
     });
 }
@@ -515,7 +623,9 @@ fn a_response_waits_until_its_writes_are_durable() {
     let (server, faulty) = faulty_server();
     run_local(async {
         let host = server.connect().await;
-        fetch_by_name(&host, "counter", "gated", "POST", "/", b"").await.unwrap();
+        fetch_by_name(&host, "counter", "gated", "POST", "/", b"")
+            .await
+            .unwrap();
         let before = faulty.commits();
         faulty.hold();
         let pending = tokio::task::spawn_local({
@@ -531,7 +641,10 @@ fn a_response_waits_until_its_writes_are_durable() {
         }
         assert_eq!(faulty.commits(), before + 1);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!pending.is_finished(), "the response left before its write was durable");
+        assert!(
+            !pending.is_finished(),
+            "the response left before its write was durable"
+        );
         // A read of the same object needs no durability: its own writes are visible.
         faulty.release();
         let response = pending.await.unwrap().unwrap();
@@ -555,7 +668,9 @@ fn a_failed_commit_resets_the_object_and_keeps_nothing() {
         assert!(matches!(failed, Err(Error::Disconnected(_))), "{failed:?}");
         // Nothing of the failed commit is visible; the next get builds a fresh instance from
         // storage; reads work; writes work again.
-        let get = fetch_by_name(&host, "counter", "victim", "GET", "/", b"").await.unwrap();
+        let get = fetch_by_name(&host, "counter", "victim", "GET", "/", b"")
+            .await
+            .unwrap();
         assert_eq!(get.body().as_ref(), b"1");
         assert_eq!(post("victim").await.unwrap().body().as_ref(), b"2");
         assert_eq!(post("bystander").await.unwrap().body().as_ref(), b"2");
@@ -585,7 +700,12 @@ fn many_objects_share_commits() {
         // Hold the disk while every object writes, so all their batches wait together.
         faulty.hold();
         let calls: Vec<_> = (0..1000)
-            .map(|i| counter.get_by_name(&format!("c{i}")).unwrap().fetch(request("POST", "/", b"")))
+            .map(|i| {
+                counter
+                    .get_by_name(&format!("c{i}"))
+                    .unwrap()
+                    .fetch(request("POST", "/", b""))
+            })
             .map(tokio::task::spawn_local)
             .collect();
         while stats.submitted.load(Ordering::SeqCst) < 1000 {
@@ -620,16 +740,24 @@ impl DurableObject for Boxed {
 
 #[test]
 fn list_objects_pages_through_objects_with_data() {
-    let builder = Server::builder().class("box", |state, _| Boxed { state }).namespace("box", "box");
+    let builder = Server::builder()
+        .class("box", |state, _| Boxed { state })
+        .namespace("box", "box");
     let server = TestServer::start(builder);
     run_local(async {
         let host = server.connect().await;
         for i in 0..25 {
-            fetch_by_name(&host, "box", &format!("obj{i}"), "POST", "/", b"").await.unwrap();
+            fetch_by_name(&host, "box", &format!("obj{i}"), "POST", "/", b"")
+                .await
+                .unwrap();
         }
         // Reached but never stored anything: not listed.
-        fetch_by_name(&host, "box", "empty", "GET", "/", b"").await.ok();
-        fetch_by_name(&host, "box", "obj3", "DELETE", "/", b"").await.unwrap();
+        fetch_by_name(&host, "box", "empty", "GET", "/", b"")
+            .await
+            .ok();
+        fetch_by_name(&host, "box", "obj3", "DELETE", "/", b"")
+            .await
+            .unwrap();
         let mut ns = host.namespace_request();
         ns.get().set_name("box");
         let ns = ns.send().pipeline.get_namespace();
@@ -643,7 +771,12 @@ fn list_objects_pages_through_objects_with_data() {
             let reply = reply.get().unwrap();
             let ids = reply.get_ids().unwrap();
             for id in ids.iter() {
-                let hex: String = id.get_bytes().unwrap().iter().map(|b| format!("{b:02x}")).collect();
+                let hex: String = id
+                    .get_bytes()
+                    .unwrap()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 listed.push((hex, id.get_name().unwrap().to_string().unwrap()));
             }
             after = listed.last().unwrap().0.clone();
@@ -657,7 +790,10 @@ fn list_objects_pages_through_objects_with_data() {
         assert_eq!(listed, sorted, "in order of hex ids");
         let mut names: Vec<String> = listed.into_iter().map(|(_, n)| n).collect();
         names.sort();
-        let mut expected: Vec<String> = (0..25).filter(|i| *i != 3).map(|i| format!("obj{i}")).collect();
+        let mut expected: Vec<String> = (0..25)
+            .filter(|i| *i != 3)
+            .map(|i| format!("obj{i}"))
+            .collect();
         expected.sort();
         assert_eq!(names, expected);
         let mut zero = ns.list_objects_request();

@@ -58,9 +58,11 @@ pub(crate) struct Config {
     pub(crate) storage_limits: Limits,
     pub(crate) lmdb: storage::lmdb::LmdbOptions,
     /// Wraps the opened backend, e.g. to inject faults in tests.
-    pub(crate) wrap_backend:
-        Option<Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>>,
+    pub(crate) wrap_backend: Option<WrapBackend>,
 }
+
+/// A function that wraps the storage backend (see `Builder::wrap_backend`).
+pub(crate) type WrapBackend = Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>;
 
 /// Why a host could not start.
 #[derive(Debug, thiserror::Error)]

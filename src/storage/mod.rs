@@ -67,6 +67,9 @@ impl Default for Limits {
     }
 }
 
+/// A key range as (start, end) bounds, and a limit.
+pub(crate) type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>, usize);
+
 /// Options of [`Storage::list`]. The range is `start`/`start_after` (lower bound) to `end`
 /// (exclusive upper bound), intersected with `prefix`.
 #[derive(Clone, Debug, Default)]
@@ -87,7 +90,7 @@ pub struct ListOptions {
 
 impl ListOptions {
     /// The range as (start, end) bounds.
-    pub(crate) fn bounds(&self) -> Result<(Bound<Vec<u8>>, Bound<Vec<u8>>, usize), Error> {
+    pub(crate) fn bounds(&self) -> Result<Range, Error> {
         if self.start.is_some() && self.start_after.is_some() {
             return Err(Error::InvalidList(
                 "start and start_after cannot both be set",

@@ -62,6 +62,9 @@ struct State {
     idle_waiters: Vec<Waker>,
 }
 
+/// Resets the object when a commit of its writes fails.
+type OnFailure = Box<dyn FnOnce(&Error)>;
+
 pub(crate) struct ObjectStore {
     pub(crate) shared: Rc<Shared>,
     pub(crate) key: ObjectKey,
@@ -69,7 +72,7 @@ pub(crate) struct ObjectStore {
     name: Option<String>,
     state: RefCell<State>,
     /// Called once when a commit of this object fails: resets the object.
-    on_failure: RefCell<Option<Box<dyn FnOnce(&Error)>>>,
+    on_failure: RefCell<Option<OnFailure>>,
     /// Bumped by every write; a transaction compares it to detect concurrent writes.
     pub(crate) mutations: Cell<u64>,
 }
@@ -336,7 +339,9 @@ fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64
 pub(crate) fn range_is_empty(start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
     match (start, end) {
         (Bound::Included(s), Bound::Included(e)) => s > e,
-        (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e) | Bound::Included(e)) => s >= e,
+        (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e) | Bound::Included(e)) => {
+            s >= e
+        }
         _ => false,
     }
 }
