@@ -24,12 +24,21 @@ struct Served {
     addr: SocketAddr,
 }
 
+impl Drop for Served {
+    /// A failing test must not leave its server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn serve(data: &std::path::Path) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("starting duro serve");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -154,11 +163,11 @@ fn acknowledged_writes_survive_sigkill() {
             tokio::time::sleep(kill_after).await;
             // SIGKILL: no chance to flush or say goodbye.
             served.child.kill().expect("killing duro serve");
+            served.child.wait().expect("reaping duro serve");
             for worker in workers {
                 worker.await.unwrap();
             }
         });
-        served.child.wait().unwrap();
     }
     let mut served = serve(dir.path());
     let snapshot = acked.borrow().clone();
