@@ -11,9 +11,13 @@ pub mod duro_capnp {
     include!(concat!(env!("OUT_DIR"), "/duro_capnp.rs"));
 }
 
+pub mod bench;
 pub mod builtin;
 mod class;
+pub mod cli;
+pub mod client;
 mod error;
+pub mod gateway;
 pub mod host;
 pub mod id;
 pub mod rpc;

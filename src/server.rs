@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 
 use crate::class::{DurableObject, Env, State, factory};
+use crate::gateway::{self, GatewayOptions};
 use crate::host::{Config, Host, HostLimits, StartError};
 use crate::storage::{Backend, Limits};
 
@@ -54,6 +55,12 @@ impl fmt::Display for ListenAddr {
 /// The default listen address: loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 
+/// The addresses a server listens on, once it does.
+struct Ready {
+    addr: ListenAddr,
+    http: Option<SocketAddr>,
+}
+
 /// A duro server: a host reachable over the network.
 pub struct Server;
 
@@ -71,6 +78,8 @@ impl Server {
                 wrap_backend: None,
             },
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
+            http: None,
+            gateway: GatewayOptions::default(),
         }
     }
 }
@@ -79,6 +88,9 @@ impl Server {
 pub struct Builder {
     config: Config,
     listen: ListenAddr,
+    /// The HTTP gateway's address, if it is on.
+    http: Option<SocketAddr>,
+    gateway: GatewayOptions,
 }
 
 impl Builder {
@@ -117,6 +129,19 @@ impl Builder {
     /// The listen address.
     pub fn listen(mut self, addr: ListenAddr) -> Builder {
         self.listen = addr;
+        self
+    }
+
+    /// Serves the HTTP gateway on `addr` too (off by default): `/{namespace}/{name}/{rest}`
+    /// goes to `getByName(name).fetch` with the path `/{rest}`.
+    pub fn http(mut self, addr: SocketAddr) -> Builder {
+        self.http = Some(addr);
+        self
+    }
+
+    /// The HTTP gateway's options.
+    pub fn gateway_options(mut self, options: GatewayOptions) -> Builder {
+        self.gateway = options;
         self
     }
 
@@ -170,8 +195,9 @@ impl Builder {
                 }
             })?;
         match ready_rx.recv() {
-            Ok(Ok(addr)) => Ok(ServerHandle {
-                addr,
+            Ok(Ok(ready)) => Ok(ServerHandle {
+                addr: ready.addr,
+                http: ready.http,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -186,13 +212,18 @@ impl Builder {
     }
 
     /// Serves on the current thread until Ctrl-C or SIGTERM, then shuts down gracefully. Once
-    /// listening, prints `duro listening on ADDR` on stdout (with the port given for port 0).
+    /// listening, prints `duro listening on ADDR` on stdout (with the port given for port 0),
+    /// and `duro http gateway on ADDR` when the gateway is on.
     pub fn run(self) -> Result<(), StartError> {
-        let on_ready = |addr: ListenAddr| {
+        let on_ready = |ready: Ready| {
             use std::io::Write;
-            tracing::info!(%addr, "listening");
+            tracing::info!(addr = %ready.addr, "listening");
             let mut stdout = std::io::stdout();
-            let _ = writeln!(stdout, "duro listening on {addr}");
+            let _ = writeln!(stdout, "duro listening on {}", ready.addr);
+            if let Some(http) = ready.http {
+                tracing::info!(addr = %http, "HTTP gateway listening");
+                let _ = writeln!(stdout, "duro http gateway on {http}");
+            }
             let _ = stdout.flush();
         };
         self.serve(on_ready, shutdown_signal())
@@ -200,7 +231,7 @@ impl Builder {
 
     fn serve(
         self,
-        on_ready: impl FnOnce(ListenAddr),
+        on_ready: impl FnOnce(Ready),
         stop: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -210,7 +241,16 @@ impl Builder {
         local.block_on(&runtime, async move {
             let host = Host::open(self.config)?;
             let listener = Listener::bind(&self.listen).await?;
-            on_ready(listener.local_addr()?);
+            let mut http_addr = None;
+            if let Some(addr) = self.http {
+                let http = TcpListener::bind(addr).await?;
+                http_addr = Some(http.local_addr()?);
+                tokio::task::spawn_local(gateway::serve(host.clone(), http, self.gateway));
+            }
+            on_ready(Ready {
+                addr: listener.local_addr()?,
+                http: http_addr,
+            });
             tokio::select! {
                 _ = accept_loop(&host, &listener) => {}
                 _ = stop => {}
@@ -313,6 +353,7 @@ where
 /// A server running on its own thread. Dropping it shuts the server down.
 pub struct ServerHandle {
     addr: ListenAddr,
+    http: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -321,6 +362,11 @@ impl ServerHandle {
     /// The address the server listens on (with the port it was given for port 0).
     pub fn addr(&self) -> &ListenAddr {
         &self.addr
+    }
+
+    /// The address of the HTTP gateway, when it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
     }
 
     /// Shuts the server down gracefully and waits until it has.

@@ -74,6 +74,11 @@ impl TestServer {
         }
     }
 
+    /// The HTTP gateway's address, when the builder turned it on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.handle.as_ref().and_then(ServerHandle::http_addr)
+    }
+
     /// The data dir.
     pub fn data_dir(&self) -> &Path {
         self.dir.path()

@@ -1,9 +1,13 @@
-//! The `duro` command: `duro serve` hosts the built-in classes.
+//! The `duro` command: `serve` hosts the built-in classes; `fetch`, `ids` and `ls` are clients;
+//! `bench` measures.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use duro::cli::{Connect, FetchArgs, IdsArgs, LsArgs};
+use duro::gateway::GatewayOptions;
 use duro::{ListenAddr, Server};
 
 #[derive(Parser)]
@@ -17,17 +21,65 @@ struct Cli {
 enum Command {
     /// Hosts the built-in classes `echo`, `counter` and `kv`, each bound to a namespace of the
     /// same name, until Ctrl-C or SIGTERM.
-    Serve {
-        /// Where to listen: HOST:PORT, or unix:PATH for a unix socket (created with mode 0600).
-        #[arg(long, default_value = duro::server::DEFAULT_LISTEN)]
-        listen: ListenAddr,
-        /// The data dir (created if missing). One server at a time may use it.
-        #[arg(long, default_value = "./duro-data")]
-        data: PathBuf,
-        /// The LMDB map size in MiB: the most the data file may grow to.
-        #[arg(long, default_value_t = 64 * 1024)]
-        map_mib: usize,
+    Serve(ServeArgs),
+    /// Sends an HTTP request to an object and prints the response like `curl -i`.
+    Fetch {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: FetchArgs,
     },
+    /// Prints the 64-hex-digit ID of an object.
+    Ids {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: IdsArgs,
+    },
+    /// Lists the namespaces and their classes, or the objects of one namespace.
+    Ls {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: LsArgs,
+    },
+    /// Measures duro against its limits and against workerd (see BENCHMARKS.md).
+    Bench(duro::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where to listen: HOST:PORT, or unix:PATH for a unix socket (created with mode 0600).
+    #[arg(long, default_value = duro::server::DEFAULT_LISTEN)]
+    listen: ListenAddr,
+    /// The data dir (created if missing). One server at a time may use it.
+    #[arg(long, default_value = "./duro-data")]
+    data: PathBuf,
+    /// The LMDB map size in MiB: the most the data file may grow to.
+    #[arg(long, default_value_t = 64 * 1024)]
+    map_mib: usize,
+    /// Also serve the HTTP gateway here (off by default), e.g. 127.0.0.1:8787:
+    /// /{namespace}/{name}/{rest} goes to the object `name`, with the path /{rest}.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// The largest request body the HTTP gateway accepts; larger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    http_body_max_bytes: usize,
+}
+
+fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
+    let mut builder = Server::builder()
+        .builtins()
+        .listen(args.listen)
+        .data_dir(args.data)
+        .map_bytes(args.map_mib << 20)
+        .gateway_options(GatewayOptions {
+            body_bytes_max: args.http_body_max_bytes,
+        });
+    if let Some(http) = args.http {
+        builder = builder.http(http);
+    }
+    builder.run()
 }
 
 fn main() -> ExitCode {
@@ -38,24 +90,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve {
-            listen,
-            data,
-            map_mib,
-        } => Server::builder()
-            .builtins()
-            .listen(listen)
-            .data_dir(data)
-            .map_bytes(map_mib << 20)
-            .run(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("duro: {error}");
-            ExitCode::FAILURE
-        }
+    match Cli::parse().command {
+        Command::Serve(args) => match serve(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("duro: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Fetch { connect, args } => duro::cli::fetch(&connect, &args),
+        Command::Ids { connect, args } => duro::cli::ids(&connect, &args),
+        Command::Ls { connect, args } => duro::cli::ls(&connect, &args),
+        Command::Bench(args) => duro::bench::run(&args),
     }
 }
