@@ -7,7 +7,7 @@
 //! before it delivers anything, so it never reads storage that is about to change under it.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::{Rc, Weak};
@@ -31,6 +31,12 @@ pub(crate) struct Activation {
     pub(crate) store: Rc<ObjectStore>,
     /// Cancelled at the reset: every call of this activation ends with `disconnected`.
     broken: CancellationToken,
+    /// Set when the host evicted the idle object: stubs then move to a new activation.
+    evicted: Cell<bool>,
+    /// Calls admitted and not yet finished; the object is idle only at 0.
+    running: Cell<usize>,
+    /// When the last call was admitted, for least-recently-used eviction.
+    last_used: Cell<std::time::Instant>,
     /// Most calls waiting for delivery before new ones are refused as overloaded.
     queue_max: usize,
 }
@@ -63,6 +69,9 @@ impl Activation {
             gate: gate.clone(),
             store: store.clone(),
             broken: CancellationToken::new(),
+            evicted: Cell::new(false),
+            running: Cell::new(0),
+            last_used: Cell::new(std::time::Instant::now()),
             queue_max: host.limits.object_queue_max,
         });
         let weak = Rc::downgrade(&activation);
@@ -91,6 +100,37 @@ impl Activation {
         self.gate.queued()
     }
 
+    pub(crate) fn is_evicted(&self) -> bool {
+        self.evicted.get()
+    }
+
+    pub(crate) fn last_used(&self) -> std::time::Instant {
+        self.last_used.get()
+    }
+
+    /// Nothing runs, waits or is being written: the instance can go without anyone noticing.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.running.get() == 0 && !self.gate.is_held() && !self.store.is_flushing()
+    }
+
+    /// Marks the object evicted if it is idle: its stubs stay valid, and their next call builds
+    /// a new activation from storage. Whether it was; then [`Activation::release`] must follow.
+    pub(crate) fn mark_evicted(&self) -> bool {
+        if !self.is_idle() || self.is_broken() || self.evicted.get() {
+            return false;
+        }
+        self.evicted.set(true);
+        true
+    }
+
+    /// Drops the instance and cache of an evicted object. Separate from the marking, so that
+    /// the instance's own drop code runs outside the registry's borrow.
+    pub(crate) fn release(&self) {
+        let instance = self.instance.borrow_mut().take();
+        drop(instance);
+        self.store.release_cache();
+    }
+
     /// Resets the object (see the module docs). Idempotent.
     pub(crate) fn reset(&self, reason: &str) {
         if self.broken.is_cancelled() {
@@ -110,7 +150,7 @@ impl Activation {
         self: &Rc<Self>,
         request: Request,
     ) -> impl Future<Output = Result<Response, Error>> + use<> {
-        let admitted = if self.is_broken() {
+        let admitted = if self.is_broken() || self.evicted.get() {
             Err(disconnected())
         } else {
             self.gate.enqueue(self.queue_max).map_err(|_| {
@@ -123,7 +163,12 @@ impl Activation {
         // A task of its own, so the call progresses whoever awaits it (an object awaiting
         // another object's call must not stall that object's handler while its gate is shut).
         let task = admitted.map(|ticket| {
-            let handle = tokio::task::spawn_local(run(self.clone(), ticket, request));
+            self.last_used.set(std::time::Instant::now());
+            let running = Running::new(self.clone());
+            let handle = tokio::task::spawn_local(async move {
+                let _running = running;
+                run(_running.0.clone(), ticket, request).await
+            });
             AbortOnDrop(handle)
         });
         async move {
@@ -132,6 +177,22 @@ impl Activation {
                 Err(_) => Err(disconnected()),
             }
         }
+    }
+}
+
+/// Counts a call as running for as long as it lives (also when it is aborted).
+struct Running(Rc<Activation>);
+
+impl Running {
+    fn new(activation: Rc<Activation>) -> Running {
+        activation.running.set(activation.running.get() + 1);
+        Running(activation)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.set(self.0.running.get() - 1);
     }
 }
 

@@ -68,6 +68,11 @@ impl InputGate {
         self.queue.borrow().len()
     }
 
+    /// Whether a task holds the gate closed.
+    pub(crate) fn is_held(&self) -> bool {
+        self.holder.get().is_some()
+    }
+
     fn is_open_for(&self, task: Option<TaskId>) -> bool {
         match self.holder.get() {
             None => true,

@@ -8,13 +8,14 @@
 pub(crate) mod activation;
 pub(crate) mod gate;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use activation::Activation;
+use futures::future::Either;
 
 use crate::class::{Factory, Request, Response};
 use crate::error::Error;
@@ -35,6 +36,13 @@ pub struct HostLimits {
     pub name_bytes_max: usize,
     /// Most IDs one `listObjects` call returns (default 1000).
     pub list_objects_max: usize,
+    /// Most objects active at once (default 200,000: at about 1 KiB each, a few hundred MiB).
+    /// Past it, the least recently used idle objects are evicted; if none is idle, `get` is
+    /// refused with `overloaded`.
+    pub activations_max: usize,
+    /// An object with no call for this long is evicted (default 60 s): its instance and cache
+    /// are dropped, and its stubs build a new one on their next call.
+    pub idle_evict_ms: u64,
 }
 
 impl Default for HostLimits {
@@ -43,6 +51,8 @@ impl Default for HostLimits {
             object_queue_max: 1000,
             name_bytes_max: 1024,
             list_objects_max: 1000,
+            activations_max: 200_000,
+            idle_evict_ms: 60_000,
         }
     }
 }
@@ -80,6 +90,8 @@ pub(crate) struct HostInner {
     namespaces: BTreeMap<String, Rc<NamespaceCore>>,
     pub(crate) storage: Rc<Shared>,
     pub(crate) limits: HostLimits,
+    /// Activations in every namespace's registry.
+    active: Cell<usize>,
     /// The writer thread; taken at shutdown.
     writer: RefCell<Option<Writer>>,
 }
@@ -135,8 +147,10 @@ impl Host {
                 .collect(),
             storage: shared,
             limits: config.limits.clone(),
+            active: Cell::new(0),
             writer: RefCell::new(Some(writer)),
         });
+        tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         Ok(Host { inner })
     }
 
@@ -163,13 +177,14 @@ impl Host {
         self.inner.storage.writer.stats.clone()
     }
 
-    /// Live activations, over all namespaces.
+    /// Active objects, over all namespaces.
     pub fn activations(&self) -> usize {
-        self.inner
-            .namespaces
-            .values()
-            .map(|ns| ns.activations.borrow().len())
-            .sum()
+        self.inner.active.get()
+    }
+
+    /// Evicts every idle object now (as the idle timeout would); how many.
+    pub fn evict_idle(&self) -> usize {
+        self.inner.evict(|_| true, usize::MAX)
     }
 
     /// Breaks every stub, lets in-flight commits finish, and stops the writer.
@@ -177,6 +192,9 @@ impl Host {
         let mut stores = Vec::new();
         for namespace in self.inner.namespaces.values() {
             let activations = std::mem::take(&mut *namespace.activations.borrow_mut());
+            self.inner
+                .active
+                .set(self.inner.active.get() - activations.len());
             for activation in activations.into_values() {
                 stores.push(activation.store.clone());
                 activation.reset("the host is shutting down");
@@ -199,6 +217,59 @@ impl HostInner {
         let core = self.namespaces.get(name)?.clone();
         Some(Namespace { core })
     }
+
+    /// Evicts idle objects that `pick` chooses, least recently used first, at most `count`;
+    /// also drops reset activations whose last commit settled. How many were evicted.
+    fn evict(&self, pick: impl Fn(&Activation) -> bool, count: usize) -> usize {
+        let mut candidates: Vec<(std::time::Instant, Rc<NamespaceCore>, [u8; 32])> = Vec::new();
+        for namespace in self.namespaces.values() {
+            for (id, activation) in namespace.activations.borrow().iter() {
+                let settled_reset = activation.is_broken() && !activation.store.is_flushing();
+                if settled_reset || (activation.is_idle() && pick(activation)) {
+                    candidates.push((activation.last_used(), namespace.clone(), *id));
+                }
+            }
+        }
+        candidates.sort_by_key(|(used, _, _)| *used);
+        let mut evicted = Vec::new();
+        for (_, namespace, id) in candidates {
+            if evicted.len() >= count {
+                break;
+            }
+            let mut registry = namespace.activations.borrow_mut();
+            let Some(activation) = registry.get(&id).cloned() else {
+                continue;
+            };
+            if activation.is_broken() || activation.mark_evicted() {
+                registry.remove(&id);
+                self.active.set(self.active.get() - 1);
+                if !activation.is_broken() {
+                    evicted.push(activation);
+                }
+            }
+        }
+        for activation in &evicted {
+            activation.release();
+        }
+        evicted.len()
+    }
+}
+
+/// Evicts objects idle for longer than `idle_evict_ms`, every half of it, while the host lives.
+async fn sweep_idle(host: Weak<HostInner>) {
+    let Some(idle_ms) = host.upgrade().map(|h| h.limits.idle_evict_ms) else {
+        return;
+    };
+    let idle = std::time::Duration::from_millis(idle_ms.max(2));
+    loop {
+        tokio::time::sleep(idle / 2).await;
+        let Some(host) = host.upgrade() else { return };
+        let now = std::time::Instant::now();
+        let evicted = host.evict(|a| now.duration_since(a.last_used()) >= idle, usize::MAX);
+        if evicted > 0 {
+            tracing::debug!(evicted, "evicted idle objects");
+        }
+    }
 }
 
 pub(crate) struct NamespaceCore {
@@ -220,13 +291,37 @@ impl NamespaceCore {
         let predecessor: Option<Rc<ObjectStore>> = match existing {
             Some(activation) if !activation.is_broken() => return Ok(activation),
             Some(activation) => Some(activation.store.clone()),
-            None => None,
+            None => {
+                self.make_room()?;
+                None
+            }
         };
         let activation = Activation::create(self, id, predecessor)?;
-        self.activations
+        let replaced = self
+            .activations
             .borrow_mut()
             .insert(*activation.id.bytes(), activation.clone());
+        if replaced.is_none() {
+            let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
+            host.active.set(host.active.get() + 1);
+        }
         Ok(activation)
+    }
+
+    /// Keeps the host under `activations_max`, evicting the least recently used idle tenth.
+    fn make_room(&self) -> Result<(), Error> {
+        let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
+        let max = host.limits.activations_max;
+        if host.active.get() < max {
+            return Ok(());
+        }
+        host.evict(|_| true, (max / 10).max(1));
+        if host.active.get() >= max {
+            return Err(Error::Overloaded(format!(
+                "the host has {max} active objects and none is idle (activations_max)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -293,17 +388,13 @@ impl Namespace {
     /// A stub for the object `id`, activating it if needed.
     pub fn get(&self, id: &ObjectId) -> Result<Stub, Error> {
         let id = self.check_id(id.bytes(), id.name())?;
-        Ok(Stub {
-            activation: self.core.activation(id)?,
-        })
+        Ok(Stub::new(self.core.clone(), self.core.activation(id)?))
     }
 
     /// A stub for the object named `name`.
     pub fn get_by_name(&self, name: &str) -> Result<Stub, Error> {
         let id = self.id_from_name(name)?;
-        Ok(Stub {
-            activation: self.core.activation(id)?,
-        })
+        Ok(Stub::new(self.core.clone(), self.core.activation(id)?))
     }
 
     /// Objects with stored data, in ID order, after `start_after`; and whether more remain.
@@ -330,31 +421,55 @@ impl Namespace {
     }
 }
 
-/// A stub: a reference to one object, through which calls arrive in the order made.
+/// A stub: a reference to one object, through which calls arrive in the order made. It
+/// follows its object across evictions; it breaks (for good) when the object is reset.
 #[derive(Clone)]
 pub struct Stub {
-    activation: Rc<Activation>,
+    namespace: Rc<NamespaceCore>,
+    /// The activation calls go to; replaced when the host evicted it while idle.
+    activation: Rc<RefCell<Rc<Activation>>>,
 }
 
 impl Stub {
+    fn new(namespace: Rc<NamespaceCore>, activation: Rc<Activation>) -> Stub {
+        Stub {
+            namespace,
+            activation: Rc::new(RefCell::new(activation)),
+        }
+    }
+
     /// The object's ID.
-    pub fn id(&self) -> &ObjectId {
-        &self.activation.id
+    pub fn id(&self) -> ObjectId {
+        self.activation.borrow().id.clone()
+    }
+
+    /// The live activation, building a new one if the last was evicted.
+    fn current(&self) -> Result<Rc<Activation>, Error> {
+        let activation = self.activation.borrow().clone();
+        if !activation.is_evicted() {
+            return Ok(activation);
+        }
+        let fresh = self.namespace.activation(activation.id.clone())?;
+        *self.activation.borrow_mut() = fresh.clone();
+        Ok(fresh)
     }
 
     /// Sends `request` to the object. The call takes its place in the object's delivery order
     /// when `fetch` is called, not when the future is first polled.
     pub fn fetch(&self, request: Request) -> impl Future<Output = Result<Response, Error>> + use<> {
-        self.activation.call(request)
+        match self.current() {
+            Ok(activation) => Either::Left(activation.call(request)),
+            Err(error) => Either::Right(std::future::ready(Err(error))),
+        }
     }
 
     /// Whether the stub is broken (its object was reset): get a new one.
     pub fn is_broken(&self) -> bool {
-        self.activation.is_broken()
+        self.activation.borrow().is_broken()
     }
 
     /// Calls waiting for delivery to the object.
     pub fn queued(&self) -> usize {
-        self.activation.queued()
+        self.activation.borrow().queued()
     }
 }

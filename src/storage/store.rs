@@ -226,6 +226,23 @@ impl ObjectStore {
         }
     }
 
+    /// Whether a batch is in flight or about to be.
+    pub(crate) fn is_flushing(&self) -> bool {
+        self.state.borrow().flushing
+    }
+
+    /// Drops the cache (the object was evicted). Only clean entries can be there when idle.
+    pub(crate) fn release_cache(&self) {
+        let mut state = self.state.borrow_mut();
+        let durable = state.durable_seq;
+        state.cache.retain(|_, cached| cached.seq > durable);
+        state.cached_bytes = state
+            .cache
+            .iter()
+            .map(|(k, c)| entry_bytes(k, &c.value))
+            .sum();
+    }
+
     /// The newest write so far; the output gate waits until it is durable.
     pub(crate) fn written_seq(&self) -> u64 {
         self.state.borrow().written_seq
