@@ -1,6 +1,24 @@
-//! The client commands of the `duro` binary: `fetch`, `ids`, `ls` (to be built).
+//! The client commands of the `duro` binary: `fetch`, `ids`, `ls`. Each connects with
+//! [`crate::client::Client`], makes its calls and prints the answers on stdout; errors go to
+//! stderr, and the exit status says which kind of failure it was (see [`EXIT_REFUSED`]).
 
+use std::future::Future;
+use std::io::{Read, Write};
 use std::process::ExitCode;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method};
+
+use crate::client::{Client, NamespaceInfo, ObjectPage};
+use crate::error::Error;
+use crate::id::{self, ObjectId};
+use crate::{Request, Response};
+
+/// Exit status when an argument was refused, by the command or by the host (a bad ID, an
+/// unknown namespace, a malformed header): fix the command. Also clap's status for usage
+/// errors. Every other failure (the host unreachable, a broken stub, an overloaded host, a
+/// failed object) exits with 1.
+pub const EXIT_REFUSED: u8 = 2;
 
 /// Where the server is.
 #[derive(clap::Args, Debug, Clone)]
@@ -12,30 +30,301 @@ pub struct Connect {
 
 /// Arguments of `duro fetch`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct FetchArgs {}
+#[command(after_help = FETCH_HELP)]
+pub struct FetchArgs {
+    /// The object's namespace, e.g. `counter`.
+    pub namespace: String,
+    /// The object's name, from which its ID is derived. Leave it out when giving --id: the
+    /// argument after the namespace is then the PATH.
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// The path to request, with its query, e.g. /k/a?x=1 [default: /].
+    #[arg(value_name = "PATH")]
+    pub path: Option<String>,
+    /// The object's 64-hex-digit ID, instead of its name.
+    #[arg(long, value_name = "HEX")]
+    pub id: Option<String>,
+    /// The request method [default: GET, or POST when -d is given].
+    #[arg(short = 'X', long = "request", value_name = "METHOD")]
+    pub method: Option<String>,
+    /// A request header, 'Name: value'. Repeat for more.
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// The request body: the text given; @FILE reads it from FILE, @- from stdin.
+    #[arg(short = 'd', long = "data", value_name = "BODY")]
+    pub data: Option<String>,
+}
+
+const FETCH_HELP: &str = "Prints the status line, the headers and the body, like `curl -i`.\n\n\
+Examples:\n  \
+duro fetch counter visits -X POST\n  \
+duro fetch kv alice /k/greeting -X PUT -d hello\n  \
+duro fetch kv alice /k/photo -X PUT -d @photo.jpg -H 'Content-Type: image/jpeg'\n  \
+duro fetch counter --id $(duro ids counter --name visits) /\n\n\
+Exit status: 0 when a response came back, whatever its HTTP status; 1 when the host could not \
+be reached, the connection or the stub broke, the host was overloaded, or the object's code \
+failed; 2 when an argument was refused (a bad ID, an unknown namespace, a malformed header, an \
+unreadable file).";
 
 /// Arguments of `duro ids`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct IdsArgs {}
+#[command(after_help = IDS_HELP)]
+#[command(group(clap::ArgGroup::new("which").required(true)))]
+pub struct IdsArgs {
+    /// The namespace that mints the ID.
+    pub namespace: String,
+    /// Print the ID derived from NAME: the same every time, also after a restart.
+    #[arg(long, value_name = "NAME", group = "which")]
+    pub name: Option<String>,
+    /// Print a fresh random ID: never the same twice.
+    #[arg(long, group = "which")]
+    pub unique: bool,
+}
+
+const IDS_HELP: &str = "Exit status: 0 on success; 1 when the host could not be reached or the \
+connection broke; 2 when an argument was refused (an unknown namespace, a name over the host's \
+limit).";
 
 /// Arguments of `duro ls`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct LsArgs {}
+#[command(after_help = LS_HELP)]
+pub struct LsArgs {
+    /// List this namespace's objects (those with stored data) instead of the namespaces.
+    pub namespace: Option<String>,
+    /// Most objects to list, from 1 to the host's list_objects_max (1000 by default).
+    #[arg(long, default_value_t = 100, requires = "namespace")]
+    pub limit: u32,
+    /// List the objects after this hex ID: the last one of the previous page.
+    #[arg(long, value_name = "HEX", requires = "namespace")]
+    pub start_after: Option<String>,
+}
 
-/// `duro fetch`.
+const LS_HELP: &str = "Without a namespace, prints each namespace and its class. With one, \
+prints the hex ID and the name (when it was reached by name) of each of its objects, in ID \
+order; when more follow, says on stderr how to list the next page.\n\n\
+Exit status: 0 on success; 1 when the host could not be reached or the connection broke; 2 \
+when an argument was refused (an unknown namespace, a bad --limit or --start-after).";
+
+/// `duro fetch`: sends one HTTP request to an object and prints the response like `curl -i`.
 pub fn fetch(connect: &Connect, args: &FetchArgs) -> ExitCode {
-    let _ = (connect, args);
-    ExitCode::FAILURE
+    let (target, request) = match fetch_target(args).and_then(|t| Ok((t, build_request(args)?))) {
+        Ok(prepared) => prepared,
+        Err(error) => return report(&error),
+    };
+    with_client(connect, |client| async move {
+        let namespace = client.namespace(&args.namespace);
+        let stub = match target {
+            Target::Name(name) => namespace.get_by_name(name),
+            // The host checks the ID at `get`: no round trip to check it first.
+            Target::Id(id) => namespace.get(&id),
+        };
+        let response = stub.fetch(request).await?;
+        write_stdout(&format_response(&response));
+        Ok(())
+    })
 }
 
-/// `duro ids`.
+/// `duro ids`: prints the ID of a name, or a fresh one.
 pub fn ids(connect: &Connect, args: &IdsArgs) -> ExitCode {
-    let _ = (connect, args);
-    ExitCode::FAILURE
+    with_client(connect, |client| async move {
+        let namespace = client.namespace(&args.namespace);
+        let id = match &args.name {
+            Some(name) => namespace.id_from_name(name).await?,
+            None => namespace.new_unique_id().await?,
+        };
+        write_stdout(format!("{id}\n").as_bytes());
+        Ok(())
+    })
 }
 
-/// `duro ls`.
+/// `duro ls`: lists the namespaces, or one page of a namespace's objects.
 pub fn ls(connect: &Connect, args: &LsArgs) -> ExitCode {
-    let _ = (connect, args);
-    ExitCode::FAILURE
+    with_client(connect, |client| async move {
+        let Some(name) = &args.namespace else {
+            let namespaces = client.list_namespaces().await?;
+            write_stdout(format_namespaces(&namespaces).as_bytes());
+            return Ok(());
+        };
+        let page = client
+            .namespace(name)
+            .list_objects(args.start_after.as_deref(), args.limit)
+            .await?;
+        write_stdout(format_objects(&page).as_bytes());
+        if let Some(next) = page.next_start_after() {
+            eprintln!("{}", next_page_hint(connect, args, name, &next));
+        }
+        Ok(())
+    })
+}
+
+/// Which object `duro fetch` addresses.
+enum Target<'a> {
+    Name(&'a str),
+    Id(ObjectId),
+}
+
+fn fetch_target(args: &FetchArgs) -> Result<Target<'_>, Error> {
+    match (&args.id, &args.name, &args.path) {
+        (Some(_), _, Some(path)) => Err(Error::InvalidArgument(format!(
+            "with --id, give no NAME: only the PATH (got the extra argument {path:?})"
+        ))),
+        (Some(hex), _, None) => {
+            let bytes = id::from_hex(hex)?;
+            Ok(Target::Id(ObjectId::from_host(bytes, None)))
+        }
+        (None, Some(name), _) => Ok(Target::Name(name)),
+        (None, None, _) => Err(Error::InvalidArgument(
+            "give the object's NAME or its --id".into(),
+        )),
+    }
+}
+
+/// The request `duro fetch` sends, from its arguments.
+fn build_request(args: &FetchArgs) -> Result<Request, Error> {
+    // With --id the positional after the namespace is the path.
+    let path = match &args.id {
+        Some(_) => args.name.as_deref(),
+        None => args.path.as_deref(),
+    };
+    let body = match &args.data {
+        Some(data) => read_data(data)?,
+        None => Bytes::new(),
+    };
+    let method = match (&args.method, &args.data) {
+        (Some(method), _) => Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("invalid method {method:?}")))?,
+        (None, Some(_)) => Method::POST,
+        (None, None) => Method::GET,
+    };
+    let path = path.unwrap_or("/");
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = path
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("invalid path {path:?}: {e}")))?;
+    for header in &args.headers {
+        let (name, value) = parse_header(header)?;
+        request.headers_mut().append(name, value);
+    }
+    Ok(request)
+}
+
+/// The body of `-d`: the text itself, or a file's bytes with `@FILE` (`@-`: stdin).
+fn read_data(data: &str) -> Result<Bytes, Error> {
+    let unreadable = |source: &str, e: std::io::Error| {
+        Error::InvalidArgument(format!("cannot read the body from {source}: {e}"))
+    };
+    match data.strip_prefix('@') {
+        Some("-") => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .map_err(|e| unreadable("stdin", e))?;
+            Ok(body.into())
+        }
+        Some(path) => std::fs::read(path)
+            .map(Bytes::from)
+            .map_err(|e| unreadable(path, e)),
+        None => Ok(Bytes::copy_from_slice(data.as_bytes())),
+    }
+}
+
+/// Parses `Name: value` (spaces around the value are dropped, as curl does).
+fn parse_header(header: &str) -> Result<(HeaderName, HeaderValue), Error> {
+    let invalid = |why: &str| Error::InvalidArgument(format!("invalid header {header:?}: {why}"));
+    let (name, value) = header
+        .split_once(':')
+        .ok_or_else(|| invalid("expected 'Name: value'"))?;
+    let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| invalid("bad name"))?;
+    let value = HeaderValue::from_str(value.trim()).map_err(|_| invalid("bad value"))?;
+    Ok((name, value))
+}
+
+/// The response as `curl -i` prints it: status line, headers, a blank line, the body as is.
+fn format_response(response: &Response) -> Vec<u8> {
+    let status = response.status();
+    let reason = status.canonical_reason().unwrap_or("");
+    let mut out = format!("HTTP/1.1 {} {reason}\r\n", status.as_u16()).into_bytes();
+    for (name, value) in response.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(response.body());
+    out
+}
+
+/// One line per namespace: its name and its class, in aligned columns.
+fn format_namespaces(namespaces: &[NamespaceInfo]) -> String {
+    let width = namespaces.iter().map(|n| n.name.len()).max().unwrap_or(0);
+    namespaces
+        .iter()
+        .map(|n| format!("{:width$}  {}\n", n.name, n.class_name))
+        .collect()
+}
+
+/// One line per object: its hex ID, and its name when it has one.
+fn format_objects(page: &ObjectPage) -> String {
+    page.ids
+        .iter()
+        .map(|id| match id.name() {
+            Some(name) => format!("{id}  {name}\n"),
+            None => format!("{id}\n"),
+        })
+        .collect()
+}
+
+/// The command that lists the page after `next`.
+fn next_page_hint(connect: &Connect, args: &LsArgs, namespace: &str, next: &str) -> String {
+    let mut command = String::from("duro ls");
+    if connect.connect.to_string() != crate::server::DEFAULT_LISTEN {
+        command.push_str(&format!(" --connect {}", connect.connect));
+    }
+    format!(
+        "more objects follow; next page: {command} {namespace} --limit {} --start-after {next}",
+        args.limit
+    )
+}
+
+/// Connects, runs `body` with the client, and turns the outcome into an exit status.
+fn with_client<F, Fut>(connect: &Connect, body: F) -> ExitCode
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("duro: starting a tokio runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = Client::connect(&connect.connect).await?;
+        body(client).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(&error),
+    }
+}
+
+/// Prints `error` on stderr; the exit status tells a refused argument from other failures.
+fn report(error: &Error) -> ExitCode {
+    eprintln!("duro: {error}");
+    match error {
+        Error::InvalidArgument(_) => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Writes to stdout; a closed stdout (`duro ls | head`) is not an error of the command.
+fn write_stdout(bytes: &[u8]) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
 }

@@ -1,1 +1,881 @@
-//! The Rust client (to be built).
+//! The Rust client: a connection to a duro host, usable from any tokio runtime.
+//!
+//! capnp-rpc is `!Send`, so the connection lives on a driver thread of its own (a current-thread
+//! runtime with a `LocalSet`) that owns the RPC system and every capability. [`Client`],
+//! [`Namespace`] and [`Stub`] are `Send + Sync + Clone` handles that send the driver commands
+//! through one ordered channel. The driver issues each Cap'n Proto call as its command arrives,
+//! before awaiting any answer, so:
+//!
+//! - calls made on one stub leave in the order they were made, and the host delivers them in
+//!   that order (E-order);
+//! - [`Client::namespace`], [`Namespace::get`] and [`Namespace::get_by_name`] answer at once
+//!   with a handle to a pipelined capability, which the driver keeps in a table under the
+//!   handle's id: `get_by_name(name)` then `fetch` costs one round trip;
+//! - dropping the last clone of a handle releases its capability on the host, and dropping the
+//!   last handle of a connection ([`Client`], [`Namespace`], [`Stub`], or a [`Pending`] not
+//!   yet done) ends the driver thread and closes the connection.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::duro_capnp::{durable_object, host, namespace, namespace_info, object_id};
+use crate::error::Error;
+use crate::id::{ID_BYTES, ObjectId};
+use crate::rpc::convert;
+use crate::server::ListenAddr;
+use crate::{Request, Response};
+
+/// Calls one client may have in flight (sent, answer not yet delivered), over all its
+/// namespaces and stubs. Each holds its request and answer in memory and a question on the
+/// connection; capnp-rpc has no flow limit of its own, so without this bound a runaway caller
+/// grows both without end. Past it a call fails at once with [`Error::Overloaded`]: await some
+/// answers before making more calls. Far above what one object accepts queued (1000 by
+/// default), so that pipelining to many objects at once stays possible.
+pub const CALLS_IN_FLIGHT_MAX: usize = 4096;
+
+/// How long [`Client::connect`] waits for the connection to be established: an address that
+/// drops packets would otherwise hold the caller for minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request the client sends, estimated from the size of its parts (see
+/// `request_bytes`). The host drops a connection that sends a message larger than
+/// [`crate::rpc::MESSAGE_BYTES_MAX`], which would break every call of the client; a larger
+/// request is refused here instead, with [`Error::InvalidArgument`].
+pub const REQUEST_BYTES_MAX: usize = crate::rpc::MESSAGE_BYTES_MAX - 64 * 1024;
+
+/// Most commands the driver takes from its channel per wake-up: under load, fewer wake-ups,
+/// and a bounded run of work before the RPC system's tasks get their turn.
+const COMMAND_BATCH_MAX: usize = 64;
+
+/// A connection to a duro host. Cheap to clone: the clones share the connection.
+///
+/// ```
+/// # let server = duro::testing::TestServer::start(duro::Server::builder().builtins());
+/// # let addr = server.addr().to_string();
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use duro::client::Client;
+///
+/// // `addr` is e.g. "127.0.0.1:7450", or "unix:/run/duro.sock".
+/// let client = Client::connect(addr.as_str()).await?;
+/// let counter = client.namespace("counter").get_by_name("visits");
+/// // `get_by_name` answered at once: the stub and the call travel together.
+/// let response = counter.call("POST", "/", "").await?;
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(response.body().as_ref(), b"1");
+/// # Ok::<(), duro::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    /// Connects to a host: `"HOST:PORT"` over TCP, or `"unix:PATH"` over a unix socket (also
+    /// a [`ListenAddr`] or a [`SocketAddr`]). An address that does not parse fails with
+    /// [`Error::InvalidArgument`]; a connection that cannot be made (refused, timed out after
+    /// [`CONNECT_TIMEOUT`]) with [`Error::Disconnected`].
+    pub async fn connect(addr: impl IntoServerAddr) -> Result<Client, Error> {
+        let addr = addr.into_server_addr()?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (ready, connected) = oneshot::channel();
+        let driver_addr = addr.clone();
+        std::thread::Builder::new()
+            .name("duro-client".into())
+            .spawn(move || driver::run(driver_addr, receiver, ready))
+            .map_err(|e| Error::Disconnected(format!("starting the client thread: {e}")))?;
+        connected.await.unwrap_or_else(|_| Err(driver_stopped()))?;
+        Ok(Client {
+            shared: Arc::new(Shared {
+                commands,
+                next_handle: AtomicU64::new(0),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                addr,
+            }),
+        })
+    }
+
+    /// The address this client connected to.
+    pub fn addr(&self) -> &ListenAddr {
+        &self.shared.addr
+    }
+
+    /// The namespace `name`, at once: an unknown name fails the calls made through it, with
+    /// [`Error::InvalidArgument`]. Each `namespace` opens a capability on the host (a call on
+    /// the wire, pipelined): keep the `Namespace` to reuse it.
+    pub fn namespace(&self, name: &str) -> Namespace {
+        let handle = self.shared.new_handle();
+        self.shared.send(Command::Namespace {
+            handle: handle.id,
+            name: name.to_owned(),
+        });
+        Namespace {
+            handle: Arc::new(handle),
+            name: name.into(),
+        }
+    }
+
+    /// Every namespace of the host with the class it is bound to, ordered by name.
+    pub fn list_namespaces(&self) -> Pending<Vec<NamespaceInfo>> {
+        self.shared.call(Command::ListNamespaces)
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.shared.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Client::connect`] accepts as the host's address.
+pub trait IntoServerAddr {
+    /// The address, or [`Error::InvalidArgument`] naming what is wrong with it.
+    fn into_server_addr(self) -> Result<ListenAddr, Error>;
+}
+
+impl IntoServerAddr for ListenAddr {
+    fn into_server_addr(self) -> Result<ListenAddr, Error> {
+        Ok(self)
+    }
+}
+
+impl IntoServerAddr for &ListenAddr {
+    fn into_server_addr(self) -> Result<ListenAddr, Error> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoServerAddr for SocketAddr {
+    fn into_server_addr(self) -> Result<ListenAddr, Error> {
+        Ok(ListenAddr::Tcp(self))
+    }
+}
+
+impl IntoServerAddr for &str {
+    fn into_server_addr(self) -> Result<ListenAddr, Error> {
+        self.parse().map_err(Error::InvalidArgument)
+    }
+}
+
+impl IntoServerAddr for &String {
+    fn into_server_addr(self) -> Result<ListenAddr, Error> {
+        self.as_str().into_server_addr()
+    }
+}
+
+/// A namespace of the host: mints IDs and hands out stubs. Cheap to clone.
+#[derive(Clone)]
+pub struct Namespace {
+    handle: Arc<Handle>,
+    name: Arc<str>,
+}
+
+impl Namespace {
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A fresh random ID: never the same twice, and unguessable.
+    pub fn new_unique_id(&self) -> Pending<ObjectId> {
+        let namespace = self.handle.id;
+        self.shared()
+            .call(|reply| Command::NewUniqueId { namespace, reply })
+    }
+
+    /// The ID for `name`: the same (namespace, name) gives the same ID, also after a restart.
+    pub fn id_from_name(&self, name: &str) -> Pending<ObjectId> {
+        let (namespace, name) = (self.handle.id, name.to_owned());
+        self.shared().call(|reply| Command::IdFromName {
+            namespace,
+            name,
+            reply,
+        })
+    }
+
+    /// Parses the 64-hex-digit text form of an ID of this namespace; the host checks it. Text
+    /// of the wrong length, not hex, or not minted by this namespace fails with
+    /// [`Error::InvalidArgument`].
+    pub fn id_from_string(&self, text: &str) -> Pending<ObjectId> {
+        let (namespace, text) = (self.handle.id, text.to_owned());
+        self.shared().call(|reply| Command::IdFromString {
+            namespace,
+            text,
+            reply,
+        })
+    }
+
+    /// A stub for the object `id`, at once. An ID the namespace did not mint fails the calls
+    /// made on the stub, with [`Error::InvalidArgument`].
+    pub fn get(&self, id: &ObjectId) -> Stub {
+        let handle = self.shared().new_handle();
+        self.shared().send(Command::Get {
+            namespace: self.handle.id,
+            id: id.clone(),
+            handle: handle.id,
+        });
+        Stub {
+            handle: Arc::new(handle),
+        }
+    }
+
+    /// A stub for the object named `name`, at once: `get(id_from_name(name))` without waiting
+    /// for the ID, so that `get_by_name(name).fetch(request)` is one round trip.
+    pub fn get_by_name(&self, name: &str) -> Stub {
+        let handle = self.shared().new_handle();
+        self.shared().send(Command::GetByName {
+            namespace: self.handle.id,
+            name: name.to_owned(),
+            handle: handle.id,
+        });
+        Stub {
+            handle: Arc::new(handle),
+        }
+    }
+
+    /// The namespace's objects that have stored data, in order of their hex IDs, after the hex
+    /// ID `start_after` (`None`: from the start); at most `limit` of them (between 1 and the
+    /// host's `list_objects_max`, 1000 by default, else [`Error::InvalidArgument`]).
+    pub fn list_objects(&self, start_after: Option<&str>, limit: u32) -> Pending<ObjectPage> {
+        let (namespace, start_after) = (self.handle.id, start_after.unwrap_or("").to_owned());
+        self.shared().call(|reply| Command::ListObjects {
+            namespace,
+            start_after,
+            limit,
+            reply,
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+}
+
+impl fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Namespace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stub: a capability to one object. Cheap to clone; the clones are the same stub, so calls
+/// made on any of them keep one order.
+///
+/// Calls made on a stub are delivered to the object in the order they were made (E-order):
+/// the order of the calls to [`Stub::fetch`], not of the awaits. A stub breaks when its object
+/// is reset (a panic in the object's code, a failed commit), the host shuts down or the
+/// connection is lost: its calls then fail with [`Error::Disconnected`], and it stays broken.
+/// Get a new stub from the namespace.
+#[derive(Clone)]
+pub struct Stub {
+    handle: Arc<Handle>,
+}
+
+impl Stub {
+    /// Sends `request` to the object. The call is sent now, taking its place in the stub's
+    /// order; await the [`Pending`] for the response. Dropping the `Pending` does not cancel
+    /// the call.
+    ///
+    /// Errors: [`Error::Remote`] when the object's code failed; [`Error::Disconnected`] when
+    /// the stub is broken (get a new one); [`Error::Overloaded`] when too many calls are
+    /// queued for the object, the host or this client (back off); [`Error::InvalidArgument`]
+    /// for a refused argument (a bad ID or name, a request over [`REQUEST_BYTES_MAX`]).
+    pub fn fetch(&self, request: Request) -> Pending<Response> {
+        let size = request_bytes(&request);
+        if size > REQUEST_BYTES_MAX {
+            return Pending::refused(Error::InvalidArgument(format!(
+                "request of about {size} bytes is over the limit of {REQUEST_BYTES_MAX} bytes \
+                 (REQUEST_BYTES_MAX)"
+            )));
+        }
+        let stub = self.handle.id;
+        self.handle.shared.call(|reply| Command::Fetch {
+            stub,
+            request,
+            reply,
+        })
+    }
+
+    /// [`Stub::fetch`] of a request with `method`, `path` (with its query, e.g. `/a?b=1`) and
+    /// `body`, and no headers. A method or path that does not parse fails with
+    /// [`Error::InvalidArgument`].
+    pub fn call(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Pending<Response> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body.into());
+        match request {
+            Ok(request) => self.fetch(request),
+            Err(error) => Pending::refused(Error::InvalidArgument(format!(
+                "invalid request {method} {path:?}: {error}"
+            ))),
+        }
+    }
+}
+
+impl fmt::Debug for Stub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stub")
+            .field("handle", &self.handle.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A namespace and the class it is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NamespaceInfo {
+    /// The namespace's name.
+    pub name: String,
+    /// The name of the class its objects are instances of.
+    pub class_name: String,
+}
+
+/// One page of [`Namespace::list_objects`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ObjectPage {
+    /// The objects' IDs, in order of their hex form; with their names when they were reached
+    /// by name.
+    pub ids: Vec<ObjectId>,
+    /// Whether more objects follow.
+    pub more: bool,
+}
+
+impl ObjectPage {
+    /// The `start_after` of the next page, when there is one.
+    pub fn next_start_after(&self) -> Option<String> {
+        self.ids.last().filter(|_| self.more).map(ObjectId::to_hex)
+    }
+}
+
+/// The answer to a call that was sent when it was made: a future of the call's result.
+///
+/// Dropping it does not cancel the call. It keeps the connection open until it is done.
+#[must_use = "the call was sent; await the Pending for its answer"]
+pub struct Pending<T> {
+    state: PendingState<T>,
+}
+
+enum PendingState<T> {
+    Sent {
+        answer: oneshot::Receiver<Result<T, Error>>,
+        /// Keeps the driver alive until the answer is delivered, also when every other handle
+        /// was dropped meanwhile.
+        _client: Arc<Shared>,
+    },
+    /// Refused before it was sent; `None` once taken.
+    Refused(Option<Error>),
+}
+
+impl<T> Pending<T> {
+    fn refused(error: Error) -> Pending<T> {
+        Pending {
+            state: PendingState::Refused(Some(error)),
+        }
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T, Error>> {
+        match &mut self.get_mut().state {
+            PendingState::Sent { answer, .. } => Pin::new(answer)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(driver_stopped()))),
+            PendingState::Refused(error) => Poll::Ready(Err(error
+                .take()
+                .expect("`Pending` polled after it completed"))),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
+}
+
+fn driver_stopped() -> Error {
+    Error::Disconnected("the client's connection driver stopped".into())
+}
+
+/// What every handle of one connection shares.
+struct Shared {
+    /// The driver's command channel. Unbounded so that sending never waits, which keeps the
+    /// order of calls the order they were made; calls in flight are bounded by `in_flight`,
+    /// and pipelined capabilities by the handles the caller holds.
+    commands: mpsc::UnboundedSender<Command>,
+    /// The id of the next handle (namespace or stub) in the driver's table.
+    next_handle: AtomicU64,
+    /// Calls in flight, at most [`CALLS_IN_FLIGHT_MAX`].
+    in_flight: Arc<AtomicUsize>,
+    addr: ListenAddr,
+}
+
+impl Shared {
+    /// Sends a command. When the driver is gone, a call's reply sender is dropped with the
+    /// command and its caller sees [`driver_stopped`]; a release has nothing left to release.
+    fn send(&self, command: Command) {
+        let _ = self.commands.send(command);
+    }
+
+    fn new_handle(self: &Arc<Self>) -> Handle {
+        Handle {
+            id: self.next_handle.fetch_add(1, Ordering::Relaxed),
+            shared: self.clone(),
+        }
+    }
+
+    /// Sends the call `make` builds around its reply, if a place in flight is free.
+    fn call<T>(self: &Arc<Self>, make: impl FnOnce(Reply<T>) -> Command) -> Pending<T> {
+        let Some(slot) = Slot::take(&self.in_flight) else {
+            return Pending::refused(Error::Overloaded(format!(
+                "{CALLS_IN_FLIGHT_MAX} calls in flight on this client (CALLS_IN_FLIGHT_MAX): \
+                 await some answers before making more calls"
+            )));
+        };
+        let (sender, answer) = oneshot::channel();
+        self.send(make(Reply {
+            sender,
+            _slot: slot,
+        }));
+        Pending {
+            state: PendingState::Sent {
+                answer,
+                _client: self.clone(),
+            },
+        }
+    }
+}
+
+/// One place among the [`CALLS_IN_FLIGHT_MAX`] calls in flight, given back when dropped: by
+/// the driver once the answer is delivered, or with a command the driver never took.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(in_flight: &Arc<AtomicUsize>) -> Option<Slot> {
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= CALLS_IN_FLIGHT_MAX {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(in_flight.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A namespace's or stub's entry in the driver's table; dropping the last reference releases
+/// the capability.
+struct Handle {
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Sent after every command made through this handle, so after all its calls.
+        self.shared.send(Command::Release { handle: self.id });
+    }
+}
+
+/// Where the driver delivers a call's answer.
+struct Reply<T> {
+    sender: oneshot::Sender<Result<T, Error>>,
+    _slot: Slot,
+}
+
+impl<T> Reply<T> {
+    fn send(self, answer: Result<T, Error>) {
+        // The caller may have stopped waiting; the answer is then dropped.
+        let _ = self.sender.send(answer);
+    }
+}
+
+/// A request to the driver. Handles are ids in the driver's table of capabilities.
+// `Fetch` is the largest variant and by far the most frequent: boxing its request would cost
+// an allocation per call to make the rare commands smaller.
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    Namespace {
+        handle: u64,
+        name: String,
+    },
+    ListNamespaces(Reply<Vec<NamespaceInfo>>),
+    NewUniqueId {
+        namespace: u64,
+        reply: Reply<ObjectId>,
+    },
+    IdFromName {
+        namespace: u64,
+        name: String,
+        reply: Reply<ObjectId>,
+    },
+    IdFromString {
+        namespace: u64,
+        text: String,
+        reply: Reply<ObjectId>,
+    },
+    Get {
+        namespace: u64,
+        id: ObjectId,
+        handle: u64,
+    },
+    GetByName {
+        namespace: u64,
+        name: String,
+        handle: u64,
+    },
+    ListObjects {
+        namespace: u64,
+        start_after: String,
+        limit: u32,
+        reply: Reply<ObjectPage>,
+    },
+    Fetch {
+        stub: u64,
+        request: Request,
+        reply: Reply<Response>,
+    },
+    Release {
+        handle: u64,
+    },
+}
+
+/// An estimate of the bytes `request` takes on the wire, never below the real size: its parts,
+/// plus room for the pointers and padding of each, plus the call's own header.
+fn request_bytes(request: &Request) -> usize {
+    const PART_OVERHEAD_BYTES: usize = 64;
+    const CALL_OVERHEAD_BYTES: usize = 1024;
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + PART_OVERHEAD_BYTES)
+        .sum();
+    let uri = request.uri();
+    // As `Uri`'s text form adds them up, without building it.
+    let uri_bytes = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(1, |path| path.as_str().len());
+    CALL_OVERHEAD_BYTES
+        + request.method().as_str().len()
+        + uri_bytes
+        + headers
+        + request.body().len()
+}
+
+fn read_id(reader: object_id::Reader<'_>) -> capnp::Result<ObjectId> {
+    let bytes = reader.get_bytes()?;
+    let bytes: [u8; ID_BYTES] = bytes.try_into().map_err(|_| {
+        capnp::Error::failed(format!("the host sent an id of {} bytes", bytes.len()))
+    })?;
+    let name = reader.get_name()?.to_str()?;
+    Ok(ObjectId::from_host(
+        bytes,
+        (!name.is_empty()).then(|| name.to_owned()),
+    ))
+}
+
+fn read_namespaces(
+    list: capnp::struct_list::Reader<'_, namespace_info::Owned>,
+) -> capnp::Result<Vec<NamespaceInfo>> {
+    list.iter()
+        .map(|info| {
+            Ok(NamespaceInfo {
+                name: info.get_name()?.to_string()?,
+                class_name: info.get_class_name()?.to_string()?,
+            })
+        })
+        .collect()
+}
+
+fn read_page(results: namespace::list_objects_results::Reader<'_>) -> capnp::Result<ObjectPage> {
+    let ids = results
+        .get_ids()?
+        .iter()
+        .map(read_id)
+        .collect::<capnp::Result<_>>()?;
+    Ok(ObjectPage {
+        ids,
+        more: results.get_more(),
+    })
+}
+
+/// The driver thread: the connection, its RPC system and every capability of the client.
+mod driver {
+    use super::*;
+
+    /// Runs a driver for a connection to `addr` until every handle of the client is dropped;
+    /// reports on `ready` whether the connection was made.
+    pub(super) fn run(
+        addr: ListenAddr,
+        commands: mpsc::UnboundedReceiver<Command>,
+        ready: oneshot::Sender<Result<(), Error>>,
+    ) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                let _ = ready.send(Err(Error::Disconnected(format!(
+                    "starting the client's runtime: {error}"
+                ))));
+                return;
+            }
+        };
+        // Dropped at the end, before the runtime: with it go the RPC system and the calls in
+        // flight, which closes the connection.
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr)).await {
+                Ok(Ok(host)) => {
+                    let _ = ready.send(Ok(()));
+                    Driver::new(host).serve(commands).await;
+                }
+                Ok(Err(error)) => {
+                    let message = format!("connecting to {addr}: {error}");
+                    let _ = ready.send(Err(Error::Disconnected(message)));
+                }
+                Err(_) => {
+                    let message =
+                        format!("connecting to {addr}: timed out after {CONNECT_TIMEOUT:?}");
+                    let _ = ready.send(Err(Error::Disconnected(message)));
+                }
+            }
+        });
+    }
+
+    /// Opens the connection and starts its RPC system on the local set.
+    async fn connect(addr: &ListenAddr) -> std::io::Result<host::Client> {
+        match addr {
+            ListenAddr::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                // Request/response RPC would otherwise wait on Nagle's algorithm.
+                stream.set_nodelay(true)?;
+                let (reader, writer) = stream.into_split();
+                Ok(start_rpc(reader, writer))
+            }
+            ListenAddr::Unix(path) => {
+                let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
+                Ok(start_rpc(reader, writer))
+            }
+        }
+    }
+
+    fn start_rpc<R, W>(reader: R, writer: W) -> host::Client
+    where
+        R: tokio::io::AsyncRead + Unpin + 'static,
+        W: tokio::io::AsyncWrite + Unpin + 'static,
+    {
+        let network = twoparty::VatNetwork::new(
+            reader.compat(),
+            writer.compat_write(),
+            Side::Client,
+            // The host's bound on messages, for its answers too.
+            crate::rpc::reader_options(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let host = rpc.bootstrap(Side::Server);
+        tokio::task::spawn_local(rpc);
+        host
+    }
+
+    /// A capability in the driver's table.
+    enum Capability {
+        Namespace(namespace::Client),
+        Stub(durable_object::Client),
+    }
+
+    struct Driver {
+        host: host::Client,
+        /// Namespaces and stubs by handle id; an entry lives until its handle is dropped.
+        capabilities: HashMap<u64, Capability>,
+    }
+
+    impl Driver {
+        fn new(host: host::Client) -> Driver {
+            Driver {
+                host,
+                capabilities: HashMap::new(),
+            }
+        }
+
+        /// Takes commands until the channel closes, which is when every handle is dropped.
+        async fn serve(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+            let mut batch = Vec::with_capacity(COMMAND_BATCH_MAX);
+            while commands.recv_many(&mut batch, COMMAND_BATCH_MAX).await > 0 {
+                for command in batch.drain(..) {
+                    self.handle(command);
+                }
+            }
+        }
+
+        /// Issues the command's capnp call now, synchronously: this is where the order of calls
+        /// is kept. Only the wait for the answer runs in a task of its own.
+        fn handle(&mut self, command: Command) {
+            match command {
+                Command::Namespace { handle, name } => {
+                    let mut call = self.host.namespace_request();
+                    call.get().set_name(&name);
+                    let namespace = call.send().pipeline.get_namespace();
+                    self.capabilities
+                        .insert(handle, Capability::Namespace(namespace));
+                }
+                Command::ListNamespaces(reply) => {
+                    let promise = self.host.list_namespaces_request().send().promise;
+                    answer(reply, promise, |r| {
+                        read_namespaces(r.get()?.get_namespaces()?)
+                    });
+                }
+                Command::Get {
+                    namespace,
+                    id,
+                    handle,
+                } => self.get(namespace, &id, handle),
+                Command::GetByName {
+                    namespace,
+                    name,
+                    handle,
+                } => self.get_by_name(namespace, &name, handle),
+                Command::Fetch {
+                    stub,
+                    request,
+                    reply,
+                } => self.fetch(stub, &request, reply),
+                Command::Release { handle } => {
+                    self.capabilities.remove(&handle);
+                }
+                Command::NewUniqueId { namespace, reply } => {
+                    self.on_namespace(namespace, reply, |namespace, reply| {
+                        let promise = namespace.new_unique_id_request().send().promise;
+                        answer(reply, promise, |r| read_id(r.get()?.get_id()?));
+                    })
+                }
+                Command::IdFromName {
+                    namespace,
+                    name,
+                    reply,
+                } => self.on_namespace(namespace, reply, |namespace, reply| {
+                    let mut call = namespace.id_from_name_request();
+                    call.get().set_name(&name);
+                    answer(reply, call.send().promise, |r| read_id(r.get()?.get_id()?));
+                }),
+                Command::IdFromString {
+                    namespace,
+                    text,
+                    reply,
+                } => self.on_namespace(namespace, reply, |namespace, reply| {
+                    let mut call = namespace.id_from_string_request();
+                    call.get().set_id(&text);
+                    answer(reply, call.send().promise, |r| read_id(r.get()?.get_id()?));
+                }),
+                Command::ListObjects {
+                    namespace,
+                    start_after,
+                    limit,
+                    reply,
+                } => self.on_namespace(namespace, reply, |namespace, reply| {
+                    let mut call = namespace.list_objects_request();
+                    call.get().set_start_after(&start_after);
+                    call.get().set_limit(limit);
+                    answer(reply, call.send().promise, |r| read_page(r.get()?));
+                }),
+            }
+        }
+
+        fn get(&mut self, namespace: u64, id: &ObjectId, handle: u64) {
+            if let Some(namespace) = self.namespace(namespace) {
+                let mut call = namespace.get_request();
+                let mut builder = call.get().init_id();
+                builder.set_bytes(id.bytes());
+                builder.set_name(id.name().unwrap_or(""));
+                let stub = call.send().pipeline.get_stub();
+                self.capabilities.insert(handle, Capability::Stub(stub));
+            }
+        }
+
+        fn get_by_name(&mut self, namespace: u64, name: &str, handle: u64) {
+            if let Some(namespace) = self.namespace(namespace) {
+                let mut call = namespace.get_by_name_request();
+                call.get().set_name(name);
+                let stub = call.send().pipeline.get_stub();
+                self.capabilities.insert(handle, Capability::Stub(stub));
+            }
+        }
+
+        fn fetch(&self, stub: u64, request: &Request, reply: Reply<Response>) {
+            let Some(Capability::Stub(stub)) = self.capabilities.get(&stub) else {
+                return reply.send(Err(unknown_handle()));
+            };
+            let mut call = stub.fetch_request();
+            convert::request_to_capnp(request, call.get().init_request());
+            answer(reply, call.send().promise, |r| {
+                convert::response_from_capnp(r.get()?.get_response()?)
+            });
+        }
+
+        /// Issues a call on the namespace `handle` with `issue`.
+        fn on_namespace<T>(
+            &self,
+            handle: u64,
+            reply: Reply<T>,
+            issue: impl FnOnce(&namespace::Client, Reply<T>),
+        ) {
+            match self.namespace(handle) {
+                Some(namespace) => issue(namespace, reply),
+                None => reply.send(Err(unknown_handle())),
+            }
+        }
+
+        fn namespace(&self, handle: u64) -> Option<&namespace::Client> {
+            match self.capabilities.get(&handle) {
+                Some(Capability::Namespace(namespace)) => Some(namespace),
+                _ => None,
+            }
+        }
+    }
+
+    /// A handle is released only after every command made through it, so a command always
+    /// finds its capability; this answers one that does not, should that ever break.
+    fn unknown_handle() -> Error {
+        Error::Disconnected("the client lost track of this capability".into())
+    }
+
+    /// Awaits `promise` in a local task and delivers what `read` makes of it.
+    fn answer<X, T>(
+        reply: Reply<T>,
+        promise: impl Future<Output = capnp::Result<X>> + 'static,
+        read: impl FnOnce(X) -> capnp::Result<T> + 'static,
+    ) where
+        X: 'static,
+        T: 'static,
+    {
+        tokio::task::spawn_local(async move {
+            let answer = promise.await.and_then(read).map_err(Error::from);
+            reply.send(answer);
+        });
+    }
+}
