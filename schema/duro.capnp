@@ -20,6 +20,12 @@ interface Host {
 
   listNamespaces @1 () -> (namespaces :List(NamespaceInfo));
   # Every namespace of the host with the class it is bound to, ordered by name.
+
+  authenticate @2 (token :Text) -> (host :Host);
+  # When the host was started with a token (`duro serve --token-file`), the bootstrap Host
+  # answers every other method with `failed` "unauthenticated", and this method returns the
+  # working Host for the right token (a wrong one gets the same error, after a short delay).
+  # Without a token, it returns the Host itself, whatever the token.
 }
 
 struct NamespaceInfo {

@@ -75,6 +75,7 @@ impl Server {
                 limits: HostLimits::default(),
                 storage_limits: Limits::default(),
                 lmdb: Default::default(),
+                token: None,
                 wrap_backend: None,
             },
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
@@ -142,6 +143,13 @@ impl Builder {
     /// The HTTP gateway's options.
     pub fn gateway_options(mut self, options: GatewayOptions) -> Builder {
         self.gateway = options;
+        self
+    }
+
+    /// Requires clients to call `Host.authenticate(token)` before anything else. The token
+    /// is compared in constant time; a wrong one is answered after a short delay.
+    pub fn token(mut self, token: impl Into<String>) -> Builder {
+        self.config.token = Some(Arc::from(token.into()));
         self
     }
 
@@ -239,8 +247,10 @@ impl Builder {
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
+            let has_token = self.config.token.is_some();
             let host = Host::open(self.config)?;
             let listener = Listener::bind(&self.listen).await?;
+            warn_if_open(&self.listen, self.http, has_token);
             let mut http_addr = None;
             if let Some(addr) = self.http {
                 let http = TcpListener::bind(addr).await?;
@@ -259,6 +269,21 @@ impl Builder {
             host.shutdown().await;
             Ok(())
         })
+    }
+}
+
+/// Warns when the host is reachable beyond this machine without a token.
+fn warn_if_open(listen: &ListenAddr, http: Option<SocketAddr>, has_token: bool) {
+    if let ListenAddr::Tcp(addr) = listen
+        && !addr.ip().is_loopback()
+        && !has_token
+    {
+        tracing::warn!(%addr, "listening beyond loopback without a token: anyone who can reach it can use every object (see --token-file)");
+    }
+    if let Some(addr) = http
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, "the HTTP gateway listens beyond loopback and has no authentication");
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct Config {
     pub(crate) limits: HostLimits,
     pub(crate) storage_limits: Limits,
     pub(crate) lmdb: storage::lmdb::LmdbOptions,
+    /// The token clients must present (`Host.authenticate`), if any.
+    pub(crate) token: Option<Arc<str>>,
     /// Wraps the opened backend, e.g. to inject faults in tests.
     pub(crate) wrap_backend: Option<WrapBackend>,
 }
@@ -92,6 +94,8 @@ pub(crate) struct HostInner {
     pub(crate) limits: HostLimits,
     /// Activations in every namespace's registry.
     active: Cell<usize>,
+    /// The token clients must present, if any.
+    token: Option<Arc<str>>,
     /// The writer thread; taken at shutdown.
     writer: RefCell<Option<Writer>>,
 }
@@ -148,6 +152,7 @@ impl Host {
             storage: shared,
             limits: config.limits.clone(),
             active: Cell::new(0),
+            token: config.token.clone(),
             writer: RefCell::new(Some(writer)),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
@@ -165,6 +170,11 @@ impl Host {
         namespaces
             .map(|ns| (ns.name.clone(), ns.class_name.clone()))
             .collect()
+    }
+
+    /// The token clients must present, if the host has one.
+    pub(crate) fn token(&self) -> Option<Arc<str>> {
+        self.inner.token.clone()
     }
 
     /// The bootstrap capability of the wire protocol, served by this host.

@@ -20,6 +20,46 @@ use crate::id::{self, ObjectId};
 /// largest body a request should carry.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
 
+/// Most calls one connection may have in flight. Each holds a task and its buffers, and
+/// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
+pub const CONNECTION_CALLS_MAX: usize = 4096;
+
+/// Largest response body sent back: a bigger message would be refused by the peer's reader
+/// (and take the whole connection down with it), so the call fails alone instead.
+pub const RESPONSE_BODY_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
+
+/// Pause before answering a wrong token, to slow down guessing.
+const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// What the servers of one connection share.
+#[derive(Default)]
+struct Connection {
+    /// Calls of this connection that have not answered yet.
+    in_flight: std::cell::Cell<usize>,
+}
+
+/// Counts a call of a connection while it lives.
+struct InFlight(std::rc::Rc<Connection>);
+
+impl InFlight {
+    fn admit(connection: &std::rc::Rc<Connection>) -> Result<InFlight, capnp::Error> {
+        let count = connection.in_flight.get();
+        if count >= CONNECTION_CALLS_MAX {
+            return Err(capnp::Error::overloaded(format!(
+                "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
+            )));
+        }
+        connection.in_flight.set(count + 1);
+        Ok(InFlight(connection.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+    }
+}
+
 /// Reader options for every connection: the message size bound, and capnp's nesting bound.
 pub fn reader_options() -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();
@@ -28,8 +68,75 @@ pub fn reader_options() -> capnp::message::ReaderOptions {
     options
 }
 
+/// The bootstrap capability of one connection: the Host, or a guard asking for the token.
 pub(crate) fn bootstrap(host: Host) -> host::Client {
-    capnp_rpc::new_client(HostServer { host })
+    let connection = std::rc::Rc::new(Connection::default());
+    let real: host::Client = capnp_rpc::new_client(HostServer {
+        host: host.clone(),
+        connection,
+    });
+    match host.token() {
+        Some(token) => capnp_rpc::new_client(GuardServer { token, host: real }),
+        None => real,
+    }
+}
+
+/// The bootstrap Host of a host with a token: nothing but `authenticate` works.
+struct GuardServer {
+    token: std::sync::Arc<str>,
+    host: host::Client,
+}
+
+fn unauthenticated() -> capnp::Error {
+    capnp::Error::failed("unauthenticated: call authenticate with the host's token first".into())
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+impl host::Server for GuardServer {
+    fn namespace(
+        self: Rc<Self>,
+        _: host::NamespaceParams,
+        _: host::NamespaceResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
+    fn list_namespaces(
+        self: Rc<Self>,
+        _: host::ListNamespacesParams,
+        _: host::ListNamespacesResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
+    fn authenticate(
+        self: Rc<Self>,
+        params: host::AuthenticateParams,
+        mut results: host::AuthenticateResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let right = params.get().and_then(|p| {
+            Ok(constant_time_eq(
+                p.get_token()?.as_bytes(),
+                self.token.as_bytes(),
+            ))
+        });
+        async move {
+            if right? {
+                results.get().set_host(self.host.clone());
+                return Ok(());
+            }
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            Err(unauthenticated())
+        }
+    }
 }
 
 /// Serves the protocol on one connection until the peer leaves. Dropping the future drops the
@@ -57,6 +164,7 @@ fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {
 
 struct HostServer {
     host: Host,
+    connection: std::rc::Rc<Connection>,
 }
 
 impl host::Server for HostServer {
@@ -73,7 +181,10 @@ impl host::Server for HostServer {
                 .ok_or_else(|| capnp::Error::failed(format!("unknown namespace '{name}'")))?;
             results
                 .get()
-                .set_namespace(capnp_rpc::new_client(NamespaceServer { namespace }));
+                .set_namespace(capnp_rpc::new_client(NamespaceServer {
+                    namespace,
+                    connection: self.connection.clone(),
+                }));
             Ok(())
         })())
     }
@@ -96,6 +207,7 @@ impl host::Server for HostServer {
 
 struct NamespaceServer {
     namespace: Namespace,
+    connection: std::rc::Rc<Connection>,
 }
 
 fn write_id(id: &ObjectId, mut builder: object_id::Builder) {
@@ -103,8 +215,11 @@ fn write_id(id: &ObjectId, mut builder: object_id::Builder) {
     builder.set_name(id.name().unwrap_or(""));
 }
 
-fn stub_client(stub: Stub) -> durable_object::Client {
-    capnp_rpc::new_client(StubServer { stub })
+fn stub_client(stub: Stub, connection: &std::rc::Rc<Connection>) -> durable_object::Client {
+    capnp_rpc::new_client(StubServer {
+        stub,
+        connection: connection.clone(),
+    })
 }
 
 impl namespace::Server for NamespaceServer {
@@ -156,7 +271,7 @@ impl namespace::Server for NamespaceServer {
             let id = self.namespace.check_id(id.get_bytes()?, name)?;
             results
                 .get()
-                .set_stub(stub_client(self.namespace.get(&id)?));
+                .set_stub(stub_client(self.namespace.get(&id)?, &self.connection));
             Ok(())
         })())
     }
@@ -168,9 +283,10 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let name = text(params.get()?.get_name()?)?;
-            results
-                .get()
-                .set_stub(stub_client(self.namespace.get_by_name(name)?));
+            results.get().set_stub(stub_client(
+                self.namespace.get_by_name(name)?,
+                &self.connection,
+            ));
             Ok(())
         })())
     }
@@ -203,6 +319,7 @@ impl namespace::Server for NamespaceServer {
 
 struct StubServer {
     stub: Stub,
+    connection: std::rc::Rc<Connection>,
 }
 
 impl durable_object::Server for StubServer {
@@ -212,13 +329,20 @@ impl durable_object::Server for StubServer {
         mut results: durable_object::FetchResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
-        let stub = self.stub.clone();
-        let call = params
-            .get()
-            .and_then(|p| convert::request_from_capnp(p.get_request()?))
-            .map(|request| stub.fetch(request));
+        let call = InFlight::admit(&self.connection).and_then(|in_flight| {
+            let request = convert::request_from_capnp(params.get()?.get_request()?)?;
+            Ok((in_flight, self.stub.fetch(request)))
+        });
         async move {
-            let response = call?.await?;
+            let (_in_flight, call) = call?;
+            let response = call.await?;
+            let len = response.body().len();
+            if len > RESPONSE_BODY_BYTES_MAX {
+                return Err(capnp::Error::failed(format!(
+                    "remote: the response body is {len} bytes, over the limit of \
+                     {RESPONSE_BODY_BYTES_MAX} bytes (RESPONSE_BODY_BYTES_MAX)"
+                )));
+            }
             convert::response_to_capnp(&response, results.get().init_response());
             Ok(())
         }
