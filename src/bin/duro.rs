@@ -65,9 +65,18 @@ struct ServeArgs {
     /// The largest request body the HTTP gateway accepts; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     http_body_max_bytes: usize,
+    /// A file holding the token Cap'n Proto clients must present with `Host.authenticate`
+    /// before anything else (surrounding whitespace is ignored). Without it, anyone who can
+    /// connect may use every object: keep the default loopback address, or set a token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
+    let token = match &args.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
     let mut builder = Server::builder()
         .builtins()
         .listen(args.listen)
@@ -79,7 +88,25 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     if let Some(http) = args.http {
         builder = builder.http(http);
     }
+    if let Some(token) = token {
+        builder = builder.token(token);
+    }
     builder.run()
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, duro::StartError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("reading the token file {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        let message = format!("the token file {} is empty", path.display());
+        return Err(std::io::Error::other(message).into());
+    }
+    Ok(token.to_owned())
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,182 @@
+//! Who may come in, what a connection may ask for, and what garbage does to the server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use duro::duro_capnp::host;
+use duro::testing::{TestServer, fetch_by_name, fetch_call, request, run_local};
+use duro::{BoxError, DurableObject, Error, Request, Response, Server};
+
+fn refused_as_unauthenticated(result: Result<Response, Error>) {
+    match result {
+        Err(Error::InvalidArgument(message)) => {
+            assert!(message.contains("unauthenticated"), "{message}")
+        }
+        other => panic!("expected unauthenticated, got {other:?}"),
+    }
+}
+
+async fn authenticate(host: &host::Client, token: &str) -> Result<host::Client, Error> {
+    let mut call = host.authenticate_request();
+    call.get().set_token(token);
+    let reply = call.send().promise.await?;
+    Ok(reply.get()?.get_host()?)
+}
+
+#[test]
+fn with_a_token_only_authenticated_clients_get_in() {
+    let server = TestServer::start(Server::builder().builtins().token("s3cret token"));
+    run_local(async {
+        let host = server.connect().await;
+        refused_as_unauthenticated(fetch_by_name(&host, "counter", "a", "POST", "/", b"").await);
+        let list = host
+            .list_namespaces_request()
+            .send()
+            .promise
+            .await
+            .map(|_| ());
+        assert!(list.is_err());
+        let wrong = authenticate(&host, "s3cret tokeN")
+            .await
+            .err()
+            .expect("a wrong token is refused");
+        assert!(
+            matches!(wrong, Error::InvalidArgument(ref m) if m.contains("unauthenticated")),
+            "{wrong:?}"
+        );
+        let prefix = authenticate(&host, "s3cret").await;
+        assert!(prefix.is_err(), "a prefix of the token is not the token");
+        let real = authenticate(&host, "s3cret token").await.unwrap();
+        let response = fetch_by_name(&real, "counter", "a", "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(response.body().as_ref(), b"1");
+        // The bootstrap itself stays locked.
+        refused_as_unauthenticated(fetch_by_name(&host, "counter", "a", "POST", "/", b"").await);
+    });
+}
+
+#[test]
+fn without_a_token_authenticate_hands_back_the_host() {
+    let server = TestServer::start(Server::builder().builtins());
+    run_local(async {
+        let host = server.connect().await;
+        let same = authenticate(&host, "anything").await.unwrap();
+        let response = fetch_by_name(&same, "counter", "a", "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(response.body().as_ref(), b"1");
+    });
+}
+
+#[test]
+fn a_unix_socket_is_for_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("duro.sock");
+    let server = Server::builder()
+        .builtins()
+        .data_dir(dir.path().join("data"))
+        .listen(duro::ListenAddr::Unix(socket.clone()))
+        .start()
+        .unwrap();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    run_local(async {
+        let addr = format!("unix:{}", socket.display());
+        let client = duro::client::Client::connect(addr.as_str()).await.unwrap();
+        let stub = client.namespace("counter").get_by_name("u");
+        let response = stub.fetch(request("POST", "/", b"")).await.unwrap();
+        assert_eq!(response.body().as_ref(), b"1");
+    });
+    server.shutdown();
+}
+
+/// Never answers; counts the calls it holds.
+struct Hang(Arc<AtomicUsize>);
+
+impl DurableObject for Hang {
+    async fn fetch(&self, _request: Request) -> Result<Response, BoxError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+#[test]
+fn a_connection_may_hold_only_so_many_calls() {
+    let held = Arc::new(AtomicUsize::new(0));
+    let counter = held.clone();
+    let builder = Server::builder()
+        .builtins()
+        .class("hang", move |_state, _env| Hang(counter.clone()))
+        .namespace("hang", "hang");
+    let server = TestServer::start(builder);
+    run_local(async {
+        let host = server.connect().await;
+        let mut ns = host.namespace_request();
+        ns.get().set_name("hang");
+        let ns = ns.send().pipeline.get_namespace();
+        let max = duro::rpc::CONNECTION_CALLS_MAX;
+        let mut calls = Vec::new();
+        for i in 0..max {
+            let mut get = ns.get_by_name_request();
+            get.get().set_name(&format!("h{}", i % 8));
+            let stub = get.send().pipeline.get_stub();
+            calls.push(fetch_call(&stub, &request("GET", "/", b"")));
+        }
+        while held.load(Ordering::SeqCst) < max {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut get = ns.get_by_name_request();
+        get.get().set_name("h0");
+        let stub = get.send().pipeline.get_stub();
+        let refused = duro::testing::fetch(&stub, request("GET", "/", b"")).await;
+        assert!(
+            matches!(refused, Err(Error::Overloaded(ref m)) if m.contains("CONNECTION_CALLS_MAX")),
+            "{refused:?}"
+        );
+        // Another connection is not affected.
+        let other = server.connect().await;
+        let response = fetch_by_name(&other, "counter", "c", "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(response.body().as_ref(), b"1");
+        drop(calls);
+    });
+}
+
+/// Garbage on one connection closes it; the server and other connections carry on.
+#[test]
+fn garbage_on_the_wire_harms_no_one_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(Server::builder().builtins());
+    run_local(async {
+        let healthy = server.connect().await;
+        let junk: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            vec![0xff; 4096],
+            // A frame header announcing 2^31 words in one segment.
+            vec![0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f],
+            // A truncated frame: header promises 100 words, 3 bytes follow.
+            vec![0, 0, 0, 0, 100, 0, 0, 0, 1, 2, 3],
+        ];
+        for bytes in junk {
+            let mut stream = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+            stream.write_all(&bytes).await.unwrap();
+            let _ = stream.shutdown().await;
+            let mut sink = Vec::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read_to_end(&mut sink),
+            );
+            assert!(
+                read.await.is_ok(),
+                "the server must end a connection that sent garbage"
+            );
+            let response = fetch_by_name(&healthy, "counter", "alive", "POST", "/", b"")
+                .await
+                .unwrap();
+            assert!(!response.body().is_empty());
+        }
+    });
+}
