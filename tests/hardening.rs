@@ -120,7 +120,7 @@ fn a_connection_may_hold_only_so_many_calls() {
         let mut calls = Vec::new();
         for i in 0..max {
             let mut get = ns.get_by_name_request();
-            get.get().set_name(&format!("h{}", i % 8));
+            get.get().set_name(format!("h{}", i % 8));
             let stub = get.send().pipeline.get_stub();
             calls.push(fetch_call(&stub, &request("GET", "/", b"")));
         }
