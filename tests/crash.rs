@@ -179,3 +179,32 @@ fn acknowledged_writes_survive_sigkill() {
     served.child.kill().unwrap();
     served.child.wait().unwrap();
 }
+
+/// SIGTERM under load: the server answers or fails every call, keeps every acknowledged write,
+/// and exits cleanly.
+#[test]
+fn sigterm_shuts_down_gracefully_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = Rc::new(RefCell::new(Acknowledged::default()));
+    let mut served = serve(dir.path());
+    run_local(async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let workers: Vec<_> = (0..4)
+            .map(|w| tokio::task::spawn_local(load(served.addr, w, acked.clone(), deadline)))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // SAFETY: kill(2) on the PID of the child this test started; no memory is involved.
+        let sent = unsafe { libc::kill(served.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        // Every worker ends: its calls were answered or failed, none hangs.
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    });
+    let status = served.child.wait().unwrap();
+    assert!(status.success(), "duro serve exited with {status}");
+    let restarted = serve(dir.path());
+    let snapshot = acked.borrow().clone();
+    assert!(!snapshot.txns.is_empty(), "the load acknowledged nothing");
+    run_local(check(restarted.addr, &snapshot));
+}

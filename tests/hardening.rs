@@ -180,3 +180,56 @@ fn garbage_on_the_wire_harms_no_one_else() {
         }
     });
 }
+
+/// A full disk (a deliberately small LMDB map): the commit that does not fit resets its object
+/// and fails its caller, nothing of it is visible, reads keep working, and writes work again
+/// once space is freed.
+#[test]
+fn a_full_map_fails_the_write_and_recovers_when_space_returns() {
+    let server = TestServer::start(Server::builder().builtins().map_bytes(1 << 20));
+    run_local(async {
+        let host = server.connect().await;
+        let kv = |method: &'static str, path: String, body: Vec<u8>| {
+            let host = host.clone();
+            async move { fetch_by_name(&host, "kv", "full", method, &path, &body).await }
+        };
+        let value = vec![b'v'; 30 * 1024];
+        let mut stored = Vec::new();
+        let failure = loop {
+            let key = format!("/k/{}", stored.len());
+            match kv("PUT", key.clone(), value.clone()).await {
+                Ok(response) => {
+                    assert_eq!(response.status(), 204);
+                    stored.push(key);
+                }
+                Err(error) => break error,
+            }
+            assert!(stored.len() < 1000, "a 1 MiB map never filled up");
+        };
+        assert!(matches!(failure, Error::Disconnected(_)), "{failure:?}");
+        assert!(!stored.is_empty());
+        // Nothing of the failed commit is visible; what was acknowledged is all there.
+        let missing = kv("GET", format!("/k/{}", stored.len()), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), 404);
+        for key in &stored {
+            let got = kv("GET", key.clone(), Vec::new()).await.unwrap();
+            assert_eq!(got.body().len(), value.len(), "{key}");
+        }
+        // Free space; LMDB reuses freed pages a couple of commits later, so allow a few tries.
+        for key in stored.iter().take(stored.len() / 2) {
+            let deleted = kv("DELETE", key.clone(), Vec::new()).await.unwrap();
+            assert_eq!(deleted.body().as_ref(), b"true");
+        }
+        let mut recovered = false;
+        for attempt in 0..5 {
+            if let Ok(response) = kv("PUT", format!("/k/again{attempt}"), value.clone()).await {
+                assert_eq!(response.status(), 204);
+                recovered = true;
+                break;
+            }
+        }
+        assert!(recovered, "writes did not work again after space was freed");
+    });
+}

@@ -94,6 +94,8 @@ pub(crate) struct HostInner {
     pub(crate) limits: HostLimits,
     /// Activations in every namespace's registry.
     active: Cell<usize>,
+    /// Set when shutdown begins: new calls are refused.
+    closing: Cell<bool>,
     /// The token clients must present, if any.
     token: Option<Arc<str>>,
     /// The writer thread; taken at shutdown.
@@ -152,6 +154,7 @@ impl Host {
             storage: shared,
             limits: config.limits.clone(),
             active: Cell::new(0),
+            closing: Cell::new(false),
             token: config.token.clone(),
             writer: RefCell::new(Some(writer)),
         });
@@ -197,8 +200,15 @@ impl Host {
         self.inner.evict(|_| true, usize::MAX)
     }
 
-    /// Breaks every stub, lets in-flight commits finish, and stops the writer.
+    /// Shuts down gracefully: refuses new calls (`disconnected`), gives running ones up to
+    /// [`SHUTDOWN_GRACE`] to finish (their writes commit and their responses leave), then breaks
+    /// every stub, lets in-flight commits settle, and stops the writer.
     pub async fn shutdown(&self) {
+        self.inner.closing.set(true);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while tokio::time::Instant::now() < deadline && !self.inner.all_idle() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let mut stores = Vec::new();
         for namespace in self.inner.namespaces.values() {
             let activations = std::mem::take(&mut *namespace.activations.borrow_mut());
@@ -222,7 +232,18 @@ impl Host {
     }
 }
 
+/// How long a graceful shutdown waits for running calls.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl HostInner {
+    fn all_idle(&self) -> bool {
+        let mut activations = self.namespaces.values().flat_map(|ns| {
+            let registry = ns.activations.borrow();
+            registry.values().cloned().collect::<Vec<_>>()
+        });
+        activations.all(|a| a.is_idle() || a.is_broken())
+    }
+
     pub(crate) fn namespace(self: &Rc<Self>, name: &str) -> Option<Namespace> {
         let core = self.namespaces.get(name)?.clone();
         Some(Namespace { core })
@@ -455,6 +476,14 @@ impl Stub {
 
     /// The live activation, building a new one if the last was evicted.
     fn current(&self) -> Result<Rc<Activation>, Error> {
+        let host = self
+            .namespace
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
+        if host.closing.get() {
+            return Err(activation::shutting_down());
+        }
         let activation = self.activation.borrow().clone();
         if !activation.is_evicted() {
             return Ok(activation);
