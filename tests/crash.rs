@@ -3,13 +3,14 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use duro::testing::{connect, fetch_by_name, run_local};
+
+mod common;
+use common::serve;
 
 /// Rounds of kill and restart. `DURO_CRASH_ROUNDS` raises it for a longer run.
 fn rounds() -> u32 {
@@ -17,42 +18,6 @@ fn rounds() -> u32 {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(10)
-}
-
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Served {
-    /// A failing test must not leave its server behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data: &std::path::Path) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting duro serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("reading the listen line");
-    let addr = line
-        .trim()
-        .strip_prefix("duro listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("a TCP address");
-    Served { child, addr }
 }
 
 /// What the clients were told is durable.

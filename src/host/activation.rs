@@ -95,6 +95,13 @@ impl Activation {
         self.broken.is_cancelled()
     }
 
+    fn overloaded(&self) -> Error {
+        Error::Overloaded(format!(
+            "object {} has {} requests in progress (object_queue_max)",
+            self.id, self.queue_max
+        ))
+    }
+
     /// Calls waiting for delivery.
     pub(crate) fn queued(&self) -> usize {
         self.gate.queued()
@@ -152,13 +159,13 @@ impl Activation {
     ) -> impl Future<Output = Result<Response, Error>> + use<> {
         let admitted = if self.is_broken() || self.evicted.get() {
             Err(disconnected())
+        } else if self.running.get() >= self.queue_max {
+            Err(self.overloaded())
         } else {
-            self.gate.enqueue(self.queue_max).map_err(|_| {
-                Error::Overloaded(format!(
-                    "object {} has {} requests queued (object_queue_max)",
-                    self.id, self.queue_max
-                ))
-            })
+            // Queued calls are also running ones, so the running bound covers the queue.
+            self.gate
+                .enqueue(self.queue_max)
+                .map_err(|_| self.overloaded())
         };
         // A task of its own, so the call progresses whoever awaits it (an object awaiting
         // another object's call must not stall that object's handler while its gate is shut).

@@ -28,9 +28,9 @@ use crate::storage::{self, Backend, Limits, ObjectRecord, WriterStats};
 /// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.
 #[derive(Clone, Debug)]
 pub struct HostLimits {
-    /// Calls waiting for delivery to one object (default 1000). Past it, new calls are refused
-    /// with `overloaded` while the object serves what it queued: a hot object cannot take all
-    /// of the host's memory.
+    /// Calls admitted to one object and not answered yet, queued or running (default 1000).
+    /// Past it, new calls are refused with `overloaded` while the object serves what it has:
+    /// a hot or slow object cannot take all of the host's memory.
     pub object_queue_max: usize,
     /// Longest namespace name and object name, in bytes (default 1024, as the hosted service).
     pub name_bytes_max: usize,
