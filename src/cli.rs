@@ -24,7 +24,7 @@ pub const EXIT_REFUSED: u8 = 2;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connect {
     /// The server's address: HOST:PORT, or unix:PATH.
-    #[arg(long, default_value = crate::server::DEFAULT_LISTEN)]
+    #[arg(long, env = "DURO_CONNECT", default_value = crate::server::DEFAULT_LISTEN)]
     pub connect: crate::ListenAddr,
 }
 

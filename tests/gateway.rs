@@ -306,8 +306,9 @@ fn a_full_object_queue_is_503_with_retry_after() {
         tokio::time::timeout(ANSWER_TIMEOUT, entered.notified())
             .await
             .expect("the first request is in the handler");
-        // The first holds the object; of three more, two queue and one finds the queue full.
-        let mut waiting: Vec<_> = (0..3)
+        // The first holds the object; of two more, one queues (two calls in progress) and one
+        // finds the object full.
+        let mut waiting: Vec<_> = (0..2)
             .map(|_| tokio::task::spawn_local(call_once(addr, "POST", "/hold/x")))
             .collect();
         let (refused, index, _) = futures::future::select_all(&mut waiting).await;

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 pub struct Served {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The HTTP gateway's address, when it was asked for.
+    pub http: Option<SocketAddr>,
 }
 
 impl Drop for Served {
@@ -21,26 +23,35 @@ impl Drop for Served {
 
 /// Starts `duro serve` on 127.0.0.1 with a port of its own and the data dir `data`.
 pub fn serve(data: &std::path::Path) -> Served {
+    serve_with(data, &[])
+}
+
+/// `serve` with more flags; with `--http`, reads the gateway's address too.
+pub fn serve_with(data: &std::path::Path, flags: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
+        .args(flags)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("starting duro serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("reading the listen line");
-    let addr = line
-        .trim()
-        .strip_prefix("duro listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("a TCP address");
-    Served { child, addr }
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut read_addr = |prefix: &str| -> SocketAddr {
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .expect("reading an address line");
+        let addr = line.trim().strip_prefix(prefix);
+        let addr = addr.unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"));
+        addr.parse().expect("an address")
+    };
+    let addr = read_addr("duro listening on ");
+    let http = flags
+        .contains(&"--http")
+        .then(|| read_addr("duro http gateway on "));
+    Served { child, addr, http }
 }
 
 /// The resident memory of a process, in KiB, from /proc.
