@@ -13,7 +13,6 @@ use std::panic::AssertUnwindSafe;
 use std::rc::{Rc, Weak};
 
 use futures::FutureExt;
-use tokio_util::sync::CancellationToken;
 
 use super::NamespaceCore;
 use super::gate::{self, Gated, InputGate};
@@ -29,8 +28,11 @@ pub(crate) struct Activation {
     instance: RefCell<Option<Rc<dyn ErasedObject>>>,
     gate: Rc<InputGate>,
     pub(crate) store: Rc<ObjectStore>,
-    /// Cancelled at the reset: every call of this activation ends with `disconnected`.
-    broken: CancellationToken,
+    /// Set at the reset: every call of this activation ends with `disconnected`.
+    broken: Cell<bool>,
+    /// The tasks of the calls in progress, aborted at a reset (their callers then get
+    /// `disconnected`). A slot per call, reused.
+    calls: RefCell<Calls>,
     /// Set when the host evicted the idle object: stubs then move to a new activation.
     evicted: Cell<bool>,
     /// Calls admitted and not yet finished; the object is idle only at 0.
@@ -68,7 +70,8 @@ impl Activation {
             instance: RefCell::new(None),
             gate: gate.clone(),
             store: store.clone(),
-            broken: CancellationToken::new(),
+            broken: Cell::new(false),
+            calls: RefCell::default(),
             evicted: Cell::new(false),
             running: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
@@ -92,7 +95,7 @@ impl Activation {
     }
 
     pub(crate) fn is_broken(&self) -> bool {
-        self.broken.is_cancelled()
+        self.broken.get()
     }
 
     fn overloaded(&self) -> Error {
@@ -140,11 +143,15 @@ impl Activation {
 
     /// Resets the object (see the module docs). Idempotent.
     pub(crate) fn reset(&self, reason: &str) {
-        if self.broken.is_cancelled() {
+        if self.broken.get() {
             return;
         }
         tracing::warn!(id = %self.id, reason, "object reset");
-        self.broken.cancel();
+        self.broken.set(true);
+        let calls = std::mem::take(&mut self.calls.borrow_mut().slots);
+        for call in calls.into_iter().flatten() {
+            call.abort();
+        }
         self.store
             .fail(crate::storage::Error::Reset(reason.to_owned()));
         let instance = self.instance.borrow_mut().take();
@@ -172,10 +179,13 @@ impl Activation {
         let task = admitted.map(|ticket| {
             self.last_used.set(std::time::Instant::now());
             let running = Running::new(self.clone());
+            let slot = running.slot;
             let handle = tokio::task::spawn_local(async move {
-                let _running = running;
-                run(_running.0.clone(), ticket, request).await
+                let running = running;
+                run(&running.activation, ticket, request).await
             });
+            // The task has not run yet (it runs when this one yields), so its slot is still its.
+            self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
             AbortOnDrop(handle)
         });
         async move {
@@ -187,19 +197,47 @@ impl Activation {
     }
 }
 
-/// Counts a call as running for as long as it lives (also when it is aborted).
-struct Running(Rc<Activation>);
+/// The abort handles of the calls in progress.
+#[derive(Default)]
+struct Calls {
+    slots: Vec<Option<tokio::task::AbortHandle>>,
+    /// Slots free for reuse.
+    free: Vec<usize>,
+}
+
+/// Counts a call as running, and holds its slot, for as long as it lives (also when aborted).
+struct Running {
+    activation: Rc<Activation>,
+    slot: usize,
+}
 
 impl Running {
     fn new(activation: Rc<Activation>) -> Running {
         activation.running.set(activation.running.get() + 1);
-        Running(activation)
+        let slot = {
+            let mut calls = activation.calls.borrow_mut();
+            match calls.free.pop() {
+                Some(slot) => slot,
+                None => {
+                    calls.slots.push(None);
+                    calls.slots.len() - 1
+                }
+            }
+        };
+        Running { activation, slot }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.running.set(self.0.running.get() - 1);
+        let activation = &self.activation;
+        activation.running.set(activation.running.get() - 1);
+        let mut calls = activation.calls.borrow_mut();
+        // After a reset the slots were taken; there is nothing to give back.
+        if let Some(slot) = calls.slots.get_mut(self.slot) {
+            *slot = None;
+            calls.free.push(self.slot);
+        }
     }
 }
 
@@ -222,28 +260,21 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Runs one call: waits for its turn, runs the handler through the gate, then holds the
+/// response at the output gate. A reset aborts the task wherever it is.
 async fn run(
-    activation: Rc<Activation>,
+    activation: &Rc<Activation>,
     ticket: gate::Ticket,
     request: Request,
 ) -> Result<Response, Error> {
-    let broken = activation.broken.clone();
-    tokio::select! {
-        biased;
-        _ = broken.cancelled() => return Err(disconnected()),
-        _ = ticket => {}
-    }
+    ticket.await;
     let instance = activation
         .instance
         .borrow()
         .clone()
         .ok_or_else(disconnected)?;
     let handler = AssertUnwindSafe(instance.fetch(request)).catch_unwind();
-    let outcome = tokio::select! {
-        biased;
-        _ = broken.cancelled() => return Err(disconnected()),
-        outcome = Gated::new(handler, activation.gate.clone(), gate::next_task_id()) => outcome,
-    };
+    let outcome = Gated::new(handler, activation.gate.clone(), gate::next_task_id()).await;
     let result = match outcome {
         Ok(result) => result,
         Err(panic) => {
@@ -253,13 +284,8 @@ async fn run(
     };
     // The output gate: nothing leaves before the writes made so far are durable.
     let seq = activation.store.written_seq();
-    tokio::select! {
-        biased;
-        _ = broken.cancelled() => return Err(disconnected()),
-        durable = activation.store.wait_durable(seq) => {
-            durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?
-        }
-    }
+    let durable = activation.store.wait_durable(seq).await;
+    durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
     result.map_err(|error| Error::Remote(error.to_string()))
 }
 
