@@ -1,0 +1,193 @@
+//! `echo-baseline` and `noop`, measured in alternation in three shapes: 1 call in flight;
+//! 64 in flight on 1 connection; 4 connections × 64.
+//!
+//! `noop` is `GET` on one warm `counter` object: the handler reads its value from the object's
+//! cache (no I/O) and answers it; so it measures the host's own path (capnp → stub → input gate
+//! → handler → output gate → capnp) over what bare capnp-rpc costs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::capnp_load::{self, EchoBaseline, PAYLOAD};
+use super::child;
+use super::measure::{Budget, Run, Series, drive, drive_all};
+use super::{Selection, Settings};
+use crate::duro_capnp::{durable_object, host};
+
+/// A call of a workload: given the connection's index and the call's number, sends it.
+pub type CallFn = Rc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<(), String>>>>>;
+
+/// Connections and calls in flight on each.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub connections: usize,
+    pub in_flight: usize,
+}
+
+impl Shape {
+    pub fn name(&self) -> String {
+        match self.connections {
+            1 => format!("{} in flight", self.in_flight),
+            n => format!("{n} conns × {}", self.in_flight),
+        }
+    }
+}
+
+pub const SHAPES: [Shape; 3] = [
+    Shape {
+        connections: 1,
+        in_flight: 1,
+    },
+    Shape {
+        connections: 1,
+        in_flight: 64,
+    },
+    Shape {
+        connections: 4,
+        in_flight: 64,
+    },
+];
+
+/// One run of `call` in `shape`, the server's CPU read before and after by `cpu`.
+pub async fn run_shape(
+    shape: Shape,
+    budget: Budget,
+    call: &CallFn,
+    cpu: &dyn Fn() -> Option<Duration>,
+) -> Result<Run, String> {
+    let per_connection = Budget {
+        until: budget.until,
+        ops_max: budget.ops_max / shape.connections as u64,
+    };
+    let drivers = (0..shape.connections).map(|c| {
+        let call = call.clone();
+        drive(shape.in_flight, per_connection, move |i| call(c, i))
+    });
+    let before = cpu();
+    let mut run = drive_all(drivers.collect()).await?;
+    run.server_cpu = before.zip(cpu()).map(|(b, a)| a.saturating_sub(b));
+    Ok(run)
+}
+
+/// A fetch of `method path` on one stub per connection.
+pub fn fetch_on(
+    stubs: Vec<durable_object::Client>,
+    method: &'static str,
+    path: &'static str,
+) -> CallFn {
+    Rc::new(move |c, _| Box::pin(capnp_load::fetch(&stubs[c], method, path, PAYLOAD, &[200])))
+}
+
+pub fn run(settings: &Settings, selection: &Selection) -> Vec<Series> {
+    crate::testing::run_local(run_group(settings, selection))
+}
+
+/// A server under test in this group.
+struct Side {
+    series: Vec<Series>,
+    /// Connects the stubs of one shape.
+    stubs: Box<dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<Vec<durable_object::Client>, String>>>>>,
+    cpu: Box<dyn Fn() -> Option<Duration>>,
+}
+
+async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
+    let mut sides = Vec::new();
+    // Kept alive until the end of the group: the servers.
+    let mut _echo = None;
+    let mut _duro = None;
+    if selection.has("echo-baseline") {
+        match EchoBaseline::start() {
+            Ok(echo) => {
+                let (addr, tid) = (echo.addr, echo.tid);
+                sides.push(Side {
+                    series: SHAPES
+                        .iter()
+                        .map(|s| Series::new("echo-baseline", &s.name()))
+                        .collect(),
+                    stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
+                    cpu: Box::new(move || {
+                        child::cpu_time(&format!("/proc/self/task/{tid}/stat"))
+                    }),
+                });
+                _echo = Some(echo);
+            }
+            Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
+        }
+    }
+    if selection.has("noop") {
+        match child::start_duro(&settings.fresh_dir("noop"), false) {
+            Ok(duro) => {
+                let (addr, pid) = (duro.addr, duro.child.pid());
+                sides.push(Side {
+                    series: SHAPES
+                        .iter()
+                        .map(|s| Series::new("noop", &s.name()))
+                        .collect(),
+                    stubs: Box::new(move |n| Box::pin(counter_stubs(addr, n, "noop"))),
+                    cpu: Box::new(move || child::process_cpu(pid)),
+                });
+                _duro = Some(duro);
+            }
+            Err(e) => return vec![Series::skipped("noop", "all", e)],
+        }
+    }
+    for (s, shape) in SHAPES.iter().enumerate() {
+        let mut calls = Vec::new();
+        for side in &mut sides {
+            match (side.stubs)(shape.connections).await {
+                Ok(stubs) => calls.push(Some(fetch_on(stubs, "GET", "/"))),
+                Err(e) => {
+                    side.series[s].fail(e);
+                    calls.push(None);
+                }
+            }
+        }
+        for (side, call) in sides.iter_mut().zip(&calls) {
+            if let Some(call) = call
+                && let Err(e) = run_shape(*shape, settings.warmup_budget(), call, &|| None).await
+            {
+                side.series[s].fail(e);
+            }
+        }
+        for _ in 0..settings.runs {
+            for (side, call) in sides.iter_mut().zip(&calls) {
+                if let Some(call) = call
+                    && !side.series[s].failed()
+                {
+                    let run = run_shape(*shape, settings.run_budget(), call, &*side.cpu).await;
+                    side.series[s].push(run);
+                }
+            }
+        }
+    }
+    sides.into_iter().flat_map(|side| side.series).collect()
+}
+
+/// One connection to the echo-baseline server per stub.
+async fn echo_stubs(
+    addr: std::net::SocketAddr,
+    connections: usize,
+) -> Result<Vec<durable_object::Client>, String> {
+    let mut stubs = Vec::new();
+    for _ in 0..connections {
+        stubs.push(capnp_load::connect::<durable_object::Client>(addr).await?);
+    }
+    Ok(stubs)
+}
+
+/// One connection to duro per stub, each a stub of the `counter` object `name`.
+pub async fn counter_stubs(
+    addr: std::net::SocketAddr,
+    connections: usize,
+    name: &str,
+) -> Result<Vec<durable_object::Client>, String> {
+    let mut stubs = Vec::new();
+    for _ in 0..connections {
+        let host: host::Client = capnp_load::connect(addr).await?;
+        let namespace = capnp_load::namespace(&host, "counter");
+        stubs.push(capnp_load::stub(&namespace, name));
+    }
+    Ok(stubs)
+}
