@@ -19,8 +19,15 @@ use crate::duro_capnp::{durable_object, host, namespace};
 /// like a counter call, but not empty, so the body path is exercised.
 pub const PAYLOAD: &[u8] = b"0123456789abcdef";
 
+/// Buffer size of the generator's connections, each way.
+const IO_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Connects over TCP (TCP_NODELAY, duro's reader options) and returns the peer's bootstrap
 /// capability. The connection is driven by a local task: call inside a `LocalSet`.
+///
+/// The client's reads and writes are buffered (unlike duro's server, which this measures): a
+/// capnp message written unbuffered costs two `send`s (segment table, then segment) and read
+/// unbuffered two `recv`s, which would make the generator, not the server, the bound.
 pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -30,8 +37,8 @@ pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let (reader, writer) = stream.into_split();
     let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
+        futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader.compat()),
+        futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer.compat_write()),
         Side::Client,
         crate::rpc::reader_options(),
     );

@@ -43,7 +43,11 @@ impl Child {
             Ok(line) => Ok(line),
             Err(_) => Err(format!(
                 "the server {} within {START_TIMEOUT:?}; its log ends with:\n{}",
-                if self.exited() { "exited" } else { "printed nothing" },
+                if self.exited() {
+                    "exited"
+                } else {
+                    "printed nothing"
+                },
                 self.log_tail()
             )),
         }

@@ -114,7 +114,10 @@ impl FsyncProbe {
 }
 
 /// Calls `op(i)` one at a time until `budget` is spent, timing each.
-fn timed_loop(budget: Budget, mut op: impl FnMut(u64) -> Result<(), String>) -> Result<Run, String> {
+fn timed_loop(
+    budget: Budget,
+    mut op: impl FnMut(u64) -> Result<(), String>,
+) -> Result<Run, String> {
     let mut latency = Histogram::default();
     let begun = Instant::now();
     let mut ops = 0;
@@ -129,5 +132,6 @@ fn timed_loop(budget: Budget, mut op: impl FnMut(u64) -> Result<(), String>) -> 
         elapsed: begun.elapsed(),
         latency,
         server_cpu: None,
+        generator_cpu: None,
     })
 }

@@ -78,9 +78,8 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
         }
     }
     let baseline = if selection.has("lmdb-baseline") {
-        let opened = LmdbBaseline::open(&settings.fresh_dir("lmdb-baseline")).and_then(|lmdb| {
-            Ok((lmdb, FsyncProbe::open(&settings.fresh_dir("fsync-probe"))?))
-        });
+        let opened = LmdbBaseline::open(&settings.fresh_dir("lmdb-baseline"))
+            .and_then(|lmdb| Ok((lmdb, FsyncProbe::open(&settings.fresh_dir("fsync-probe"))?)));
         opened.map_err(|e| lmdb.fail(e)).ok()
     } else {
         None

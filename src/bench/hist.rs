@@ -100,7 +100,7 @@ mod tests {
             let (low, width) = bucket(i);
             assert_eq!(low, previous_end, "bucket {i}");
             assert_eq!(index(low), i);
-            assert_eq!(index(low + width - 1), i);
+            assert_eq!(index(low + (width - 1)), i);
             assert!(width == 1 || width * SUB <= low, "bucket {i} is too wide");
             previous_end = low.wrapping_add(width);
         }

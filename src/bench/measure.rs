@@ -78,6 +78,7 @@ pub async fn drive_all<Fut>(drivers: Vec<Fut>) -> Result<Run, String>
 where
     Fut: Future<Output = Result<Driven, String>>,
 {
+    let cpu_before = generator_cpu();
     let begun = Instant::now();
     let results = futures::future::join_all(drivers).await;
     let elapsed = begun.elapsed();
@@ -86,6 +87,9 @@ where
         elapsed,
         latency: Histogram::default(),
         server_cpu: None,
+        generator_cpu: cpu_before
+            .zip(generator_cpu())
+            .map(|(b, a)| a.saturating_sub(b)),
     };
     for driven in results {
         let driven = driven?;
@@ -95,6 +99,11 @@ where
     Ok(run)
 }
 
+/// CPU time of this thread, which runs every client of a run.
+fn generator_cpu() -> Option<Duration> {
+    super::child::cpu_time("/proc/thread-self/stat")
+}
+
 /// One measured run.
 pub struct Run {
     pub ops: u64,
@@ -102,11 +111,17 @@ pub struct Run {
     pub latency: Histogram,
     /// CPU the server used during the run, when it could be read.
     pub server_cpu: Option<Duration>,
+    /// CPU the load generator (this thread) used during the run.
+    pub generator_cpu: Option<Duration>,
 }
 
 impl Run {
     pub fn ops_per_s(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn per_op_us(&self, cpu: Duration) -> f64 {
+        cpu.as_secs_f64() * 1e6 / self.ops.max(1) as f64
     }
 
     pub fn summary(&self) -> RunSummary {
@@ -117,9 +132,8 @@ impl Run {
             p50_us: us(0.5),
             p99_us: us(0.99),
             p999_us: us(0.999),
-            server_cpu_us_per_op: self
-                .server_cpu
-                .map(|cpu| cpu.as_secs_f64() * 1e6 / self.ops.max(1) as f64),
+            server_cpu_us_per_op: self.server_cpu.map(|cpu| self.per_op_us(cpu)),
+            generator_cpu_us_per_op: self.generator_cpu.map(|cpu| self.per_op_us(cpu)),
         }
     }
 }
@@ -135,6 +149,10 @@ pub struct RunSummary {
     /// Server CPU (user + system) per op, in µs: what bounds throughput on a shared core.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_us_per_op: Option<f64>,
+    /// The load generator's CPU per op, in µs: when it nears 1e6 / ops_per_s, the generator,
+    /// not the server, bounds the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_cpu_us_per_op: Option<f64>,
 }
 
 /// Median, smallest and largest of some figures.
@@ -225,6 +243,10 @@ impl Series {
 
     pub fn server_cpu_us_per_op(&self) -> Option<f64> {
         Spread::of(self.runs.iter().filter_map(|r| r.server_cpu_us_per_op)).map(|s| s.median)
+    }
+
+    pub fn generator_cpu_us_per_op(&self) -> Option<f64> {
+        Spread::of(self.runs.iter().filter_map(|r| r.generator_cpu_us_per_op)).map(|s| s.median)
     }
 
     /// Adds a workload-specific figure measured in each run.

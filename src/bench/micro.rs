@@ -243,6 +243,23 @@ async fn host_paths(plan: &Plan, dir: &Path) -> Result<Vec<Figure>, String> {
             },
         )
         .await,
+        {
+            // A new object each time: activation, a read of a missing key (an LMDB read), no
+            // write. The same work `activate` measures, without the RPC around it.
+            let mut next = 0u64;
+            measure_async(plan, "host: activate a new object + first GET", 1, || {
+                next += 1;
+                let call = counter
+                    .get_by_name(&format!("new{next}"))
+                    .map(|stub| stub.fetch(request()));
+                async move {
+                    if let Ok(call) = call {
+                        black_box(call.await.ok());
+                    }
+                }
+            })
+            .await
+        },
         measure_async(plan, "storage: get (cache hit)", GETS_PER_FETCH, || {
             let call = loops.fetch(crate::testing::request("GET", &gets, b""));
             async move {
@@ -262,7 +279,10 @@ pub fn run(quick: bool, json: Option<&Path>) -> ExitCode {
     };
     let mut figures = ids(&plan);
     figures.extend(conversions(&plan));
-    let dir = match tempfile::Builder::new().prefix("duro-bench-micro-").tempdir() {
+    let dir = match tempfile::Builder::new()
+        .prefix("duro-bench-micro-")
+        .tempdir()
+    {
         Ok(dir) => dir,
         Err(e) => {
             eprintln!("duro bench: creating a temp dir: {e}");

@@ -72,7 +72,7 @@ pub struct BenchArgs {
     /// Measured runs per workload and shape (default 3 with --quick, else 5).
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Seconds per measured run (default 0.5 with --quick, else 2).
+    /// Seconds per measured run (default 0.4 with --quick, else 2).
     #[arg(long, value_name = "SECONDS")]
     pub run_secs: Option<f64>,
 }
@@ -100,11 +100,13 @@ impl Settings {
     fn new(args: &BenchArgs) -> Result<Settings, String> {
         let quick = args.quick;
         let root = match &args.dir {
-            Some(dir) => tempfile::Builder::new().prefix("duro-bench-").tempdir_in(dir),
+            Some(dir) => tempfile::Builder::new()
+                .prefix("duro-bench-")
+                .tempdir_in(dir),
             None => tempfile::Builder::new().prefix("duro-bench-").tempdir(),
         }
         .map_err(|e| format!("creating a temp dir: {e}"))?;
-        let run_secs = args.run_secs.unwrap_or(if quick { 0.5 } else { 2.0 });
+        let run_secs = args.run_secs.unwrap_or(if quick { 0.4 } else { 2.0 });
         if !(0.05..=600.0).contains(&run_secs) {
             return Err("--run-secs must be between 0.05 and 600".into());
         }
@@ -116,7 +118,7 @@ impl Settings {
             quick,
             runs,
             run_time: Duration::from_secs_f64(run_secs),
-            warmup: Duration::from_secs_f64(if quick { 0.25 } else { 0.5 }),
+            warmup: Duration::from_secs_f64(if quick { 0.2 } else { 0.5 }),
             ops_max: 10_000_000,
             activations: if quick { 20_000 } else { 100_000 },
             list_keys: if quick { 100_000 } else { 1_000_000 },
@@ -208,7 +210,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
         settings.run_time.as_secs_f64()
     );
     if selection.has("echo-baseline") || selection.has("noop") {
-        step("echo-baseline, noop", &|| rpc_group::run(settings, selection));
+        step("echo-baseline, noop", &|| {
+            rpc_group::run(settings, selection)
+        });
     }
     if selection.has("incr") || selection.has("lmdb-baseline") {
         step("incr, lmdb-baseline, fsync", &|| {

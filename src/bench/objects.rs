@@ -75,7 +75,7 @@ async fn activate_once(settings: &Settings) -> Result<(Run, f64, f64), String> {
         capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200])
     };
     let budget = Budget::new(settings.setup_time_max, count);
-    let run = drive_all(vec![drive(IN_FLIGHT, budget, first_fetch)]).await?;
+    let mut run = drive_all(vec![drive(IN_FLIGHT, budget, first_fetch)]).await?;
     if run.ops < count {
         return Err(format!(
             "only {} of {count} objects activated within {:?}",
@@ -83,7 +83,10 @@ async fn activate_once(settings: &Settings) -> Result<(Run, f64, f64), String> {
         ));
     }
     settle().await;
-    let cpu = child::process_cpu(pid).ok_or("reading the server's CPU time")? - cpu_before;
+    let cpu = child::process_cpu(pid)
+        .ok_or("reading the server's CPU time")?
+        .saturating_sub(cpu_before);
+    run.server_cpu = Some(cpu);
     let rss = child::rss_bytes(pid).ok_or("reading the server's VmRSS")?;
     let cpu_us = cpu.as_secs_f64() * 1e6 / count as f64;
     let rss_per_object = rss.saturating_sub(rss_before) as f64 / count as f64;

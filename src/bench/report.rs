@@ -58,7 +58,11 @@ fn find<'a>(series: &'a [Series], workload: &str, shape: &str) -> Option<&'a Ser
 /// `a / b` in ops/s, run by run when both have the same number of runs.
 fn ops_ratio(name: String, a: &Series, b: &Series) -> Option<Ratio> {
     if a.runs.len() == b.runs.len() {
-        let ratios = a.runs.iter().zip(&b.runs).map(|(a, b)| a.ops_per_s / b.ops_per_s);
+        let ratios = a
+            .runs
+            .iter()
+            .zip(&b.runs)
+            .map(|(a, b)| a.ops_per_s / b.ops_per_s);
         return Spread::of(ratios).map(|spread| Ratio {
             name,
             paired: true,
@@ -80,7 +84,11 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
             find(series, "noop", &shape),
             find(series, "echo-baseline", &shape),
         ) {
-            ratios.extend(ops_ratio(format!("noop / echo-baseline, {shape}"), noop, echo));
+            ratios.extend(ops_ratio(
+                format!("noop / echo-baseline, {shape}"),
+                noop,
+                echo,
+            ));
         }
     }
     let lmdb = series
@@ -88,7 +96,11 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
         .find(|s| s.workload == "lmdb-baseline" && !s.runs.is_empty());
     for shape in [HOT, SPREAD] {
         if let (Some(incr), Some(lmdb)) = (find(series, "incr", shape), lmdb) {
-            ratios.extend(ops_ratio(format!("incr / lmdb-baseline, {shape}"), incr, lmdb));
+            ratios.extend(ops_ratio(
+                format!("incr / lmdb-baseline, {shape}"),
+                incr,
+                lmdb,
+            ));
         }
     }
     for shape in [NOOP, INCR] {
@@ -178,28 +190,28 @@ fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
     let activate = series
         .iter()
         .find(|s| s.workload == "activate" && !s.runs.is_empty());
-    let limit = |name: &str, extra: &str, max: f64, unit: &str, scale: f64| {
-        match activate.and_then(|a| a.extra(extra)) {
-            Some(spread) => Target {
-                name: name.into(),
-                verdict: if spread.median <= max * scale {
-                    Verdict::Pass
-                } else {
-                    Verdict::Fail
-                },
-                detail: format!(
-                    "{:.2} {unit} (runs {:.2}–{:.2}), need ≤ {max} {unit}",
-                    spread.median / scale,
-                    spread.min / scale,
-                    spread.max / scale
-                ),
+    let limit = |name: &str, extra: &str, max: f64, unit: &str, scale: f64| match activate
+        .and_then(|a| a.extra(extra))
+    {
+        Some(spread) => Target {
+            name: name.into(),
+            verdict: if spread.median <= max * scale {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
             },
-            None => Target {
-                name: name.into(),
-                verdict: Verdict::Skip,
-                detail: "activate did not run".into(),
-            },
-        }
+            detail: format!(
+                "{:.2} {unit} (runs {:.2}–{:.2}), need ≤ {max} {unit}",
+                spread.median / scale,
+                spread.min / scale,
+                spread.max / scale
+            ),
+        },
+        None => Target {
+            name: name.into(),
+            verdict: Verdict::Skip,
+            detail: "activate did not run".into(),
+        },
     };
     targets.push(limit(
         "activate ≤ 20 µs host CPU per object",
@@ -260,8 +272,16 @@ impl Report {
             self.mode, self.runs_per_series, self.run_secs, self.total_secs
         );
         println!(
-            "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>4}",
-            "workload", "shape", "ops/s [min–max]", "p50", "p99", "p999", "srv µs/op", "runs"
+            "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>9} {:>4}",
+            "workload",
+            "shape",
+            "ops/s [min–max]",
+            "p50",
+            "p99",
+            "p999",
+            "srv µs/op",
+            "gen µs/op",
+            "runs"
         );
         for series in &self.series {
             print_series(series);
@@ -293,7 +313,10 @@ impl Report {
                 );
             }
         }
-        println!("\ntargets{}", if check { "" } else { " (--check to enforce)" });
+        println!(
+            "\ntargets{}",
+            if check { "" } else { " (--check to enforce)" }
+        );
         for target in &self.targets {
             println!(
                 "  {:<4} {:<48} {}",
@@ -321,18 +344,17 @@ fn print_series(series: &Series) {
         fmt_rate(ops.min),
         fmt_rate(ops.max)
     );
-    let cpu = series
-        .server_cpu_us_per_op()
-        .map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.1}"));
+    let cpu = |cpu: Option<f64>| cpu.map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.1}"));
     println!(
-        "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>4}",
+        "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>9} {:>4}",
         series.workload,
         series.shape,
         rate,
         fmt_us(series.p50_us().unwrap_or(0.0)),
         fmt_us(series.p99_us().unwrap_or(0.0)),
         fmt_us(series.p999_us().unwrap_or(0.0)),
-        cpu,
+        cpu(series.server_cpu_us_per_op()),
+        cpu(series.generator_cpu_us_per_op()),
         series.runs.len()
     );
     if let Some(why) = &series.skipped {
@@ -369,6 +391,7 @@ fn fmt_extra(spread: Spread, unit: &str) -> String {
         "bytes" if v >= 1048576.0 => format!("{:.1} MiB", v / 1048576.0),
         "bytes" => format!("{v:.0} B"),
         "" => format!("{v:.0}"),
+        "keys/s" => format!("{} keys/s", fmt_rate(v)),
         unit => format!("{v:.2} {unit}"),
     };
     if spread.min == spread.max {

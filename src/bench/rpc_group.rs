@@ -84,11 +84,15 @@ pub fn run(settings: &Settings, selection: &Selection) -> Vec<Series> {
     crate::testing::run_local(run_group(settings, selection))
 }
 
+/// Connects the stubs of one shape: one per connection.
+type ConnectStubs = Box<
+    dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<Vec<durable_object::Client>, String>>>>,
+>;
+
 /// A server under test in this group.
 struct Side {
     series: Vec<Series>,
-    /// Connects the stubs of one shape.
-    stubs: Box<dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<Vec<durable_object::Client>, String>>>>>,
+    stubs: ConnectStubs,
     cpu: Box<dyn Fn() -> Option<Duration>>,
 }
 
@@ -107,9 +111,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
                         .map(|s| Series::new("echo-baseline", &s.name()))
                         .collect(),
                     stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
-                    cpu: Box::new(move || {
-                        child::cpu_time(&format!("/proc/self/task/{tid}/stat"))
-                    }),
+                    cpu: Box::new(move || child::cpu_time(&format!("/proc/self/task/{tid}/stat"))),
                 });
                 _echo = Some(echo);
             }
