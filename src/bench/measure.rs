@@ -42,7 +42,31 @@ pub struct Driven {
 
 /// Keeps `in_flight` calls made by `call(i)` outstanding until `budget` is spent, then waits for
 /// the last ones. The first error ends the run (a workload that fails is reported, not timed).
-pub async fn drive<F, Fut>(in_flight: usize, budget: Budget, mut call: F) -> Result<Driven, String>
+///
+/// Calls still outstanding [`DRAIN_MAX`] after the budget's deadline end the run with an error:
+/// a server that stops answering cannot hang the bench.
+pub async fn drive<F, Fut>(in_flight: usize, budget: Budget, call: F) -> Result<Driven, String>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::from_std(budget.until) + DRAIN_MAX;
+    match tokio::time::timeout_at(deadline, drive_closed_loop(in_flight, budget, call)).await {
+        Ok(driven) => driven,
+        Err(_) => Err(format!(
+            "calls still unanswered {DRAIN_MAX:?} after the run's end"
+        )),
+    }
+}
+
+/// How long calls outstanding at the end of a run may take to complete.
+pub const DRAIN_MAX: Duration = Duration::from_secs(15);
+
+async fn drive_closed_loop<F, Fut>(
+    in_flight: usize,
+    budget: Budget,
+    mut call: F,
+) -> Result<Driven, String>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<(), String>>,
@@ -99,9 +123,20 @@ where
     Ok(run)
 }
 
-/// CPU time of this thread, which runs every client of a run.
+/// CPU time of this thread, which runs every client of a run (getrusage: µs resolution,
+/// where /proc counts 10 ms ticks).
 fn generator_cpu() -> Option<Duration> {
-    super::child::cpu_time("/proc/thread-self/stat")
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a whole rusage into the pointer it is given, or fails.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: initialized by the successful call above.
+    let usage = unsafe { usage.assume_init() };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Some(Duration::from_micros(
+        micros(usage.ru_utime) + micros(usage.ru_stime),
+    ))
 }
 
 /// One measured run.
