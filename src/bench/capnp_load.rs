@@ -129,13 +129,14 @@ pub struct EchoBaseline {
 }
 
 impl EchoBaseline {
-    /// Starts the server on 127.0.0.1, port 0.
-    pub fn start() -> Result<EchoBaseline, String> {
+    /// Starts the server on 127.0.0.1, port 0. `buffered`: with buffered reads and writes
+    /// (a diagnostic variant: duro's server is unbuffered, and so is the baseline proper).
+    pub fn start(buffered: bool) -> Result<EchoBaseline, String> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("echo-baseline".into())
-            .spawn(move || serve_echo(ready_tx, stopped))
+            .spawn(move || serve_echo(ready_tx, stopped, buffered))
             .map_err(|e| format!("starting the echo-baseline thread: {e}"))?;
         match ready_rx.recv() {
             Ok(Ok((addr, tid))) => Ok(EchoBaseline {
@@ -163,7 +164,7 @@ impl Drop for EchoBaseline {
 
 type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, i64), String>>;
 
-fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
+fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>, buffered: bool) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -186,15 +187,15 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
-                let network = twoparty::VatNetwork::new(
-                    reader.compat(),
-                    writer.compat_write(),
-                    Side::Server,
-                    crate::rpc::reader_options(),
-                );
-                let echo: durable_object::Client = capnp_rpc::new_client(EchoServer);
-                let rpc = RpcSystem::new(Box::new(network), Some(echo.client));
-                tokio::task::spawn_local(rpc);
+                let (reader, writer) = (reader.compat(), writer.compat_write());
+                if buffered {
+                    spawn_echo_connection(
+                        futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader),
+                        futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer),
+                    );
+                } else {
+                    spawn_echo_connection(reader, writer);
+                }
             }
         };
         tokio::select! {
@@ -202,4 +203,16 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
             _ = stopped => {}
         }
     });
+}
+
+fn spawn_echo_connection<R, W>(reader: R, writer: W)
+where
+    R: futures::AsyncRead + Unpin + 'static,
+    W: futures::AsyncWrite + Unpin + 'static,
+{
+    let network =
+        twoparty::VatNetwork::new(reader, writer, Side::Server, crate::rpc::reader_options());
+    let echo: durable_object::Client = capnp_rpc::new_client(EchoServer);
+    let rpc = RpcSystem::new(Box::new(network), Some(echo.client));
+    tokio::task::spawn_local(rpc);
 }

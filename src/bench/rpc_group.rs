@@ -50,6 +50,11 @@ pub const SHAPES: [Shape; 3] = [
     },
 ];
 
+/// The name of the diagnostic shape: `shape` against a server with buffered I/O.
+pub fn buffered_shape(shape: &Shape) -> String {
+    format!("{}, buffered server I/O", shape.name())
+}
+
 /// One run of `call` in `shape`, the server's CPU read before and after by `cpu`.
 pub async fn run_shape(
     shape: Shape,
@@ -91,7 +96,8 @@ type ConnectStubs = Box<
 
 /// A server under test in this group.
 struct Side {
-    series: Vec<Series>,
+    /// One per shape of [`SHAPES`]; `None` where the side does not run that shape.
+    series: Vec<Option<Series>>,
     stubs: ConnectStubs,
     cpu: Box<dyn Fn() -> Option<Duration>>,
 }
@@ -99,23 +105,30 @@ struct Side {
 async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
     let mut sides = Vec::new();
     // Kept alive until the end of the group: the servers.
-    let mut _echo = None;
+    let mut echoes = Vec::new();
     let mut _duro = None;
     if selection.has("echo-baseline") {
-        match EchoBaseline::start() {
-            Ok(echo) => {
-                let (addr, tid) = (echo.addr, echo.tid);
-                sides.push(Side {
-                    series: SHAPES
-                        .iter()
-                        .map(|s| Series::new("echo-baseline", &s.name()))
-                        .collect(),
-                    stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
-                    cpu: Box::new(move || child::cpu_time(&format!("/proc/self/task/{tid}/stat"))),
-                });
-                _echo = Some(echo);
+        // The baseline proper, then a diagnostic: the same server with buffered I/O (64 in
+        // flight only), to show what transport buffering would be worth.
+        for buffered in [false, true] {
+            match EchoBaseline::start(buffered) {
+                Ok(echo) => {
+                    let (addr, tid) = (echo.addr, echo.tid);
+                    let series = SHAPES.iter().enumerate().map(|(i, s)| match buffered {
+                        false => Some(Series::new("echo-baseline", &s.name())),
+                        true => (i == 1).then(|| Series::new("echo-baseline", &buffered_shape(s))),
+                    });
+                    sides.push(Side {
+                        series: series.collect(),
+                        stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
+                        cpu: Box::new(move || {
+                            child::cpu_time(&format!("/proc/self/task/{tid}/stat"))
+                        }),
+                    });
+                    echoes.push(echo);
+                }
+                Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
             }
-            Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
         }
     }
     if selection.has("noop") {
@@ -125,7 +138,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
                 sides.push(Side {
                     series: SHAPES
                         .iter()
-                        .map(|s| Series::new("noop", &s.name()))
+                        .map(|s| Some(Series::new("noop", &s.name())))
                         .collect(),
                     stubs: Box::new(move |n| Box::pin(counter_stubs(addr, n, "noop"))),
                     cpu: Box::new(move || child::process_cpu(pid)),
@@ -138,33 +151,45 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
     for (s, shape) in SHAPES.iter().enumerate() {
         let mut calls = Vec::new();
         for side in &mut sides {
+            let Some(series) = &mut side.series[s] else {
+                calls.push(None);
+                continue;
+            };
             match (side.stubs)(shape.connections).await {
                 Ok(stubs) => calls.push(Some(fetch_on(stubs, "GET", "/"))),
                 Err(e) => {
-                    side.series[s].fail(e);
+                    series.fail(e);
                     calls.push(None);
                 }
             }
         }
         for (side, call) in sides.iter_mut().zip(&calls) {
-            if let Some(call) = call
+            if let (Some(call), Some(series)) = (call, &mut side.series[s])
                 && let Err(e) = run_shape(*shape, settings.warmup_budget(), call, &|| None).await
             {
-                side.series[s].fail(e);
+                series.fail(e);
             }
         }
         for _ in 0..settings.runs {
             for (side, call) in sides.iter_mut().zip(&calls) {
-                if let Some(call) = call
-                    && !side.series[s].failed()
+                if let (Some(call), Some(series)) = (call, &mut side.series[s])
+                    && !series.failed()
                 {
                     let run = run_shape(*shape, settings.run_budget(), call, &*side.cpu).await;
-                    side.series[s].push(run);
+                    series.push(run);
                 }
             }
         }
     }
-    sides.into_iter().flat_map(|side| side.series).collect()
+    drop(echoes);
+    let mut series: Vec<Series> = sides
+        .into_iter()
+        .flat_map(|side| side.series)
+        .flatten()
+        .collect();
+    // Grouped by workload for the table: the diagnostic series last.
+    series.sort_by_key(|s| (s.workload != "echo-baseline", s.shape.contains("buffered")));
+    series
 }
 
 /// One connection to the echo-baseline server per stub.
