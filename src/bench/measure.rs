@@ -226,6 +226,9 @@ pub struct Series {
     pub workload: String,
     pub shape: String,
     pub runs: Vec<RunSummary>,
+    /// The figures of the table: medians over `runs` (set by [`Series::summarize`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SeriesSummary>,
     /// Why the series has no runs (skipped or failed), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -233,6 +236,20 @@ pub struct Series {
     /// runs, with their spread.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub extra: Vec<Extra>,
+}
+
+/// What the table shows of a series.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeriesSummary {
+    pub runs: usize,
+    pub ops_per_s: Spread,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_cpu_us_per_op: Option<f64>,
 }
 
 /// A figure particular to a workload.
@@ -249,6 +266,7 @@ impl Series {
             workload: workload.into(),
             shape: shape.into(),
             runs: Vec::new(),
+            summary: None,
             skipped: None,
             extra: Vec::new(),
         }
@@ -258,6 +276,19 @@ impl Series {
         let mut series = Series::new(workload, shape);
         series.skipped = Some(why.into());
         series
+    }
+
+    /// Computes [`Series::summary`] from the runs.
+    pub fn summarize(&mut self) {
+        self.summary = self.ops_per_s().map(|ops_per_s| SeriesSummary {
+            runs: self.runs.len(),
+            ops_per_s,
+            p50_us: self.p50_us().unwrap_or(0.0),
+            p99_us: self.p99_us().unwrap_or(0.0),
+            p999_us: self.p999_us().unwrap_or(0.0),
+            server_cpu_us_per_op: self.server_cpu_us_per_op(),
+            generator_cpu_us_per_op: self.generator_cpu_us_per_op(),
+        });
     }
 
     pub fn ops_per_s(&self) -> Option<Spread> {

@@ -253,7 +253,8 @@ fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
 }
 
 impl Report {
-    pub fn new(settings: &Settings, series: Vec<Series>, total: Duration) -> Report {
+    pub fn new(settings: &Settings, mut series: Vec<Series>, total: Duration) -> Report {
+        series.iter_mut().for_each(Series::summarize);
         let ratios = ratios(&series);
         let targets = targets(&series, &ratios);
         Report {
