@@ -1,0 +1,239 @@
+//! Workloads over many objects or much data: `activate` (first fetch to many new objects: time,
+//! host CPU and resident memory per object), `list` (one object with many keys: list pages from
+//! random starts, and the bytes on disk), `kv-mixed` (90% get / 10% put over 10,000 objects).
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::Settings;
+use super::capnp_load::{self, PAYLOAD};
+use super::child::{self, Duro};
+use super::measure::{Budget, Rng, Run, Series, drive, drive_all};
+use super::rpc_group::{CallFn, Shape, run_shape};
+use crate::duro_capnp::{durable_object, host, namespace};
+
+const IN_FLIGHT: usize = 64;
+
+/// Starts a duro child on a fresh data dir and connects to the namespace `name`.
+async fn start(
+    settings: &Settings,
+    workload: &str,
+    name: &str,
+) -> Result<(Duro, namespace::Client), String> {
+    let duro = child::start_duro(&settings.fresh_dir(workload), false)?;
+    let host: host::Client = capnp_load::connect(duro.addr).await?;
+    let namespace = capnp_load::namespace(&host, name);
+    Ok((duro, namespace))
+}
+
+pub fn activate(settings: &Settings) -> Series {
+    let shape = format!(
+        "{}k new objects, 64 in flight{}",
+        settings.activations / 1000,
+        if settings.quick { " (quick)" } else { "" }
+    );
+    let mut series = Series::new("activate", &shape);
+    let (mut cpu_us, mut rss_bytes) = (Vec::new(), Vec::new());
+    for _ in 0..settings.runs.min(3) {
+        match crate::testing::run_local(activate_once(settings)) {
+            Ok((run, cpu, rss)) => {
+                cpu_us.push(cpu);
+                rss_bytes.push(rss);
+                series.push(Ok(run));
+            }
+            Err(e) => {
+                series.fail(e);
+                break;
+            }
+        }
+    }
+    series.add_extra("cpu_per_activation", "µs", &cpu_us);
+    series.add_extra("rss_per_object", "bytes", &rss_bytes);
+    series
+}
+
+/// Activates `settings.activations` new `counter` objects with a GET each (which reads a
+/// missing key: no write) on a fresh server; answers the run, the server's CPU per activation
+/// in µs, and its resident memory per idle object in bytes.
+async fn activate_once(settings: &Settings) -> Result<(Run, f64, f64), String> {
+    let (duro, namespace) = start(settings, "activate", "counter").await?;
+    let pid = duro.child.pid();
+    // Warm the connection and the code paths on objects that are not counted.
+    let warm = |i: u64| {
+        let stub = capnp_load::stub(&namespace, &format!("warm{i}"));
+        capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200])
+    };
+    drive(IN_FLIGHT, Budget::new(settings.warmup, 1000), warm).await?;
+    settle().await;
+    let cpu_before = child::process_cpu(pid).ok_or("reading the server's CPU time")?;
+    let rss_before = child::rss_bytes(pid).ok_or("reading the server's VmRSS")?;
+    let count = settings.activations;
+    let first_fetch = |i: u64| {
+        // A new stub per object, dropped as soon as the call is sent: the object stays
+        // activated, idle, with no capability held on it.
+        let stub = capnp_load::stub(&namespace, &format!("object{i}"));
+        capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200])
+    };
+    let budget = Budget::new(settings.setup_time_max, count);
+    let mut run = drive_all(vec![drive(IN_FLIGHT, budget, first_fetch)]).await?;
+    if run.ops < count {
+        return Err(format!(
+            "only {} of {count} objects activated within {:?}",
+            run.ops, settings.setup_time_max
+        ));
+    }
+    settle().await;
+    let cpu = child::process_cpu(pid)
+        .ok_or("reading the server's CPU time")?
+        .saturating_sub(cpu_before);
+    run.server_cpu = Some(cpu);
+    let rss = child::rss_bytes(pid).ok_or("reading the server's VmRSS")?;
+    let cpu_us = cpu.as_secs_f64() * 1e6 / count as f64;
+    let rss_per_object = rss.saturating_sub(rss_before) as f64 / count as f64;
+    Ok((run, cpu_us, rss_per_object))
+}
+
+/// Lets the server process what is still queued (capability releases, for one).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Puts per `POST /txn` when filling (the kv class's batch limit).
+const FILL_BATCH: u64 = 128;
+/// Entries per list page.
+const PAGE: u64 = 1000;
+
+fn list_key(i: u64) -> String {
+    format!("key{i:08}")
+}
+
+pub fn list(settings: &Settings) -> Series {
+    let shape = format!(
+        "{}k keys, pages of 1000, 4 in flight{}",
+        settings.list_keys / 1000,
+        if settings.quick { " (quick)" } else { "" }
+    );
+    let mut series = Series::new("list", &shape);
+    if let Err(e) = crate::testing::run_local(list_runs(settings, &mut series)) {
+        series.fail(e);
+    }
+    series
+}
+
+async fn list_runs(settings: &Settings, series: &mut Series) -> Result<(), String> {
+    let (duro, namespace) = start(settings, "list", "kv").await?;
+    let stub = capnp_load::stub(&namespace, "big");
+    let keys = settings.list_keys;
+    let fill_begun = Instant::now();
+    let filled = fill(&stub, keys, settings.setup_time_max).await?;
+    let fill_secs = fill_begun.elapsed().as_secs_f64();
+    if filled < keys {
+        return Err(format!(
+            "only {filled} of {keys} keys stored within {:?}",
+            settings.setup_time_max
+        ));
+    }
+    let data_bytes = std::fs::metadata(duro.data_dir.join("data.mdb"))
+        .map_err(|e| format!("stat data.mdb: {e}"))?
+        .len();
+    let pid = duro.child.pid();
+    let rng = Rc::new(std::cell::RefCell::new(Rng::new(0x5eed_0001)));
+    let stub = Rc::new(stub);
+    let page: CallFn = Rc::new(move |_, _| {
+        let start = rng.borrow_mut().below(keys - PAGE + 1);
+        let url = format!("/list?start={}&limit={PAGE}", list_key(start));
+        Box::pin(capnp_load::fetch(&stub, "GET", &url, b"", &[200]))
+    });
+    let shape = Shape {
+        connections: 1,
+        in_flight: 4,
+    };
+    run_shape(shape, settings.warmup_budget(), &page, &|| None).await?;
+    let cpu = move || child::process_cpu(pid);
+    for _ in 0..settings.runs {
+        series.push(run_shape(shape, settings.run_budget(), &page, &cpu).await);
+    }
+    series.add_extra("keys", "", &[keys as f64]);
+    series.add_extra("fill_keys_per_s", "keys/s", &[keys as f64 / fill_secs]);
+    series.add_extra("data_mdb_bytes", "bytes", &[data_bytes as f64]);
+    series.add_extra("bytes_per_key", "bytes", &[data_bytes as f64 / keys as f64]);
+    Ok(())
+}
+
+/// Stores `keys` keys (16-byte values) in the `kv` object of `stub`, 128 per transaction, 16
+/// transactions in flight; answers how many were stored before `time_max`.
+async fn fill(stub: &durable_object::Client, keys: u64, time_max: Duration) -> Result<u64, String> {
+    let batches = keys.div_ceil(FILL_BATCH);
+    let put_batch = |b: u64| {
+        let ops: Vec<String> = (b * FILL_BATCH..((b + 1) * FILL_BATCH).min(keys))
+            .map(|i| {
+                format!(
+                    r#"{{"op":"put","key":"{}","value":"value-{i:010}"}}"#,
+                    list_key(i)
+                )
+            })
+            .collect();
+        let body = format!(r#"{{"ops":[{}]}}"#, ops.join(","));
+        capnp_load::fetch(stub, "POST", "/txn", body.as_bytes(), &[200])
+    };
+    let driven = drive(16, Budget::new(time_max, batches), put_batch).await?;
+    Ok((driven.ops * FILL_BATCH).min(keys))
+}
+
+/// Objects of `kv-mixed`.
+const MIXED_OBJECTS: u64 = 10_000;
+/// Keys per object.
+const MIXED_KEYS: u64 = 8;
+
+pub fn kv_mixed(settings: &Settings) -> Series {
+    let mut series = Series::new("kv-mixed", "10k objects, 90% get, 64 in flight");
+    if let Err(e) = crate::testing::run_local(kv_mixed_runs(settings, &mut series)) {
+        series.fail(e);
+    }
+    series
+}
+
+async fn kv_mixed_runs(settings: &Settings, series: &mut Series) -> Result<(), String> {
+    let (duro, namespace) = start(settings, "kv-mixed", "kv").await?;
+    let stubs: Rc<Vec<durable_object::Client>> = Rc::new(
+        (0..MIXED_OBJECTS)
+            .map(|i| capnp_load::stub(&namespace, &format!("m{i}")))
+            .collect(),
+    );
+    // Every object activated and holding one key before measuring.
+    let touch = |i: u64| capnp_load::fetch(&stubs[i as usize], "PUT", "/k/k0", PAYLOAD, &[204]);
+    let touched = drive(
+        IN_FLIGHT,
+        Budget::new(settings.setup_time_max, MIXED_OBJECTS),
+        touch,
+    )
+    .await?;
+    if touched.ops < MIXED_OBJECTS {
+        return Err(format!(
+            "only {} of {MIXED_OBJECTS} objects touched in time",
+            touched.ops
+        ));
+    }
+    let rng = Rc::new(std::cell::RefCell::new(Rng::new(0x5eed_0002)));
+    let mixed: CallFn = Rc::new(move |_, _| {
+        let mut rng = rng.borrow_mut();
+        let stub = &stubs[rng.below(MIXED_OBJECTS) as usize];
+        let url = format!("/k/k{}", rng.below(MIXED_KEYS));
+        if rng.below(10) == 0 {
+            Box::pin(capnp_load::fetch(stub, "PUT", &url, PAYLOAD, &[204]))
+        } else {
+            Box::pin(capnp_load::fetch(stub, "GET", &url, b"", &[200, 404]))
+        }
+    });
+    let shape = Shape {
+        connections: 1,
+        in_flight: IN_FLIGHT,
+    };
+    run_shape(shape, settings.warmup_budget(), &mixed, &|| None).await?;
+    let pid = duro.child.pid();
+    let cpu = move || child::process_cpu(pid);
+    for _ in 0..settings.runs {
+        series.push(run_shape(shape, settings.run_budget(), &mixed, &cpu).await);
+    }
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! The report: a table of every series, the ratios between workloads measured in alternation,
+//! and the targets; and the same figures as JSON.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Settings;
+use super::durable::{FSYNC, HOT, SPREAD};
+use super::measure::{Series, Spread};
+use super::peer::{INCR, NOOP};
+use super::rpc_group::{SHAPES, buffered_shape};
+
+#[derive(Serialize)]
+pub struct Report {
+    mode: &'static str,
+    runs_per_series: usize,
+    run_secs: f64,
+    total_secs: f64,
+    series: Vec<Series>,
+    ratios: Vec<Ratio>,
+    targets: Vec<Target>,
+}
+
+/// One workload's figure over another's.
+#[derive(Serialize)]
+pub struct Ratio {
+    name: String,
+    /// Taken run by run (run i of one over run i of the other, measured back to back), or,
+    /// when the run counts differ, of the medians (then min = max = median).
+    paired: bool,
+    spread: Spread,
+}
+
+#[derive(Serialize, PartialEq, Eq, Clone, Copy, Debug)]
+#[serde(rename_all = "UPPERCASE")]
+enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+}
+
+#[derive(Serialize)]
+pub struct Target {
+    name: String,
+    verdict: Verdict,
+    /// What was measured, or why there is nothing to judge.
+    detail: String,
+}
+
+fn find<'a>(series: &'a [Series], workload: &str, shape: &str) -> Option<&'a Series> {
+    series
+        .iter()
+        .find(|s| s.workload == workload && s.shape == shape && !s.runs.is_empty())
+}
+
+/// `a / b` in ops/s, run by run when both have the same number of runs.
+fn ops_ratio(name: String, a: &Series, b: &Series) -> Option<Ratio> {
+    if a.runs.len() == b.runs.len() {
+        let ratios = a
+            .runs
+            .iter()
+            .zip(&b.runs)
+            .map(|(a, b)| a.ops_per_s / b.ops_per_s);
+        return Spread::of(ratios).map(|spread| Ratio {
+            name,
+            paired: true,
+            spread,
+        });
+    }
+    let ratio = a.ops_per_s()?.median / b.ops_per_s()?.median;
+    Some(Ratio {
+        name,
+        paired: false,
+        spread: Spread::of([ratio])?,
+    })
+}
+
+fn ratios(series: &[Series]) -> Vec<Ratio> {
+    let mut ratios = Vec::new();
+    for shape in SHAPES.iter().map(|s| s.name()) {
+        if let (Some(noop), Some(echo)) = (
+            find(series, "noop", &shape),
+            find(series, "echo-baseline", &shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("noop / echo-baseline, {shape}"),
+                noop,
+                echo,
+            ));
+        }
+    }
+    let rpc = &SHAPES[1];
+    if let (Some(buffered), Some(echo)) = (
+        find(series, "echo-baseline", &buffered_shape(rpc)),
+        find(series, "echo-baseline", &rpc.name()),
+    ) {
+        ratios.extend(ops_ratio(
+            format!("echo-baseline buffered / unbuffered, {}", rpc.name()),
+            buffered,
+            echo,
+        ));
+    }
+    let lmdb = series
+        .iter()
+        .find(|s| s.workload == "lmdb-baseline" && !s.runs.is_empty());
+    for shape in [HOT, SPREAD] {
+        if let (Some(incr), Some(lmdb)) = (find(series, "incr", shape), lmdb) {
+            ratios.extend(ops_ratio(
+                format!("incr / lmdb-baseline, {shape}"),
+                incr,
+                lmdb,
+            ));
+        }
+    }
+    for shape in [NOOP, INCR] {
+        if let (Some(gateway), Some(workerd)) = (
+            find(series, "gateway", shape),
+            find(series, "workerd", shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("gateway / workerd, {shape}"),
+                gateway,
+                workerd,
+            ));
+        }
+    }
+    ratios
+}
+
+fn ratio_of<'a>(ratios: &'a [Ratio], name: &str) -> Option<&'a Ratio> {
+    ratios.iter().find(|r| r.name == name)
+}
+
+fn at_least(name: &str, ratio: Option<&Ratio>, min: f64, missing: &str) -> Target {
+    match ratio {
+        Some(ratio) => Target {
+            name: name.into(),
+            verdict: if ratio.spread.median >= min {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            },
+            detail: format!(
+                "{:.2}× (runs {:.2}–{:.2}), need ≥ {min}×",
+                ratio.spread.median, ratio.spread.min, ratio.spread.max
+            ),
+        },
+        None => Target {
+            name: name.into(),
+            verdict: Verdict::Skip,
+            detail: missing.into(),
+        },
+    }
+}
+
+fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
+    let rpc = &SHAPES[1].name();
+    let mut targets = vec![at_least(
+        "noop ≥ 0.9 × echo-baseline (64 in flight)",
+        ratio_of(ratios, &format!("noop / echo-baseline, {rpc}")),
+        0.9,
+        "noop or echo-baseline did not run",
+    )];
+    targets.push(at_least(
+        "incr over 1000 objects ≥ 20 × lmdb-baseline",
+        ratio_of(ratios, &format!("incr / lmdb-baseline, {SPREAD}")),
+        20.0,
+        "incr or lmdb-baseline did not run",
+    ));
+    targets.push(
+        match (
+            find(series, "incr", SPREAD).and_then(Series::p99_us),
+            series
+                .iter()
+                .find(|s| s.workload == FSYNC && !s.runs.is_empty())
+                .and_then(Series::p99_us),
+        ) {
+            (Some(incr), Some(fsync)) => Target {
+                name: "incr over 1000 objects p99 ≤ 3 × fsync p99".into(),
+                verdict: if incr <= 3.0 * fsync {
+                    Verdict::Pass
+                } else {
+                    Verdict::Fail
+                },
+                detail: format!(
+                    "p99 {} vs fsync p99 {} ({:.1}×), need ≤ 3×",
+                    fmt_us(incr),
+                    fmt_us(fsync),
+                    incr / fsync
+                ),
+            },
+            _ => Target {
+                name: "incr over 1000 objects p99 ≤ 3 × fsync p99".into(),
+                verdict: Verdict::Skip,
+                detail: "incr or the fsync probe did not run".into(),
+            },
+        },
+    );
+    let activate = series
+        .iter()
+        .find(|s| s.workload == "activate" && !s.runs.is_empty());
+    let limit = |name: &str, extra: &str, max: f64, unit: &str, scale: f64| match activate
+        .and_then(|a| a.extra(extra))
+    {
+        Some(spread) => Target {
+            name: name.into(),
+            verdict: if spread.median <= max * scale {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            },
+            detail: format!(
+                "{:.2} {unit} (runs {:.2}–{:.2}), need ≤ {max} {unit}",
+                spread.median / scale,
+                spread.min / scale,
+                spread.max / scale
+            ),
+        },
+        None => Target {
+            name: name.into(),
+            verdict: Verdict::Skip,
+            detail: "activate did not run".into(),
+        },
+    };
+    targets.push(limit(
+        "activate ≤ 20 µs host CPU per object",
+        "cpu_per_activation",
+        20.0,
+        "µs",
+        1.0,
+    ));
+    targets.push(limit(
+        "activate ≤ 2 KiB RSS per idle object",
+        "rss_per_object",
+        2.0,
+        "KiB",
+        1024.0,
+    ));
+    let workerd_ran = find(series, "workerd", INCR).is_some();
+    targets.push(at_least(
+        "gateway incr over 1000 objects ≥ 10 × workerd",
+        ratio_of(ratios, &format!("gateway / workerd, {INCR}")),
+        10.0,
+        if workerd_ran {
+            "the gateway did not run (unavailable)"
+        } else {
+            "workerd did not run"
+        },
+    ));
+    targets
+}
+
+impl Report {
+    pub fn new(settings: &Settings, mut series: Vec<Series>, total: Duration) -> Report {
+        series.iter_mut().for_each(Series::summarize);
+        let ratios = ratios(&series);
+        let targets = targets(&series, &ratios);
+        Report {
+            mode: if settings.quick { "quick" } else { "full" },
+            runs_per_series: settings.runs,
+            run_secs: settings.run_time.as_secs_f64(),
+            total_secs: total.as_secs_f64(),
+            series,
+            ratios,
+            targets,
+        }
+    }
+
+    pub fn any_failed(&self) -> bool {
+        self.targets.iter().any(|t| t.verdict == Verdict::Fail)
+    }
+
+    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, text + "\n")
+    }
+
+    pub fn print(&self, check: bool) {
+        println!(
+            "\nduro bench, {} mode: {} runs of {:.1} s per series (medians; [min–max] over runs), \
+             {:.0} s in all",
+            self.mode, self.runs_per_series, self.run_secs, self.total_secs
+        );
+        println!(
+            "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>9} {:>4}",
+            "workload",
+            "shape",
+            "ops/s [min–max]",
+            "p50",
+            "p99",
+            "p999",
+            "srv µs/op",
+            "gen µs/op",
+            "runs"
+        );
+        for series in &self.series {
+            print_series(series);
+        }
+        let extras: Vec<&Series> = self.series.iter().filter(|s| !s.extra.is_empty()).collect();
+        if !extras.is_empty() {
+            println!("\nfigures");
+            for series in extras {
+                for extra in &series.extra {
+                    println!(
+                        "  {:<14} {:<22} {}",
+                        series.workload,
+                        extra.name,
+                        fmt_extra(extra.spread, &extra.unit)
+                    );
+                }
+            }
+        }
+        if !self.ratios.is_empty() {
+            println!("\nratios (run by run, measured back to back: median [min–max])");
+            for ratio in &self.ratios {
+                println!(
+                    "  {:<60} {:>7.2}× [{:.2}–{:.2}]{}",
+                    ratio.name,
+                    ratio.spread.median,
+                    ratio.spread.min,
+                    ratio.spread.max,
+                    if ratio.paired { "" } else { " (of medians)" }
+                );
+            }
+        }
+        println!(
+            "\ntargets{}",
+            if check { "" } else { " (--check to enforce)" }
+        );
+        for target in &self.targets {
+            println!(
+                "  {:<4} {:<48} {}",
+                format!("{:?}", target.verdict).to_uppercase(),
+                target.name,
+                target.detail
+            );
+        }
+    }
+}
+
+fn print_series(series: &Series) {
+    let Some(ops) = series.ops_per_s() else {
+        println!(
+            "{:<14} {:<38} {}",
+            series.workload,
+            series.shape,
+            series.skipped.as_deref().unwrap_or("no runs")
+        );
+        return;
+    };
+    let rate = format!(
+        "{} [{}–{}]",
+        fmt_rate(ops.median),
+        fmt_rate(ops.min),
+        fmt_rate(ops.max)
+    );
+    let cpu = |cpu: Option<f64>| cpu.map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.1}"));
+    println!(
+        "{:<14} {:<38} {:>22} {:>8} {:>8} {:>8} {:>9} {:>9} {:>4}",
+        series.workload,
+        series.shape,
+        rate,
+        fmt_us(series.p50_us().unwrap_or(0.0)),
+        fmt_us(series.p99_us().unwrap_or(0.0)),
+        fmt_us(series.p999_us().unwrap_or(0.0)),
+        cpu(series.server_cpu_us_per_op()),
+        cpu(series.generator_cpu_us_per_op()),
+        series.runs.len()
+    );
+    if let Some(why) = &series.skipped {
+        println!("{:<14} {:<38} (then {why})", "", "");
+    }
+}
+
+fn fmt_rate(rate: f64) -> String {
+    if rate >= 1e6 {
+        format!("{:.2}M", rate / 1e6)
+    } else if rate >= 1e4 {
+        format!("{:.1}k", rate / 1e3)
+    } else if rate >= 1e3 {
+        format!("{:.2}k", rate / 1e3)
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 1e6 {
+        format!("{:.2}s", us / 1e6)
+    } else if us >= 1e4 {
+        format!("{:.0}ms", us / 1e3)
+    } else if us >= 1e3 {
+        format!("{:.2}ms", us / 1e3)
+    } else {
+        format!("{us:.0}µs")
+    }
+}
+
+fn fmt_extra(spread: Spread, unit: &str) -> String {
+    let one = |v: f64| match unit {
+        "bytes" if v >= 1048576.0 => format!("{:.1} MiB", v / 1048576.0),
+        "bytes" => format!("{v:.0} B"),
+        "" => format!("{v:.0}"),
+        "keys/s" => format!("{} keys/s", fmt_rate(v)),
+        unit => format!("{v:.2} {unit}"),
+    };
+    if spread.min == spread.max {
+        one(spread.median)
+    } else {
+        format!(
+            "{} [{}–{}]",
+            one(spread.median),
+            one(spread.min),
+            one(spread.max)
+        )
+    }
+}
