@@ -691,8 +691,8 @@ mod driver {
         W: tokio::io::AsyncWrite + Unpin + 'static,
     {
         let network = twoparty::VatNetwork::new(
-            reader.compat(),
-            writer.compat_write(),
+            futures::io::BufReader::new(reader.compat()),
+            futures::io::BufWriter::new(writer.compat_write()),
             Side::Client,
             // The host's bound on messages, for its answers too.
             crate::rpc::reader_options(),

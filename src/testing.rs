@@ -107,8 +107,8 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<host::Client> {
     stream.set_nodelay(true)?;
     let (reader, writer) = stream.into_split();
     let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
+        futures::io::BufReader::new(reader.compat()),
+        futures::io::BufWriter::new(writer.compat_write()),
         Side::Client,
         crate::rpc::reader_options(),
     );

@@ -43,7 +43,7 @@ enum Command {
         #[command(flatten)]
         args: LsArgs,
     },
-    /// Measures duro against its limits and against workerd (see BENCHMARKS.md).
+    /// Measures duro against its limits and against workerd (see the README's Benchmarks section).
     Bench(duro::bench::BenchArgs),
 }
 

@@ -146,7 +146,11 @@ impl Activation {
         if self.broken.get() {
             return;
         }
-        tracing::warn!(id = %self.id, reason, "object reset");
+        if reason == SHUTTING_DOWN {
+            tracing::debug!(id = %self.id, reason, "object reset");
+        } else {
+            tracing::warn!(id = %self.id, reason, "object reset");
+        }
         self.broken.set(true);
         let calls = std::mem::take(&mut self.calls.borrow_mut().slots);
         for call in calls.into_iter().flatten() {
@@ -302,6 +306,9 @@ fn hold_gate_until_idle(gate: &Rc<InputGate>, predecessor: Rc<ObjectStore>) {
 pub(crate) fn disconnected() -> Error {
     Error::Disconnected("the object was reset or the host is shutting down; get a new stub".into())
 }
+
+/// The reason of the resets of a shutdown, which are expected and so not worth a warning.
+pub(crate) const SHUTTING_DOWN: &str = "the host is shutting down";
 
 pub(crate) fn shutting_down() -> Error {
     Error::Disconnected("the host is shutting down".into())

@@ -217,7 +217,7 @@ impl Host {
                 .set(self.inner.active.get() - activations.len());
             for activation in activations.into_values() {
                 stores.push(activation.store.clone());
-                activation.reset("the host is shutting down");
+                activation.reset(activation::SHUTTING_DOWN);
             }
         }
         for store in stores {

@@ -139,7 +139,9 @@ impl host::Server for GuardServer {
     }
 }
 
-/// Serves the protocol on one connection until the peer leaves. Dropping the future drops the
+/// Serves the protocol on one connection until the peer leaves. Reads and writes are buffered:
+/// capnp writes a message as a segment table and then each segment, and flushes after each
+/// message, so a buffer turns two or more syscalls per message into one. Dropping the future drops the
 /// connection, and with it every call the peer had in flight.
 pub async fn serve_connection<R, W>(host: Host, reader: R, writer: W) -> Result<(), capnp::Error>
 where
@@ -147,8 +149,8 @@ where
     W: AsyncWrite + Unpin + 'static,
 {
     let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
+        futures::io::BufReader::new(reader.compat()),
+        futures::io::BufWriter::new(writer.compat_write()),
         Side::Server,
         reader_options(),
     );
