@@ -125,11 +125,11 @@ impl Host {
             backend = wrap(backend);
         }
         let writer = Writer::spawn(backend.clone())?;
-        let shared = Rc::new(Shared {
-            backend: backend.clone(),
-            writer: writer.handle(),
-            limits: config.storage_limits.clone(),
-        });
+        let shared = Rc::new(Shared::new(
+            backend.clone(),
+            writer.handle(),
+            config.storage_limits.clone(),
+        ));
         let records = config
             .bindings
             .iter()

@@ -32,6 +32,57 @@ pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) writer: WriterHandle,
     pub(crate) limits: Limits,
+    /// Objects with writes to flush at the end of this turn of the event loop; their batches
+    /// go to the writer together, as one group with one answer.
+    pub(crate) pending: RefCell<Vec<Rc<ObjectStore>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(backend: Arc<dyn Backend>, writer: WriterHandle, limits: Limits) -> Shared {
+        Shared {
+            backend,
+            writer,
+            limits,
+            pending: RefCell::default(),
+        }
+    }
+
+    /// Queues `store` for the next group, starting a flush task if none is waiting to run.
+    fn schedule(self: &Rc<Self>, store: Rc<ObjectStore>) {
+        let mut pending = self.pending.borrow_mut();
+        if pending.is_empty() {
+            // Runs once the current task yields: every write made before that joins the group.
+            tokio::task::spawn_local(flush_group(self.clone()));
+        }
+        pending.push(store);
+    }
+}
+
+/// Hands the batches of every pending object to the writer as one group, then settles each.
+async fn flush_group(shared: Rc<Shared>) {
+    let stores = std::mem::take(&mut *shared.pending.borrow_mut());
+    let mut group = Vec::with_capacity(stores.len());
+    let mut batches = Vec::with_capacity(stores.len());
+    for store in stores {
+        if let Some((batch, seq)) = store.take_batch() {
+            batches.push(batch);
+            group.push((store, seq));
+        }
+    }
+    if batches.is_empty() {
+        return;
+    }
+    let result = shared
+        .writer
+        .submit(batches)
+        .await
+        .unwrap_or(Err(Error::Closed));
+    for (store, seq) in group {
+        match &result {
+            Ok(()) => store.committed(seq),
+            Err(error) => store.commit_failed(error.clone()),
+        }
+    }
 }
 
 struct Cached {
@@ -170,29 +221,27 @@ impl ObjectStore {
         self.mutations.set(self.mutations.get() + 1);
         if !state.flushing {
             state.flushing = true;
-            // Runs once the current task yields: every write made before that joins the batch.
-            tokio::task::spawn_local(self.clone().flush());
+            self.shared.schedule(self.clone());
         }
     }
 
-    async fn flush(self: Rc<Self>) {
-        while let Some((batch, seq)) = self.take_batch() {
-            let result = match self.shared.writer.submit(batch).await {
-                Ok(result) => result,
-                Err(_) => Err(Error::Closed),
-            };
-            if let Err(error) = result {
-                self.commit_failed(error);
-                return;
-            }
-            let mut state = self.state.borrow_mut();
-            state.durable_seq = seq;
-            wake_all(&mut state.durable_waiters);
-            self.evict_if_needed(&mut state);
+    /// The batch carrying writes up to `seq` is durable. Writes made since go next.
+    fn committed(self: &Rc<Self>, seq: u64) {
+        let mut state = self.state.borrow_mut();
+        state.durable_seq = seq;
+        wake_all(&mut state.durable_waiters);
+        self.evict_if_needed(&mut state);
+        let more = state.failed.is_none() && (!state.dirty.is_empty() || state.clear_pending);
+        if more {
+            self.shared.schedule(self.clone());
+        } else {
+            state.flushing = false;
+            wake_all(&mut state.idle_waiters);
         }
     }
 
-    /// The next batch and the newest write it carries, or `None` (and the flush ends).
+    /// The next batch and the newest write it carries, or `None` (and the flush ends). One
+    /// batch is in flight per object: `flushing` stays set until `committed`.
     fn take_batch(&self) -> Option<(ObjectBatch, u64)> {
         let mut state = self.state.borrow_mut();
         if state.failed.is_some() || (state.dirty.is_empty() && !state.clear_pending) {

@@ -21,8 +21,9 @@ const COMMIT_BATCHES_MAX: usize = 4096;
 /// Most mutations in one commit, for the same reason (1000 puts commit in ~15 ms here).
 const COMMIT_MUTATIONS_MAX: usize = 64 * 1024;
 
+/// A group of batches (of different objects) handed over together, with one answer.
 struct Job {
-    batch: ObjectBatch,
+    batches: Vec<ObjectBatch>,
     done: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -98,12 +99,15 @@ impl Drop for Writer {
 }
 
 impl WriterHandle {
-    /// Queues a batch; the receiver answers once it is durable, or with the commit's error.
-    pub(crate) fn submit(&self, batch: ObjectBatch) -> oneshot::Receiver<Result<(), Error>> {
+    /// Queues a group of batches; the receiver answers once they are durable, or with the
+    /// commit's error. They commit in one transaction (with whatever else is queued).
+    pub(crate) fn submit(&self, batches: Vec<ObjectBatch>) -> oneshot::Receiver<Result<(), Error>> {
         let (done, receiver) = oneshot::channel();
-        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .submitted
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
         let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-        let job = Job { batch, done };
+        let job = Job { batches, done };
         let refused = match sender.as_ref() {
             Some(sender) => sender.send(job).err().map(|e| e.0),
             None => Some(job),
@@ -117,12 +121,14 @@ impl WriterHandle {
 
 fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &WriterStats) {
     while let Ok(first) = receiver.recv() {
-        let mut mutations = first.batch.mutations.len();
+        let mut batches = first.batches.len();
+        let mut mutations = mutations_of(&first);
         let mut jobs = vec![first];
-        while jobs.len() < COMMIT_BATCHES_MAX && mutations < COMMIT_MUTATIONS_MAX {
+        while batches < COMMIT_BATCHES_MAX && mutations < COMMIT_MUTATIONS_MAX {
             match receiver.try_recv() {
                 Ok(job) => {
-                    mutations += job.batch.mutations.len();
+                    batches += job.batches.len();
+                    mutations += mutations_of(&job);
                     jobs.push(job);
                 }
                 Err(_) => break,
@@ -132,8 +138,17 @@ fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &WriterStat
     }
 }
 
+fn mutations_of(job: &Job) -> usize {
+    job.batches.iter().map(|b| b.mutations.len()).sum()
+}
+
 fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &WriterStats) {
-    let (batches, answers): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.batch, j.done)).unzip();
+    let mut batches = Vec::new();
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        batches.extend(job.batches);
+        answers.push(job.done);
+    }
     let result = backend.commit(&batches);
     if let Err(error) = &result {
         tracing::error!(%error, batches = batches.len(), "commit failed");
