@@ -25,7 +25,7 @@ const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Connects over TCP (TCP_NODELAY, duro's reader options) and returns the peer's bootstrap
 /// capability. The connection is driven by a local task: call inside a `LocalSet`.
 ///
-/// The client's reads and writes are buffered (unlike duro's server, which this measures): a
+/// The client's reads and writes are buffered (as duro's server's are): a
 /// capnp message written unbuffered costs two `send`s (segment table, then segment) and read
 /// unbuffered two `recv`s, which would make the generator, not the server, the bound.
 pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
@@ -129,8 +129,8 @@ pub struct EchoBaseline {
 }
 
 impl EchoBaseline {
-    /// Starts the server on 127.0.0.1, port 0. `buffered`: with buffered reads and writes
-    /// (a diagnostic variant: duro's server is unbuffered, and so is the baseline proper).
+    /// Starts the server on 127.0.0.1, port 0. `buffered`: with buffered reads and writes, as
+    /// duro's connections have (the baseline proper); unbuffered, to see what buffering is worth.
     pub fn start(buffered: bool) -> Result<EchoBaseline, String> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();

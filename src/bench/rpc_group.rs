@@ -108,16 +108,12 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
     let mut echoes = Vec::new();
     let mut _duro = None;
     if selection.has("echo-baseline") {
-        // The baseline proper, then a diagnostic: the same server with buffered I/O (64 in
-        // flight only), to show what transport buffering would be worth.
-        for buffered in [false, true] {
+        // Buffered reads and writes, as duro's own connections.
+        for buffered in [true] {
             match EchoBaseline::start(buffered) {
                 Ok(echo) => {
                     let (addr, tid) = (echo.addr, echo.tid);
-                    let series = SHAPES.iter().enumerate().map(|(i, s)| match buffered {
-                        false => Some(Series::new("echo-baseline", &s.name())),
-                        true => (i == 1).then(|| Series::new("echo-baseline", &buffered_shape(s))),
-                    });
+                    let series = SHAPES.iter().map(|s| Some(Series::new("echo-baseline", &s.name())));
                     sides.push(Side {
                         series: series.collect(),
                         stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
