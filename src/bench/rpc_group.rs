@@ -113,7 +113,9 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
             match EchoBaseline::start(buffered) {
                 Ok(echo) => {
                     let (addr, tid) = (echo.addr, echo.tid);
-                    let series = SHAPES.iter().map(|s| Some(Series::new("echo-baseline", &s.name())));
+                    let series = SHAPES
+                        .iter()
+                        .map(|s| Some(Series::new("echo-baseline", &s.name())));
                     sides.push(Side {
                         series: series.collect(),
                         stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),

@@ -6,6 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// Every call allocates and frees many small blocks (capnp messages, futures, HTTP parts);
+/// mimalloc serves them several times cheaper than glibc's allocator under this load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use duro::cli::{Connect, FetchArgs, IdsArgs, LsArgs};
 use duro::gateway::GatewayOptions;
 use duro::{ListenAddr, Server};
