@@ -233,3 +233,46 @@ fn a_full_map_fails_the_write_and_recovers_when_space_returns() {
         assert!(recovered, "writes did not work again after space was freed");
     });
 }
+
+/// Answers with a body of the size asked for in the path.
+struct Big;
+
+impl DurableObject for Big {
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let len: usize = request.uri().path().trim_start_matches('/').parse()?;
+        Ok(Response::new(vec![b'x'; len].into()))
+    }
+}
+
+#[test]
+fn oversized_answers_and_names_are_refused_naming_the_limit() {
+    let builder = Server::builder()
+        .builtins()
+        .class("big", |_s, _e| Big)
+        .namespace("big", "big");
+    let server = TestServer::start(builder);
+    run_local(async {
+        let host = server.connect().await;
+        let max = duro::rpc::RESPONSE_BODY_BYTES_MAX;
+        let fits = fetch_by_name(&host, "big", "b", "GET", &format!("/{max}"), b"")
+            .await
+            .unwrap();
+        assert_eq!(fits.body().len(), max);
+        let over = fetch_by_name(&host, "big", "b", "GET", &format!("/{}", max + 1), b"").await;
+        assert!(
+            matches!(over, Err(Error::Remote(ref m)) if m.contains("RESPONSE_BODY_BYTES_MAX")),
+            "{over:?}"
+        );
+        // The connection survived: the refusal was the call's alone.
+        let name = "n".repeat(1025);
+        let long = fetch_by_name(&host, "counter", &name, "POST", "/", b"").await;
+        assert!(
+            matches!(long, Err(Error::InvalidArgument(ref m)) if m.contains("name_bytes_max")),
+            "{long:?}"
+        );
+        let ok = fetch_by_name(&host, "counter", &"n".repeat(1024), "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(ok.body().as_ref(), b"1");
+    });
+}
