@@ -116,6 +116,20 @@ fn batched_calls_and_delete_report_what_existed() {
 }
 
 #[test]
+fn delete_many_counts_a_key_given_twice_once() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(async {
+        let host = probe_builder(dir.path()).open_host().unwrap();
+        let s = probe(&host, "twice");
+        s.put_many(&[("a", 1u32), ("b", 2)]).await.unwrap();
+        assert_eq!(s.delete_many(&["a", "a", "zz", "zz"]).await.unwrap(), 1);
+        assert_eq!(s.delete_many(&["b", "a", "b"]).await.unwrap(), 1);
+        assert_eq!(s.delete_many(&["a", "b"]).await.unwrap(), 0);
+        host.shutdown().await;
+    });
+}
+
+#[test]
 fn limits_refuse_the_call_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     run_local(async {

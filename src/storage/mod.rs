@@ -280,8 +280,12 @@ impl Storage {
 
     fn delete_encoded(&self, keys: &[&[u8]]) -> Result<usize, Error> {
         let mut existed = 0;
+        let mut counted = std::collections::BTreeSet::new();
         for key in keys {
-            existed += usize::from(self.get_encoded(key)?.is_some());
+            // A key given twice existed once.
+            if counted.insert(*key) {
+                existed += usize::from(self.get_encoded(key)?.is_some());
+            }
         }
         self.store
             .write(keys.iter().map(|k| (k.to_vec(), None)).collect())?;
