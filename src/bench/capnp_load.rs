@@ -129,14 +129,14 @@ pub struct EchoBaseline {
 }
 
 impl EchoBaseline {
-    /// Starts the server on 127.0.0.1, port 0. `buffered`: with buffered reads and writes, as
-    /// duro's connections have (the baseline proper); unbuffered, to see what buffering is worth.
-    pub fn start(buffered: bool) -> Result<EchoBaseline, String> {
+    /// Starts the server on 127.0.0.1, port 0, with buffered reads and writes as duro's
+    /// connections have.
+    pub fn start() -> Result<EchoBaseline, String> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("echo-baseline".into())
-            .spawn(move || serve_echo(ready_tx, stopped, buffered))
+            .spawn(move || serve_echo(ready_tx, stopped))
             .map_err(|e| format!("starting the echo-baseline thread: {e}"))?;
         match ready_rx.recv() {
             Ok(Ok((addr, tid))) => Ok(EchoBaseline {
@@ -164,7 +164,7 @@ impl Drop for EchoBaseline {
 
 type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, i64), String>>;
 
-fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>, buffered: bool) {
+fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -188,14 +188,10 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>, buffered: bool) {
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
                 let (reader, writer) = (reader.compat(), writer.compat_write());
-                if buffered {
-                    spawn_echo_connection(
-                        futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader),
-                        futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer),
-                    );
-                } else {
-                    spawn_echo_connection(reader, writer);
-                }
+                spawn_echo_connection(
+                    futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader),
+                    futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer),
+                );
             }
         };
         tokio::select! {

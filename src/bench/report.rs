@@ -10,7 +10,7 @@ use super::Settings;
 use super::durable::{FSYNC, HOT, SPREAD};
 use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
-use super::rpc_group::{SHAPES, buffered_shape};
+use super::rpc_group::SHAPES;
 
 #[derive(Serialize)]
 pub struct Report {
@@ -90,17 +90,6 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 echo,
             ));
         }
-    }
-    let rpc = &SHAPES[1];
-    if let (Some(buffered), Some(echo)) = (
-        find(series, "echo-baseline", &buffered_shape(rpc)),
-        find(series, "echo-baseline", &rpc.name()),
-    ) {
-        ratios.extend(ops_ratio(
-            format!("echo-baseline buffered / unbuffered, {}", rpc.name()),
-            buffered,
-            echo,
-        ));
     }
     let lmdb = series
         .iter()

@@ -50,11 +50,6 @@ pub const SHAPES: [Shape; 3] = [
     },
 ];
 
-/// The name of the diagnostic shape: `shape` against a server with buffered I/O.
-pub fn buffered_shape(shape: &Shape) -> String {
-    format!("{}, buffered server I/O", shape.name())
-}
-
 /// One run of `call` in `shape`, the server's CPU read before and after by `cpu`.
 pub async fn run_shape(
     shape: Shape,
@@ -108,25 +103,20 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
     let mut echoes = Vec::new();
     let mut _duro = None;
     if selection.has("echo-baseline") {
-        // Buffered reads and writes, as duro's own connections.
-        for buffered in [true] {
-            match EchoBaseline::start(buffered) {
-                Ok(echo) => {
-                    let (addr, tid) = (echo.addr, echo.tid);
-                    let series = SHAPES
-                        .iter()
-                        .map(|s| Some(Series::new("echo-baseline", &s.name())));
-                    sides.push(Side {
-                        series: series.collect(),
-                        stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
-                        cpu: Box::new(move || {
-                            child::cpu_time(&format!("/proc/self/task/{tid}/stat"))
-                        }),
-                    });
-                    echoes.push(echo);
-                }
-                Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
+        match EchoBaseline::start() {
+            Ok(echo) => {
+                let (addr, tid) = (echo.addr, echo.tid);
+                let series = SHAPES
+                    .iter()
+                    .map(|s| Some(Series::new("echo-baseline", &s.name())));
+                sides.push(Side {
+                    series: series.collect(),
+                    stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
+                    cpu: Box::new(move || child::cpu_time(&format!("/proc/self/task/{tid}/stat"))),
+                });
+                echoes.push(echo);
             }
+            Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
         }
     }
     if selection.has("noop") {
@@ -186,7 +176,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
         .flatten()
         .collect();
     // Grouped by workload for the table: the diagnostic series last.
-    series.sort_by_key(|s| (s.workload != "echo-baseline", s.shape.contains("buffered")));
+    series.sort_by_key(|s| s.workload != "echo-baseline");
     series
 }
 

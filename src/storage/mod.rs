@@ -297,10 +297,7 @@ impl Storage {
         &self,
         options: &ListOptions,
     ) -> Result<Vec<(Vec<u8>, T)>, Error> {
-        self.list_encoded(options)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, value::decode(&v)?)))
-            .collect()
+        value::decode_entries(self.list_encoded(options)?)
     }
 
     /// Entries in key order with their encoded values (see [`value`]).

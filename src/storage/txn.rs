@@ -124,10 +124,7 @@ impl Transaction {
         &self,
         options: &ListOptions,
     ) -> Result<Vec<(Vec<u8>, T)>, Error> {
-        self.list_encoded(options)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, value::decode(&v)?)))
-            .collect()
+        value::decode_entries(self.list_encoded(options)?)
     }
 
     /// Entries with their encoded values, as the transaction sees them.

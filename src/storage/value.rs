@@ -45,6 +45,16 @@ pub fn decode<T: DeserializeOwned>(stored: &[u8]) -> Result<T, Error> {
     }
 }
 
+/// Decodes the values of listed entries, keeping their keys and order.
+pub fn decode_entries<T: DeserializeOwned>(
+    entries: Vec<(Vec<u8>, Bytes)>,
+) -> Result<Vec<(Vec<u8>, T)>, Error> {
+    entries
+        .into_iter()
+        .map(|(k, v)| Ok((k, decode(&v)?)))
+        .collect()
+}
+
 /// The bytes of a value written by [`encode_raw`].
 pub fn decode_raw(stored: &Bytes) -> Result<Bytes, Error> {
     match stored.first() {
