@@ -2,6 +2,8 @@
 //! IDs, fetch, E-order, pipelining, listings, broken stubs, errors by kind, both transports,
 //! the release of capabilities and connections, and the bound on calls in flight.
 
+mod common;
+
 use std::future::{Future, ready};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -164,31 +166,11 @@ async fn calls_on_one_stub_are_answered_in_the_order_made() {
     }
 }
 
-/// A loopback proxy that forwards client → server at once but holds server → client bytes
-/// until `release` is sent.
-async fn holding_proxy(
-    target: std::net::SocketAddr,
-) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let (client, _) = listener.accept().await.unwrap();
-        let server = tokio::net::TcpStream::connect(target).await.unwrap();
-        let (mut client_r, mut client_w) = client.into_split();
-        let (mut server_r, mut server_w) = server.into_split();
-        tokio::spawn(async move { tokio::io::copy(&mut client_r, &mut server_w).await });
-        let _ = released.await;
-        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
-    });
-    (addr, release)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_get_by_name_and_fetch_take_one_round_trip() {
     let (builder, hanging) = builder();
     let server = TestServer::start(builder);
-    let (addr, release) = holding_proxy(server.addr()).await;
+    let (addr, release) = common::holding_proxy(server.addr()).await;
     let client = Client::connect(addr).await.unwrap();
     // bootstrap → namespace → getByName → fetch reach the object while no byte of any answer
     // has come back: the client waited for none of them.

@@ -1,6 +1,8 @@
 //! The wire protocol over real TCP connections: namespaces, IDs, stubs, E-order, pipelining,
 //! errors and resets.
 
+mod common;
+
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -342,36 +344,11 @@ fn calls_on_one_stub_arrive_in_order_even_while_activating() {
     });
 }
 
-/// A loopback proxy that forwards client → server at once but holds server → client bytes
-/// until `release` is sent: whatever the server does before releasing, the client asked for
-/// without waiting for any answer.
-async fn holding_proxy(
-    target: std::net::SocketAddr,
-) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    tokio::task::spawn_local(async move {
-        let (client, _) = listener.accept().await.unwrap();
-        let server = tokio::net::TcpStream::connect(target).await.unwrap();
-        let (mut client_r, mut client_w) = client.into_split();
-        let (mut server_r, mut server_w) = server.into_split();
-        tokio::task::spawn_local(async move {
-            let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
-        });
-        let _ = released.await;
-        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
-        let _ = client_w.shutdown().await;
-    });
-    (addr, release)
-}
-
 #[test]
 fn get_and_fetch_take_one_round_trip() {
     let (server, counters) = server();
     run_local(async {
-        let (addr, release) = holding_proxy(server.addr()).await;
+        let (addr, release) = common::holding_proxy(server.addr()).await;
         let host = duro::testing::connect(addr).await.unwrap();
         // bootstrap → namespace → getByName → fetch: the fetch reaches the object while no
         // byte of any answer has reached the client, so the chain cost one round trip.

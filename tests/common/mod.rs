@@ -63,3 +63,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/PID/status")
 }
+
+/// A loopback proxy that forwards client → server at once but holds server → client bytes
+/// until `release` is sent: whatever the server does before releasing, the client asked for
+/// without waiting for any answer.
+pub async fn holding_proxy(target: SocketAddr) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (mut client_r, mut client_w) = client.into_split();
+        let (mut server_r, mut server_w) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
+        });
+        let _ = released.await;
+        let _ = tokio::io::copy(&mut server_r, &mut client_w).await;
+        let _ = client_w.shutdown().await;
+    });
+    (addr, release)
+}
