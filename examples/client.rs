@@ -14,7 +14,7 @@ use duro::client::Client;
 #[derive(Parser)]
 struct Args {
     /// The host's address: HOST:PORT, or unix:PATH.
-    #[arg(long, default_value = duro::server::DEFAULT_LISTEN)]
+    #[arg(long, default_value = duro::DEFAULT_LISTEN)]
     connect: String,
     /// The counter's name.
     #[arg(default_value = "example")]
@@ -33,7 +33,7 @@ pub async fn increment(connect: &str, name: &str) -> Result<u64, BoxError> {
     if !response.status().is_success() {
         return Err(format!("the counter answered {}", response.status()).into());
     }
-    Ok(std::str::from_utf8(response.body())?.parse()?)
+    Ok(std::str::from_utf8(response.body())?.trim().parse()?)
 }
 
 #[tokio::main]

@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[derive(clap::Parser)]
     struct Args {
         /// Cap'n Proto address: HOST:PORT or unix:PATH.
-        #[arg(long, default_value = duro::server::DEFAULT_LISTEN)]
+        #[arg(long, default_value = duro::DEFAULT_LISTEN)]
         listen: duro::ListenAddr,
         /// HTTP gateway address.
         #[arg(long, default_value = "127.0.0.1:8787")]

@@ -2,7 +2,7 @@
 //!
 //! capnp-rpc is `!Send`, so the connection lives on a driver thread of its own (a current-thread
 //! runtime with a `LocalSet`) that owns the RPC system and every capability. [`Client`],
-//! [`Namespace`] and [`Stub`] are `Send + Sync + Clone` handles that send the driver commands
+//! [`RemoteNamespace`] and [`RemoteStub`] are `Send + Sync + Clone` handles that send the driver commands
 //! through one ordered channel. The driver issues each Cap'n Proto call as its command arrives,
 //! before awaiting any answer, so:
 //!
@@ -12,7 +12,7 @@
 //!   with a handle to a pipelined capability, which the driver keeps in a table under the
 //!   handle's id: `get_by_name(name)` then `fetch` costs one round trip;
 //! - dropping the last clone of a handle releases its capability on the host, and dropping the
-//!   last handle of a connection ([`Client`], [`Namespace`], [`Stub`], or a [`Pending`] not
+//!   last handle of a connection ([`Client`], [`RemoteNamespace`], [`RemoteStub`], or a [`Pending`] not
 //!   yet done) ends the driver thread and closes the connection.
 
 use std::collections::HashMap;
@@ -26,16 +26,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::duro_capnp::{durable_object, host, namespace, namespace_info, object_id};
 use crate::error::Error;
 use crate::id::{ID_BYTES, ObjectId};
-use crate::rpc::convert;
-use crate::server::ListenAddr;
-use crate::{Request, Response};
+use crate::message::{Request, Response};
+use crate::wire::duro_capnp::{durable_object, host, namespace, namespace_info, object_id};
+use crate::wire::{ListenAddr, MESSAGE_BYTES_MAX, convert};
 
 /// Calls one client may have in flight (sent, answer not yet delivered), over all its
 /// namespaces and stubs. Each holds its request and answer in memory and a question on the
@@ -51,9 +48,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request the client sends, estimated from the size of its parts (see
 /// `request_bytes`). The host drops a connection that sends a message larger than
-/// [`crate::rpc::MESSAGE_BYTES_MAX`], which would break every call of the client; a larger
+/// [`crate::wire::MESSAGE_BYTES_MAX`], which would break every call of the client; a larger
 /// request is refused here instead, with [`Error::InvalidArgument`].
-pub const REQUEST_BYTES_MAX: usize = crate::rpc::MESSAGE_BYTES_MAX - 64 * 1024;
+pub const REQUEST_BYTES_MAX: usize = MESSAGE_BYTES_MAX - 64 * 1024;
 
 /// Most commands the driver takes from its channel per wake-up: under load, fewer wake-ups,
 /// and a bounded run of work before the RPC system's tasks get their turn.
@@ -62,7 +59,7 @@ const COMMAND_BATCH_MAX: usize = 64;
 /// A connection to a duro host. Cheap to clone: the clones share the connection.
 ///
 /// ```
-/// # let server = duro::testing::TestServer::start(duro::Server::builder().builtins());
+/// # let server = duro::testing::TestServer::start(duro::builtin::register(duro::Server::builder()));
 /// # let addr = server.addr().to_string();
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use duro::client::Client;
@@ -73,7 +70,7 @@ const COMMAND_BATCH_MAX: usize = 64;
 /// // `get_by_name` answered at once: the stub and the call travel together.
 /// let response = counter.call("POST", "/", "").await?;
 /// assert_eq!(response.status(), 200);
-/// assert_eq!(response.body().as_ref(), b"1");
+/// assert_eq!(response.body().as_ref(), b"1\n");
 /// # Ok::<(), duro::Error>(())
 /// # }).unwrap();
 /// ```
@@ -114,14 +111,14 @@ impl Client {
 
     /// The namespace `name`, at once: an unknown name fails the calls made through it, with
     /// [`Error::InvalidArgument`]. Each `namespace` opens a capability on the host (a call on
-    /// the wire, pipelined): keep the `Namespace` to reuse it.
-    pub fn namespace(&self, name: &str) -> Namespace {
+    /// the wire, pipelined): keep the `RemoteNamespace` to reuse it.
+    pub fn namespace(&self, name: &str) -> RemoteNamespace {
         let handle = self.shared.new_handle();
         self.shared.send(Command::Namespace {
             handle: handle.id,
             name: name.to_owned(),
         });
-        Namespace {
+        RemoteNamespace {
             handle: Arc::new(handle),
             name: name.into(),
         }
@@ -179,12 +176,12 @@ impl IntoServerAddr for &String {
 
 /// A namespace of the host: mints IDs and hands out stubs. Cheap to clone.
 #[derive(Clone)]
-pub struct Namespace {
+pub struct RemoteNamespace {
     handle: Arc<Handle>,
     name: Arc<str>,
 }
 
-impl Namespace {
+impl RemoteNamespace {
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -221,28 +218,28 @@ impl Namespace {
 
     /// A stub for the object `id`, at once. An ID the namespace did not mint fails the calls
     /// made on the stub, with [`Error::InvalidArgument`].
-    pub fn get(&self, id: &ObjectId) -> Stub {
+    pub fn get(&self, id: &ObjectId) -> RemoteStub {
         let handle = self.shared().new_handle();
         self.shared().send(Command::Get {
             namespace: self.handle.id,
             id: id.clone(),
             handle: handle.id,
         });
-        Stub {
+        RemoteStub {
             handle: Arc::new(handle),
         }
     }
 
     /// A stub for the object named `name`, at once: `get(id_from_name(name))` without waiting
     /// for the ID, so that `get_by_name(name).fetch(request)` is one round trip.
-    pub fn get_by_name(&self, name: &str) -> Stub {
+    pub fn get_by_name(&self, name: &str) -> RemoteStub {
         let handle = self.shared().new_handle();
         self.shared().send(Command::GetByName {
             namespace: self.handle.id,
             name: name.to_owned(),
             handle: handle.id,
         });
-        Stub {
+        RemoteStub {
             handle: Arc::new(handle),
         }
     }
@@ -265,9 +262,9 @@ impl Namespace {
     }
 }
 
-impl fmt::Debug for Namespace {
+impl fmt::Debug for RemoteNamespace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Namespace")
+        f.debug_struct("RemoteNamespace")
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
@@ -277,19 +274,21 @@ impl fmt::Debug for Namespace {
 /// made on any of them keep one order.
 ///
 /// Calls made on a stub are delivered to the object in the order they were made (E-order):
-/// the order of the calls to [`Stub::fetch`], not of the awaits. A stub breaks when its object
+/// the order of the calls to [`RemoteStub::fetch`], not of the awaits. A stub breaks when its object
 /// is reset (a panic in the object's code, a failed commit), the host shuts down or the
 /// connection is lost: its calls then fail with [`Error::Disconnected`], and it stays broken.
 /// Get a new stub from the namespace.
 #[derive(Clone)]
-pub struct Stub {
+pub struct RemoteStub {
     handle: Arc<Handle>,
 }
 
-impl Stub {
+impl RemoteStub {
     /// Sends `request` to the object. The call is sent now, taking its place in the stub's
-    /// order; await the [`Pending`] for the response. Dropping the `Pending` does not cancel
-    /// the call.
+    /// order; await the [`Pending`] for the response. Dropping the `Pending` before it is
+    /// done cancels the call, as dropping the future of [`crate::Stub::fetch`] does: the host
+    /// stops the handler at its next await (or never delivers it), and its response is not
+    /// sent. Writes the handler made before then stay made.
     ///
     /// Errors: [`Error::Remote`] when the object's code failed; [`Error::Disconnected`] when
     /// the stub is broken (get a new one); [`Error::Overloaded`] when too many calls are
@@ -311,7 +310,7 @@ impl Stub {
         })
     }
 
-    /// [`Stub::fetch`] of a request with `method`, `path` (with its query, e.g. `/a?b=1`) and
+    /// [`RemoteStub::fetch`] of a request with `method`, `path` (with its query, e.g. `/a?b=1`) and
     /// `body`, and no headers. A method or path that does not parse fails with
     /// [`Error::InvalidArgument`].
     pub fn call(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Pending<Response> {
@@ -328,9 +327,9 @@ impl Stub {
     }
 }
 
-impl fmt::Debug for Stub {
+impl fmt::Debug for RemoteStub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stub")
+        f.debug_struct("RemoteStub")
             .field("handle", &self.handle.id)
             .finish_non_exhaustive()
     }
@@ -366,7 +365,8 @@ impl ObjectPage {
 
 /// The answer to a call that was sent when it was made: a future of the call's result.
 ///
-/// Dropping it does not cancel the call. It keeps the connection open until it is done.
+/// Dropping it before it is done cancels the call (see [`RemoteStub::fetch`]). It keeps the
+/// connection open until it is done or dropped.
 #[must_use = "the call was sent; await the Pending for its answer"]
 pub struct Pending<T> {
     state: PendingState<T>,
@@ -670,37 +670,9 @@ mod driver {
 
     /// Opens the connection and starts its RPC system on the local set.
     async fn connect(addr: &ListenAddr) -> std::io::Result<host::Client> {
-        match addr {
-            ListenAddr::Tcp(addr) => {
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                // Request/response RPC would otherwise wait on Nagle's algorithm.
-                stream.set_nodelay(true)?;
-                let (reader, writer) = stream.into_split();
-                Ok(start_rpc(reader, writer))
-            }
-            ListenAddr::Unix(path) => {
-                let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
-                Ok(start_rpc(reader, writer))
-            }
-        }
-    }
-
-    fn start_rpc<R, W>(reader: R, writer: W) -> host::Client
-    where
-        R: tokio::io::AsyncRead + Unpin + 'static,
-        W: tokio::io::AsyncWrite + Unpin + 'static,
-    {
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(reader.compat()),
-            futures::io::BufWriter::new(writer.compat_write()),
-            Side::Client,
-            // The host's bound on messages, for its answers too.
-            crate::rpc::reader_options(),
-        );
-        let mut rpc = RpcSystem::new(Box::new(network), None);
-        let host = rpc.bootstrap(Side::Server);
+        let (host, rpc) = crate::wire::connect(addr).await?;
         tokio::task::spawn_local(rpc);
-        host
+        Ok(host)
     }
 
     /// A capability in the driver's table.
@@ -864,9 +836,11 @@ mod driver {
         Error::Disconnected("the client lost track of this capability".into())
     }
 
-    /// Awaits `promise` in a local task and delivers what `read` makes of it.
+    /// Awaits `promise` in a local task and delivers what `read` makes of it; or, when the
+    /// caller drops its [`Pending`] first, drops the promise, which cancels the call on the
+    /// host (capnp-rpc sends `Finish`, and the host drops the call's future).
     fn answer<X, T>(
-        reply: Reply<T>,
+        mut reply: Reply<T>,
         promise: impl Future<Output = capnp::Result<X>> + 'static,
         read: impl FnOnce(X) -> capnp::Result<T> + 'static,
     ) where
@@ -874,8 +848,10 @@ mod driver {
         T: 'static,
     {
         tokio::task::spawn_local(async move {
-            let answer = promise.await.and_then(read).map_err(Error::from);
-            reply.send(answer);
+            tokio::select! {
+                answer = promise => reply.send(answer.and_then(read).map_err(Error::from)),
+                () = reply.sender.closed() => {}
+            }
         });
     }
 }

@@ -16,10 +16,10 @@
 //! | no namespace of that name | 404 |
 //! | request body over [`GatewayOptions::body_bytes_max`] | 413, and the connection closes |
 //! | the request body broke off (client error) | 400, and the connection closes |
-//! | bad argument ([`crate::Error::InvalidArgument`], e.g. a name over `name_bytes_max`) | 400 |
-//! | the object's code returned an error ([`crate::Error::Remote`]) | 500 |
-//! | the object was reset, or the host is shutting down ([`crate::Error::Disconnected`]) | 502 |
-//! | too many requests queued for the object ([`crate::Error::Overloaded`]) | 503, `Retry-After: 1` |
+//! | bad argument ([`crate::error::Error::InvalidArgument`], e.g. a name over `name_bytes_max`) | 400 |
+//! | the object's code returned an error ([`crate::error::Error::Remote`]) | 500 |
+//! | the object was reset, or the host is shutting down ([`crate::error::Error::Disconnected`]) | 502 |
+//! | too many requests queued for the object ([`crate::error::Error::Overloaded`]) | 503, `Retry-After: 1` |
 //!
 //! Each of these has a plain-text body naming the rule or carrying the error's message.
 //!
@@ -47,8 +47,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::class::{Request, Response};
 use crate::host::Host;
+use crate::message::{Request, Response};
 
 /// Most gateway connections open at once. Each costs a task, hyper's buffers (up to
 /// `max_buf_size`) and an FD; past the bound new connections are closed at once, so a flood of
@@ -279,7 +279,7 @@ enum Error {
     #[error("reading the request body failed: {0}")]
     BodyRead(String),
     #[error(transparent)]
-    Call(#[from] crate::Error),
+    Call(#[from] crate::error::Error),
 }
 
 impl Error {
@@ -289,9 +289,9 @@ impl Error {
             Error::UnknownNamespace(_) => StatusCode::NOT_FOUND,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Call(error) => match error {
-                crate::Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-                crate::Error::Disconnected(_) => StatusCode::BAD_GATEWAY,
-                crate::Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::error::Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                crate::error::Error::Disconnected(_) => StatusCode::BAD_GATEWAY,
+                crate::error::Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
                 // `Remote`, and any kind added later: a failure of the call.
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -310,7 +310,7 @@ impl Error {
         let headers = response.headers_mut();
         let text = HeaderValue::from_static("text/plain; charset=utf-8");
         headers.insert(header::CONTENT_TYPE, text);
-        if matches!(self, Error::Call(crate::Error::Overloaded(_))) {
+        if matches!(self, Error::Call(crate::error::Error::Overloaded(_))) {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECONDS),
@@ -371,16 +371,16 @@ mod tests {
     #[test]
     fn errors_map_to_statuses() {
         let cases = [
-            (crate::Error::Remote("boom".into()), 500),
-            (crate::Error::Disconnected("reset".into()), 502),
-            (crate::Error::Overloaded("full".into()), 503),
-            (crate::Error::InvalidArgument("too long".into()), 400),
+            (crate::error::Error::Remote("boom".into()), 500),
+            (crate::error::Error::Disconnected("reset".into()), 502),
+            (crate::error::Error::Overloaded("full".into()), 503),
+            (crate::error::Error::InvalidArgument("too long".into()), 400),
         ];
         for (error, status) in cases {
             let response = Error::Call(error.clone()).response();
             assert_eq!(response.status(), status, "{error}");
         }
-        let overloaded = Error::Call(crate::Error::Overloaded("full".into())).response();
+        let overloaded = Error::Call(crate::error::Error::Overloaded("full".into())).response();
         assert_eq!(overloaded.headers()[header::RETRY_AFTER], "1");
         let too_large = Error::BodyTooLarge { max: 1 }.response();
         assert_eq!(too_large.headers()[header::CONNECTION], "close");

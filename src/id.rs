@@ -59,6 +59,13 @@ impl ObjectId {
         to_hex(&self.bytes)
     }
 
+    /// An ID from its text form (64 hex digits, either case), as a client holds it, e.g. read
+    /// from its own database. Only its shape is checked here: whether a namespace minted it
+    /// takes the namespace's secret, and the host checks that whenever the ID is used.
+    pub fn from_hex(text: &str) -> Result<ObjectId, Error> {
+        Ok(ObjectId::from_host(from_hex(text)?, None))
+    }
+
     /// An ID as a host sent it to a client. Unchecked: only the namespace's secret can check
     /// it, and the host checks it again whenever it is used.
     pub(crate) fn from_host(bytes: [u8; ID_BYTES], name: Option<String>) -> ObjectId {
@@ -161,7 +168,9 @@ impl IdMinter {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `a == b`, compared without an early exit, so the time taken does not tell how much
+/// of a guess (a MAC, a token) was right. Only the length may leak.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

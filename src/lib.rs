@@ -2,32 +2,43 @@
 //! namespaces, each with a transactional key-value storage beside it, reached through Cap'n
 //! Proto capabilities.
 //!
-//! The path of a request: [`rpc`] (the wire) → [`host`] (activations, input gate, E-order) →
-//! the object's class ([`DurableObject`]) → [`storage`] (cache, output gate, group commit, LMDB).
+//! What a class author uses: [`DurableObject`], [`State`] and its [`Storage`], [`Env`] with its
+//! [`Namespace`]s and [`Stub`]s, the [`response`] helpers, and a [`Server`] [`Builder`] to host
+//! the classes. What a client uses: [`client::Client`] (or any Cap'n Proto client of
+//! [`duro_capnp`], the wire contract). What a test uses: [`testing`] (feature `testing`).
+//!
+//! The path of a request: `wire` (the contract, one connection setup) → `rpc` (the capnp
+//! servers) → `host` (activations, input gate, E-order) → the object's class → [`storage`]
+//! (cache, output gate, group commit, LMDB). Each module depends only on those below it; the
+//! README's "Layout" section draws the layers.
 
-pub mod duro_capnp {
-    //! Code generated from `schema/duro.capnp`, the wire contract.
-    #![allow(clippy::all, missing_docs, unused_qualifications)]
-    include!(concat!(env!("OUT_DIR"), "/duro_capnp.rs"));
-}
-
-pub mod bench;
-pub mod builtin;
-mod class;
-pub mod cli;
-pub mod client;
+// Leaves: no dependency inside the crate.
 mod error;
-pub mod gateway;
-pub mod host;
+mod gate;
 pub mod id;
-pub mod rpc;
-pub mod server;
+mod message;
+pub mod response;
+pub mod wire;
+// Storage, then the host on top of it.
+mod host;
 pub mod storage;
+// The faces of the host, and what assembles them.
+pub mod gateway;
+pub mod rpc;
+mod server;
+// Above the server: the built-in classes and their registration, the client, the test harness.
+pub mod builtin;
+pub mod client;
+#[cfg(feature = "testing")]
 pub mod testing;
 
-pub use class::{BoxError, DurableObject, Env, Request, Response, State};
 pub use error::Error;
-pub use host::{Host, HostLimits, Namespace, StartError, Stub};
+pub use gateway::GatewayOptions;
+pub use host::{
+    DurableObject, Env, Host, HostLimits, Namespace, SHUTDOWN_GRACE, StartError, State, Stub,
+};
 pub use id::ObjectId;
-pub use server::{Builder, ListenAddr, Server, ServerHandle};
+pub use message::{BoxError, Request, Response};
+pub use server::{Builder, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle};
 pub use storage::{ListOptions, Storage, Transaction};
+pub use wire::{ListenAddr, duro_capnp};

@@ -1,56 +1,24 @@
 //! Hosting: the builder that assembles a host from classes and namespaces, the listeners, and
 //! the event-loop thread.
 
-use std::cell::Cell;
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
-use crate::class::{DurableObject, Env, State, factory};
 use crate::gateway::{self, GatewayOptions};
-use crate::host::{Config, Host, HostLimits, StartError};
-use crate::storage::{Backend, Limits};
+use crate::host::{Config, DurableObject, Env, Host, HostLimits, StartError, State, factory};
+use crate::rpc::RpcOptions;
+use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions};
+use crate::wire::ListenAddr;
 
 /// Most client connections at once. Each costs buffers and an RPC state; past the bound new
 /// connections are closed at once, so a flood of connections cannot exhaust memory or FDs.
 pub const CONNECTIONS_MAX: usize = 4096;
-
-/// Where the host listens: a TCP address, or a unix socket (`unix:/path`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<ListenAddr, String> {
-        if let Some(path) = text.strip_prefix("unix:") {
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        text.parse()
-            .map(ListenAddr::Tcp)
-            .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT or unix:PATH"))
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
-            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
 
 /// The default listen address: loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -61,23 +29,24 @@ struct Ready {
     http: Option<SocketAddr>,
 }
 
+/// The default address of the HTTP gateway of `duro serve`: loopback.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7451";
+
 /// A duro server: a host reachable over the network.
 pub struct Server;
 
 impl Server {
-    /// A builder with no classes, listening on [`DEFAULT_LISTEN`], data in `./duro-data`.
+    /// A builder with no classes, listening on [`DEFAULT_LISTEN`] (Cap'n Proto only), data in
+    /// LMDB under `./duro-data`.
     pub fn builder() -> Builder {
         Builder {
-            config: Config {
-                classes: Default::default(),
-                bindings: Default::default(),
+            config: Config::default(),
+            storage: StorageChoice::Lmdb {
                 data_dir: PathBuf::from("duro-data"),
-                limits: HostLimits::default(),
-                storage_limits: Limits::default(),
-                lmdb: Default::default(),
-                token: None,
-                wrap_backend: None,
+                options: LmdbOptions::default(),
             },
+            wrap_backend: None,
+            rpc: RpcOptions::default(),
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
             http: None,
             gateway: GatewayOptions::default(),
@@ -85,9 +54,27 @@ impl Server {
     }
 }
 
-/// Assembles a host: classes, namespaces bound to them, data dir, listen address, limits.
+/// Where the host keeps its data.
+enum StorageChoice {
+    /// LMDB in a data dir, opened when the host starts.
+    Lmdb {
+        data_dir: PathBuf,
+        options: LmdbOptions,
+    },
+    /// A backend the caller opened.
+    Given(Arc<dyn Backend>),
+}
+
+/// A function that wraps the storage backend (see [`Builder::wrap_backend`]).
+type WrapBackend = Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>;
+
+/// Assembles a server: classes, namespaces bound to them, storage, listeners, limits.
 pub struct Builder {
     config: Config,
+    storage: StorageChoice,
+    /// Wraps the backend once opened, e.g. to inject faults in tests.
+    wrap_backend: Option<WrapBackend>,
+    rpc: RpcOptions,
     listen: ListenAddr,
     /// The HTTP gateway's address, if it is on.
     http: Option<SocketAddr>,
@@ -115,15 +102,24 @@ impl Builder {
         self
     }
 
-    /// Registers the built-in classes (`echo`, `counter`, `kv`), each bound to a namespace of
-    /// the same name.
-    pub fn builtins(self) -> Builder {
-        crate::builtin::register(self)
+    /// Keeps the data in LMDB in the data dir `path` (created if missing; the default is
+    /// `./duro-data`). One host at a time may use it.
+    pub fn data_dir(mut self, path: impl AsRef<Path>) -> Builder {
+        let options = match self.storage {
+            StorageChoice::Lmdb { options, .. } => options,
+            StorageChoice::Given(_) => LmdbOptions::default(),
+        };
+        self.storage = StorageChoice::Lmdb {
+            data_dir: path.as_ref().to_owned(),
+            options,
+        };
+        self
     }
 
-    /// The data dir (created if missing). One host at a time may use it.
-    pub fn data_dir(mut self, path: impl AsRef<Path>) -> Builder {
-        self.config.data_dir = path.as_ref().to_owned();
+    /// Keeps the data in `backend` instead of LMDB in a data dir: e.g. a
+    /// [`crate::storage::MemoryBackend`] for tests that need no disk.
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Builder {
+        self.storage = StorageChoice::Given(backend);
         self
     }
 
@@ -149,7 +145,7 @@ impl Builder {
     /// Requires clients to call `Host.authenticate(token)` before anything else. The token
     /// is compared in constant time; a wrong one is answered after a short delay.
     pub fn token(mut self, token: impl Into<String>) -> Builder {
-        self.config.token = Some(Arc::from(token.into()));
+        self.rpc.token = Some(Arc::from(token.into()));
         self
     }
 
@@ -165,9 +161,11 @@ impl Builder {
         self
     }
 
-    /// The LMDB map size: the most the data file may grow to.
+    /// The LMDB map size: the most the data file may grow to. Only for LMDB in a data dir.
     pub fn map_bytes(mut self, bytes: usize) -> Builder {
-        self.config.lmdb.map_bytes = bytes;
+        if let StorageChoice::Lmdb { options, .. } = &mut self.storage {
+            options.map_bytes = bytes;
+        }
         self
     }
 
@@ -177,14 +175,28 @@ impl Builder {
         mut self,
         wrap: impl Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync + 'static,
     ) -> Builder {
-        self.config.wrap_backend = Some(Arc::new(wrap));
+        self.wrap_backend = Some(Arc::new(wrap));
         self
     }
 
     /// Opens the host in the current thread, without a listener. Must run inside a tokio
     /// `LocalSet`. For embedding, and for testing capabilities in-process.
     pub fn open_host(self) -> Result<Host, StartError> {
-        Host::open(self.config)
+        let backend = self.open_backend()?;
+        Host::open(self.config, backend)
+    }
+
+    fn open_backend(&self) -> Result<Arc<dyn Backend>, StartError> {
+        let backend: Arc<dyn Backend> = match &self.storage {
+            StorageChoice::Lmdb { data_dir, options } => {
+                Arc::new(LmdbBackend::open(data_dir, options)?)
+            }
+            StorageChoice::Given(backend) => backend.clone(),
+        };
+        Ok(match &self.wrap_backend {
+            Some(wrap) => wrap(backend),
+            None => backend,
+        })
     }
 
     /// Starts the server on a thread of its own, and returns once it listens.
@@ -223,13 +235,12 @@ impl Builder {
     /// listening, prints `duro listening on ADDR` on stdout (with the port given for port 0),
     /// and `duro http gateway on ADDR` when the gateway is on.
     pub fn run(self) -> Result<(), StartError> {
+        // Said once, on stdout, where scripts read it; the log stays for what goes wrong.
         let on_ready = |ready: Ready| {
             use std::io::Write;
-            tracing::info!(addr = %ready.addr, "listening");
             let mut stdout = std::io::stdout();
             let _ = writeln!(stdout, "duro listening on {}", ready.addr);
             if let Some(http) = ready.http {
-                tracing::info!(addr = %http, "HTTP gateway listening");
                 let _ = writeln!(stdout, "duro http gateway on {http}");
             }
             let _ = stdout.flush();
@@ -247,10 +258,10 @@ impl Builder {
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
-            let has_token = self.config.token.is_some();
-            let host = Host::open(self.config)?;
+            let backend = self.open_backend()?;
+            let host = Host::open(self.config, backend)?;
             let listener = Listener::bind(&self.listen).await?;
-            warn_if_open(&self.listen, self.http, has_token);
+            warn_if_open(&self.listen, self.http, self.rpc.token.is_some());
             let mut http_addr = None;
             if let Some(addr) = self.http {
                 let http = TcpListener::bind(addr).await?;
@@ -262,7 +273,7 @@ impl Builder {
                 http: http_addr,
             });
             tokio::select! {
-                _ = accept_loop(&host, &listener) => {}
+                _ = accept_loop(&host, &self.rpc, &listener) => {}
                 _ = stop => {}
             }
             tracing::info!("shutting down");
@@ -330,19 +341,19 @@ async fn remove_stale_socket(path: &Path) {
     }
 }
 
-async fn accept_loop(host: &Host, listener: &Listener) {
-    let open = Rc::new(Cell::new(0usize));
+async fn accept_loop(host: &Host, rpc: &RpcOptions, listener: &Listener) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = match listener {
             Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
                 // Request/response RPC would otherwise wait on Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
-                spawn_connection(host, &open, reader, writer)
+                spawn_connection(host, rpc, &slots, reader, writer)
             }),
             Listener::Unix(listener, _) => listener.accept().await.map(|(stream, _)| {
                 let (reader, writer) = stream.into_split();
-                spawn_connection(host, &open, reader, writer)
+                spawn_connection(host, rpc, &slots, reader, writer)
             }),
         };
         if let Err(error) = accepted {
@@ -353,25 +364,32 @@ async fn accept_loop(host: &Host, listener: &Listener) {
     }
 }
 
-fn spawn_connection<R, W>(host: &Host, open: &Rc<Cell<usize>>, reader: R, writer: W)
-where
+/// Serves one connection in a task of its own, if one of the [`CONNECTIONS_MAX`] slots is free;
+/// else drops it at once. The slot is a permit moved into the task, so it is given back however
+/// the task ends, by a panic too.
+fn spawn_connection<R, W>(
+    host: &Host,
+    rpc: &RpcOptions,
+    slots: &Arc<Semaphore>,
+    reader: R,
+    writer: W,
+) where
     R: tokio::io::AsyncRead + Unpin + 'static,
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
-    if open.get() >= CONNECTIONS_MAX {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
         tracing::warn!(
             limit = CONNECTIONS_MAX,
             "connection refused: too many connections"
         );
         return;
-    }
-    open.set(open.get() + 1);
-    let (host, open) = (host.clone(), open.clone());
+    };
+    let (host, rpc) = (host.clone(), rpc.clone());
     tokio::task::spawn_local(async move {
-        if let Err(error) = crate::rpc::serve_connection(host, reader, writer).await {
+        let _slot = slot;
+        if let Err(error) = crate::rpc::serve_connection(&host, &rpc, reader, writer).await {
             tracing::debug!(%error, "connection ended");
         }
-        open.set(open.get() - 1);
     });
 }
 

@@ -5,11 +5,11 @@
 //! ```
 //! use duro::testing::{TestServer, run_local};
 //!
-//! let server = TestServer::start(duro::Server::builder().builtins());
+//! let server = TestServer::start(duro::builtin::register(duro::Server::builder()));
 //! run_local(async {
 //!     let host = server.connect().await;
 //!     let response = duro::testing::fetch_by_name(&host, "counter", "a", "POST", "/", b"").await;
-//!     assert_eq!(response.unwrap().body().as_ref(), b"1");
+//!     assert_eq!(response.unwrap().body().as_ref(), b"1\n");
 //! });
 //! ```
 
@@ -20,15 +20,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-
-use crate::duro_capnp::host;
-use crate::rpc::convert;
-use crate::server::{Builder, ListenAddr, ServerHandle};
-use crate::storage::backend::{Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
-use crate::storage::{self, Backend};
-use crate::{Error, Request, Response};
+use crate::error::Error;
+use crate::message::{Request, Response};
+use crate::server::{Builder, ServerHandle};
+use crate::storage::{self, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+use crate::wire::duro_capnp::{durable_object, host};
+use crate::wire::{ListenAddr, convert};
 
 /// Runs `future` on a current-thread runtime inside a `LocalSet`, as capnp-rpc needs.
 pub fn run_local<F: Future>(future: F) -> F::Output {
@@ -103,17 +100,7 @@ impl TestServer {
 /// Connects to a duro server over TCP and returns its bootstrap `Host`. Must be called inside
 /// a `LocalSet`: the connection is driven by a local task, which ends when the peer leaves.
 pub async fn connect(addr: SocketAddr) -> std::io::Result<host::Client> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader.compat()),
-        futures::io::BufWriter::new(writer.compat_write()),
-        Side::Client,
-        crate::rpc::reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
-    let host: host::Client = rpc.bootstrap(Side::Server);
+    let (host, rpc) = crate::wire::connect(&ListenAddr::Tcp(addr)).await?;
     tokio::task::spawn_local(rpc);
     Ok(host)
 }
@@ -146,10 +133,7 @@ pub async fn fetch_by_name(
 }
 
 /// Sends `request` on a stub and reads the response.
-pub async fn fetch(
-    stub: &crate::duro_capnp::durable_object::Client,
-    request: Request,
-) -> Result<Response, Error> {
+pub async fn fetch(stub: &durable_object::Client, request: Request) -> Result<Response, Error> {
     let call = fetch_call(stub, &request);
     let reply = call.promise.await?;
     Ok(convert::response_from_capnp(reply.get()?.get_response()?)?)
@@ -157,9 +141,9 @@ pub async fn fetch(
 
 /// Sends `request` on a stub now (taking its place in E-order) and returns the pending call.
 pub fn fetch_call(
-    stub: &crate::duro_capnp::durable_object::Client,
+    stub: &durable_object::Client,
     request: &Request,
-) -> capnp::capability::RemotePromise<crate::duro_capnp::durable_object::fetch_results::Owned> {
+) -> capnp::capability::RemotePromise<durable_object::fetch_results::Owned> {
     let mut call = stub.fetch_request();
     convert::request_to_capnp(request, call.get().init_request());
     call.send()

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use duro::testing::TestServer;
 
 fn server() -> TestServer {
-    TestServer::start(duro::Server::builder().builtins())
+    TestServer::start(duro::builtin::register(duro::Server::builder()))
 }
 
 /// Runs `duro COMMAND --connect ADDR ARGS...`.
@@ -44,11 +44,11 @@ fn fetch_prints_the_response_like_curl_i() {
     assert_exit(&first, 0);
     assert_eq!(
         stdout(&first),
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\n\r\n1"
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\n\r\n1\n"
     );
     let read = duro(&server, "fetch", &["counter", "visits"]);
     assert_exit(&read, 0);
-    assert!(stdout(&read).ends_with("\r\n\r\n1"), "{}", stdout(&read));
+    assert!(stdout(&read).ends_with("\r\n\r\n1\n"), "{}", stdout(&read));
 }
 
 #[test]
@@ -125,7 +125,11 @@ fn fetch_by_id_reaches_the_object_of_the_name() {
         &["counter", "--id", &hex, "/", "-X", "POST"],
     );
     assert_exit(&by_id, 0);
-    assert!(stdout(&by_id).ends_with("\r\n\r\n2"), "{}", stdout(&by_id));
+    assert!(
+        stdout(&by_id).ends_with("\r\n\r\n2\n"),
+        "{}",
+        stdout(&by_id)
+    );
 }
 
 #[test]

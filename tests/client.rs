@@ -40,8 +40,7 @@ impl DurableObject for Fragile {
 fn builder() -> (duro::Builder, Arc<AtomicUsize>) {
     let hanging = Arc::new(AtomicUsize::new(0));
     let counted = hanging.clone();
-    let builder = Server::builder()
-        .builtins()
+    let builder = duro::builtin::register(Server::builder())
         .class("fragile", move |_state, _env| Fragile {
             hanging: counted.clone(),
         })
@@ -125,14 +124,14 @@ async fn the_counter_counts_through_stubs_by_name_and_by_id() {
     let client = connect(&server).await;
     let counter = client.namespace("counter");
     let stub = counter.get_by_name("visits");
-    assert_eq!(text(&stub.call("POST", "/", "").await.unwrap()), "1");
+    assert_eq!(text(&stub.call("POST", "/", "").await.unwrap()), "1\n");
     // The futures are Send: a call can be awaited on any worker thread.
     let moved = stub.clone();
     let second = tokio::spawn(async move { moved.call("POST", "/", "").await })
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(text(&second), "2");
+    assert_eq!(text(&second), "2\n");
     // Another stub to the same ID, got by ID, reaches the same object.
     let id = counter.id_from_name("visits").await.unwrap();
     let by_id = counter.get(&id);
@@ -144,7 +143,7 @@ async fn the_counter_counts_through_stubs_by_name_and_by_id() {
         .unwrap();
     let response = by_id.fetch(request).await.unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(text(&response), "2");
+    assert_eq!(text(&response), "2\n");
     assert_eq!(
         response.headers()["content-type"],
         "text/plain; charset=utf-8"
@@ -162,7 +161,7 @@ async fn calls_on_one_stub_are_answered_in_the_order_made() {
     let stub = client.namespace("counter").get_by_name("ordered");
     let calls: Vec<_> = (0..200).map(|_| stub.call("POST", "/", "")).collect();
     for (i, call) in calls.into_iter().enumerate() {
-        assert_eq!(text(&call.await.unwrap()), (i + 1).to_string());
+        assert_eq!(text(&call.await.unwrap()), format!("{}\n", i + 1));
     }
 }
 
@@ -331,8 +330,7 @@ async fn a_lost_connection_is_disconnected() {
 async fn the_unix_socket_transport_works() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("duro.sock");
-    let handle = Server::builder()
-        .builtins()
+    let handle = duro::builtin::register(Server::builder())
         .data_dir(dir.path().join("data"))
         .listen(ListenAddr::Unix(socket.clone()))
         .start()
@@ -341,7 +339,7 @@ async fn the_unix_socket_transport_works() {
         .await
         .unwrap();
     let stub = client.namespace("counter").get_by_name("over-unix");
-    assert_eq!(text(&stub.call("POST", "/", "").await.unwrap()), "1");
+    assert_eq!(text(&stub.call("POST", "/", "").await.unwrap()), "1\n");
     assert_eq!(client.addr(), &ListenAddr::Unix(socket));
     drop(client);
     handle.shutdown();
@@ -488,5 +486,5 @@ async fn the_example_increments_the_counter() {
     assert_eq!(example::increment(&addr, "example").await.unwrap(), 2);
     let client = connect(&server).await;
     let stub = client.namespace("counter").get_by_name("example");
-    assert_eq!(text(&stub.call("GET", "/", "").await.unwrap()), "2");
+    assert_eq!(text(&stub.call("GET", "/", "").await.unwrap()), "2\n");
 }

@@ -42,6 +42,7 @@ async fn load(addr: SocketAddr, worker: u64, acked: Rc<RefCell<Acknowledged>>, d
             Ok(response) => {
                 let value: u64 = std::str::from_utf8(response.body())
                     .unwrap()
+                    .trim()
                     .parse()
                     .unwrap();
                 let mut acked = acked.borrow_mut();
@@ -71,6 +72,7 @@ async fn check(addr: SocketAddr, acked: &Acknowledged) {
             .unwrap();
         let stored: u64 = std::str::from_utf8(response.body())
             .unwrap()
+            .trim()
             .parse()
             .unwrap();
         assert!(

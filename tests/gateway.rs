@@ -22,8 +22,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builtins plus the test classes below, with the gateway on.
 fn builder() -> Builder {
-    Server::builder()
-        .builtins()
+    duro::builtin::register(Server::builder())
         .class("fail", |_state, _env| Fail)
         .namespace("fail", "fail")
         .class("panic", |_state, _env| Panic)
@@ -149,17 +148,17 @@ fn counter_counts_over_one_connection_and_survives_a_restart() {
         let mut connection = Connection::open(http_addr(&server)).await;
         for expected in 1..=3 {
             let reply = connection.call("POST", "/counter/a", b"").await;
-            assert_eq!((reply.status, reply.text()), (200, expected.to_string()));
+            assert_eq!((reply.status, reply.text()), (200, format!("{expected}\n")));
         }
         let reply = connection.call("GET", "/counter/a/", b"").await;
-        assert_eq!((reply.status, reply.text()), (200, "3".to_owned()));
+        assert_eq!((reply.status, reply.text()), (200, "3\n".to_owned()));
         let other = connection.call("GET", "/counter/b", b"").await;
-        assert_eq!(other.text(), "0", "each name is an object of its own");
+        assert_eq!(other.text(), "0\n", "each name is an object of its own");
     });
     let server = TestServer::start_in(builder(), server.stop());
     run_local(async {
         let reply = call_once(http_addr(&server), "GET", "/counter/a").await;
-        assert_eq!((reply.status, reply.text()), (200, "3".to_owned()));
+        assert_eq!((reply.status, reply.text()), (200, "3\n".to_owned()));
     });
 }
 
@@ -168,10 +167,10 @@ fn names_are_percent_decoded() {
     let server = TestServer::start(builder());
     run_local(async {
         let reply = call_once(http_addr(&server), "POST", "/counter/a%20b").await;
-        assert_eq!((reply.status, reply.text()), (200, "1".to_owned()));
+        assert_eq!((reply.status, reply.text()), (200, "1\n".to_owned()));
         let host = server.connect().await;
         let response = fetch_by_name(&host, "counter", "a b", "GET", "/", b"").await;
-        assert_eq!(response.unwrap().body().as_ref(), b"1", "the same object");
+        assert_eq!(response.unwrap().body().as_ref(), b"1\n", "the same object");
     });
 }
 

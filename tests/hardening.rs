@@ -25,7 +25,8 @@ async fn authenticate(host: &host::Client, token: &str) -> Result<host::Client, 
 
 #[test]
 fn with_a_token_only_authenticated_clients_get_in() {
-    let server = TestServer::start(Server::builder().builtins().token("s3cret token"));
+    let server =
+        TestServer::start(duro::builtin::register(Server::builder()).token("s3cret token"));
     run_local(async {
         let host = server.connect().await;
         refused_as_unauthenticated(fetch_by_name(&host, "counter", "a", "POST", "/", b"").await);
@@ -50,7 +51,7 @@ fn with_a_token_only_authenticated_clients_get_in() {
         let response = fetch_by_name(&real, "counter", "a", "POST", "/", b"")
             .await
             .unwrap();
-        assert_eq!(response.body().as_ref(), b"1");
+        assert_eq!(response.body().as_ref(), b"1\n");
         // The bootstrap itself stays locked.
         refused_as_unauthenticated(fetch_by_name(&host, "counter", "a", "POST", "/", b"").await);
     });
@@ -58,14 +59,14 @@ fn with_a_token_only_authenticated_clients_get_in() {
 
 #[test]
 fn without_a_token_authenticate_hands_back_the_host() {
-    let server = TestServer::start(Server::builder().builtins());
+    let server = TestServer::start(duro::builtin::register(Server::builder()));
     run_local(async {
         let host = server.connect().await;
         let same = authenticate(&host, "anything").await.unwrap();
         let response = fetch_by_name(&same, "counter", "a", "POST", "/", b"")
             .await
             .unwrap();
-        assert_eq!(response.body().as_ref(), b"1");
+        assert_eq!(response.body().as_ref(), b"1\n");
     });
 }
 
@@ -74,8 +75,7 @@ fn a_unix_socket_is_for_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("duro.sock");
-    let server = Server::builder()
-        .builtins()
+    let server = duro::builtin::register(Server::builder())
         .data_dir(dir.path().join("data"))
         .listen(duro::ListenAddr::Unix(socket.clone()))
         .start()
@@ -87,7 +87,7 @@ fn a_unix_socket_is_for_its_owner_only() {
         let client = duro::client::Client::connect(addr.as_str()).await.unwrap();
         let stub = client.namespace("counter").get_by_name("u");
         let response = stub.fetch(request("POST", "/", b"")).await.unwrap();
-        assert_eq!(response.body().as_ref(), b"1");
+        assert_eq!(response.body().as_ref(), b"1\n");
     });
     server.shutdown();
 }
@@ -106,8 +106,7 @@ impl DurableObject for Hang {
 fn a_connection_may_hold_only_so_many_calls() {
     let held = Arc::new(AtomicUsize::new(0));
     let counter = held.clone();
-    let builder = Server::builder()
-        .builtins()
+    let builder = duro::builtin::register(Server::builder())
         .class("hang", move |_state, _env| Hang(counter.clone()))
         .namespace("hang", "hang");
     let server = TestServer::start(builder);
@@ -140,7 +139,7 @@ fn a_connection_may_hold_only_so_many_calls() {
         let response = fetch_by_name(&other, "counter", "c", "POST", "/", b"")
             .await
             .unwrap();
-        assert_eq!(response.body().as_ref(), b"1");
+        assert_eq!(response.body().as_ref(), b"1\n");
         drop(calls);
     });
 }
@@ -149,7 +148,7 @@ fn a_connection_may_hold_only_so_many_calls() {
 #[test]
 fn garbage_on_the_wire_harms_no_one_else() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let server = TestServer::start(Server::builder().builtins());
+    let server = TestServer::start(duro::builtin::register(Server::builder()));
     run_local(async {
         let healthy = server.connect().await;
         let junk: Vec<Vec<u8>> = vec![
@@ -186,7 +185,7 @@ fn garbage_on_the_wire_harms_no_one_else() {
 /// once space is freed.
 #[test]
 fn a_full_map_fails_the_write_and_recovers_when_space_returns() {
-    let server = TestServer::start(Server::builder().builtins().map_bytes(1 << 20));
+    let server = TestServer::start(duro::builtin::register(Server::builder()).map_bytes(1 << 20));
     run_local(async {
         let host = server.connect().await;
         let kv = |method: &'static str, path: String, body: Vec<u8>| {
@@ -246,8 +245,7 @@ impl DurableObject for Big {
 
 #[test]
 fn oversized_answers_and_names_are_refused_naming_the_limit() {
-    let builder = Server::builder()
-        .builtins()
+    let builder = duro::builtin::register(Server::builder())
         .class("big", |_s, _e| Big)
         .namespace("big", "big");
     let server = TestServer::start(builder);
@@ -273,6 +271,6 @@ fn oversized_answers_and_names_are_refused_naming_the_limit() {
         let ok = fetch_by_name(&host, "counter", &"n".repeat(1024), "POST", "/", b"")
             .await
             .unwrap();
-        assert_eq!(ok.body().as_ref(), b"1");
+        assert_eq!(ok.body().as_ref(), b"1\n");
     });
 }

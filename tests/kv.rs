@@ -6,7 +6,7 @@ use duro::testing::{TestServer, fetch_by_name, run_local};
 use serde_json::{Value, json};
 
 fn start() -> TestServer {
-    TestServer::start(Server::builder().builtins())
+    TestServer::start(duro::builtin::register(Server::builder()))
 }
 
 /// One request to the `kv` object named "store": (status, body).
@@ -458,7 +458,7 @@ fn data_persists_across_a_restart() {
         assert_eq!(post_txn(&host, &txn).await.0, 200);
     });
     let dir = server.stop();
-    let server = TestServer::start_in(Server::builder().builtins(), dir);
+    let server = TestServer::start_in(duro::builtin::register(Server::builder()), dir);
     run_local(async {
         let host = server.connect().await;
         assert_eq!(

@@ -10,9 +10,9 @@ use std::ops::Bound;
 use bytes::Bytes;
 use duro::duro_capnp::{host, http_request, http_response, namespace};
 use duro::id::{self, IdMinter};
-use duro::rpc::{convert, reader_options};
 use duro::storage::{Error as StorageError, Limits, ListOptions, value};
 use duro::testing::{TestServer, fetch_call, run_local};
+use duro::wire::{convert, reader_options};
 use duro::{BoxError, DurableObject, Error, Request, Response, Server, State, Storage};
 use futures::future::join_all;
 use proptest::prelude::*;
@@ -318,7 +318,7 @@ fn check_candidates_directly(ns: &duro::Namespace, candidates: &[(String, bool)]
 #[test]
 fn random_and_bit_flipped_ids_are_refused_in_process_and_over_the_wire() {
     let mut rng = Rng(seed());
-    let server = TestServer::start(Server::builder().builtins());
+    let server = TestServer::start(duro::builtin::register(Server::builder()));
     let (minted, candidates) = run_local(async {
         let host = server.connect().await;
         let echo = namespace_of(&host, "echo");
@@ -339,11 +339,16 @@ fn random_and_bit_flipped_ids_are_refused_in_process_and_over_the_wire() {
     // The same data dir, so the same secrets: what was minted on the wire is genuine here.
     let dir = server.stop();
     run_local(async {
-        let local = Server::builder().builtins().data_dir(dir.path());
+        let local = duro::builtin::register(Server::builder()).data_dir(dir.path());
         let local = local.open_host().unwrap();
         check_candidates_directly(&local.namespace("echo").unwrap(), &candidates);
         let more = candidate_ids(&mut rng, &minted, BULK_IDS_IN_PROCESS);
-        check_candidates(&local.bootstrap(), &more, "in-process").await;
+        check_candidates(
+            &duro::rpc::bootstrap(&local, &Default::default()),
+            &more,
+            "in-process",
+        )
+        .await;
         local.shutdown().await;
     });
 }

@@ -72,8 +72,7 @@ fn server() -> (TestServer, Counters) {
         counters.built.clone(),
         counters.hanging.clone(),
     );
-    let builder = Server::builder()
-        .builtins()
+    let builder = duro::builtin::register(Server::builder())
         .class("recorder", move |_state: State, _env| {
             live.fetch_add(1, Ordering::SeqCst);
             built.fetch_add(1, Ordering::SeqCst);
@@ -460,8 +459,7 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let (server, _) = server();
-    let second = Server::builder()
-        .builtins()
+    let second = duro::builtin::register(Server::builder())
         .data_dir(server.data_dir())
         .listen("127.0.0.1:0".parse().unwrap())
         .start();
@@ -479,16 +477,15 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
 fn a_capability_works_in_process_without_a_network() {
     let dir = tempfile::tempdir().unwrap();
     run_local(async {
-        let host = Server::builder()
-            .builtins()
+        let host = duro::builtin::register(Server::builder())
             .data_dir(dir.path())
             .open_host()
             .unwrap();
-        let client = host.bootstrap();
+        let client = duro::rpc::bootstrap(&host, &Default::default());
         let first = fetch_by_name(&client, "counter", "local", "POST", "/", b"")
             .await
             .unwrap();
-        assert_eq!(first.body().as_ref(), b"1");
+        assert_eq!(first.body().as_ref(), b"1\n");
         // The Rust API reaches the same instance.
         let stub = host
             .namespace("counter")
@@ -496,7 +493,7 @@ fn a_capability_works_in_process_without_a_network() {
             .get_by_name("local")
             .unwrap();
         let second = stub.fetch(request("POST", "/", b"")).await.unwrap();
-        assert_eq!(second.body().as_ref(), b"2");
+        assert_eq!(second.body().as_ref(), b"2\n");
         host.shutdown().await;
     });
 }
@@ -523,8 +520,7 @@ impl DurableObject for Caller {
 
 #[test]
 fn objects_call_other_objects_through_env() {
-    let builder = Server::builder()
-        .builtins()
+    let builder = duro::builtin::register(Server::builder())
         .class("caller", |_s, env| Caller {
             env,
             calls: Rc::default(),
@@ -534,11 +530,11 @@ fn objects_call_other_objects_through_env() {
     run_local(async {
         let host = server.connect().await;
         let stub = stub_by_name(&ns(&host, "caller"), "c");
-        assert_eq!(body(&stub, "/target").await.unwrap(), "1");
-        assert_eq!(body(&stub, "/target").await.unwrap(), "2");
+        assert_eq!(body(&stub, "/target").await.unwrap(), "1\n");
+        assert_eq!(body(&stub, "/target").await.unwrap(), "2\n");
         let direct = fetch_by_name(&host, "counter", "target", "GET", "/", b"")
             .await
             .unwrap();
-        assert_eq!(direct.body().as_ref(), b"2");
+        assert_eq!(direct.body().as_ref(), b"2\n");
     });
 }

@@ -51,7 +51,7 @@ fn the_python_example_increments_the_counter() {
         eprintln!("(pip install pycapnp to run it; DURO_REQUIRE_PYTHON=1 makes this a failure)");
         return;
     }
-    let server = TestServer::start(duro::Server::builder().builtins());
+    let server = TestServer::start(duro::builtin::register(duro::Server::builder()));
     assert_eq!(run_example(&server, "py"), "1\n");
     assert_eq!(run_example(&server, "py"), "2\n");
     assert_eq!(run_example(&server, "other"), "1\n");

@@ -595,7 +595,7 @@ fn block_concurrency_while_keeps_other_requests_out() {
 /// no increment is lost.
 #[test]
 fn concurrent_increments_are_never_lost() {
-    let server = TestServer::start(Server::builder().builtins());
+    let server = TestServer::start(duro::builtin::register(Server::builder()));
     run_local(async {
         let mut clients = Vec::new();
         for _ in 0..64 {
@@ -615,14 +615,14 @@ fn concurrent_increments_are_never_lost() {
         let value = fetch_by_name(&host, "counter", "hot", "GET", "/", b"")
             .await
             .unwrap();
-        assert_eq!(value.body().as_ref(), b"6400");
+        assert_eq!(value.body().as_ref(), b"6400\n");
     });
 }
 
 fn faulty_server() -> (TestServer, Arc<FaultyBackend>) {
     let slot: Arc<Mutex<Option<Arc<FaultyBackend>>>> = Arc::default();
     let wrap_slot = slot.clone();
-    let builder = Server::builder().builtins().wrap_backend(move |inner| {
+    let builder = duro::builtin::register(Server::builder()).wrap_backend(move |inner| {
         let faulty = FaultyBackend::new(inner);
         *wrap_slot.lock().unwrap() = Some(faulty.clone());
         faulty
@@ -662,7 +662,7 @@ fn a_response_waits_until_its_writes_are_durable() {
         // A read of the same object needs no durability: its own writes are visible.
         faulty.release();
         let response = pending.await.unwrap().unwrap();
-        assert_eq!(response.body().as_ref(), b"2");
+        assert_eq!(response.body().as_ref(), b"2\n");
     });
 }
 
@@ -685,9 +685,9 @@ fn a_failed_commit_resets_the_object_and_keeps_nothing() {
         let get = fetch_by_name(&host, "counter", "victim", "GET", "/", b"")
             .await
             .unwrap();
-        assert_eq!(get.body().as_ref(), b"1");
-        assert_eq!(post("victim").await.unwrap().body().as_ref(), b"2");
-        assert_eq!(post("bystander").await.unwrap().body().as_ref(), b"2");
+        assert_eq!(get.body().as_ref(), b"1\n");
+        assert_eq!(post("victim").await.unwrap().body().as_ref(), b"2\n");
+        assert_eq!(post("bystander").await.unwrap().body().as_ref(), b"2\n");
     });
 }
 
@@ -698,8 +698,7 @@ fn many_objects_share_commits() {
     let slot: Arc<Mutex<Option<Arc<FaultyBackend>>>> = Arc::default();
     let wrap_slot = slot.clone();
     run_local(async {
-        let host = Server::builder()
-            .builtins()
+        let host = duro::builtin::register(Server::builder())
             .data_dir(dir.path())
             .wrap_backend(move |inner| {
                 let faulty = FaultyBackend::new(inner);
@@ -727,7 +726,7 @@ fn many_objects_share_commits() {
         }
         faulty.release();
         for call in calls {
-            assert_eq!(call.await.unwrap().unwrap().body().as_ref(), b"1");
+            assert_eq!(call.await.unwrap().unwrap().body().as_ref(), b"1\n");
         }
         let commits = stats.commits.load(Ordering::SeqCst);
         assert!(commits <= 2, "1000 objects' writes took {commits} commits");

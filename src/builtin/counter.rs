@@ -1,10 +1,12 @@
 //! `counter`: a durable counter. `POST` (any path) adds 1 and answers the new value as decimal
-//! text; `GET` answers the current value. The answer to a `POST` leaves only once the increment
-//! is durable.
+//! text and a newline (`1\n`); `GET` answers the current value the same way. The answer to a
+//! `POST` leaves only once the increment is durable.
 
 use http::{Method, StatusCode};
 
-use crate::{BoxError, DurableObject, Request, Response, State};
+use crate::host::{DurableObject, State};
+use crate::message::{BoxError, Request, Response};
+use crate::response;
 
 pub struct Counter {
     state: State,
@@ -21,12 +23,12 @@ impl DurableObject for Counter {
         let storage = self.state.storage();
         let value = storage.get::<u64>("value").await?.unwrap_or(0);
         match *request.method() {
-            Method::GET => Ok(super::text(StatusCode::OK, value.to_string())),
+            Method::GET => Ok(response::text(StatusCode::OK, format!("{value}\n"))),
             Method::POST => {
                 storage.put("value", &(value + 1)).await?;
-                Ok(super::text(StatusCode::OK, (value + 1).to_string()))
+                Ok(response::text(StatusCode::OK, format!("{}\n", value + 1)))
             }
-            _ => Ok(super::text(
+            _ => Ok(response::text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "use GET or POST\n",
             )),

@@ -5,7 +5,9 @@ use base64::Engine;
 use http::StatusCode;
 use serde_json::json;
 
-use crate::{BoxError, DurableObject, Request, Response};
+use crate::host::DurableObject;
+use crate::message::{BoxError, Request, Response};
+use crate::response;
 
 pub struct Echo;
 
@@ -27,6 +29,6 @@ impl DurableObject for Echo {
             "headers": headers,
             "body_base64": base64::engine::general_purpose::STANDARD.encode(request.body()),
         });
-        Ok(super::json(StatusCode::OK, &body))
+        Ok(response::json(StatusCode::OK, &body))
     }
 }

@@ -31,9 +31,10 @@ use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{json, text};
+use crate::host::{DurableObject, State};
+use crate::message::{BoxError, Request, Response};
+use crate::response::{json, text};
 use crate::storage::{self, ListOptions, Storage, value};
-use crate::{BoxError, DurableObject, Request, Response, State};
 
 /// The `kv` class: see the module docs for its routes.
 pub struct Kv {
@@ -120,7 +121,7 @@ async fn put(storage: &Storage, key: &[u8], value: &[u8]) -> Result<Response, st
 
 async fn delete(storage: &Storage, key: &[u8]) -> Result<Response, storage::Error> {
     let existed = storage.delete(key).await?;
-    Ok(json(StatusCode::OK, &existed.into()))
+    Ok(json(StatusCode::OK, &existed))
 }
 
 async fn list(storage: &Storage, query: &str) -> Result<Response, storage::Error> {

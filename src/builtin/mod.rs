@@ -7,7 +7,14 @@ pub mod kv;
 
 use crate::server::Builder;
 
-pub(crate) fn register(builder: Builder) -> Builder {
+/// Registers the built-in classes on `builder`, each bound to a namespace of the same name:
+/// `echo`, `counter` and `kv`. This is what `duro serve` hosts.
+///
+/// ```
+/// let builder = duro::builtin::register(duro::Server::builder());
+/// # drop(builder);
+/// ```
+pub fn register(builder: Builder) -> Builder {
     builder
         .class("echo", |_state, _env| echo::Echo)
         .namespace("echo", "echo")
@@ -15,26 +22,4 @@ pub(crate) fn register(builder: Builder) -> Builder {
         .namespace("counter", "counter")
         .class("kv", |state, _env| kv::Kv::new(state))
         .namespace("kv", "kv")
-}
-
-/// A response with a status and a plain-text body.
-pub(crate) fn text(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> crate::Response {
-    let mut response = crate::Response::new(body.into());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-/// A response with a status and a JSON body.
-pub(crate) fn json(status: http::StatusCode, body: &serde_json::Value) -> crate::Response {
-    let mut response = crate::Response::new(body.to_string().into());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
 }

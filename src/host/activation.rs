@@ -10,17 +10,16 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 
 use futures::FutureExt;
 
-use super::NamespaceCore;
-use super::gate::{self, Gated, InputGate};
-use crate::class::{Env, ErasedObject, Request, Response, State};
+use super::class::ErasedObject;
 use crate::error::Error;
+use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
-use crate::storage::store::ObjectStore;
-use crate::storage::{ObjectKey, Storage};
+use crate::message::{Request, Response};
+use crate::storage::ObjectStore;
 
 pub(crate) struct Activation {
     pub(crate) id: ObjectId,
@@ -44,38 +43,30 @@ pub(crate) struct Activation {
 }
 
 impl Activation {
-    /// Builds the activation and its instance. `predecessor` is the store of a reset activation
-    /// of the same ID, whose in-flight commit must settle first.
-    pub(crate) fn create(
-        namespace: &Rc<NamespaceCore>,
+    /// Builds an activation of `id` on `store`, with no instance yet (see
+    /// [`Activation::install`]). `predecessor` is the store of a reset activation of the same ID,
+    /// whose in-flight commit must settle before anything is delivered.
+    pub(crate) fn new(
         id: ObjectId,
+        store: Rc<ObjectStore>,
+        queue_max: usize,
         predecessor: Option<Rc<ObjectStore>>,
-    ) -> Result<Rc<Activation>, Error> {
-        let host = namespace.host.upgrade().ok_or_else(shutting_down)?;
-        let key = ObjectKey {
-            tag: namespace.tag,
-            id: *id.bytes(),
-        };
-        let store = Rc::new(ObjectStore::new(
-            host.storage.clone(),
-            key,
-            id.name().map(Into::into),
-        ));
+    ) -> Rc<Activation> {
         let gate = Rc::new(InputGate::default());
         if let Some(predecessor) = predecessor {
             hold_gate_until_idle(&gate, predecessor);
         }
-        let activation = Rc::new_cyclic(|_: &Weak<Activation>| Activation {
-            id: id.clone(),
+        let activation = Rc::new(Activation {
+            id,
             instance: RefCell::new(None),
-            gate: gate.clone(),
+            gate,
             store: store.clone(),
             broken: Cell::new(false),
             calls: RefCell::default(),
             evicted: Cell::new(false),
             running: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
-            queue_max: host.limits.object_queue_max,
+            queue_max,
         });
         let weak = Rc::downgrade(&activation);
         store.set_on_failure(Box::new(move |error| {
@@ -83,15 +74,34 @@ impl Activation {
                 activation.reset(&format!("commit failed: {error}"));
             }
         }));
-        let storage = Storage::new(store, gate.clone());
-        let state = State::new(id, storage, gate, Rc::downgrade(&activation));
-        let env = Env::new(namespace.host.clone());
-        let factory = namespace.factory.clone();
-        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env))).map_err(
-            |panic| Error::Remote(format!("constructor panicked: {}", panic_message(&*panic))),
-        )?;
-        *activation.instance.borrow_mut() = Some(instance);
-        Ok(activation)
+        activation
+    }
+
+    /// The gate of the object, for its `State` and `Storage`.
+    pub(crate) fn gate(&self) -> &Rc<InputGate> {
+        &self.gate
+    }
+
+    /// Builds the instance with `construct`. Calls made meanwhile (also by the constructor
+    /// itself, on a stub to its own ID) wait: nothing is delivered before the constructor
+    /// returned. A panic in the constructor resets the activation.
+    pub(crate) fn install(
+        &self,
+        construct: impl FnOnce() -> Rc<dyn ErasedObject>,
+    ) -> Result<(), Error> {
+        match std::panic::catch_unwind(AssertUnwindSafe(construct)) {
+            Ok(instance) => {
+                if !self.is_broken() {
+                    *self.instance.borrow_mut() = Some(instance);
+                }
+                Ok(())
+            }
+            Err(panic) => {
+                let message = format!("constructor panicked: {}", panic_message(&*panic));
+                self.reset(&message);
+                Err(Error::Remote(message))
+            }
+        }
     }
 
     pub(crate) fn is_broken(&self) -> bool {

@@ -4,9 +4,14 @@
 //! runtime with a `LocalSet`. Storage writes go to the writer thread. Scaling past one core
 //! means several such hosts (shards), each owning the objects whose ID hashes to it; nothing
 //! here assumes there is only one.
+//!
+//! Files, each depending only on those before it: `class` (the [`DurableObject`] trait) →
+//! `activation` (one live instance: mailbox, gate, reset) → `state` ([`State`]) → this file
+//! (the registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
 
 pub(crate) mod activation;
-pub(crate) mod gate;
+pub(crate) mod class;
+pub(crate) mod state;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -15,15 +20,20 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use activation::Activation;
+use bytes::Bytes;
 use futures::future::Either;
 
-use crate::class::{Factory, Request, Response};
+pub use class::DurableObject;
+use class::ErasedObject;
+pub use state::State;
+
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
-use crate::storage::lmdb::LmdbBackend;
-use crate::storage::store::{ObjectStore, Shared};
-use crate::storage::writer::Writer;
-use crate::storage::{self, Backend, Limits, ObjectRecord, WriterStats};
+use crate::message::{Request, Response};
+use crate::storage::{
+    self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Storage, Writer,
+    WriterStats,
+};
 
 /// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.
 #[derive(Clone, Debug)]
@@ -57,24 +67,27 @@ impl Default for HostLimits {
     }
 }
 
-/// What a host is made of; built by [`crate::server::Builder`].
-#[derive(Clone)]
+/// Builds instances of a class.
+pub(crate) type Factory = Arc<dyn Fn(State, Env) -> Rc<dyn ErasedObject> + Send + Sync>;
+
+/// The [`Factory`] of a class built by `constructor`.
+pub(crate) fn factory<T, F>(constructor: F) -> Factory
+where
+    T: DurableObject,
+    F: Fn(State, Env) -> T + Send + Sync + 'static,
+{
+    Arc::new(move |state, env| Rc::new(constructor(state, env)) as Rc<dyn ErasedObject>)
+}
+
+/// What a host is made of, besides its storage; built by the server's `Builder`.
+#[derive(Clone, Default)]
 pub(crate) struct Config {
     pub(crate) classes: BTreeMap<String, Factory>,
     /// Namespace name → class name.
     pub(crate) bindings: BTreeMap<String, String>,
-    pub(crate) data_dir: std::path::PathBuf,
     pub(crate) limits: HostLimits,
     pub(crate) storage_limits: Limits,
-    pub(crate) lmdb: storage::lmdb::LmdbOptions,
-    /// The token clients must present (`Host.authenticate`), if any.
-    pub(crate) token: Option<Arc<str>>,
-    /// Wraps the opened backend, e.g. to inject faults in tests.
-    pub(crate) wrap_backend: Option<WrapBackend>,
 }
-
-/// A function that wraps the storage backend (see `Builder::wrap_backend`).
-pub(crate) type WrapBackend = Arc<dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync>;
 
 /// Why a host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +109,6 @@ pub(crate) struct HostInner {
     active: Cell<usize>,
     /// Set when shutdown begins: new calls are refused.
     closing: Cell<bool>,
-    /// The token clients must present, if any.
-    token: Option<Arc<str>>,
     /// The writer thread; taken at shutdown.
     writer: RefCell<Option<Writer>>,
 }
@@ -109,8 +120,8 @@ pub struct Host {
 }
 
 impl Host {
-    /// Opens the data dir and builds the namespaces. Must run inside a `LocalSet`.
-    pub(crate) fn open(config: Config) -> Result<Host, StartError> {
+    /// Builds the namespaces on `backend` and starts its writer. Must run inside a `LocalSet`.
+    pub(crate) fn open(config: Config, backend: Arc<dyn Backend>) -> Result<Host, StartError> {
         for (namespace, class) in &config.bindings {
             if !config.classes.contains_key(class) {
                 return Err(StartError::UnknownClass {
@@ -118,11 +129,6 @@ impl Host {
                     class: class.clone(),
                 });
             }
-        }
-        let lmdb = LmdbBackend::open(&config.data_dir, &config.lmdb)?;
-        let mut backend: Arc<dyn Backend> = Arc::new(lmdb);
-        if let Some(wrap) = &config.wrap_backend {
-            backend = wrap(backend);
         }
         let writer = Writer::spawn(backend.clone())?;
         let shared = Rc::new(Shared::new(
@@ -155,7 +161,6 @@ impl Host {
             limits: config.limits.clone(),
             active: Cell::new(0),
             closing: Cell::new(false),
-            token: config.token.clone(),
             writer: RefCell::new(Some(writer)),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
@@ -173,16 +178,6 @@ impl Host {
         namespaces
             .map(|ns| (ns.name.clone(), ns.class_name.clone()))
             .collect()
-    }
-
-    /// The token clients must present, if the host has one.
-    pub(crate) fn token(&self) -> Option<Arc<str>> {
-        self.inner.token.clone()
-    }
-
-    /// The bootstrap capability of the wire protocol, served by this host.
-    pub fn bootstrap(&self) -> crate::duro_capnp::host::Client {
-        crate::rpc::bootstrap(self.clone())
     }
 
     /// Counters of the storage writer.
@@ -317,31 +312,57 @@ pub(crate) struct NamespaceCore {
 }
 
 impl NamespaceCore {
+    /// The live activation of `id`, built if there is none. The new activation is registered
+    /// before its constructor runs, so a constructor that asks for a stub to its own ID gets
+    /// one to this activation (its calls wait until the constructor returned).
     fn activation(self: &Rc<Self>, id: ObjectId) -> Result<Rc<Activation>, Error> {
+        let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
         let existing = self.activations.borrow().get(id.bytes()).cloned();
         let predecessor: Option<Rc<ObjectStore>> = match existing {
             Some(activation) if !activation.is_broken() => return Ok(activation),
             Some(activation) => Some(activation.store.clone()),
-            None => {
-                self.make_room()?;
-                None
-            }
+            None => None,
         };
-        let activation = Activation::create(self, id, predecessor)?;
+        if host.closing.get() {
+            return Err(activation::shutting_down());
+        }
+        if predecessor.is_none() {
+            self.make_room(&host)?;
+        }
+        let key = ObjectKey {
+            tag: self.tag,
+            id: *id.bytes(),
+        };
+        let store = Rc::new(ObjectStore::new(
+            host.storage.clone(),
+            key,
+            id.name().map(Into::into),
+        ));
+        let queue_max = host.limits.object_queue_max;
+        let activation = Activation::new(id.clone(), store.clone(), queue_max, predecessor);
         let replaced = self
             .activations
             .borrow_mut()
-            .insert(*activation.id.bytes(), activation.clone());
+            .insert(*id.bytes(), activation.clone());
         if replaced.is_none() {
-            let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
             host.active.set(host.active.get() + 1);
         }
+        let gate = activation.gate().clone();
+        let state = State::new(
+            id,
+            Storage::new(store, gate.clone()),
+            gate,
+            Rc::downgrade(&activation),
+        );
+        let env = Env {
+            host: self.host.clone(),
+        };
+        activation.install(|| (self.factory)(state, env))?;
         Ok(activation)
     }
 
     /// Keeps the host under `activations_max`, evicting the least recently used idle tenth.
-    fn make_room(&self) -> Result<(), Error> {
-        let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
+    fn make_room(&self, host: &HostInner) -> Result<(), Error> {
         let max = host.limits.activations_max;
         if host.active.get() < max {
             return Ok(());
@@ -510,5 +531,42 @@ impl Stub {
     /// Calls waiting for delivery to the object.
     pub fn queued(&self) -> usize {
         self.activation.borrow().queued()
+    }
+}
+
+impl Stub {
+    /// [`Stub::fetch`] of a request with `method`, `path` (with its query, e.g. `/a?b=1`) and
+    /// `body`, and no headers. A method or path that does not parse fails with
+    /// [`Error::InvalidArgument`].
+    pub fn call<B: Into<Bytes>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: B,
+    ) -> impl Future<Output = Result<Response, Error>> + use<B> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body.into());
+        match request {
+            Ok(request) => Either::Left(self.fetch(request)),
+            Err(error) => Either::Right(std::future::ready(Err(Error::InvalidArgument(format!(
+                "invalid request {method} {path:?}: {error}"
+            ))))),
+        }
+    }
+}
+
+/// The host as an object sees it: its namespaces, to call other objects.
+#[derive(Clone)]
+pub struct Env {
+    /// Weak: the host owns every instance, and instances own their `Env`.
+    host: Weak<HostInner>,
+}
+
+impl Env {
+    /// The namespace bound to `name`, if there is one (and the host is running).
+    pub fn namespace(&self, name: &str) -> Option<Namespace> {
+        self.host.upgrade()?.namespace(name)
     }
 }

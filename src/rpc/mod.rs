@@ -2,23 +2,26 @@
 //! (stubs), and the serving of one connection. This layer only translates; the semantics live
 //! in [`crate::host`].
 
-pub mod convert;
-
 use std::future::{Future, ready};
+use std::sync::Arc;
 
 use capnp::capability::Rc;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capnp_rpc::rpc_twoparty_capnp::Side;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::duro_capnp::{durable_object, host, namespace, object_id};
 use crate::error::Error;
 use crate::host::{Host, Namespace, Stub};
 use crate::id::{self, ObjectId};
+use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
+use crate::wire::{MESSAGE_BYTES_MAX, convert, rpc_system};
 
-/// Largest message accepted from a peer: far below capnp's 64 MiB default, and above the
-/// largest body a request should carry.
-pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
+/// What the RPC layer adds to a host: who may use it.
+#[derive(Clone, Debug, Default)]
+pub struct RpcOptions {
+    /// The token clients must present with `Host.authenticate` before anything else, if any.
+    /// Compared in constant time; a wrong one is answered after a short delay.
+    pub token: Option<Arc<str>>,
+}
 
 /// Most calls one connection may have in flight. Each holds a task and its buffers, and
 /// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
@@ -60,23 +63,20 @@ impl Drop for InFlight {
     }
 }
 
-/// Reader options for every connection: the message size bound, and capnp's nesting bound.
-pub fn reader_options() -> capnp::message::ReaderOptions {
-    let mut options = capnp::message::ReaderOptions::new();
-    options.traversal_limit_in_words(Some(MESSAGE_BYTES_MAX / 8));
-    options.nesting_limit(64);
-    options
-}
-
-/// The bootstrap capability of one connection: the Host, or a guard asking for the token.
-pub(crate) fn bootstrap(host: Host) -> host::Client {
+/// The bootstrap capability of one connection to `host`: the `Host` server, or, when
+/// `options` set a token, a guard that asks for it first. Each connection gets its own, which
+/// carries the connection's bound on calls in flight.
+pub fn bootstrap(host: &Host, options: &RpcOptions) -> host::Client {
     let connection = std::rc::Rc::new(Connection::default());
     let real: host::Client = capnp_rpc::new_client(HostServer {
         host: host.clone(),
         connection,
     });
-    match host.token() {
-        Some(token) => capnp_rpc::new_client(GuardServer { token, host: real }),
+    match &options.token {
+        Some(token) => capnp_rpc::new_client(GuardServer {
+            token: token.clone(),
+            host: real,
+        }),
         None => real,
     }
 }
@@ -89,15 +89,6 @@ struct GuardServer {
 
 fn unauthenticated() -> capnp::Error {
     capnp::Error::failed("unauthenticated: call authenticate with the host's token first".into())
-}
-
-/// Compares without an early exit, so the time taken does not tell how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in a.iter().enumerate() {
-        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
 }
 
 impl host::Server for GuardServer {
@@ -123,7 +114,7 @@ impl host::Server for GuardServer {
         mut results: host::AuthenticateResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         let right = params.get().and_then(|p| {
-            Ok(constant_time_eq(
+            Ok(crate::id::constant_time_eq(
                 p.get_token()?.as_bytes(),
                 self.token.as_bytes(),
             ))
@@ -139,23 +130,21 @@ impl host::Server for GuardServer {
     }
 }
 
-/// Serves the protocol on one connection until the peer leaves. Reads and writes are buffered:
-/// capnp writes a message as a segment table and then each segment, and flushes after each
-/// message, so a buffer turns two or more syscalls per message into one. Dropping the future drops the
+/// Serves the protocol on one connection until the peer leaves (see
+/// [`crate::wire::rpc_system`] for the buffering and bounds). Dropping the future drops the
 /// connection, and with it every call the peer had in flight.
-pub async fn serve_connection<R, W>(host: Host, reader: R, writer: W) -> Result<(), capnp::Error>
+pub async fn serve_connection<R, W>(
+    host: &Host,
+    options: &RpcOptions,
+    reader: R,
+    writer: W,
+) -> Result<(), capnp::Error>
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader.compat()),
-        futures::io::BufWriter::new(writer.compat_write()),
-        Side::Server,
-        reader_options(),
-    );
-    let rpc = RpcSystem::new(Box::new(network), Some(bootstrap(host).client));
-    rpc.await
+    let bootstrap = bootstrap(host, options).client;
+    rpc_system(reader, writer, Side::Server, Some(bootstrap)).await
 }
 
 fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {

@@ -14,15 +14,15 @@
 //!   key that is not cached, so nothing interleaves with them either.
 //!
 //! Layers, from the object down: [`Storage`] (the API and its limits) → `store` (cache, dirty
-//! writes, flushes) → `writer` (one thread, group commit) → [`Backend`] ([`lmdb::LmdbBackend`]).
+//! writes, flushes) → `writer` (one thread, group commit) → [`Backend`] ([`LmdbBackend`]).
 
-pub mod backend;
+mod backend;
 mod error;
-pub mod lmdb;
-pub(crate) mod store;
+mod lmdb;
+mod store;
 mod txn;
 pub mod value;
-pub(crate) mod writer;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -33,13 +33,15 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use backend::{Backend, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+pub use backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
 pub use error::Error;
-pub use txn::Transaction;
+pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
+pub(crate) use store::{ObjectStore, Shared};
+pub use txn::{ATTEMPTS_MAX, Transaction};
+pub(crate) use writer::Writer;
 pub use writer::WriterStats;
 
-use crate::host::gate::{self, InputGate};
-use store::ObjectStore;
+use crate::gate::{self, InputGate};
 
 /// Limits on what one call may store. Past a limit a call fails with an error naming it, and
 /// writes nothing.
@@ -325,7 +327,7 @@ impl Storage {
     /// an error, or called `rollback()`, nothing it wrote is stored. While it runs, the input
     /// gate is held, so no other event of the object interleaves. If a write outside the
     /// transaction (from a task the object spawned) lands while it runs, it is retried from the
-    /// start, at most [`txn::ATTEMPTS_MAX`] times, then fails with [`Error::Conflict`]: so
+    /// start, at most [`ATTEMPTS_MAX`] times, then fails with [`Error::Conflict`]: so
     /// effects of `body` outside storage may happen more than once.
     pub async fn transaction<T, E, F, Fut>(&self, mut body: F) -> Result<T, E>
     where

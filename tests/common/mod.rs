@@ -26,12 +26,19 @@ pub fn serve(data: &std::path::Path) -> Served {
     serve_with(data, &[])
 }
 
-/// `serve` with more flags; with `--http`, reads the gateway's address too.
+/// `serve` with more flags. The gateway listens on a port of its own unless `flags` say where
+/// (`--http ADDR`, or `--http off`); its address is read when it listens.
 pub fn serve_with(data: &std::path::Path, flags: &[&str]) -> Served {
+    let http_flags: &[&str] = if flags.contains(&"--http") {
+        &[]
+    } else {
+        &["--http", "127.0.0.1:0"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .args(flags)
+        .args(http_flags)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -48,9 +55,8 @@ pub fn serve_with(data: &std::path::Path, flags: &[&str]) -> Served {
         addr.parse().expect("an address")
     };
     let addr = read_addr("duro listening on ");
-    let http = flags
-        .contains(&"--http")
-        .then(|| read_addr("duro http gateway on "));
+    let http_off = flags.windows(2).any(|pair| pair == ["--http", "off"]);
+    let http = (!http_off).then(|| read_addr("duro http gateway on "));
     Served { child, addr, http }
 }
 

@@ -19,7 +19,7 @@ const EVICT_EVERY: u64 = 1000;
 const PIPE_BYTES: usize = 64 << 10;
 
 thread_local! {
-    static HOST: LocalHost = LocalHost::open(duro::Server::builder().builtins().map_bytes(1 << 30));
+    static HOST: LocalHost = LocalHost::open(duro::builtin::register(duro::Server::builder()).map_bytes(1 << 30));
     static INPUTS: Cell<u64> = const { Cell::new(0) };
 }
 

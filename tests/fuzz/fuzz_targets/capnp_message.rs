@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 const MESSAGES_MAX: usize = 4;
 
 fuzz_target!(|data: &[u8]| {
-    let options = duro::rpc::reader_options();
+    let options = duro::wire::reader_options();
     let mut input = data;
     for _ in 0..MESSAGES_MAX {
         let read = capnp_futures::serialize::try_read_message(&mut input, options);

@@ -6,7 +6,7 @@
 #![no_main]
 
 use duro::duro_capnp::http_request;
-use duro::rpc::convert;
+use duro::wire::convert;
 use duro_fuzz::{KvRequest, LocalHost};
 use libfuzzer_sys::fuzz_target;
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use capnp::dynamic_value;
 use duro::duro_capnp::{durable_object, header, host, http_request, http_response, namespace};
-use duro::rpc::convert;
+use duro::wire::convert;
 
 /// Deepest nesting the walk follows. The reader options already bound nesting at 64.
 const WALK_DEPTH_MAX: u32 = 96;

@@ -57,7 +57,7 @@ async fn record(host: &duro::Host, session: Session) -> Vec<u8> {
         client_reader.compat(),
         client_writer.compat_write(),
         Side::Client,
-        duro::rpc::reader_options(),
+        duro::wire::reader_options(),
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let bootstrap: host::Client = rpc.bootstrap(Side::Server);
@@ -181,7 +181,7 @@ fn messages(stream: &[u8]) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
     while !rest.is_empty() {
         let before = rest.len();
-        if capnp::serialize::read_message(&mut rest, duro::rpc::reader_options()).is_err() {
+        if capnp::serialize::read_message(&mut rest, duro::wire::reader_options()).is_err() {
             break;
         }
         let start = stream.len() - before;
@@ -195,7 +195,7 @@ fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
-    let local = LocalHost::open(duro::Server::builder().builtins());
+    let local = LocalHost::open(duro::builtin::register(duro::Server::builder()));
     for (name, session) in sessions() {
         let stream = local.block_on(record(&local.host, session));
         write(&corpus.join("capnp_connection"), name, &stream);
@@ -209,7 +209,7 @@ fn main() {
     }
     let mut message = capnp::message::Builder::new_default();
     let r = request("PATCH", "http://h/p?q=1", b"\x00\x01");
-    duro::rpc::convert::request_to_capnp(&r, message.init_root());
+    duro::wire::convert::request_to_capnp(&r, message.init_root());
     let mut framed = Vec::new();
     capnp::serialize::write_message(&mut framed, &message).expect("framing");
     write(&corpus.join("capnp_message"), "http_request", &framed);

@@ -10,7 +10,7 @@ use super::capnp_load::{self, PAYLOAD};
 use super::child::{self, Duro};
 use super::measure::{Budget, Rng, Run, Series, drive, drive_all};
 use super::rpc_group::{CallFn, Shape, run_shape};
-use crate::duro_capnp::{durable_object, host, namespace};
+use duro::duro_capnp::{durable_object, host, namespace};
 
 const IN_FLIGHT: usize = 64;
 
@@ -35,7 +35,7 @@ pub fn activate(settings: &Settings) -> Series {
     let mut series = Series::new("activate", &shape);
     let (mut cpu_us, mut rss_bytes) = (Vec::new(), Vec::new());
     for _ in 0..settings.runs.min(3) {
-        match crate::testing::run_local(activate_once(settings)) {
+        match duro::testing::run_local(activate_once(settings)) {
             Ok((run, cpu, rss)) => {
                 cpu_us.push(cpu);
                 rss_bytes.push(rss);
@@ -114,7 +114,7 @@ pub fn list(settings: &Settings) -> Series {
         if settings.quick { " (quick)" } else { "" }
     );
     let mut series = Series::new("list", &shape);
-    if let Err(e) = crate::testing::run_local(list_runs(settings, &mut series)) {
+    if let Err(e) = duro::testing::run_local(list_runs(settings, &mut series)) {
         series.fail(e);
     }
     series
@@ -187,7 +187,7 @@ const MIXED_KEYS: u64 = 8;
 
 pub fn kv_mixed(settings: &Settings) -> Series {
     let mut series = Series::new("kv-mixed", "10k objects, 90% get, 64 in flight");
-    if let Err(e) = crate::testing::run_local(kv_mixed_runs(settings, &mut series)) {
+    if let Err(e) = duro::testing::run_local(kv_mixed_runs(settings, &mut series)) {
         series.fail(e);
     }
     series

@@ -14,7 +14,7 @@ use super::capnp_load::{self, EchoBaseline, PAYLOAD};
 use super::child;
 use super::measure::{Budget, Run, Series, drive, drive_all};
 use super::{Selection, Settings};
-use crate::duro_capnp::{durable_object, host};
+use duro::duro_capnp::{durable_object, host};
 
 /// A call of a workload: given the connection's index and the call's number, sends it.
 pub type CallFn = Rc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<(), String>>>>>;
@@ -81,7 +81,7 @@ pub fn fetch_on(
 }
 
 pub fn run(settings: &Settings, selection: &Selection) -> Vec<Series> {
-    crate::testing::run_local(run_group(settings, selection))
+    duro::testing::run_local(run_group(settings, selection))
 }
 
 /// Connects the stubs of one shape: one per connection.

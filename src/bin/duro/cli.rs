@@ -1,5 +1,5 @@
 //! The client commands of the `duro` binary: `fetch`, `ids`, `ls`. Each connects with
-//! [`crate::client::Client`], makes its calls and prints the answers on stdout; errors go to
+//! [`duro::client::Client`], makes its calls and prints the answers on stdout; errors go to
 //! stderr, and the exit status says which kind of failure it was (see [`EXIT_REFUSED`]).
 
 use std::future::Future;
@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 
-use crate::client::{Client, NamespaceInfo, ObjectPage};
-use crate::error::Error;
-use crate::id::{self, ObjectId};
-use crate::{Request, Response};
+use duro::Error;
+use duro::client::{Client, NamespaceInfo, ObjectPage};
+use duro::id::ObjectId;
+use duro::{Request, Response};
 
 /// Exit status when an argument was refused, by the command or by the host (a bad ID, an
 /// unknown namespace, a malformed header): fix the command. Also clap's status for usage
@@ -24,8 +24,8 @@ pub const EXIT_REFUSED: u8 = 2;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connect {
     /// The server's address: HOST:PORT, or unix:PATH.
-    #[arg(long, env = "DURO_CONNECT", default_value = crate::server::DEFAULT_LISTEN)]
-    pub connect: crate::ListenAddr,
+    #[arg(long, env = "DURO_CONNECT", default_value = duro::DEFAULT_LISTEN)]
+    pub connect: duro::ListenAddr,
 }
 
 /// Arguments of `duro fetch`.
@@ -168,10 +168,7 @@ fn fetch_target(args: &FetchArgs) -> Result<Target<'_>, Error> {
         (Some(_), _, Some(path)) => Err(Error::InvalidArgument(format!(
             "with --id, give no NAME: only the PATH (got the extra argument {path:?})"
         ))),
-        (Some(hex), _, None) => {
-            let bytes = id::from_hex(hex)?;
-            Ok(Target::Id(ObjectId::from_host(bytes, None)))
-        }
+        (Some(hex), _, None) => Ok(Target::Id(ObjectId::from_hex(hex)?)),
         (None, Some(name), _) => Ok(Target::Name(name)),
         (None, None, _) => Err(Error::InvalidArgument(
             "give the object's NAME or its --id".into(),
@@ -279,7 +276,7 @@ fn format_objects(page: &ObjectPage) -> String {
 /// The command that lists the page after `next`.
 fn next_page_hint(connect: &Connect, args: &LsArgs, namespace: &str, next: &str) -> String {
     let mut command = String::from("duro ls");
-    if connect.connect.to_string() != crate::server::DEFAULT_LISTEN {
+    if connect.connect.to_string() != duro::DEFAULT_LISTEN {
         command.push_str(&format!(" --connect {}", connect.connect));
     }
     format!(

@@ -1,19 +1,22 @@
 //! The `duro` command: `serve` hosts the built-in classes; `fetch`, `ids` and `ls` are clients;
-//! `bench` measures.
+//! `bench` measures. It uses the library as any program would, through its public API.
+
+mod bench;
+mod cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
+use cli::{Connect, FetchArgs, IdsArgs, LsArgs};
+use duro::{GatewayOptions, ListenAddr, Server};
 
 /// Every call allocates and frees many small blocks (capnp messages, futures, HTTP parts);
 /// mimalloc serves them several times cheaper than glibc's allocator under this load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use duro::cli::{Connect, FetchArgs, IdsArgs, LsArgs};
-use duro::gateway::GatewayOptions;
-use duro::{ListenAddr, Server};
 
 #[derive(Parser)]
 #[command(name = "duro", version, about = "A Durable Objects host")]
@@ -49,13 +52,13 @@ enum Command {
         args: LsArgs,
     },
     /// Measures duro against its limits and against workerd (see the README's Benchmarks section).
-    Bench(duro::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Where to listen: HOST:PORT, or unix:PATH for a unix socket (created with mode 0600).
-    #[arg(long, default_value = duro::server::DEFAULT_LISTEN)]
+    #[arg(long, default_value = duro::DEFAULT_LISTEN)]
     listen: ListenAddr,
     /// The data dir (created if missing). One server at a time may use it.
     #[arg(long, default_value = "./duro-data")]
@@ -63,10 +66,10 @@ struct ServeArgs {
     /// The LMDB map size in MiB: the most the data file may grow to.
     #[arg(long, default_value_t = 64 * 1024)]
     map_mib: usize,
-    /// Also serve the HTTP gateway here (off by default), e.g. 127.0.0.1:8787:
-    /// /{namespace}/{name}/{rest} goes to the object `name`, with the path /{rest}.
-    #[arg(long)]
-    http: Option<SocketAddr>,
+    /// Where the HTTP gateway listens, or `off`: /{namespace}/{name}/{rest} goes to the object
+    /// `name`, with the path /{rest}.
+    #[arg(long, default_value = duro::DEFAULT_HTTP, value_name = "HOST:PORT|off")]
+    http: HttpListen,
     /// The largest request body the HTTP gateway accepts; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     http_body_max_bytes: usize,
@@ -77,20 +80,36 @@ struct ServeArgs {
     token_file: Option<PathBuf>,
 }
 
+/// The gateway's address, or none.
+#[derive(Clone, Debug)]
+struct HttpListen(Option<SocketAddr>);
+
+impl FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HttpListen, String> {
+        if text == "off" {
+            return Ok(HttpListen(None));
+        }
+        text.parse()
+            .map(|addr| HttpListen(Some(addr)))
+            .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT or off"))
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     let token = match &args.token_file {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
-    let mut builder = Server::builder()
-        .builtins()
+    let mut builder = duro::builtin::register(Server::builder())
         .listen(args.listen)
         .data_dir(args.data)
         .map_bytes(args.map_mib << 20)
         .gateway_options(GatewayOptions {
             body_bytes_max: args.http_body_max_bytes,
         });
-    if let Some(http) = args.http {
+    if let Some(http) = args.http.0 {
         builder = builder.http(http);
     }
     if let Some(token) = token {
@@ -130,9 +149,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Fetch { connect, args } => duro::cli::fetch(&connect, &args),
-        Command::Ids { connect, args } => duro::cli::ids(&connect, &args),
-        Command::Ls { connect, args } => duro::cli::ls(&connect, &args),
-        Command::Bench(args) => duro::bench::run(&args),
+        Command::Fetch { connect, args } => cli::fetch(&connect, &args),
+        Command::Ids { connect, args } => cli::ids(&connect, &args),
+        Command::Ls { connect, args } => cli::ls(&connect, &args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -13,7 +13,7 @@ use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
 use tokio::sync::oneshot;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::duro_capnp::{durable_object, host, namespace};
+use duro::duro_capnp::{durable_object, host, namespace};
 
 /// The request body of every fetch workload (and so the body echo-baseline sends back): small,
 /// like a counter call, but not empty, so the body path is exercised.
@@ -40,7 +40,7 @@ pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
         futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader.compat()),
         futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer.compat_write()),
         Side::Client,
-        crate::rpc::reader_options(),
+        duro::wire::reader_options(),
     );
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let bootstrap: C = rpc.bootstrap(Side::Server);
@@ -207,7 +207,7 @@ where
     W: futures::AsyncWrite + Unpin + 'static,
 {
     let network =
-        twoparty::VatNetwork::new(reader, writer, Side::Server, crate::rpc::reader_options());
+        twoparty::VatNetwork::new(reader, writer, Side::Server, duro::wire::reader_options());
     let echo: durable_object::Client = capnp_rpc::new_client(EchoServer);
     let rpc = RpcSystem::new(Box::new(network), Some(echo.client));
     tokio::task::spawn_local(rpc);

@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 
-use crate::class::{Request, Response};
-use crate::duro_capnp::{header, http_request, http_response};
+use super::duro_capnp::{header, http_request, http_response};
+use crate::message::{Request, Response};
 
 fn invalid(rule: String) -> capnp::Error {
     capnp::Error::failed(rule)

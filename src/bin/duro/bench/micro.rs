@@ -13,10 +13,10 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::measure::Spread;
-use crate::duro_capnp::{http_request, http_response};
-use crate::id::IdMinter;
-use crate::rpc::convert;
-use crate::{BoxError, DurableObject, Request, Response, State};
+use duro::duro_capnp::{http_request, http_response};
+use duro::id::IdMinter;
+use duro::wire::convert;
+use duro::{BoxError, DurableObject, Request, Response, State};
 
 /// A hot path's figure.
 #[derive(Serialize)]
@@ -203,8 +203,7 @@ impl DurableObject for GetLoop {
 const GETS_PER_FETCH: u64 = 1000;
 
 async fn host_paths(plan: &Plan, dir: &Path) -> Result<Vec<Figure>, String> {
-    let host = crate::Server::builder()
-        .builtins()
+    let host = duro::builtin::register(duro::Server::builder())
         .class("getloop", |state, _env| GetLoop { state })
         .namespace("getloop", "getloop")
         .data_dir(dir)
@@ -212,12 +211,12 @@ async fn host_paths(plan: &Plan, dir: &Path) -> Result<Vec<Figure>, String> {
         .map_err(|e| format!("opening an in-process host: {e}"))?;
     let counter = host.namespace("counter").ok_or("no counter namespace")?;
     let getloop = host.namespace("getloop").ok_or("no getloop namespace")?;
-    let request = || crate::testing::request("GET", "/", b"");
+    let request = || duro::testing::request("GET", "/", b"");
     let warm = counter.get_by_name("x").map_err(|e| e.to_string())?;
     warm.fetch(request()).await.map_err(|e| e.to_string())?;
     let loops = getloop.get_by_name("x").map_err(|e| e.to_string())?;
     loops
-        .fetch(crate::testing::request("POST", "/", b""))
+        .fetch(duro::testing::request("POST", "/", b""))
         .await
         .map_err(|e| e.to_string())?;
     let gets = format!("/{GETS_PER_FETCH}");
@@ -261,7 +260,7 @@ async fn host_paths(plan: &Plan, dir: &Path) -> Result<Vec<Figure>, String> {
             .await
         },
         measure_async(plan, "storage: get (cache hit)", GETS_PER_FETCH, || {
-            let call = loops.fetch(crate::testing::request("GET", &gets, b""));
+            let call = loops.fetch(duro::testing::request("GET", &gets, b""));
             async move {
                 black_box(call.await.ok());
             }
@@ -291,7 +290,7 @@ pub fn run(quick: bool, json: Option<&Path>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match crate::testing::run_local(host_paths(&plan, dir.path())) {
+    match duro::testing::run_local(host_paths(&plan, dir.path())) {
         Ok(host) => figures.extend(host),
         Err(e) => eprintln!("duro bench: host micro-benchmarks failed: {e}"),
     }

@@ -11,7 +11,7 @@ use super::disk::{FsyncProbe, LmdbBaseline};
 use super::measure::Series;
 use super::rpc_group::{CallFn, Shape, run_shape};
 use super::{Selection, Settings};
-use crate::duro_capnp::{durable_object, host};
+use duro::duro_capnp::{durable_object, host};
 
 /// Objects of `incr` spread.
 pub const SPREAD_OBJECTS: u64 = 1000;
@@ -24,7 +24,7 @@ pub const FSYNC: &str = "fsync";
 pub const FSYNC_SHAPE: &str = "64 B write+fdatasync, serial";
 
 pub fn run(settings: &Settings, selection: &Selection) -> Vec<Series> {
-    crate::testing::run_local(run_group(settings, selection))
+    duro::testing::run_local(run_group(settings, selection))
 }
 
 /// POST on object `i % stubs.len()`.

@@ -57,13 +57,13 @@ impl LmdbBaseline {
         let value = match txn.get(self.db, &key) {
             Ok(stored) => stored
                 .get(1..)
-                .and_then(|v| crate::storage::value::decode::<u64>(v).ok())
+                .and_then(|v| duro::storage::value::decode::<u64>(v).ok())
                 .unwrap_or(0),
             Err(lmdb::Error::NotFound) => 0,
             Err(e) => return Err(e),
         };
         // duro stores a value as a marker byte (short key) ‖ the encoded value.
-        let encoded = crate::storage::value::encode(&(value + 1)).unwrap_or_default();
+        let encoded = duro::storage::value::encode(&(value + 1)).unwrap_or_default();
         let mut stored = Vec::with_capacity(encoded.len() + 1);
         stored.push(0u8);
         stored.extend_from_slice(&encoded);

@@ -41,7 +41,7 @@ struct HttpSide {
 }
 
 pub fn run(settings: &Settings, selection: &Selection) -> Vec<Series> {
-    crate::testing::run_local(run_group(settings, selection))
+    duro::testing::run_local(run_group(settings, selection))
 }
 
 async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {

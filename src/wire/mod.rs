@@ -1,0 +1,109 @@
+//! The wire: the generated Cap'n Proto contract, HTTP messages in their capnp form, addresses,
+//! and the one setup of a capnp connection that the server, the client, the test harness and
+//! the bench share. A leaf: it knows nothing of hosts or storage.
+
+pub mod convert;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+pub mod duro_capnp {
+    //! Code generated from `schema/duro.capnp`, the wire contract.
+    #![allow(clippy::all, missing_docs, unused_qualifications)]
+    include!(concat!(env!("OUT_DIR"), "/duro_capnp.rs"));
+}
+
+/// Largest message accepted from a peer: far below capnp's 64 MiB default, and above the
+/// largest body a request should carry.
+pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
+
+/// Reader options for every connection: the message size bound, and capnp's nesting bound.
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut options = capnp::message::ReaderOptions::new();
+    options.traversal_limit_in_words(Some(MESSAGE_BYTES_MAX / 8));
+    options.nesting_limit(64);
+    options
+}
+
+/// Where a host listens, and where a client connects: a TCP address, or a unix socket
+/// (`unix:/path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ListenAddr, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        text.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT or unix:PATH"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The RPC system of one two-party connection, buffered and bounded: the only place a capnp
+/// connection is set up. capnp writes a message as a segment table and then each segment, and
+/// flushes after each message, so the buffers turn two or more syscalls per message into one;
+/// [`reader_options`] bounds what a peer can make this side read. `bootstrap` is what this side
+/// offers the peer (the server's `Host`; `None` for a client).
+pub fn rpc_system<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+) -> RpcSystem<Side>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader.compat()),
+        futures::io::BufWriter::new(writer.compat_write()),
+        side,
+        reader_options(),
+    );
+    RpcSystem::new(Box::new(network), bootstrap)
+}
+
+/// Connects to a host at `addr` and returns its bootstrap `Host` capability together with the
+/// RPC system that drives the connection: spawn it (or await it) on a `LocalSet`, and the
+/// connection lives until it ends or is dropped.
+pub async fn connect(
+    addr: &ListenAddr,
+) -> std::io::Result<(duro_capnp::host::Client, RpcSystem<Side>)> {
+    let mut rpc = match addr {
+        ListenAddr::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            // Request/response RPC would otherwise wait on Nagle's algorithm.
+            stream.set_nodelay(true)?;
+            let (reader, writer) = stream.into_split();
+            rpc_system(reader, writer, Side::Client, None)
+        }
+        ListenAddr::Unix(path) => {
+            let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
+            rpc_system(reader, writer, Side::Client, None)
+        }
+    };
+    let host = rpc.bootstrap(Side::Server);
+    Ok((host, rpc))
+}
