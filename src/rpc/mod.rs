@@ -130,21 +130,21 @@ impl host::Server for GuardServer {
     }
 }
 
-/// Serves the protocol on one connection until the peer leaves (see
-/// [`crate::wire::rpc_system`] for the buffering and bounds). Dropping the future drops the
-/// connection, and with it every call the peer had in flight.
-pub async fn serve_connection<R, W>(
+/// Serves the protocol on one connection: the returned future runs until the peer leaves (see
+/// [`crate::wire::rpc_system`] for the buffering and bounds). It borrows nothing, so it can be
+/// spawned; dropping it drops the connection, and with it every call the peer had in flight.
+pub fn serve_connection<R, W>(
     host: &Host,
     options: &RpcOptions,
     reader: R,
     writer: W,
-) -> Result<(), capnp::Error>
+) -> impl Future<Output = Result<(), capnp::Error>> + 'static + use<R, W>
 where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
     let bootstrap = bootstrap(host, options).client;
-    rpc_system(reader, writer, Side::Server, Some(bootstrap)).await
+    rpc_system(reader, writer, Side::Server, Some(bootstrap))
 }
 
 fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {

@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
 async fn serve(host: &duro::Host, data: &[u8]) {
     let (client, server) = tokio::io::duplex(PIPE_BYTES);
     let (server_reader, server_writer) = tokio::io::split(server);
-    let connection = duro::rpc::serve_connection(host.clone(), server_reader, server_writer);
+    let connection = duro::rpc::serve_connection(host, &Default::default(), server_reader, server_writer);
     let connection = tokio::task::spawn_local(connection);
     let (mut client_reader, mut client_writer) = tokio::io::split(client);
     let peer = async {

@@ -50,7 +50,7 @@ async fn record(host: &duro::Host, session: Session) -> Vec<u8> {
         inner: server_reader,
         seen: seen.clone(),
     };
-    let serve = duro::rpc::serve_connection(host.clone(), reader, server_writer);
+    let serve = duro::rpc::serve_connection(host, &Default::default(), reader, server_writer);
     let serve = tokio::task::spawn_local(serve);
     let (client_reader, client_writer) = tokio::io::split(client);
     let network = twoparty::VatNetwork::new(
