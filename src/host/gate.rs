@@ -257,10 +257,19 @@ impl<F: Future> Future for Gated<F> {
             this.gate.parked.borrow_mut().push(cx.waker().clone());
             return Poll::Pending;
         }
-        let outer = CURRENT_TASK.with(|current| current.replace(*this.task));
-        let result = this.inner.poll(cx);
-        CURRENT_TASK.with(|current| current.set(outer));
-        result
+        let _restore = RestoreCurrent(CURRENT_TASK.with(|current| current.replace(*this.task)));
+        this.inner.poll(cx)
+    }
+}
+
+/// Makes the task that was current before a [`Gated`] poll current again when dropped, also
+/// when the inner future panics: else code polled later on the thread would pass the gate as
+/// that task.
+struct RestoreCurrent(TaskId);
+
+impl Drop for RestoreCurrent {
+    fn drop(&mut self) {
+        CURRENT_TASK.with(|current| current.set(self.0));
     }
 }
 
@@ -322,5 +331,16 @@ mod tests {
         drop(lock);
         assert_eq!(poll_once(&mut other), Poll::Ready(7));
         assert!(poll_once(&mut ticket).is_ready());
+    }
+
+    #[test]
+    fn a_task_that_panics_is_no_longer_current() {
+        let gate = Rc::new(InputGate::default());
+        let mut task = Gated::new(async { panic!("boom") }.boxed_local(), gate, 3);
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = poll_once(&mut task);
+        }));
+        assert!(polled.is_err());
+        assert_eq!(current_task(), None);
     }
 }
