@@ -100,9 +100,13 @@ impl InputGate {
     }
 
     fn wake_front(&self) {
-        if let Some(front) = self.queue.borrow_mut().front_mut()
-            && let Some(waker) = front.waker.take()
-        {
+        // Taken out first: a waker may poll its task at once, which uses the queue.
+        let waker = self
+            .queue
+            .borrow_mut()
+            .front_mut()
+            .and_then(|w| w.waker.take());
+        if let Some(waker) = waker {
             waker.wake();
         }
     }
@@ -342,5 +346,33 @@ mod tests {
         }));
         assert!(polled.is_err());
         assert_eq!(current_task(), None);
+    }
+
+    thread_local! {
+        /// The gate that [`TouchGate`] reads when woken.
+        static TOUCHED: RefCell<Option<Rc<InputGate>>> = const { RefCell::new(None) };
+    }
+
+    /// A waker that reads the gate when woken, as one that polls its task at once would.
+    struct TouchGate;
+
+    impl std::task::Wake for TouchGate {
+        fn wake(self: std::sync::Arc<Self>) {
+            TOUCHED.with(|gate| gate.borrow().as_ref().map(|gate| gate.queued()));
+        }
+    }
+
+    #[test]
+    fn a_waker_may_use_the_gate_when_woken() {
+        let gate = Rc::new(InputGate::default());
+        TOUCHED.with(|touched| *touched.borrow_mut() = Some(gate.clone()));
+        let mut first = gate.enqueue(10).unwrap();
+        let mut second = gate.enqueue(10).unwrap();
+        let waker = Waker::from(std::sync::Arc::new(TouchGate));
+        let polled = second.poll_unpin(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        // Delivering the first wakes the second.
+        assert!(poll_once(&mut first).is_ready());
+        assert!(poll_once(&mut second).is_ready());
     }
 }
