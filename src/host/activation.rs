@@ -41,11 +41,16 @@ pub(crate) struct Activation {
     last_used: Cell<std::time::Instant>,
     /// Most calls waiting for delivery before new ones are refused as overloaded.
     queue_max: usize,
+    /// Set while the constructor runs. The activation is in the registry by then, so that a
+    /// constructor can get a stub to its own object, but it must not be evicted before it has
+    /// an instance.
+    constructing: Cell<bool>,
 }
 
 impl Activation {
-    /// Builds the activation and its instance. `predecessor` is the store of a reset activation
-    /// of the same ID, whose in-flight commit must settle first.
+    /// Builds the activation, without its instance: [`Activation::construct`] follows.
+    /// `predecessor` is the store of a reset activation of the same ID, whose in-flight commit
+    /// must settle first.
     pub(crate) fn create(
         namespace: &Rc<NamespaceCore>,
         id: ObjectId,
@@ -76,6 +81,7 @@ impl Activation {
             running: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
             queue_max: host.limits.object_queue_max,
+            constructing: Cell::new(true),
         });
         let weak = Rc::downgrade(&activation);
         store.set_on_failure(Box::new(move |error| {
@@ -83,15 +89,35 @@ impl Activation {
                 activation.reset(&format!("commit failed: {error}"));
             }
         }));
-        let storage = Storage::new(store, gate.clone());
-        let state = State::new(id, storage, gate, Rc::downgrade(&activation));
+        Ok(activation)
+    }
+
+    /// Builds the instance. The activation is in the registry by now, so the constructor may
+    /// get a stub to its own object; calls made through it wait for their turn, which comes
+    /// after the constructor returned. If the constructor panics, the activation is reset.
+    pub(crate) fn construct(self: &Rc<Self>, namespace: &NamespaceCore) -> Result<(), Error> {
+        let storage = Storage::new(self.store.clone(), self.gate.clone());
+        let state = State::new(
+            self.id.clone(),
+            storage,
+            self.gate.clone(),
+            Rc::downgrade(self),
+        );
         let env = Env::new(namespace.host.clone());
         let factory = namespace.factory.clone();
-        let instance = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env))).map_err(
-            |panic| Error::Remote(format!("constructor panicked: {}", panic_message(&*panic))),
-        )?;
-        *activation.instance.borrow_mut() = Some(instance);
-        Ok(activation)
+        let built = std::panic::catch_unwind(AssertUnwindSafe(|| factory(state, env)));
+        self.constructing.set(false);
+        match built {
+            Ok(instance) => {
+                *self.instance.borrow_mut() = Some(instance);
+                Ok(())
+            }
+            Err(panic) => {
+                let message = format!("constructor panicked: {}", panic_message(&*panic));
+                self.reset(&message);
+                Err(Error::Remote(message))
+            }
+        }
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -120,7 +146,10 @@ impl Activation {
 
     /// Nothing runs, waits or is being written: the instance can go without anyone noticing.
     pub(crate) fn is_idle(&self) -> bool {
-        self.running.get() == 0 && !self.gate.is_held() && !self.store.is_flushing()
+        self.running.get() == 0
+            && !self.gate.is_held()
+            && !self.store.is_flushing()
+            && !self.constructing.get()
     }
 
     /// Marks the object evicted if it is idle: its stubs stay valid, and their next call builds

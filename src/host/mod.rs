@@ -328,6 +328,8 @@ impl NamespaceCore {
             }
         };
         let activation = Activation::create(self, id, predecessor)?;
+        // Registered before the constructor runs: a `get` of its own ID from the constructor
+        // then finds this activation, instead of building another (and so on, without end).
         let replaced = self
             .activations
             .borrow_mut()
@@ -336,7 +338,35 @@ impl NamespaceCore {
             let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
             host.active.set(host.active.get() + 1);
         }
+        if let Err(error) = activation.construct(self) {
+            self.unregister(&activation, replaced);
+            return Err(error);
+        }
         Ok(activation)
+    }
+
+    /// Takes an activation whose constructor failed out of the registry, so the next `get`
+    /// builds again; the reset one it replaced goes back, as the next one must wait on it.
+    fn unregister(&self, activation: &Rc<Activation>, replaced: Option<Rc<Activation>>) {
+        let key = *activation.id.bytes();
+        let mut registry = self.activations.borrow_mut();
+        let ours = registry
+            .get(&key)
+            .is_some_and(|a| Rc::ptr_eq(a, activation));
+        if !ours {
+            return;
+        }
+        match replaced {
+            Some(predecessor) => {
+                registry.insert(key, predecessor);
+            }
+            None => {
+                registry.remove(&key);
+                if let Some(host) = self.host.upgrade() {
+                    host.active.set(host.active.get() - 1);
+                }
+            }
+        }
     }
 
     /// Keeps the host under `activations_max`, evicting the least recently used idle tenth.
