@@ -1,6 +1,8 @@
 //! The lifecycle of activations, in process: how they are built, also when the constructor
-//! reaches for its own object.
+//! reaches for its own object; and that none is built once shutdown has begun.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -130,5 +132,65 @@ fn an_object_being_built_is_not_evicted_to_make_room_for_its_peers() {
         assert_eq!(built.load(Ordering::SeqCst), 1);
         assert_eq!(host.activations(), 1);
         host.shutdown().await;
+    });
+}
+
+/// Answers once `release` is notified.
+struct Slow {
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl DurableObject for Slow {
+    async fn fetch(&self, _req: Request) -> Result<Response, BoxError> {
+        self.release.notified().await;
+        Ok(Response::new("done".into()))
+    }
+}
+
+#[test]
+fn no_object_is_built_during_the_grace_period_of_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let notify = release.clone();
+    run_local(async {
+        let host = Server::builder()
+            .class("slow", move |_state, _env| Slow {
+                release: notify.clone(),
+            })
+            .namespace("slow", "slow")
+            .data_dir(dir.path())
+            .open_host()
+            .unwrap();
+        let namespace = host.namespace("slow").unwrap();
+        let running = namespace.get_by_name("running").unwrap();
+        let call = tokio::task::spawn_local(running.fetch(request("GET", "/", b"")));
+        let closing = Rc::new(Cell::new(false));
+        let shutdown = tokio::task::spawn_local({
+            let (host, closing) = (host.clone(), closing.clone());
+            async move {
+                closing.set(true);
+                host.shutdown().await;
+            }
+        });
+        // The shutdown has begun and waits for the running call.
+        while !closing.get() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(host.activations(), 1);
+        for attempt in [
+            namespace.get_by_name("new"),
+            namespace.get(&namespace.id_from_name("other").unwrap()),
+        ] {
+            match attempt {
+                Ok(_) => panic!("an object was built while the host shuts down"),
+                Err(error) => assert!(matches!(error, Error::Disconnected(_)), "{error}"),
+            }
+        }
+        assert_eq!(host.activations(), 1);
+        // The running call still finishes within the grace period.
+        release.notify_one();
+        let response = call.await.unwrap().unwrap();
+        assert_eq!(response.body().as_ref(), b"done");
+        shutdown.await.unwrap();
     });
 }

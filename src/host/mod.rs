@@ -200,9 +200,9 @@ impl Host {
         self.inner.evict(|_| true, usize::MAX)
     }
 
-    /// Shuts down gracefully: refuses new calls (`disconnected`), gives running ones up to
-    /// [`SHUTDOWN_GRACE`] to finish (their writes commit and their responses leave), then breaks
-    /// every stub, lets in-flight commits settle, and stops the writer.
+    /// Shuts down gracefully: refuses new calls and new stubs (`disconnected`), gives running
+    /// calls up to [`SHUTDOWN_GRACE`] to finish (their writes commit and their responses leave),
+    /// then breaks every stub, lets in-flight commits settle, and stops the writer.
     pub async fn shutdown(&self) {
         self.inner.closing.set(true);
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
@@ -318,6 +318,12 @@ pub(crate) struct NamespaceCore {
 
 impl NamespaceCore {
     fn activation(self: &Rc<Self>, id: ObjectId) -> Result<Rc<Activation>, Error> {
+        // Once shutdown began, no object is built: the stub could take no call (see
+        // `Stub::current`), and the object would only keep shutdown waiting, then be reset.
+        let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
+        if host.closing.get() {
+            return Err(activation::shutting_down());
+        }
         let existing = self.activations.borrow().get(id.bytes()).cloned();
         let predecessor: Option<Rc<ObjectStore>> = match existing {
             Some(activation) if !activation.is_broken() => return Ok(activation),
@@ -335,7 +341,6 @@ impl NamespaceCore {
             .borrow_mut()
             .insert(*activation.id.bytes(), activation.clone());
         if replaced.is_none() {
-            let host = self.host.upgrade().ok_or_else(activation::shutting_down)?;
             host.active.set(host.active.get() + 1);
         }
         if let Err(error) = activation.construct(self) {
