@@ -9,7 +9,7 @@
 //! - The holder may re-enter (nested `block_concurrency_while`, a transaction inside one).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -54,8 +54,11 @@ pub(crate) struct InputGate {
     /// Calls not yet delivered, in arrival order.
     queue: RefCell<VecDeque<Waiting>>,
     next_ticket: Cell<u64>,
-    /// Tasks waiting for the gate to open (parked gated tasks and lock requests).
-    parked: RefCell<Vec<Waker>>,
+    /// Tasks waiting for the gate to open (parked gated tasks and lock requests): one waker per
+    /// waiting future, under its key, so one polled again and again takes one entry.
+    parked: RefCell<HashMap<u64, Waker>>,
+    /// The key of the next future to park.
+    next_waiter: Cell<u64>,
 }
 
 /// Returned when the queue of undelivered calls is full.
@@ -71,6 +74,12 @@ impl InputGate {
     /// Whether a task holds the gate closed.
     pub(crate) fn is_held(&self) -> bool {
         self.holder.get().is_some()
+    }
+
+    /// Number of wakers registered by waiters.
+    #[cfg(test)]
+    fn parked(&self) -> usize {
+        self.parked.borrow().len()
     }
 
     fn is_open_for(&self, task: Option<TaskId>) -> bool {
@@ -100,19 +109,50 @@ impl InputGate {
     }
 
     fn wake_front(&self) {
-        if let Some(front) = self.queue.borrow_mut().front_mut()
-            && let Some(waker) = front.waker.take()
-        {
+        // Taken out first: a waker may poll its task at once, which uses the queue.
+        let waker = self
+            .queue
+            .borrow_mut()
+            .front_mut()
+            .and_then(|w| w.waker.take());
+        if let Some(waker) = waker {
             waker.wake();
         }
     }
 
     fn wake_parked(&self) {
         let parked = std::mem::take(&mut *self.parked.borrow_mut());
-        for waker in parked {
+        for waker in parked.into_values() {
             waker.wake();
         }
         self.wake_front();
+    }
+
+    /// Registers `waker` to be woken when the gate opens, in place of the one the waiting
+    /// future (its key in `waiter`, given at its first park) registered before.
+    fn park(&self, waiter: &mut Option<u64>, waker: &Waker) {
+        let key = *waiter.get_or_insert_with(|| {
+            let key = self.next_waiter.get();
+            self.next_waiter.set(key + 1);
+            key
+        });
+        let mut parked = self.parked.borrow_mut();
+        if parked.get(&key).is_some_and(|old| old.will_wake(waker)) {
+            return;
+        }
+        let old = parked.insert(key, waker.clone());
+        drop(parked);
+        // Dropped outside the borrow: dropping a waker may run code of its own.
+        drop(old);
+    }
+
+    /// Forgets the waker of a waiting future that goes away.
+    fn unpark(&self, waiter: Option<u64>) {
+        if let Some(key) = waiter {
+            // Dropped outside the borrow, as in `park`.
+            let old = self.parked.borrow_mut().remove(&key);
+            drop(old);
+        }
     }
 
     /// Closes the gate for `task` (re-entrant), waiting while another task holds it.
@@ -121,6 +161,7 @@ impl InputGate {
             gate: self.clone(),
             task,
             held: false,
+            waiter: None,
         }
     }
 
@@ -198,6 +239,8 @@ pub(crate) struct Lock {
     gate: Rc<InputGate>,
     task: TaskId,
     held: bool,
+    /// Its key among the parked, once it waited.
+    waiter: Option<u64>,
 }
 
 impl Lock {
@@ -218,13 +261,15 @@ impl Future for Lock {
         if self.try_now() {
             return Poll::Ready(());
         }
-        self.gate.parked.borrow_mut().push(cx.waker().clone());
+        let lock = &mut *self;
+        lock.gate.park(&mut lock.waiter, cx.waker());
         Poll::Pending
     }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
+        self.gate.unpark(self.waiter);
         if self.held {
             self.gate.release();
         }
@@ -239,12 +284,26 @@ pin_project_lite::pin_project! {
         inner: F,
         gate: Rc<InputGate>,
         task: TaskId,
+        // Its key among the parked, once it waited.
+        waiter: Option<u64>,
+    }
+
+    impl<F> PinnedDrop for Gated<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.gate.unpark(*this.waiter);
+        }
     }
 }
 
 impl<F> Gated<F> {
     pub(crate) fn new(inner: F, gate: Rc<InputGate>, task: TaskId) -> Self {
-        Gated { inner, gate, task }
+        Gated {
+            inner,
+            gate,
+            task,
+            waiter: None,
+        }
     }
 }
 
@@ -254,13 +313,22 @@ impl<F: Future> Future for Gated<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         if !this.gate.is_open_for(Some(*this.task)) {
-            this.gate.parked.borrow_mut().push(cx.waker().clone());
+            this.gate.park(this.waiter, cx.waker());
             return Poll::Pending;
         }
-        let outer = CURRENT_TASK.with(|current| current.replace(*this.task));
-        let result = this.inner.poll(cx);
-        CURRENT_TASK.with(|current| current.set(outer));
-        result
+        let _restore = RestoreCurrent(CURRENT_TASK.with(|current| current.replace(*this.task)));
+        this.inner.poll(cx)
+    }
+}
+
+/// Makes the task that was current before a [`Gated`] poll current again when dropped, also
+/// when the inner future panics: else code polled later on the thread would pass the gate as
+/// that task.
+struct RestoreCurrent(TaskId);
+
+impl Drop for RestoreCurrent {
+    fn drop(&mut self) {
+        CURRENT_TASK.with(|current| current.set(self.0));
     }
 }
 
@@ -322,5 +390,63 @@ mod tests {
         drop(lock);
         assert_eq!(poll_once(&mut other), Poll::Ready(7));
         assert!(poll_once(&mut ticket).is_ready());
+    }
+
+    #[test]
+    fn a_task_that_panics_is_no_longer_current() {
+        let gate = Rc::new(InputGate::default());
+        let mut task = Gated::new(async { panic!("boom") }.boxed_local(), gate, 3);
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = poll_once(&mut task);
+        }));
+        assert!(polled.is_err());
+        assert_eq!(current_task(), None);
+    }
+
+    thread_local! {
+        /// The gate that [`TouchGate`] reads when woken.
+        static TOUCHED: RefCell<Option<Rc<InputGate>>> = const { RefCell::new(None) };
+    }
+
+    /// A waker that reads the gate when woken, as one that polls its task at once would.
+    struct TouchGate;
+
+    impl std::task::Wake for TouchGate {
+        fn wake(self: std::sync::Arc<Self>) {
+            TOUCHED.with(|gate| gate.borrow().as_ref().map(|gate| gate.queued()));
+        }
+    }
+
+    #[test]
+    fn a_waker_may_use_the_gate_when_woken() {
+        let gate = Rc::new(InputGate::default());
+        TOUCHED.with(|touched| *touched.borrow_mut() = Some(gate.clone()));
+        let mut first = gate.enqueue(10).unwrap();
+        let mut second = gate.enqueue(10).unwrap();
+        let waker = Waker::from(std::sync::Arc::new(TouchGate));
+        let polled = second.poll_unpin(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        // Delivering the first wakes the second.
+        assert!(poll_once(&mut first).is_ready());
+        assert!(poll_once(&mut second).is_ready());
+    }
+
+    #[test]
+    fn a_waiter_polled_again_and_again_is_parked_once() {
+        let gate = Rc::new(InputGate::default());
+        let mut lock = gate.lock(1);
+        assert!(lock.try_now());
+        let mut task = Gated::new(async { 7 }.boxed_local(), gate.clone(), 2);
+        let mut waiting = gate.lock(3);
+        for _ in 0..1000 {
+            assert!(poll_once(&mut task).is_pending());
+            assert!(poll_once(&mut waiting).is_pending());
+        }
+        assert_eq!(gate.parked(), 2);
+        drop(waiting);
+        assert_eq!(gate.parked(), 1);
+        drop(lock);
+        assert_eq!(gate.parked(), 0);
+        assert_eq!(poll_once(&mut task), Poll::Ready(7));
     }
 }

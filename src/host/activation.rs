@@ -40,6 +40,10 @@ pub(crate) struct Activation {
     last_used: Cell<std::time::Instant>,
     /// Most calls waiting for delivery before new ones are refused as overloaded.
     queue_max: usize,
+    /// Set until the constructor returned. The activation is in the registry by then, so that
+    /// a constructor can get a stub to its own object, but it must not be evicted before it has
+    /// an instance.
+    constructing: Cell<bool>,
 }
 
 impl Activation {
@@ -67,6 +71,7 @@ impl Activation {
             running: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
             queue_max,
+            constructing: Cell::new(true),
         });
         let weak = Rc::downgrade(&activation);
         store.set_on_failure(Box::new(move |error| {
@@ -89,7 +94,9 @@ impl Activation {
         &self,
         construct: impl FnOnce() -> Rc<dyn ErasedObject>,
     ) -> Result<(), Error> {
-        match std::panic::catch_unwind(AssertUnwindSafe(construct)) {
+        let built = std::panic::catch_unwind(AssertUnwindSafe(construct));
+        self.constructing.set(false);
+        match built {
             Ok(instance) => {
                 if !self.is_broken() {
                     *self.instance.borrow_mut() = Some(instance);
@@ -130,7 +137,10 @@ impl Activation {
 
     /// Nothing runs, waits or is being written: the instance can go without anyone noticing.
     pub(crate) fn is_idle(&self) -> bool {
-        self.running.get() == 0 && !self.gate.is_held() && !self.store.is_flushing()
+        self.running.get() == 0
+            && !self.gate.is_held()
+            && !self.store.is_flushing()
+            && !self.constructing.get()
     }
 
     /// Marks the object evicted if it is idle: its stubs stay valid, and their next call builds

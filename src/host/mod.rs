@@ -195,9 +195,9 @@ impl Host {
         self.inner.evict(|_| true, usize::MAX)
     }
 
-    /// Shuts down gracefully: refuses new calls (`disconnected`), gives running ones up to
-    /// [`SHUTDOWN_GRACE`] to finish (their writes commit and their responses leave), then breaks
-    /// every stub, lets in-flight commits settle, and stops the writer.
+    /// Shuts down gracefully: refuses new calls and new stubs (`disconnected`), gives running
+    /// calls up to [`SHUTDOWN_GRACE`] to finish (their writes commit and their responses leave),
+    /// then breaks every stub, lets in-flight commits settle, and stops the writer.
     pub async fn shutdown(&self) {
         self.inner.closing.set(true);
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
@@ -323,6 +323,8 @@ impl NamespaceCore {
             Some(activation) => Some(activation.store.clone()),
             None => None,
         };
+        // Once shutdown began, no object is built: its stub could take no call (see
+        // `Stub::current`), and it would only keep shutdown waiting, then be reset.
         if host.closing.get() {
             return Err(activation::shutting_down());
         }
@@ -357,8 +359,35 @@ impl NamespaceCore {
         let env = Env {
             host: self.host.clone(),
         };
-        activation.install(|| (self.factory)(state, env))?;
+        if let Err(error) = activation.install(|| (self.factory)(state, env)) {
+            self.unregister(&activation, replaced);
+            return Err(error);
+        }
         Ok(activation)
+    }
+
+    /// Takes an activation whose constructor failed out of the registry, so the next `get`
+    /// builds again; the reset one it replaced goes back, as the next one must wait on it.
+    fn unregister(&self, activation: &Rc<Activation>, replaced: Option<Rc<Activation>>) {
+        let key = *activation.id.bytes();
+        let mut registry = self.activations.borrow_mut();
+        let ours = registry
+            .get(&key)
+            .is_some_and(|a| Rc::ptr_eq(a, activation));
+        if !ours {
+            return;
+        }
+        match replaced {
+            Some(predecessor) => {
+                registry.insert(key, predecessor);
+            }
+            None => {
+                registry.remove(&key);
+                if let Some(host) = self.host.upgrade() {
+                    host.active.set(host.active.get() - 1);
+                }
+            }
+        }
     }
 
     /// Keeps the host under `activations_max`, evicting the least recently used idle tenth.
