@@ -106,4 +106,10 @@ struct HttpResponse {
 struct Header {
   name @0 :Text;
   value @1 :Text;
+  # The value as text. HTTP allows header values that are not UTF-8 (obs-text): for those,
+  # `value` holds a lossy UTF-8 copy and `rawValue` the exact bytes.
+  rawValue @2 :Data;
+  # Set only when the value is not valid UTF-8; then it is the value, and readers use it
+  # instead of `value`. A reader that predates it sees the lossy `value`. Writers must not set
+  # it for a UTF-8 value, so that every value has one form on the wire.
 }

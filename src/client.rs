@@ -47,7 +47,7 @@ pub const CALLS_IN_FLIGHT_MAX: usize = 4096;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest request the client sends, estimated from the size of its parts (see
-/// `request_bytes`). The host drops a connection that sends a message larger than
+/// `wire::convert::request_bytes`). The host drops a connection that sends a message larger than
 /// [`crate::wire::MESSAGE_BYTES_MAX`], which would break every call of the client; a larger
 /// request is refused here instead, with [`Error::InvalidArgument`].
 pub const REQUEST_BYTES_MAX: usize = MESSAGE_BYTES_MAX - 64 * 1024;
@@ -295,7 +295,7 @@ impl RemoteStub {
     /// queued for the object, the host or this client (back off); [`Error::InvalidArgument`]
     /// for a refused argument (a bad ID or name, a request over [`REQUEST_BYTES_MAX`]).
     pub fn fetch(&self, request: Request) -> Pending<Response> {
-        let size = request_bytes(&request);
+        let size = convert::request_bytes(&request);
         if size > REQUEST_BYTES_MAX {
             return Pending::refused(Error::InvalidArgument(format!(
                 "request of about {size} bytes is over the limit of {REQUEST_BYTES_MAX} bytes \
@@ -560,30 +560,6 @@ enum Command {
     Release {
         handle: u64,
     },
-}
-
-/// An estimate of the bytes `request` takes on the wire, never below the real size: its parts,
-/// plus room for the pointers and padding of each, plus the call's own header.
-fn request_bytes(request: &Request) -> usize {
-    const PART_OVERHEAD_BYTES: usize = 64;
-    const CALL_OVERHEAD_BYTES: usize = 1024;
-    let headers: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + PART_OVERHEAD_BYTES)
-        .sum();
-    let uri = request.uri();
-    // As `Uri`'s text form adds them up, without building it.
-    let uri_bytes = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
-        + uri
-            .authority()
-            .map_or(0, |authority| authority.as_str().len())
-        + uri.path_and_query().map_or(1, |path| path.as_str().len());
-    CALL_OVERHEAD_BYTES
-        + request.method().as_str().len()
-        + uri_bytes
-        + headers
-        + request.body().len()
 }
 
 fn read_id(reader: object_id::Reader<'_>) -> capnp::Result<ObjectId> {

@@ -207,9 +207,10 @@ impl Builder {
             .name("duro-host".into())
             .spawn(move || {
                 let ready = ready_tx.clone();
-                let result = self.serve(move |addr| drop(ready.send(Ok(addr))), async {
+                let stop = || async {
                     let _ = stop_rx.await;
-                });
+                };
+                let result = self.serve(move |addr| drop(ready.send(Ok(addr))), stop);
                 if let Err(error) = &result {
                     let _ = ready_tx.send(Err(error.to_string()));
                 }
@@ -245,19 +246,22 @@ impl Builder {
             }
             let _ = stdout.flush();
         };
-        self.serve(on_ready, shutdown_signal())
+        self.serve(on_ready, shutdown_signal)
     }
 
-    fn serve(
+    /// Serves until the future `stop` makes resolves. `stop` is made inside the runtime and
+    /// before the server says it is ready, so that a stop asked for right after is not missed.
+    fn serve<F: Future<Output = ()>>(
         self,
         on_ready: impl FnOnce(Ready),
-        stop: impl Future<Output = ()>,
+        stop: impl FnOnce() -> F,
     ) -> Result<(), StartError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
+            let stop = stop();
             let backend = self.open_backend()?;
             let host = Host::open(self.config, backend)?;
             let listener = Listener::bind(&self.listen).await?;
@@ -298,11 +302,30 @@ fn warn_if_open(listen: &ListenAddr, http: Option<SocketAddr>, has_token: bool) 
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a SIGTERM sent as soon as the server said it
+/// listens then shuts it down gracefully instead of killing it.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut signals = [SignalKind::interrupt(), SignalKind::terminate()].map(|kind| {
+        signal(kind)
+            .inspect_err(|error| tracing::warn!(%error, "cannot handle a signal"))
+            .ok()
+    });
+    async move {
+        let [interrupt, terminate] = &mut signals;
+        tokio::select! {
+            _ = received(interrupt) => {}
+            _ = received(terminate) => {}
+        }
+    }
+}
+
+/// Resolves when `signal` arrives; never, for a signal that could not be handled.
+async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => drop(signal.recv().await),
+        None => std::future::pending().await,
     }
 }
 
@@ -430,5 +453,45 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that panics when read: a connection task that dies.
+    struct Panics;
+
+    impl tokio::io::AsyncRead for Panics {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            panic!("the connection task panics");
+        }
+    }
+
+    #[test]
+    fn a_connection_that_panics_gives_its_slot_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async {
+            let host = Server::builder().data_dir(dir.path()).open_host().unwrap();
+            let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+            for _ in 0..3 {
+                let (_, writer) = tokio::io::duplex(64);
+                spawn_connection(&host, &RpcOptions::default(), &slots, Panics, writer);
+            }
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(slots.available_permits(), CONNECTIONS_MAX);
+            host.shutdown().await;
+        });
     }
 }

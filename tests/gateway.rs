@@ -420,3 +420,52 @@ fn a_chunked_body_over_the_limit_is_refused_once_past_it() {
         assert_eq!((reply.status, reply.body.len()), (200, 1024));
     });
 }
+
+/// Answers with the bytes of its `x-raw` header, in hex.
+struct RawHeader;
+
+impl DurableObject for RawHeader {
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let value = request.headers().get("x-raw").ok_or("no x-raw header")?;
+        let hex: String = value
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Response::new(hex.into()))
+    }
+}
+
+#[test]
+fn a_header_that_is_not_utf8_reaches_the_object_as_sent_by_either_path() {
+    let server = TestServer::start(
+        builder()
+            .class("raw", |_state, _env| RawHeader)
+            .namespace("raw", "raw"),
+    );
+    run_local(async {
+        let sent = b"caf\xe9";
+        let answer = exchange_raw(
+            http_addr(&server),
+            &[b"GET /raw/a/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-raw: caf\xe9\r\n\r\n"],
+        )
+        .await;
+        assert!(answer.ends_with("\r\n\r\n636166e9"), "{answer}");
+        let host = server.connect().await;
+        let mut request = duro::testing::request("GET", "/", b"");
+        let value = http::HeaderValue::from_bytes(sent).unwrap();
+        request.headers_mut().insert("x-raw", value);
+        let mut ns = host.namespace_request();
+        ns.get().set_name("raw");
+        let ns = ns.send().pipeline.get_namespace();
+        let mut get = ns.get_by_name_request();
+        get.get().set_name("a");
+        let stub = get.send().pipeline.get_stub();
+        let response = duro::testing::fetch(&stub, request).await.unwrap();
+        assert_eq!(
+            response.body().as_ref(),
+            b"636166e9",
+            "the same bytes over capnp"
+        );
+    });
+}

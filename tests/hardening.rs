@@ -233,13 +233,24 @@ fn a_full_map_fails_the_write_and_recovers_when_space_returns() {
     });
 }
 
-/// Answers with a body of the size asked for in the path.
+/// Answers `/body/N` with a body of N bytes, and `/headers/N` with an empty body and N bytes
+/// of header values (in headers of 8 KiB).
 struct Big;
 
 impl DurableObject for Big {
     async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
-        let len: usize = request.uri().path().trim_start_matches('/').parse()?;
-        Ok(Response::new(vec![b'x'; len].into()))
+        let path = request.uri().path();
+        if let Some(len) = path.strip_prefix("/body/") {
+            return Ok(Response::new(vec![b'x'; len.parse()?].into()));
+        }
+        let len: usize = path.trim_start_matches("/headers/").parse()?;
+        let mut response = Response::new(bytes::Bytes::new());
+        let value = http::HeaderValue::from_str(&"v".repeat(8 << 10))?;
+        for i in 0..len.div_ceil(8 << 10) {
+            let name = http::HeaderName::from_bytes(format!("x-h{i}").as_bytes())?;
+            response.headers_mut().insert(name, value.clone());
+        }
+        Ok(response)
     }
 }
 
@@ -251,24 +262,38 @@ fn oversized_answers_and_names_are_refused_naming_the_limit() {
     let server = TestServer::start(builder);
     run_local(async {
         let host = server.connect().await;
-        let max = duro::rpc::RESPONSE_BODY_BYTES_MAX;
-        let fits = fetch_by_name(&host, "big", "b", "GET", &format!("/{max}"), b"")
-            .await
-            .unwrap();
-        assert_eq!(fits.body().len(), max);
-        let over = fetch_by_name(&host, "big", "b", "GET", &format!("/{}", max + 1), b"").await;
+        let max = duro::rpc::RESPONSE_BYTES_MAX;
+        let host = &host;
+        let big =
+            |path: String| async move { fetch_by_name(host, "big", "b", "GET", &path, b"").await };
+        // The largest body that fits with the response's own overhead.
+        let fits = max - duro::wire::convert::response_bytes(&Response::new(Default::default()));
+        assert_eq!(
+            big(format!("/body/{fits}")).await.unwrap().body().len(),
+            fits
+        );
+        let over = big(format!("/body/{}", fits + 1)).await;
         assert!(
-            matches!(over, Err(Error::Remote(ref m)) if m.contains("RESPONSE_BODY_BYTES_MAX")),
+            matches!(over, Err(Error::Remote(ref m)) if m.contains("RESPONSE_BYTES_MAX")),
             "{over:?}"
         );
+        // Headers count too: an empty body under too many of them is refused alone, where it
+        // would have made the client drop the whole connection.
+        let headers = big(format!("/headers/{}", max + 1)).await;
+        assert!(
+            matches!(headers, Err(Error::Remote(ref m)) if m.contains("RESPONSE_BYTES_MAX")),
+            "{headers:?}"
+        );
+        let some_headers = big(format!("/headers/{}", 64 << 10)).await.unwrap();
+        assert_eq!(some_headers.headers().len(), 8);
         // The connection survived: the refusal was the call's alone.
         let name = "n".repeat(1025);
-        let long = fetch_by_name(&host, "counter", &name, "POST", "/", b"").await;
+        let long = fetch_by_name(host, "counter", &name, "POST", "/", b"").await;
         assert!(
             matches!(long, Err(Error::InvalidArgument(ref m)) if m.contains("name_bytes_max")),
             "{long:?}"
         );
-        let ok = fetch_by_name(&host, "counter", &"n".repeat(1024), "POST", "/", b"")
+        let ok = fetch_by_name(host, "counter", &"n".repeat(1024), "POST", "/", b"")
             .await
             .unwrap();
         assert_eq!(ok.body().as_ref(), b"1\n");

@@ -27,9 +27,10 @@ pub struct RpcOptions {
 /// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
 pub const CONNECTION_CALLS_MAX: usize = 4096;
 
-/// Largest response body sent back: a bigger message would be refused by the peer's reader
-/// (and take the whole connection down with it), so the call fails alone instead.
-pub const RESPONSE_BODY_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
+/// Largest response sent back, as [`convert::response_bytes`] counts it (body, headers and
+/// all): a bigger message would be refused by the peer's reader (and take the whole
+/// connection down with it), so the call fails alone instead.
+pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
 
 /// Pause before answering a wrong token, to slow down guessing.
 const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
@@ -337,11 +338,11 @@ impl durable_object::Server for StubServer {
         async move {
             let (_in_flight, call) = call?;
             let response = call.await?;
-            let len = response.body().len();
-            if len > RESPONSE_BODY_BYTES_MAX {
+            let len = convert::response_bytes(&response);
+            if len > RESPONSE_BYTES_MAX {
                 return Err(capnp::Error::failed(format!(
-                    "remote: the response body is {len} bytes, over the limit of \
-                     {RESPONSE_BODY_BYTES_MAX} bytes (RESPONSE_BODY_BYTES_MAX)"
+                    "remote: the response takes about {len} bytes, over the limit of \
+                     {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
                 )));
             }
             convert::response_to_capnp(&response, results.get().init_response());

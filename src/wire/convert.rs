@@ -16,10 +16,14 @@ fn read_headers(
 ) -> capnp::Result<()> {
     for header in headers.iter() {
         let name = header.get_name()?.to_str()?;
-        let value = header.get_value()?.to_str()?;
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| invalid(format!("invalid header name {name:?}")))?;
-        let value = HeaderValue::from_str(value)
+        let value = if header.has_raw_value() {
+            header.get_raw_value()?
+        } else {
+            header.get_value()?.as_bytes()
+        };
+        let value = HeaderValue::from_bytes(value)
             .map_err(|_| invalid(format!("invalid value of header {name}")))?;
         into.append(name, value);
     }
@@ -30,7 +34,13 @@ fn write_headers(headers: &http::HeaderMap, mut list: capnp::struct_list::Builde
     for (i, (name, value)) in headers.iter().enumerate() {
         let mut header = list.reborrow().get(i as u32);
         header.set_name(name.as_str());
-        header.set_value(&*String::from_utf8_lossy(value.as_bytes()));
+        match std::str::from_utf8(value.as_bytes()) {
+            Ok(text) => header.set_value(text),
+            Err(_) => {
+                header.set_value(&*String::from_utf8_lossy(value.as_bytes()));
+                header.set_raw_value(value.as_bytes());
+            }
+        }
     }
 }
 
@@ -87,6 +97,53 @@ pub fn response_to_capnp(response: &Response, mut builder: http_response::Builde
     builder.set_body(response.body());
 }
 
+/// Bytes a header list, a method or a status line and such parts take on the wire besides
+/// their own bytes (pointers, the NUL of a text, padding to a word), rounded well up.
+const PART_OVERHEAD_BYTES: usize = 64;
+/// The rest of a call's or a return's message (its headers, the struct of the request or
+/// response, the segment table), rounded well up.
+const MESSAGE_OVERHEAD_BYTES: usize = 1024;
+
+fn headers_bytes(headers: &http::HeaderMap) -> usize {
+    let value_bytes = |value: &HeaderValue| match std::str::from_utf8(value.as_bytes()) {
+        Ok(_) => value.len(),
+        // A lossy copy (at most 3 bytes a byte) and the raw bytes.
+        Err(_) => 4 * value.len() + PART_OVERHEAD_BYTES,
+    };
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value_bytes(value) + PART_OVERHEAD_BYTES)
+        .sum()
+}
+
+/// An estimate of the bytes `request` takes on the wire as a `fetch` call, never below the
+/// real size: its parts, plus room for the pointers and padding of each, plus the call's own.
+pub fn request_bytes(request: &Request) -> usize {
+    let uri = request.uri();
+    // As `Uri`'s text form adds them up, without building it.
+    let uri_bytes = uri.scheme_str().map_or(0, |scheme| scheme.len() + 3)
+        + uri
+            .authority()
+            .map_or(0, |authority| authority.as_str().len())
+        + uri.path_and_query().map_or(1, |path| path.as_str().len());
+    MESSAGE_OVERHEAD_BYTES
+        + request.method().as_str().len()
+        + uri_bytes
+        + headers_bytes(request.headers())
+        + request.body().len()
+}
+
+/// An estimate of the bytes `response` takes on the wire as the return of a `fetch`, never
+/// below the real size (see [`request_bytes`]): the headers count as well as the body.
+pub fn response_bytes(response: &Response) -> usize {
+    let status_text = response.status().canonical_reason().map_or(0, str::len);
+    MESSAGE_OVERHEAD_BYTES
+        + status_text
+        + PART_OVERHEAD_BYTES
+        + headers_bytes(response.headers())
+        + response.body().len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +185,29 @@ mod tests {
         assert_eq!(back.status(), 418);
         assert_eq!(back.headers(), response.headers());
         assert_eq!(back.body(), response.body());
+    }
+
+    #[test]
+    fn header_values_that_are_not_utf8_keep_their_bytes() {
+        let request = http::Request::builder()
+            .header("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap())
+            .header("x-text", "caf\u{e9}")
+            .body(Bytes::new())
+            .unwrap();
+        let mut message = capnp::message::Builder::new_default();
+        request_to_capnp(&request, message.init_root());
+        let reader: http_request::Reader = message.get_root_as_reader().unwrap();
+        let headers = reader.get_headers().unwrap();
+        // An old reader sees a lossy copy; the raw bytes travel beside it, for this value only.
+        assert_eq!(
+            headers.get(0).get_value().unwrap().to_str(),
+            Ok("caf\u{fffd}")
+        );
+        assert_eq!(headers.get(0).get_raw_value().unwrap(), b"caf\xe9");
+        assert!(!headers.get(1).has_raw_value());
+        let back = request_from_capnp(reader).unwrap();
+        assert_eq!(back.headers(), request.headers());
+        assert!(request_bytes(&request) >= message.size_in_words() * 8);
     }
 
     #[test]

@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
 use capnp::capability::{FromClientHook, Rc};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capnp_rpc::rpc_twoparty_capnp::Side;
 use tokio::sync::oneshot;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use duro::duro_capnp::{durable_object, host, namespace};
 
@@ -19,15 +18,13 @@ use duro::duro_capnp::{durable_object, host, namespace};
 /// like a counter call, but not empty, so the body path is exercised.
 pub const PAYLOAD: &[u8] = b"0123456789abcdef";
 
-/// Buffer size of the generator's connections, each way.
-const IO_BUFFER_BYTES: usize = 64 * 1024;
-
-/// Connects over TCP (TCP_NODELAY, duro's reader options) and returns the peer's bootstrap
-/// capability. The connection is driven by a local task: call inside a `LocalSet`.
+/// Connects over TCP (TCP_NODELAY) and returns the peer's bootstrap capability. The connection
+/// is driven by a local task: call inside a `LocalSet`.
 ///
-/// The client's reads and writes are buffered (as duro's server's are): a
-/// capnp message written unbuffered costs two `send`s (segment table, then segment) and read
-/// unbuffered two `recv`s, which would make the generator, not the server, the bound.
+/// The connection is set up as every duro connection is (`duro::wire::rpc_system`: buffered
+/// reads and writes, duro's reader bounds): a capnp message written unbuffered costs two
+/// `send`s (segment table, then segment) and read unbuffered two `recv`s, which would make the
+/// generator, not the server, the bound.
 pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -36,13 +33,7 @@ pub async fn connect<C: FromClientHook>(addr: SocketAddr) -> Result<C, String> {
         .set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader.compat()),
-        futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer.compat_write()),
-        Side::Client,
-        duro::wire::reader_options(),
-    );
-    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let mut rpc = duro::wire::rpc_system(reader, writer, Side::Client, None);
     let bootstrap: C = rpc.bootstrap(Side::Server);
     tokio::task::spawn_local(rpc);
     Ok(bootstrap)
@@ -187,11 +178,7 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
-                let (reader, writer) = (reader.compat(), writer.compat_write());
-                spawn_echo_connection(
-                    futures::io::BufReader::with_capacity(IO_BUFFER_BYTES, reader),
-                    futures::io::BufWriter::with_capacity(IO_BUFFER_BYTES, writer),
-                );
+                spawn_echo_connection(reader, writer);
             }
         };
         tokio::select! {
@@ -201,14 +188,14 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
     });
 }
 
+/// An echo connection set up exactly as duro's server sets up its own, so that the baseline
+/// differs from duro only in what happens per call.
 fn spawn_echo_connection<R, W>(reader: R, writer: W)
 where
-    R: futures::AsyncRead + Unpin + 'static,
-    W: futures::AsyncWrite + Unpin + 'static,
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
 {
-    let network =
-        twoparty::VatNetwork::new(reader, writer, Side::Server, duro::wire::reader_options());
     let echo: durable_object::Client = capnp_rpc::new_client(EchoServer);
-    let rpc = RpcSystem::new(Box::new(network), Some(echo.client));
+    let rpc = duro::wire::rpc_system(reader, writer, Side::Server, Some(echo.client));
     tokio::task::spawn_local(rpc);
 }
