@@ -19,6 +19,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 use super::backend::{Backend, ObjectBatch, ObjectKey};
+use super::keys::{as_ref, range_is_empty};
 use super::writer::WriterHandle;
 use super::{Error, Limits};
 
@@ -368,7 +369,7 @@ impl ObjectStore {
         };
         let overlay =
             |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
-                if range_is_empty(from, to) {
+                if range_is_empty(as_ref(from), as_ref(to)) {
                     return Vec::new();
                 }
                 let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
@@ -399,25 +400,6 @@ fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64
         state.cached_bytes -= entry_bytes(&key, &old.value);
     }
     state.cached_bytes += added;
-}
-
-/// Whether no key lies between the bounds (`BTreeMap::range` panics on such ranges).
-pub(crate) fn range_is_empty(start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
-    match (start, end) {
-        (Bound::Included(s), Bound::Included(e)) => s > e,
-        (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e) | Bound::Included(e)) => {
-            s >= e
-        }
-        _ => false,
-    }
-}
-
-pub(crate) fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-    match bound {
-        Bound::Included(key) => Bound::Included(key),
-        Bound::Excluded(key) => Bound::Excluded(key),
-        Bound::Unbounded => Bound::Unbounded,
-    }
 }
 
 /// A source of sorted entries in a range: `(from, to, limit)`, where `from` is the bound the

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::store::{merge_range, range_is_empty};
+use super::keys::{as_ref, range_is_empty};
+use super::store::merge_range;
 use super::{Error, ListOptions, Storage, value};
 
 /// How many times a transaction body runs before it gives up on conflicts. Conflicts need a
@@ -141,7 +142,7 @@ impl Transaction {
             limit,
             |from, to, n| store.range(from.clone(), to.clone(), reverse, n),
             |from, to| {
-                if range_is_empty(from, to) {
+                if range_is_empty(as_ref(from), as_ref(to)) {
                     return Vec::new();
                 }
                 let range = writes.range::<Vec<u8>, _>((from.clone(), to.clone()));
