@@ -22,6 +22,8 @@ pub mod backend;
 mod conformance;
 mod error;
 pub(crate) mod fault;
+#[cfg(test)]
+mod harness;
 pub(crate) mod keys;
 pub mod lmdb;
 pub mod memory;
