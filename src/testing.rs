@@ -15,17 +15,15 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::Error;
 use crate::message::{Request, Response};
 use crate::server::{Builder, ServerHandle};
-use crate::storage::{self, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
 use crate::wire::duro_capnp::{durable_object, host};
 use crate::wire::{ListenAddr, convert};
+
+pub use crate::storage::FaultyBackend;
 
 /// Runs `future` on a current-thread runtime inside a `LocalSet`, as capnp-rpc needs.
 pub fn run_local<F: Future>(future: F) -> F::Output {
@@ -147,100 +145,4 @@ pub fn fetch_call(
     let mut call = stub.fetch_request();
     convert::request_to_capnp(request, call.get().init_request());
     call.send()
-}
-
-/// A backend that passes everything to another and fails commits on demand, to test what
-/// users see when the disk fails.
-pub struct FaultyBackend {
-    inner: Arc<dyn Backend>,
-    /// The error the next commits fail with, and how many more will fail.
-    fault: Mutex<Option<(storage::Error, u64)>>,
-    commits: AtomicU64,
-    /// While true, commits wait before writing (to observe what waits on durability).
-    held: Mutex<bool>,
-    released: Condvar,
-}
-
-impl FaultyBackend {
-    /// Wraps `inner`; no faults until [`FaultyBackend::fail_commits`].
-    pub fn new(inner: Arc<dyn Backend>) -> Arc<FaultyBackend> {
-        Arc::new(FaultyBackend {
-            inner,
-            fault: Mutex::new(None),
-            commits: AtomicU64::new(0),
-            held: Mutex::new(false),
-            released: Condvar::new(),
-        })
-    }
-
-    /// Makes the next `count` commits fail with `error`, writing nothing.
-    pub fn fail_commits(&self, error: storage::Error, count: u64) {
-        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some((error, count));
-    }
-
-    /// Makes commits wait (after counting them) until [`FaultyBackend::release`].
-    pub fn hold(&self) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = true;
-    }
-
-    /// Lets held and later commits proceed.
-    pub fn release(&self) {
-        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.released.notify_all();
-    }
-
-    /// Commits attempted so far.
-    pub fn commits(&self) -> u64 {
-        self.commits.load(Ordering::SeqCst)
-    }
-}
-
-impl Backend for FaultyBackend {
-    fn get(&self, object: &ObjectKey, key: &[u8]) -> Result<Option<Vec<u8>>, storage::Error> {
-        self.inner.get(object, key)
-    }
-
-    fn scan(
-        &self,
-        object: &ObjectKey,
-        start: Bound<&[u8]>,
-        end: Bound<&[u8]>,
-        reverse: bool,
-        limit: usize,
-    ) -> Result<Vec<Entry>, storage::Error> {
-        self.inner.scan(object, start, end, reverse, limit)
-    }
-
-    fn commit(&self, batches: &[ObjectBatch]) -> Result<(), storage::Error> {
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held {
-            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
-        }
-        drop(held);
-        let mut fault = self.fault.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((error, remaining)) = fault.as_mut() {
-            let error = error.clone();
-            *remaining -= 1;
-            if *remaining == 0 {
-                *fault = None;
-            }
-            return Err(error);
-        }
-        drop(fault);
-        self.inner.commit(batches)
-    }
-
-    fn list_objects(
-        &self,
-        tag: u32,
-        start_after: Option<&[u8; 32]>,
-        limit: usize,
-    ) -> Result<(Vec<ObjectRecord>, bool), storage::Error> {
-        self.inner.list_objects(tag, start_after, limit)
-    }
-
-    fn namespace(&self, name: &str) -> Result<NamespaceRecord, storage::Error> {
-        self.inner.namespace(name)
-    }
 }

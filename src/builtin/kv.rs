@@ -84,10 +84,19 @@ impl DurableObject for Kv {
 fn refusal(error: storage::Error) -> Result<Response, BoxError> {
     let status = match error {
         storage::Error::KeyTooLarge { .. }
+        | storage::Error::EngineKeyTooLarge { .. }
         | storage::Error::TooManyKeys { .. }
         | storage::Error::InvalidList(_) => StatusCode::BAD_REQUEST,
         storage::Error::ValueTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        other => return Err(other.into()),
+        // Not the caller's request: the object's state or the host's. The call fails.
+        storage::Error::Decode(_)
+        | storage::Error::Encode(_)
+        | storage::Error::TransactionEnded
+        | storage::Error::Conflict { .. }
+        | storage::Error::Reset(_)
+        | storage::Error::Closed => return Err(error.into()),
+        // The engine's failures.
+        _ => return Err(error.into()),
     };
     Ok(text(status, format!("{error}\n")))
 }

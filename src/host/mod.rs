@@ -97,6 +97,8 @@ pub enum StartError {
     UnknownClass { namespace: String, class: String },
     #[error(transparent)]
     Storage(#[from] storage::Error),
+    #[error(transparent)]
+    Open(#[from] storage::OpenError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

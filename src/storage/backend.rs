@@ -5,6 +5,7 @@
 //! test wrap the real engine and inject I/O errors or a full disk at the Nth commit.
 
 use std::ops::Bound;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Identifies one object's storage: the namespace's tag and the object's 32-byte ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,4 +81,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The record of the namespace `name`, created (tag and a secret from the OS CSPRNG) and made
     /// durable on first use.
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, super::Error>;
+}
+
+/// Milliseconds since the Unix epoch: the clock of [`ObjectRecord::created_ms`].
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

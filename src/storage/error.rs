@@ -1,10 +1,8 @@
-/// Errors of duro's storage.
+/// Errors of opening a storage backend: what only [`crate::storage::lmdb::LmdbBackend::open`]
+/// can produce. Once open, operations fail with [`Error`].
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Error {
-    /// The LMDB map is full; the configured map size must grow, or data be deleted.
-    #[error("storage is full (LMDB map size {map_bytes} bytes reached)")]
-    MapFull { map_bytes: usize },
+pub enum OpenError {
     /// The data dir holds data in a format this build cannot read.
     #[error(
         "data dir format version {found} is not supported (this build reads version {supported})"
@@ -13,6 +11,26 @@ pub enum Error {
     /// The data dir is in use by another process.
     #[error("data dir {0} is in use by another duro process")]
     Locked(String),
+    /// The data dir or the engine could not be opened.
+    #[error("cannot open storage: {0}")]
+    Io(String),
+    /// The data dir's own records do not decode.
+    #[error("corrupt storage: {0}")]
+    Corrupt(String),
+}
+
+/// Errors of duro's storage operations.
+///
+/// Kinds, so that a caller matches on what it must tell apart: the caller's mistakes (a limit
+/// or a bad argument, nothing was stored), the engine's failures (`Io`, `MapFull`, `Corrupt`),
+/// and the lifecycle of the object or the host (`Reset`, `Closed`, `TransactionEnded`,
+/// `Conflict`).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The LMDB map is full; the configured map size must grow, or data be deleted.
+    #[error("storage is full (LMDB map size {map_bytes} bytes reached)")]
+    MapFull { map_bytes: usize },
     /// An I/O or engine error.
     #[error("storage I/O error: {0}")]
     Io(String),
@@ -22,6 +40,10 @@ pub enum Error {
     /// A key longer than the limit.
     #[error("key is {len} bytes, over the limit of {max} bytes (key_bytes_max)")]
     KeyTooLarge { len: usize, max: usize },
+    /// A key longer than the storage engine can store at all (only reachable when
+    /// `key_bytes_max` is set above it).
+    #[error("key is {len} bytes, over the {max} bytes the storage engine can store")]
+    EngineKeyTooLarge { len: usize, max: usize },
     /// A value larger than the limit.
     #[error("value is {len} bytes, over the limit of {max} bytes (value_bytes_max)")]
     ValueTooLarge { len: usize, max: usize },
@@ -31,6 +53,12 @@ pub enum Error {
     /// Bad list options; the message names the rule.
     #[error("invalid list options: {0}")]
     InvalidList(&'static str),
+    /// A namespace name longer than the storage engine can record.
+    #[error("namespace name is {len} bytes long; at most {max} are supported")]
+    NamespaceNameTooLong { len: usize, max: usize },
+    /// Every namespace tag has been given out.
+    #[error("namespace tags exhausted: no new namespace can be created")]
+    NamespaceTagsExhausted,
     /// A value that cannot be encoded.
     #[error("cannot encode value: {0}")]
     Encode(String),

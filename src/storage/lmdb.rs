@@ -46,15 +46,17 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use lmdb::{
     Cursor, Database, DatabaseFlags, Environment, EnvironmentFlags, RoCursor, RwTransaction,
     Transaction, WriteFlags,
 };
 
-use super::Error;
-use super::backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+use super::backend::{
+    Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
+};
+use super::keys::{range_is_empty, successor};
+use super::{Error, OpenError};
 
 /// Layout version this build writes and reads (see the module docs).
 pub const FORMAT_VERSION: u32 = 1;
@@ -66,6 +68,9 @@ pub const LONG_KEY_SPLIT: usize = 400;
 /// Longest namespace name [`Backend::namespace`] accepts: `ns/{name}` must fit LMDB's
 /// 511-byte key limit.
 pub const MAX_NAMESPACE_NAME: usize = MAX_LMDB_KEY - NS_PREFIX.len();
+
+/// Longest user key the layout can store: the part past [`LONG_KEY_SPLIT`] has a u32 length.
+pub const MAX_KEY: usize = LONG_KEY_SPLIT.saturating_add(u32::MAX as usize);
 
 /// LMDB's default `MDB_MAXKEYSIZE`, which lmdb-rkv-sys builds with.
 const MAX_LMDB_KEY: usize = 511;
@@ -131,35 +136,34 @@ type Raw<'t> = (&'t [u8], &'t [u8]);
 impl LmdbBackend {
     /// Opens (creating if missing) the data dir `dir`, taking its exclusive lock.
     ///
-    /// Fails with [`Error::Locked`] if another [`LmdbBackend`] (in this or another process)
-    /// has the dir open, and with [`Error::FormatVersion`] if the dir was written in another
-    /// layout version.
-    pub fn open(dir: &Path, options: &LmdbOptions) -> Result<LmdbBackend, Error> {
+    /// Fails with [`OpenError::Locked`] if another [`LmdbBackend`] (in this or another
+    /// process) has the dir open, and with [`OpenError::FormatVersion`] if the dir was written
+    /// in another layout version.
+    pub fn open(dir: &Path, options: &LmdbOptions) -> Result<LmdbBackend, OpenError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| OpenError::Io(format!("creating {}: {e}", dir.display())))?;
         // Lock before LMDB touches the files: two environments on one file in one process
         // break LMDB's own locking (its fcntl locks are per process).
         let lock = lock_dir(dir)?;
-        let err = |e| lmdb_error(e, options.map_bytes);
         let env = Environment::new()
             .set_flags(EnvironmentFlags::NO_TLS | EnvironmentFlags::NO_READAHEAD)
             .set_max_dbs(3)
             .set_max_readers(options.max_readers)
             .set_map_size(options.map_bytes)
             .open(dir)
-            .map_err(err)?;
-        let map_bytes = env.info().map_err(err)?.map_size();
+            .map_err(open_error)?;
+        let map_bytes = env.info().map_err(open_error)?.map_size();
         // Refuse a dir of another format before creating anything in it.
-        check_existing_format(&env).map_err(|e| e.into_error(map_bytes))?;
+        check_existing_format(&env)?;
         let meta = env
             .create_db(Some("meta"), DatabaseFlags::empty())
-            .map_err(err)?;
+            .map_err(open_error)?;
         let kv = env
             .create_db(Some("kv"), DatabaseFlags::empty())
-            .map_err(err)?;
+            .map_err(open_error)?;
         let objects = env
             .create_db(Some("objects"), DatabaseFlags::empty())
-            .map_err(err)?;
+            .map_err(open_error)?;
         let backend = LmdbBackend {
             env,
             meta,
@@ -192,26 +196,17 @@ impl LmdbBackend {
 
     /// Writes the format version into a fresh env (or checks it again, now that the
     /// databases exist).
-    fn check_format(&self) -> Result<(), Error> {
-        let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
-        if let Some(bytes) =
-            get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(|e| self.err(e))?
-        {
+    fn check_format(&self) -> Result<(), OpenError> {
+        let mut txn = self.env.begin_rw_txn().map_err(open_error)?;
+        if let Some(bytes) = get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(open_error)? {
             // Any other version is refused, older ones too: version 1 is the first format, so
             // an older number cannot come from a real build; a future build that migrates
             // older dirs would relax this.
-            let found = decode_u32(bytes, "format_version")?;
-            if found != FORMAT_VERSION {
-                return Err(Error::FormatVersion {
-                    found,
-                    supported: FORMAT_VERSION,
-                });
-            }
-            return Ok(());
+            return check_version(bytes);
         }
         for db in [self.kv, self.objects] {
-            if txn.stat(db).map_err(|e| self.err(e))?.entries() != 0 {
-                return Err(Error::Corrupt(
+            if txn.stat(db).map_err(open_error)?.entries() != 0 {
+                return Err(OpenError::Corrupt(
                     "data present but format_version missing".into(),
                 ));
             }
@@ -223,8 +218,8 @@ impl LmdbBackend {
             &version,
             WriteFlags::empty(),
         )
-        .map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        .map_err(open_error)?;
+        txn.commit().map_err(open_error)
     }
 
     /// Applies one batch inside the group-commit transaction.
@@ -334,12 +329,10 @@ impl LmdbBackend {
             return decode_namespace(bytes);
         }
         let tag = match get_opt(&txn, self.meta, NEXT_TAG_KEY).map_err(err)? {
-            Some(bytes) => decode_u32(bytes, "next_tag")?,
+            Some(bytes) => decode_u32(bytes).ok_or_else(|| Error::Corrupt(not_u32("next_tag")))?,
             None => 1,
         };
-        let next = tag
-            .checked_add(1)
-            .ok_or_else(|| Error::Io("namespace tags exhausted".into()))?;
+        let next = tag.checked_add(1).ok_or(Error::NamespaceTagsExhausted)?;
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|e| Error::Io(format!("OS random source: {e}")))?;
         let mut record = Vec::with_capacity(36);
@@ -447,10 +440,10 @@ impl Backend for LmdbBackend {
 
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
         if name.len() > MAX_NAMESPACE_NAME {
-            return Err(Error::Io(format!(
-                "namespace name is {} bytes long; at most {MAX_NAMESPACE_NAME} are supported",
-                name.len()
-            )));
+            return Err(Error::NamespaceNameTooLong {
+                len: name.len(),
+                max: MAX_NAMESPACE_NAME,
+            });
         }
         let key = format!("{NS_PREFIX}{name}").into_bytes();
         {
@@ -608,38 +601,28 @@ fn collect_scan(
     Ok(out)
 }
 
-/// Either an engine error or one of ours, for helpers that run before [`LmdbBackend`] exists.
-enum OpenError {
-    Lmdb(lmdb::Error),
-    Storage(Error),
-}
-
-impl OpenError {
-    fn into_error(self, map_bytes: usize) -> Error {
-        match self {
-            OpenError::Lmdb(e) => lmdb_error(e, map_bytes),
-            OpenError::Storage(e) => e,
-        }
-    }
-}
-
 /// Fails if the env holds a `meta` database whose format version is not ours.
 fn check_existing_format(env: &Environment) -> Result<(), OpenError> {
     let meta = match env.open_db(Some("meta")) {
         Ok(meta) => meta,
         Err(lmdb::Error::NotFound) => return Ok(()),
-        Err(e) => return Err(OpenError::Lmdb(e)),
+        Err(e) => return Err(open_error(e)),
     };
-    let txn = env.begin_ro_txn().map_err(OpenError::Lmdb)?;
-    let Some(bytes) = get_opt(&txn, meta, FORMAT_VERSION_KEY).map_err(OpenError::Lmdb)? else {
-        return Ok(());
-    };
-    let found = decode_u32(bytes, "format_version").map_err(OpenError::Storage)?;
+    let txn = env.begin_ro_txn().map_err(open_error)?;
+    match get_opt(&txn, meta, FORMAT_VERSION_KEY).map_err(open_error)? {
+        Some(bytes) => check_version(bytes),
+        None => Ok(()),
+    }
+}
+
+/// Fails unless the stored `format_version` is ours.
+fn check_version(bytes: &[u8]) -> Result<(), OpenError> {
+    let found = decode_u32(bytes).ok_or_else(|| OpenError::Corrupt(not_u32("format_version")))?;
     if found != FORMAT_VERSION {
-        return Err(OpenError::Storage(Error::FormatVersion {
+        return Err(OpenError::FormatVersion {
             found,
             supported: FORMAT_VERSION,
-        }));
+        });
     }
     Ok(())
 }
@@ -647,7 +630,7 @@ fn check_existing_format(env: &Environment) -> Result<(), OpenError> {
 /// Takes `flock(LOCK_EX | LOCK_NB)` on `dir/LOCK` (std's `try_lock` is exactly that on Unix).
 /// The lock belongs to the open file description, so a second open in the same process
 /// conflicts too.
-fn lock_dir(dir: &Path) -> Result<File, Error> {
+fn lock_dir(dir: &Path) -> Result<File, OpenError> {
     let path = dir.join("LOCK");
     let file = OpenOptions::new()
         .read(true)
@@ -655,12 +638,20 @@ fn lock_dir(dir: &Path) -> Result<File, Error> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
+        .map_err(|e| OpenError::Io(format!("opening {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(Error::Locked(dir.display().to_string())),
-        Err(TryLockError::Error(e)) => Err(Error::Io(format!("locking {}: {e}", path.display()))),
+        Err(TryLockError::WouldBlock) => Err(OpenError::Locked(dir.display().to_string())),
+        Err(TryLockError::Error(e)) => {
+            Err(OpenError::Io(format!("locking {}: {e}", path.display())))
+        }
     }
+}
+
+/// An engine error while opening. A full map cannot be told apart usefully here: opening
+/// writes at most the format version.
+fn open_error(e: lmdb::Error) -> OpenError {
+    OpenError::Io(format!("LMDB: {e}"))
 }
 
 fn lmdb_error(e: lmdb::Error, map_bytes: usize) -> Error {
@@ -709,14 +700,6 @@ fn object_prefix(object: &ObjectKey) -> [u8; PREFIX_LEN] {
     prefix
 }
 
-/// The smallest byte string greater than every string starting with `prefix`, if any.
-fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let last = prefix.iter().rposition(|&b| b != 0xff)?;
-    let mut next = prefix[..=last].to_vec();
-    next[last] += 1;
-    Some(next)
-}
-
 fn key_hash(key: &[u8]) -> [u8; HASH_LEN] {
     let mut hash = [0u8; HASH_LEN];
     hash.copy_from_slice(&blake3::hash(key).as_bytes()[..HASH_LEN]);
@@ -745,8 +728,10 @@ fn encode_value(key: &[u8], value: &[u8]) -> Result<Vec<u8>, Error> {
         return Ok(stored);
     }
     let rest = &key[LONG_KEY_SPLIT..];
-    let rest_len = u32::try_from(rest.len())
-        .map_err(|_| Error::Io(format!("key of {} bytes is too long to store", key.len())))?;
+    let rest_len = u32::try_from(rest.len()).map_err(|_| Error::EngineKeyTooLarge {
+        len: key.len(),
+        max: MAX_KEY,
+    })?;
     let mut stored = Vec::with_capacity(5 + rest.len() + value.len());
     stored.push(LONG_MARKER);
     stored.extend_from_slice(&rest_len.to_be_bytes());
@@ -826,11 +811,13 @@ fn decode_record(key: &[u8], row: &[u8]) -> Result<ObjectRecord, Error> {
     })
 }
 
-fn decode_u32(bytes: &[u8], what: &str) -> Result<u32, Error> {
-    let bytes: [u8; 4] = bytes
-        .try_into()
-        .map_err(|_| Error::Corrupt(format!("meta {what} is not 4 bytes")))?;
-    Ok(u32::from_be_bytes(bytes))
+fn decode_u32(bytes: &[u8]) -> Option<u32> {
+    bytes.try_into().ok().map(u32::from_be_bytes)
+}
+
+/// What is corrupt when the meta record `what` does not decode as a u32.
+fn not_u32(what: &str) -> String {
+    format!("meta {what} is not 4 bytes")
 }
 
 fn decode_namespace(bytes: &[u8]) -> Result<NamespaceRecord, Error> {
@@ -860,64 +847,13 @@ fn below(key: &[u8], end: Bound<&[u8]>) -> bool {
     }
 }
 
-fn range_is_empty(start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
-    match (start, end) {
-        (Bound::Included(s), Bound::Included(e)) => s > e,
-        (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) => {
-            s >= e
-        }
-        _ => false,
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use crate::storage::conformance::{self, all, batch, del, long_key, obj, put};
 
     fn open(dir: &Path) -> LmdbBackend {
         LmdbBackend::open(dir, &LmdbOptions::default()).unwrap()
-    }
-
-    fn obj(tag: u32, id_byte: u8) -> ObjectKey {
-        ObjectKey {
-            tag,
-            id: [id_byte; 32],
-        }
-    }
-
-    fn batch(object: ObjectKey, mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> ObjectBatch {
-        ObjectBatch {
-            object,
-            name: None,
-            clear: false,
-            mutations,
-        }
-    }
-
-    fn put(key: &[u8], value: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
-        (key.to_vec(), Some(value.to_vec()))
-    }
-
-    fn del(key: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
-        (key.to_vec(), None)
-    }
-
-    fn all(backend: &LmdbBackend, object: &ObjectKey) -> Vec<Entry> {
-        let (start, end) = (Bound::Unbounded, Bound::Unbounded);
-        backend.scan(object, start, end, false, usize::MAX).unwrap()
-    }
-
-    fn long_key(fill: u8, len: usize, tail: &[u8]) -> Vec<u8> {
-        let mut key = vec![fill; len];
-        key.extend_from_slice(tail);
-        key
     }
 
     #[test]
@@ -929,347 +865,31 @@ mod tests {
     #[test]
     fn put_get_delete_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        let o = obj(1, 7);
-        let big = vec![0xab; 32 * 1024];
-        let long = long_key(b'k', 2048, b"");
-        let keys: Vec<(Vec<u8>, Vec<u8>)> = vec![
-            (b"".to_vec(), b"empty key".to_vec()),
-            (b"zero".to_vec(), Vec::new()),
-            (b"big".to_vec(), big.clone()),
-            (long.clone(), big.clone()),
-            (long_key(b'k', 2047, b""), Vec::new()),
-        ];
-        let muts = keys.iter().map(|(k, v)| put(k, v)).collect();
-        b.commit(&[batch(o, muts)]).unwrap();
-        for (k, v) in &keys {
-            assert_eq!(
-                b.get(&o, k).unwrap().as_ref(),
-                Some(v),
-                "key len {}",
-                k.len()
-            );
-        }
-        assert_eq!(b.get(&o, b"missing").unwrap(), None);
-        assert_eq!(b.get(&o, &long_key(b'k', 2049, b"")).unwrap(), None);
-        // Overwrite, then delete present and missing keys.
-        b.commit(&[batch(o, vec![put(b"zero", b"now 1"), put(&long, b"v2")])])
-            .unwrap();
-        assert_eq!(b.get(&o, b"zero").unwrap(), Some(b"now 1".to_vec()));
-        assert_eq!(b.get(&o, &long).unwrap(), Some(b"v2".to_vec()));
-        let missing_long = long_key(b'k', 3000, b"");
-        b.commit(&[batch(
-            o,
-            vec![del(b"big"), del(&long), del(b"nope"), del(&missing_long)],
-        )])
-        .unwrap();
-        assert_eq!(b.get(&o, b"big").unwrap(), None);
-        assert_eq!(b.get(&o, &long).unwrap(), None);
-        assert_eq!(b.get(&o, b"zero").unwrap(), Some(b"now 1".to_vec()));
-        assert_eq!(all(&b, &o).len(), 3);
+        conformance::put_get_delete_round_trips(&open(dir.path()));
     }
 
     #[test]
     fn batches_of_one_object_apply_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        let o = obj(1, 1);
-        let first = batch(o, vec![put(b"a", b"1"), put(b"b", b"1")]);
-        let mut second = batch(o, vec![put(b"c", b"2"), del(b"a")]);
-        second.clear = false;
-        let mut third = batch(o, vec![put(b"d", b"3")]);
-        third.clear = true;
-        b.commit(&[first.clone(), second.clone()]).unwrap();
-        assert_eq!(
-            all(&b, &o),
-            vec![
-                (b"b".to_vec(), b"1".to_vec()),
-                (b"c".to_vec(), b"2".to_vec())
-            ]
-        );
-        b.commit(&[first, third]).unwrap();
-        assert_eq!(all(&b, &o), vec![(b"d".to_vec(), b"3".to_vec())]);
-    }
-
-    /// xorshift64*: tiny, seedable, good enough to drive a model test.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn bytes(&mut self, len: usize) -> Vec<u8> {
-            const ALPHABET: [u8; 4] = [0x00, 0x01, b'a', 0xff];
-            (0..len).map(|_| ALPHABET[self.below(4)]).collect()
-        }
-
-        /// Keys that often share 400-byte prefixes, straddle the short/long split, and are
-        /// prefixes of one another.
-        fn key(&mut self) -> Vec<u8> {
-            match self.below(8) {
-                0 => {
-                    let len = self.below(7);
-                    self.bytes(len)
-                }
-                1 => {
-                    let len = self.below(1101);
-                    self.bytes(len)
-                }
-                _ => {
-                    const LENS: [usize; 8] = [398, 399, 400, 400, 401, 402, 450, 1000];
-                    let base = if self.below(3) == 0 { 0x01 } else { b'a' };
-                    let mut key = vec![b'a'; LENS[self.below(LENS.len())]];
-                    // A second base that differs just before the split.
-                    if base == 0x01 && key.len() >= 399 {
-                        key[398] = 0x01;
-                    }
-                    let tail = self.below(4);
-                    key.extend(self.bytes(tail));
-                    key.truncate(1100);
-                    key
-                }
-            }
-        }
-    }
-
-    type Model = BTreeMap<ObjectKey, BTreeMap<Vec<u8>, Vec<u8>>>;
-
-    fn model_scan(
-        model: &BTreeMap<Vec<u8>, Vec<u8>>,
-        start: Bound<&[u8]>,
-        end: Bound<&[u8]>,
-        reverse: bool,
-        limit: usize,
-    ) -> Vec<Entry> {
-        if range_is_empty(start, end) {
-            return Vec::new();
-        }
-        let range = model
-            .range::<[u8], _>((start, end))
-            .map(|(k, v)| (k.clone(), v.clone()));
-        if reverse {
-            range.rev().take(limit).collect()
-        } else {
-            range.take(limit).collect()
-        }
-    }
-
-    fn random_batch(rng: &mut Rng, objects: &[ObjectKey], model: &Model, seq: u64) -> ObjectBatch {
-        let object = objects[rng.below(objects.len())];
-        let existing: Vec<&Vec<u8>> = model
-            .get(&object)
-            .map(|m| m.keys().collect())
-            .unwrap_or_default();
-        let mut mutations = Vec::new();
-        for _ in 0..1 + rng.below(8) {
-            let key = if !existing.is_empty() && rng.below(3) == 0 {
-                existing[rng.below(existing.len())].clone()
-            } else {
-                rng.key()
-            };
-            let value = (rng.below(10) != 0).then(|| {
-                let mut v = seq.to_be_bytes().to_vec();
-                v.truncate(rng.below(9));
-                v
-            });
-            mutations.push((key, value));
-        }
-        ObjectBatch {
-            object,
-            name: Some(format!("n{}", object.id[0])),
-            clear: rng.below(25) == 0,
-            mutations,
-        }
-    }
-
-    fn apply_to_model(model: &mut Model, batch: &ObjectBatch) {
-        let keys = model.entry(batch.object).or_default();
-        if batch.clear {
-            keys.clear();
-        }
-        for (k, v) in &batch.mutations {
-            match v {
-                Some(v) => keys.insert(k.clone(), v.clone()),
-                None => keys.remove(k),
-            };
-        }
-    }
-
-    fn bounds(key: &[u8]) -> [Bound<&[u8]>; 2] {
-        [Bound::Included(key), Bound::Excluded(key)]
-    }
-
-    fn check_object(
-        b: &LmdbBackend,
-        rng: &mut Rng,
-        object: &ObjectKey,
-        keys: &BTreeMap<Vec<u8>, Vec<u8>>,
-        seed: u64,
-    ) {
-        for (k, v) in keys {
-            assert_eq!(
-                b.get(object, k).unwrap().as_ref(),
-                Some(v),
-                "seed {seed}: get"
-            );
-        }
-        let mut candidates: Vec<Vec<u8>> = (0..4).map(|_| rng.key()).collect();
-        let existing: Vec<&Vec<u8>> = keys.keys().collect();
-        for _ in 0..2 {
-            if !existing.is_empty() {
-                candidates.push(existing[rng.below(existing.len())].clone());
-            }
-        }
-        for c in &candidates {
-            let expected = keys.get(c);
-            assert_eq!(
-                b.get(object, c).unwrap().as_ref(),
-                expected,
-                "seed {seed}: get candidate"
-            );
-        }
-        let mut all_bounds = vec![Bound::Unbounded];
-        all_bounds.extend(candidates.iter().flat_map(|c| bounds(c)));
-        for &start in &all_bounds {
-            for &end in &all_bounds {
-                for reverse in [false, true] {
-                    for limit in [0, 1, 3, usize::MAX] {
-                        let got = b.scan(object, start, end, reverse, limit).unwrap();
-                        let want = model_scan(keys, start, end, reverse, limit);
-                        if got != want {
-                            let show = |bound: Bound<&[u8]>| {
-                                bound.map(|k| (k.len(), k.iter().rposition(|&x| x != b'a')))
-                            };
-                            panic!(
-                                "seed {seed}: scan {:?}..{:?} reverse {reverse} limit {limit}: got {} entries, want {}",
-                                show(start),
-                                show(end),
-                                got.len(),
-                                want.len()
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn check_all(b: &LmdbBackend, rng: &mut Rng, objects: &[ObjectKey], model: &Model, seed: u64) {
-        let empty = BTreeMap::new();
-        for object in objects {
-            check_object(b, rng, object, model.get(object).unwrap_or(&empty), seed);
-        }
-        let listed = b.list_objects(1, None, usize::MAX).unwrap().0;
-        let listed: Vec<[u8; 32]> = listed.iter().map(|r| r.id).collect();
-        let want: Vec<[u8; 32]> = model
-            .iter()
-            .filter(|(o, keys)| o.tag == 1 && !keys.is_empty())
-            .map(|(o, _)| o.id)
-            .collect();
-        assert_eq!(listed, want, "seed {seed}: registry");
-    }
-
-    fn run_model(seed: u64, commits: u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut rng = Rng(seed.max(1)); // xorshift stays at 0 forever
-        // Neighbouring objects and tags, to catch leaks across prefixes.
-        let objects = [obj(1, 0x10), obj(1, 0x11), obj(2, 0x10)];
-        let mut model = Model::new();
-        let b = open(dir.path());
-        for seq in 0..commits {
-            let batches: Vec<ObjectBatch> = (0..1 + rng.below(3))
-                .map(|_| random_batch(&mut rng, &objects, &model, seq))
-                .collect();
-            b.commit(&batches).unwrap();
-            batches
-                .iter()
-                .for_each(|batch| apply_to_model(&mut model, batch));
-            if seq % 15 == 14 {
-                check_all(&b, &mut rng, &objects, &model, seed);
-            }
-        }
-        drop(b);
-        let b = open(dir.path());
-        check_all(&b, &mut rng, &objects, &model, seed);
+        conformance::batches_of_one_object_apply_in_order(&open(dir.path()));
     }
 
     #[test]
     fn model_scan_matches_btreemap() {
-        let seeds: Vec<u64> = match std::env::var("DURO_MODEL_SEED") {
-            Ok(seed) => vec![seed.parse().unwrap()],
-            Err(_) => vec![0x9e37_79b9_7f4a_7c15, 42, 7_777_777],
-        };
-        for seed in seeds {
-            eprintln!("model test seed {seed} (rerun with DURO_MODEL_SEED={seed})");
-            run_model(seed, 200);
+        for seed in conformance::model_seeds() {
+            let dir = tempfile::tempdir().unwrap();
+            let b = Box::new(open(dir.path()));
+            conformance::run_model(seed, 200, b, |b| {
+                drop(b);
+                Box::new(open(dir.path()))
+            });
         }
     }
 
     #[test]
     fn objects_and_tags_are_isolated() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        // Adjacent prefixes: `a`'s successor prefix is `next`, whose empty key's address is
-        // exactly that successor; `last` has the greatest possible prefix.
-        let mut id = [0u8; 32];
-        id[31] = 5;
-        let a = ObjectKey { tag: 1, id };
-        id[31] = 6;
-        let next = ObjectKey { tag: 1, id };
-        let other_tag = ObjectKey { tag: 2, id: a.id };
-        let last = ObjectKey {
-            tag: u32::MAX,
-            id: [0xff; 32],
-        };
-        let long = long_key(b'x', 700, b"");
-        let objects = [a, next, other_tag, last];
-        let batches: Vec<ObjectBatch> = objects
-            .iter()
-            .enumerate()
-            .map(|(i, &o)| {
-                batch(
-                    o,
-                    vec![
-                        put(b"", &[i as u8]),
-                        put(b"k", &[i as u8]),
-                        put(&long, &[i as u8]),
-                    ],
-                )
-            })
-            .collect();
-        b.commit(&batches).unwrap();
-        for (i, o) in objects.iter().enumerate() {
-            let want: Vec<Entry> = [b"".to_vec(), b"k".to_vec(), long.clone()]
-                .into_iter()
-                .map(|k| (k, vec![i as u8]))
-                .collect();
-            assert_eq!(all(&b, o), want);
-            let reversed = b
-                .scan(o, Bound::Unbounded, Bound::Unbounded, true, usize::MAX)
-                .unwrap();
-            assert_eq!(reversed, want.iter().rev().cloned().collect::<Vec<_>>());
-            assert_eq!(b.get(o, &long).unwrap(), Some(vec![i as u8]));
-        }
-        // Clearing one object leaves its neighbours alone.
-        let mut clear = batch(a, vec![]);
-        clear.clear = true;
-        b.commit(&[clear]).unwrap();
-        assert!(all(&b, &a).is_empty());
-        assert_eq!(b.get(&a, b"k").unwrap(), None);
-        for (i, o) in objects.iter().enumerate().skip(1) {
-            assert_eq!(all(&b, o).len(), 3, "object {i}");
-        }
-        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
-        assert_eq!(b.list_objects(2, None, 10).unwrap().0.len(), 1);
-        assert_eq!(b.list_objects(u32::MAX, None, 10).unwrap().0.len(), 1);
+        conformance::objects_and_tags_are_isolated(&open(dir.path()));
     }
 
     #[test]
@@ -1291,88 +911,19 @@ mod tests {
     #[test]
     fn registry_tracks_objects_with_data() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        let (o, p) = (obj(1, 1), obj(1, 2));
-        let before = now_ms();
-        let mut first = batch(o, vec![put(b"a", b"1"), put(b"b", b"2")]);
-        first.name = Some("alice".into());
-        // A batch that stores nothing does not register its object.
-        b.commit(&[first, batch(p, vec![del(b"x")])]).unwrap();
-        let (rows, more) = b.list_objects(1, None, 10).unwrap();
-        assert!(!more);
-        assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].id, rows[0].name.as_deref()), (o.id, Some("alice")));
-        let created = rows[0].created_ms;
-        assert!(created >= before && created <= now_ms());
-        // The first name and creation time are kept.
-        let mut again = batch(o, vec![put(b"c", b"3")]);
-        again.name = Some("bob".into());
-        b.commit(&[again]).unwrap();
-        assert_eq!(b.list_objects(1, None, 10).unwrap().0, rows);
-        // Deleting keys one by one: it leaves with the last one.
-        b.commit(&[batch(o, vec![del(b"a"), del(b"b")])]).unwrap();
-        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
-        b.commit(&[batch(o, vec![del(b"c")])]).unwrap();
-        assert_eq!(b.list_objects(1, None, 10).unwrap(), (vec![], false));
-        // An unnamed object gains a name later; `clear` removes it.
-        b.commit(&[batch(p, vec![put(b"k", b"v")])]).unwrap();
-        assert_eq!(b.list_objects(1, None, 10).unwrap().0[0].name, None);
-        let mut named = batch(p, vec![]);
-        named.name = Some("carol".into());
-        b.commit(&[named]).unwrap();
-        assert_eq!(
-            b.list_objects(1, None, 10).unwrap().0[0].name.as_deref(),
-            Some("carol")
-        );
-        let mut clear = batch(p, vec![]);
-        clear.clear = true;
-        b.commit(&[clear]).unwrap();
-        assert_eq!(b.list_objects(1, None, 10).unwrap(), (vec![], false));
+        conformance::registry_tracks_objects_with_data(&open(dir.path()));
     }
 
     #[test]
     fn list_objects_paginates_within_a_tag() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        let ids = [3u8, 5, 9, 0xff];
-        let mut batches: Vec<ObjectBatch> = ids
-            .iter()
-            .map(|&i| batch(obj(7, i), vec![put(b"k", b"v")]))
-            .collect();
-        batches.push(batch(obj(6, 4), vec![put(b"k", b"v")]));
-        batches.push(batch(obj(8, 0), vec![put(b"k", b"v")]));
-        b.commit(&batches).unwrap();
-        let page = |after: Option<u8>, limit| {
-            let after = after.map(|i| [i; 32]);
-            let (rows, more) = b.list_objects(7, after.as_ref(), limit).unwrap();
-            (rows.iter().map(|r| r.id[0]).collect::<Vec<_>>(), more)
-        };
-        assert_eq!(page(None, 2), (vec![3, 5], true));
-        assert_eq!(page(Some(5), 2), (vec![9, 0xff], false));
-        assert_eq!(page(Some(4), 1), (vec![5], true));
-        assert_eq!(page(Some(9), 1), (vec![0xff], false));
-        assert_eq!(page(Some(0xff), 5), (vec![], false));
-        assert_eq!(page(None, 0), (vec![], true));
-        assert_eq!(page(None, 4), (ids.to_vec(), false));
-        assert_eq!(b.list_objects(5, None, 10).unwrap(), (vec![], false));
+        conformance::list_objects_paginates_within_a_tag(&open(dir.path()));
     }
 
     #[test]
     fn namespaces_are_distinct_and_stable() {
         let dir = tempfile::tempdir().unwrap();
-        let b = open(dir.path());
-        let x = b.namespace("x").unwrap();
-        let y = b.namespace("y").unwrap();
-        assert_eq!((x.tag, y.tag), (1, 2));
-        assert_ne!(x.secret, y.secret);
-        assert_ne!(x.secret, [0; 32]);
-        assert_eq!(b.namespace("x").unwrap(), x);
-        assert!(b.namespace(&"n".repeat(MAX_NAMESPACE_NAME)).is_ok());
-        assert!(matches!(
-            b.namespace(&"n".repeat(MAX_NAMESPACE_NAME + 1)),
-            Err(Error::Io(_))
-        ));
-        drop(b);
+        let [x, y] = conformance::namespaces_are_distinct(&open(dir.path()));
         let b = open(dir.path());
         assert_eq!(b.namespace("y").unwrap(), y);
         assert_eq!(b.namespace("x").unwrap(), x);
@@ -1380,26 +931,23 @@ mod tests {
     }
 
     #[test]
-    fn namespace_is_safe_across_threads() {
+    fn namespace_tags_run_out_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let b = open(dir.path());
-        let records: Vec<Vec<NamespaceRecord>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        ["a", "b", "c"]
-                            .iter()
-                            .map(|n| b.namespace(n).unwrap())
-                            .collect()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert!(records.iter().all(|r| *r == records[0]));
-        let mut tags: Vec<u32> = records[0].iter().map(|r| r.tag).collect();
-        tags.sort();
-        assert_eq!(tags, vec![1, 2, 3]);
+        let x = b.namespace("x").unwrap();
+        let mut txn = b.env.begin_rw_txn().unwrap();
+        let last = u32::MAX.to_be_bytes();
+        txn.put(b.meta, &NEXT_TAG_KEY, &last, WriteFlags::empty())
+            .unwrap();
+        txn.commit().unwrap();
+        assert_eq!(b.namespace("y"), Err(Error::NamespaceTagsExhausted));
+        assert_eq!(b.namespace("x").unwrap(), x);
+    }
+
+    #[test]
+    fn namespace_is_safe_across_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::namespace_is_safe_across_threads(&open(dir.path()));
     }
 
     #[test]
@@ -1413,7 +961,7 @@ mod tests {
         txn.commit().unwrap();
         drop(b);
         let err = LmdbBackend::open(dir.path(), &LmdbOptions::default()).unwrap_err();
-        let want = Error::FormatVersion {
+        let want = OpenError::FormatVersion {
             found: FORMAT_VERSION + 1,
             supported: FORMAT_VERSION,
         };
@@ -1433,7 +981,7 @@ mod tests {
         txn.commit().unwrap();
         drop(env);
         let err = LmdbBackend::open(dir.path(), &LmdbOptions::default()).unwrap_err();
-        assert!(matches!(err, Error::FormatVersion { .. }));
+        assert!(matches!(err, OpenError::FormatVersion { .. }));
         let env = Environment::new().set_max_dbs(3).open(dir.path()).unwrap();
         assert_eq!(env.open_db(Some("kv")).unwrap_err(), lmdb::Error::NotFound);
     }
@@ -1446,7 +994,7 @@ mod tests {
         b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
             .unwrap();
         let err = LmdbBackend::open(&data, &LmdbOptions::default()).unwrap_err();
-        assert_eq!(err, Error::Locked(data.display().to_string()));
+        assert_eq!(err, OpenError::Locked(data.display().to_string()));
         // The failed open must not have disturbed the live backend.
         assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
         drop(b);

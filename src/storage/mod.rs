@@ -14,11 +14,19 @@
 //!   key that is not cached, so nothing interleaves with them either.
 //!
 //! Layers, from the object down: [`Storage`] (the API and its limits) → `store` (cache, dirty
-//! writes, flushes) → `writer` (one thread, group commit) → [`Backend`] ([`LmdbBackend`]).
+//! writes, flushes) → `writer` (one thread, group commit) → [`Backend`] ([`LmdbBackend`];
+//! [`MemoryBackend`] for tests without a disk).
 
 mod backend;
+#[cfg(test)]
+mod conformance;
 mod error;
+mod fault;
+#[cfg(test)]
+mod harness;
+mod keys;
 mod lmdb;
+mod memory;
 mod store;
 mod txn;
 pub mod value;
@@ -34,8 +42,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
-pub use error::Error;
+pub use error::{Error, OpenError};
+pub use fault::FaultyBackend;
 pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
+pub use memory::MemoryBackend;
 pub(crate) use store::{ObjectStore, Shared};
 pub use txn::{ATTEMPTS_MAX, Transaction};
 pub(crate) use writer::Writer;
@@ -111,7 +121,7 @@ impl ListOptions {
             if lower_is_below(&start, prefix) {
                 start = Bound::Included(prefix.clone());
             }
-            if let Some(next) = prefix_successor(prefix)
+            if let Some(next) = keys::successor(prefix)
                 && upper_is_above(&end, &next)
             {
                 end = Bound::Excluded(next);
@@ -133,18 +143,6 @@ fn upper_is_above(bound: &Bound<Vec<u8>>, key: &[u8]) -> bool {
         Bound::Unbounded => true,
         Bound::Included(b) | Bound::Excluded(b) => b.as_slice() > key,
     }
-}
-
-/// The least key greater than every key with this prefix, if there is one.
-fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut next = prefix.to_vec();
-    while let Some(last) = next.pop() {
-        if last < 0xff {
-            next.push(last + 1);
-            return Some(next);
-        }
-    }
-    None
 }
 
 /// The storage of one object. Cheap to clone; every clone is the same storage.
@@ -384,6 +382,5 @@ mod tests {
         .unwrap();
         assert_eq!(start, Bound::Excluded(b"a\xff1".to_vec()));
         assert_eq!(end, Bound::Excluded(b"b".to_vec()));
-        assert_eq!(prefix_successor(b"\xff\xff"), None);
     }
 }

@@ -19,6 +19,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 use super::backend::{Backend, ObjectBatch, ObjectKey};
+use super::keys::{as_ref, range_is_empty};
 use super::writer::WriterHandle;
 use super::{Error, Limits};
 
@@ -33,7 +34,7 @@ pub(crate) struct Shared {
     pub(crate) writer: WriterHandle,
     pub(crate) limits: Limits,
     /// Objects with writes to flush at the end of this turn of the event loop; their batches
-    /// go to the writer together, as one group with one answer.
+    /// go to the writer together, as one group (each batch answered on its own).
     pub(crate) pending: RefCell<Vec<Rc<ObjectStore>>>,
 }
 
@@ -72,15 +73,14 @@ async fn flush_group(shared: Rc<Shared>) {
     if batches.is_empty() {
         return;
     }
-    let result = shared
-        .writer
-        .submit(batches)
-        .await
-        .unwrap_or(Err(Error::Closed));
+    // One answer per batch, in order: each store settles with its own.
+    let answers = shared.writer.submit(batches).await.unwrap_or_default();
+    let mut answers = answers.into_iter();
     for (store, seq) in group {
-        match &result {
+        // A missing answer means the writer stopped before settling it.
+        match answers.next().unwrap_or(Err(Error::Closed)) {
             Ok(()) => store.committed(seq),
-            Err(error) => store.commit_failed(error.clone()),
+            Err(error) => store.commit_failed(error),
         }
     }
 }
@@ -368,7 +368,7 @@ impl ObjectStore {
         };
         let overlay =
             |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>| -> Vec<(Vec<u8>, Option<Bytes>)> {
-                if range_is_empty(from, to) {
+                if range_is_empty(as_ref(from), as_ref(to)) {
                     return Vec::new();
                 }
                 let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
@@ -399,25 +399,6 @@ fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64
         state.cached_bytes -= entry_bytes(&key, &old.value);
     }
     state.cached_bytes += added;
-}
-
-/// Whether no key lies between the bounds (`BTreeMap::range` panics on such ranges).
-pub(crate) fn range_is_empty(start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
-    match (start, end) {
-        (Bound::Included(s), Bound::Included(e)) => s > e,
-        (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e) | Bound::Included(e)) => {
-            s >= e
-        }
-        _ => false,
-    }
-}
-
-pub(crate) fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
-    match bound {
-        Bound::Included(key) => Bound::Included(key),
-        Bound::Excluded(key) => Bound::Excluded(key),
-        Bound::Unbounded => Bound::Unbounded,
-    }
 }
 
 /// A source of sorted entries in a range: `(from, to, limit)`, where `from` is the bound the
@@ -505,5 +486,309 @@ fn merge_step(
         if let Some((key, Some(value))) = taken {
             out.push((key, value));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::storage::conformance::{batch, put};
+    use crate::storage::harness::{Harness, object, run, settle, until};
+    use crate::storage::memory::MemoryBackend;
+
+    fn harness() -> Harness {
+        Harness::new(MemoryBackend::new(), Limits::default())
+    }
+
+    fn set(key: &[u8], value: &[u8]) -> (Vec<u8>, Option<Bytes>) {
+        (key.to_vec(), Some(Bytes::copy_from_slice(value)))
+    }
+
+    fn unset(key: &[u8]) -> (Vec<u8>, Option<Bytes>) {
+        (key.to_vec(), None)
+    }
+
+    /// Waits until every write of `store` so far is durable.
+    async fn durable(store: &ObjectStore) -> Result<(), Error> {
+        store.wait_durable(store.written_seq()).await
+    }
+
+    fn all(store: &ObjectStore, reverse: bool, limit: usize) -> Vec<(Vec<u8>, Bytes)> {
+        let (start, end) = (Bound::Unbounded, Bound::Unbounded);
+        store.range(start, end, reverse, limit).unwrap()
+    }
+
+    #[test]
+    fn reads_see_own_writes_before_they_are_durable() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            s.write(vec![set(b"k", b"v"), set(b"gone", b"x")]).unwrap();
+            durable(&s).await.unwrap();
+            h.faulty.hold();
+            s.write(vec![set(b"k", b"new"), unset(b"gone")]).unwrap();
+            assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"new"[..]));
+            assert_eq!(s.get(b"gone").unwrap(), None);
+            let stored = |key: &[u8]| h.memory.get(&object(1), key).unwrap();
+            assert_eq!(stored(b"k"), Some(b"v".to_vec()));
+            assert_eq!(stored(b"gone"), Some(b"x".to_vec()));
+            h.faulty.release();
+            durable(&s).await.unwrap();
+            assert_eq!(stored(b"k"), Some(b"new".to_vec()));
+            assert_eq!(stored(b"gone"), None);
+        });
+    }
+
+    #[test]
+    fn writes_with_no_await_between_form_one_batch() {
+        let h = harness();
+        run(async {
+            let (s, t) = (h.store(1), h.store(2));
+            s.write(vec![set(b"a", b"1")]).unwrap();
+            s.write(vec![set(b"b", b"2")]).unwrap();
+            t.write(vec![set(b"c", b"3")]).unwrap();
+            durable(&s).await.unwrap();
+            durable(&t).await.unwrap();
+            // One batch per object, both objects in one group and one commit.
+            assert_eq!(h.stats().submitted.load(Ordering::Relaxed), 2);
+            assert_eq!(h.faulty.commits(), 1);
+            // A write after an await is the next batch.
+            s.write(vec![set(b"d", b"4")]).unwrap();
+            settle().await;
+            s.write(vec![set(b"e", b"5")]).unwrap();
+            durable(&s).await.unwrap();
+            assert_eq!(h.stats().submitted.load(Ordering::Relaxed), 4);
+            let keys: Vec<Vec<u8>> = h
+                .memory
+                .scan(&object(1), Bound::Unbounded, Bound::Unbounded, false, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(keys, [b"a", b"b", b"d", b"e"]);
+        });
+    }
+
+    #[test]
+    fn one_batch_is_in_flight_per_object() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            h.faulty.hold();
+            s.write(vec![set(b"a", b"1")]).unwrap();
+            until(|| h.faulty.commits() == 1).await;
+            s.write(vec![set(b"b", b"2")]).unwrap();
+            s.write(vec![set(b"c", b"3")]).unwrap();
+            settle().await;
+            // The later writes wait for the batch in flight.
+            assert_eq!(h.stats().submitted.load(Ordering::Relaxed), 1);
+            assert!(s.is_flushing());
+            h.faulty.release();
+            durable(&s).await.unwrap();
+            // ...and then go as one batch.
+            assert_eq!(h.stats().submitted.load(Ordering::Relaxed), 2);
+            assert_eq!(h.faulty.commits(), 2);
+            until(|| !s.is_flushing()).await;
+        });
+    }
+
+    #[test]
+    fn wait_durable_follows_written_seq() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            assert_eq!(s.written_seq(), 0);
+            s.wait_durable(0).await.unwrap();
+            h.faulty.hold();
+            s.write(vec![set(b"a", b"1")]).unwrap();
+            s.write(vec![set(b"b", b"2"), set(b"c", b"3")]).unwrap();
+            s.write(vec![]).unwrap();
+            s.delete_all().unwrap();
+            // Each write operation counts once; an empty one not at all.
+            assert_eq!(s.written_seq(), 3);
+            let wait = tokio::time::timeout(Duration::from_millis(20), s.wait_durable(1));
+            assert!(wait.await.is_err(), "durable while the commit is held");
+            h.faulty.release();
+            s.wait_durable(3).await.unwrap();
+            assert!(
+                h.memory
+                    .scan(&object(1), Bound::Unbounded, Bound::Unbounded, false, 9)
+                    .unwrap()
+                    .is_empty()
+            );
+        });
+    }
+
+    #[test]
+    fn a_failed_commit_fails_the_store_and_reports_once() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            let failures = Rc::new(Cell::new(0));
+            let seen = failures.clone();
+            s.set_on_failure(Box::new(move |error| {
+                assert_eq!(*error, Error::Io("disk gone".into()));
+                seen.set(seen.get() + 1);
+            }));
+            h.faulty.hold();
+            s.write(vec![set(b"a", b"1")]).unwrap();
+            until(|| h.faulty.commits() == 1).await;
+            s.write(vec![set(b"b", b"2")]).unwrap();
+            h.faulty.fail_commits(Error::Io("disk gone".into()), 2);
+            h.faulty.release();
+            let lost = Err(Error::Io("disk gone".into()));
+            assert_eq!(durable(&s).await, lost);
+            settle().await;
+            until(|| !s.is_flushing()).await;
+            assert_eq!(failures.get(), 1);
+            // The write queued behind the failed batch was dropped, never committed.
+            assert_eq!(h.faulty.commits(), 1);
+            assert_eq!(h.memory.stored_bytes(), 0);
+            // Every later call fails with the same error.
+            assert_eq!(s.get(b"a"), lost.clone().map(|()| None));
+            assert_eq!(s.write(vec![set(b"c", b"3")]), lost);
+            assert_eq!(s.delete_all(), lost);
+            assert_eq!(failures.get(), 1);
+        });
+    }
+
+    #[test]
+    fn a_full_disk_fails_only_the_object_that_cannot_fit() {
+        let h = Harness::new(MemoryBackend::with_map_bytes(4096), Limits::default());
+        run(async {
+            let (big, small) = (h.store(1), h.store(2));
+            let reset = Rc::new(Cell::new(false));
+            let flag = reset.clone();
+            big.set_on_failure(Box::new(move |_| flag.set(true)));
+            small.set_on_failure(Box::new(|error| panic!("small object failed: {error}")));
+            // Both write in one turn: one group, one commit attempt for both.
+            big.write(vec![set(b"huge", &[0; 8192])]).unwrap();
+            small.write(vec![set(b"k", b"v")]).unwrap();
+            let full = Err(Error::MapFull { map_bytes: 4096 });
+            assert_eq!(durable(&big).await, full);
+            assert_eq!(durable(&small).await, Ok(()));
+            assert!(reset.get());
+            assert_eq!(h.memory.get(&object(2), b"k").unwrap(), Some(b"v".to_vec()));
+            assert_eq!(h.memory.get(&object(1), b"huge").unwrap(), None);
+            // The object that fit goes on.
+            small.write(vec![set(b"k2", b"v2")]).unwrap();
+            durable(&small).await.unwrap();
+        });
+    }
+
+    #[test]
+    fn eviction_never_drops_unflushed_writes() {
+        let limits = Limits {
+            cache_bytes_max: 1000,
+            ..Limits::default()
+        };
+        let h = Harness::new(MemoryBackend::new(), limits);
+        run(async {
+            let s = h.store(1);
+            let key = |i: u8| vec![b'k', i];
+            h.faulty.hold();
+            for i in 0..50 {
+                s.write(vec![set(&key(i), &[i; 100])]).unwrap();
+            }
+            // Reads run eviction; the cache is far over its budget but holds only dirty writes.
+            assert_eq!(s.get(b"missing").unwrap(), None);
+            assert!(s.state.borrow().cached_bytes > 1000);
+            for i in 0..50 {
+                assert_eq!(s.get(&key(i)).unwrap().as_deref(), Some(&[i; 100][..]));
+            }
+            h.faulty.release();
+            durable(&s).await.unwrap();
+            // Once durable the entries are clean, and eviction brings the cache under budget;
+            // what it dropped is read back from the backend.
+            assert_eq!(s.get(b"missing").unwrap(), None);
+            assert!(s.state.borrow().cached_bytes <= 1000);
+            for i in 0..50 {
+                assert_eq!(s.get(&key(i)).unwrap().as_deref(), Some(&[i; 100][..]));
+            }
+        });
+    }
+
+    #[test]
+    fn delete_all_hides_the_backend_until_durable() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            s.write(vec![set(b"a", b"1"), set(b"b", b"2")]).unwrap();
+            durable(&s).await.unwrap();
+            s.release_cache();
+            h.faulty.hold();
+            s.delete_all().unwrap();
+            s.write(vec![set(b"c", b"3")]).unwrap();
+            assert_eq!(h.memory.get(&object(1), b"a").unwrap(), Some(b"1".to_vec()));
+            assert_eq!(s.get(b"a").unwrap(), None);
+            let only_c = vec![(b"c".to_vec(), Bytes::from_static(b"3"))];
+            assert_eq!(all(&s, false, usize::MAX), only_c);
+            assert_eq!(all(&s, true, usize::MAX), only_c);
+            h.faulty.release();
+            durable(&s).await.unwrap();
+            assert_eq!(h.memory.get(&object(1), b"a").unwrap(), None);
+            s.release_cache();
+            assert_eq!(s.get(b"a").unwrap(), None);
+            assert_eq!(all(&s, false, usize::MAX), only_c);
+        });
+    }
+
+    #[test]
+    fn range_lays_the_cache_over_the_backend() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            // 600 keys in the backend (more than one scan chunk), none of them cached.
+            let key = |i: u32| format!("k{i:04}").into_bytes();
+            let stored: Vec<_> = (0..600).map(|i| put(&key(i), b"old")).collect();
+            h.memory.commit(&[batch(object(1), stored)]).unwrap();
+            let mut model: BTreeMap<Vec<u8>, Bytes> = (0..600)
+                .map(|i| (key(i), Bytes::from_static(b"old")))
+                .collect();
+            // Unflushed writes over them: deletes, overwrites, keys in between and past them.
+            h.faulty.hold();
+            let mut writes = Vec::new();
+            for i in 0..650 {
+                let (k, between) = (key(i), [key(i), b"+".to_vec()].concat());
+                match i % 7 {
+                    0 => writes.push(unset(&k)),
+                    3 => writes.push(set(&k, b"new")),
+                    5 => writes.push(set(&between, b"added")),
+                    _ => {}
+                }
+            }
+            for (k, v) in &writes {
+                match v {
+                    Some(v) => model.insert(k.clone(), v.clone()),
+                    None => model.remove(k),
+                };
+            }
+            s.write(writes).unwrap();
+            let bounds = [
+                (Bound::Unbounded, Bound::Unbounded),
+                (Bound::Included(key(5)), Bound::Excluded(key(590))),
+                (Bound::Excluded(key(7)), Bound::Included(key(300))),
+                (Bound::Included(key(400)), Bound::Unbounded),
+            ];
+            for (start, end) in bounds {
+                for reverse in [false, true] {
+                    for limit in [1, 2, 255, 256, 300, usize::MAX] {
+                        let got = s.range(start.clone(), end.clone(), reverse, limit).unwrap();
+                        let range = model.range::<Vec<u8>, _>((start.clone(), end.clone()));
+                        let range = range.map(|(k, v)| (k.clone(), v.clone()));
+                        let want: Vec<_> = if reverse {
+                            range.rev().take(limit).collect()
+                        } else {
+                            range.take(limit).collect()
+                        };
+                        assert_eq!(got, want, "{start:?}..{end:?} reverse {reverse} {limit}");
+                    }
+                }
+            }
+        });
     }
 }

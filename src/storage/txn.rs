@@ -9,7 +9,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::store::{merge_range, range_is_empty};
+use super::keys::{as_ref, range_is_empty};
+use super::store::merge_range;
 use super::{Error, ListOptions, Storage, value};
 
 /// How many times a transaction body runs before it gives up on conflicts. Conflicts need a
@@ -141,7 +142,7 @@ impl Transaction {
             limit,
             |from, to, n| store.range(from.clone(), to.clone(), reverse, n),
             |from, to| {
-                if range_is_empty(from, to) {
+                if range_is_empty(as_ref(from), as_ref(to)) {
                     return Vec::new();
                 }
                 let range = writes.range::<Vec<u8>, _>((from.clone(), to.clone()));
@@ -176,5 +177,120 @@ impl Transaction {
         let writes = std::mem::take(&mut *inner.writes.borrow_mut());
         store.write(writes.into_iter().collect())?;
         Ok(Outcome::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::storage::harness::{Harness, run};
+    use crate::storage::memory::MemoryBackend;
+    use crate::storage::{Limits, Transaction};
+
+    fn harness() -> Harness {
+        Harness::new(MemoryBackend::new(), Limits::default())
+    }
+
+    #[test]
+    fn reads_see_own_buffered_writes() {
+        let h = harness();
+        run(async {
+            let storage = h.storage(1);
+            storage.put("x", &1).await.unwrap();
+            storage.put("y", &2).await.unwrap();
+            let txn = Transaction::begin(storage.clone());
+            txn.put("a", &10).await.unwrap();
+            txn.put("y", &20).await.unwrap();
+            assert!(txn.delete("x").await.unwrap());
+            assert_eq!(txn.get::<i32>("a").await.unwrap(), Some(10));
+            assert_eq!(txn.get::<i32>("x").await.unwrap(), None);
+            let listed: Vec<(Vec<u8>, i32)> = txn.list(&ListOptions::default()).await.unwrap();
+            assert_eq!(listed, vec![(b"a".to_vec(), 10), (b"y".to_vec(), 20)]);
+            let reversed = ListOptions {
+                reverse: true,
+                limit: Some(1),
+                ..ListOptions::default()
+            };
+            let last: Vec<(Vec<u8>, i32)> = txn.list(&reversed).await.unwrap();
+            assert_eq!(last, vec![(b"y".to_vec(), 20)]);
+            // Outside the transaction nothing changed yet.
+            assert_eq!(storage.get::<i32>("a").await.unwrap(), None);
+            assert_eq!(storage.get::<i32>("x").await.unwrap(), Some(1));
+            assert!(matches!(txn.finish(true), Ok(Outcome::Done)));
+            assert_eq!(storage.get::<i32>("a").await.unwrap(), Some(10));
+            assert_eq!(storage.get::<i32>("x").await.unwrap(), None);
+            assert_eq!(storage.get::<i32>("y").await.unwrap(), Some(20));
+            // An ended transaction refuses further calls.
+            assert_eq!(txn.get::<i32>("a").await, Err(Error::TransactionEnded));
+        });
+    }
+
+    #[test]
+    fn rollback_and_failure_store_nothing() {
+        let h = harness();
+        run(async {
+            let storage = h.storage(1);
+            let rolled_back = storage
+                .transaction(|txn| async move {
+                    txn.put("a", &1).await?;
+                    txn.rollback();
+                    assert_eq!(txn.put("b", &2).await, Err(Error::TransactionEnded));
+                    Ok::<_, Error>("body result")
+                })
+                .await;
+            assert_eq!(rolled_back, Ok("body result"));
+            let failed = storage
+                .transaction(|txn| async move {
+                    txn.put("c", &3).await?;
+                    Err::<(), _>(Error::Io("the body failed".into()))
+                })
+                .await;
+            assert_eq!(failed, Err(Error::Io("the body failed".into())));
+            for key in ["a", "b", "c"] {
+                assert_eq!(storage.get::<i32>(key).await.unwrap(), None);
+            }
+            assert_eq!(storage.store().written_seq(), 0);
+        });
+    }
+
+    #[test]
+    fn a_write_from_outside_is_a_conflict() {
+        let h = harness();
+        run(async {
+            let storage = h.storage(1);
+            let txn = Transaction::begin(storage.clone());
+            txn.put("k", &1).await.unwrap();
+            storage.put("outside", &1).await.unwrap();
+            assert!(matches!(txn.finish(true), Ok(Outcome::Conflict)));
+            assert_eq!(storage.get::<i32>("k").await.unwrap(), None);
+            // `transaction` retries the body, and gives up if every attempt conflicts.
+            let attempts = Cell::new(0);
+            let result = storage
+                .transaction(|txn| {
+                    let storage = storage.clone();
+                    let attempts = &attempts;
+                    async move {
+                        attempts.set(attempts.get() + 1);
+                        txn.put("k", &2).await?;
+                        storage.put("outside", &attempts.get()).await?;
+                        Ok::<_, Error>(())
+                    }
+                })
+                .await;
+            let gave_up = Error::Conflict {
+                attempts: ATTEMPTS_MAX,
+            };
+            assert_eq!(result, Err(gave_up));
+            assert_eq!(attempts.get(), ATTEMPTS_MAX);
+            assert_eq!(storage.get::<i32>("k").await.unwrap(), None);
+            // Without an outside write, it commits at the first attempt.
+            let once = storage
+                .transaction(|txn| async move { txn.put("k", &3).await })
+                .await;
+            assert_eq!(once, Ok(()));
+            assert_eq!(storage.get::<i32>("k").await.unwrap(), Some(3));
+        });
     }
 }

@@ -4,7 +4,12 @@
 //! commits them in one transaction with one fsync (group commit), and answers each. While it
 //! commits, new batches queue up and join the next commit, so under load many objects share one
 //! fsync. The event loop never waits on the backend's write lock.
+//!
+//! Each batch gets its own answer. When a group fails because the disk is full, its batches are
+//! committed again apart (halving the group), so that only the objects whose writes cannot fit
+//! fail, not every object that happened to share the commit.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -13,7 +18,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::Error;
-use super::backend::{Backend, ObjectBatch};
+use super::backend::{Backend, ObjectBatch, ObjectKey};
 
 /// Most batches in one commit: bounds the time one commit takes, and so the latency of the
 /// batches behind it.
@@ -21,10 +26,13 @@ const COMMIT_BATCHES_MAX: usize = 4096;
 /// Most mutations in one commit, for the same reason (1000 puts commit in ~15 ms here).
 const COMMIT_MUTATIONS_MAX: usize = 64 * 1024;
 
-/// A group of batches (of different objects) handed over together, with one answer.
+/// The answer to a group of batches: one result per batch, in the order submitted.
+pub(crate) type Answers = Vec<Result<(), Error>>;
+
+/// A group of batches (of different objects) handed over together, answered together.
 struct Job {
     batches: Vec<ObjectBatch>,
-    done: oneshot::Sender<Result<(), Error>>,
+    done: oneshot::Sender<Answers>,
 }
 
 /// Counters of the writer's work, for tests and benchmarks.
@@ -32,9 +40,10 @@ struct Job {
 pub struct WriterStats {
     /// Batches handed to the writer.
     pub submitted: AtomicU64,
-    /// Transactions committed (or attempted).
+    /// Transactions committed (or attempted), the retries of a group that hit a full disk
+    /// included.
     pub commits: AtomicU64,
-    /// Batches they carried.
+    /// Batches they carried (a retried batch counts again).
     pub batches: AtomicU64,
 }
 
@@ -99,9 +108,11 @@ impl Drop for Writer {
 }
 
 impl WriterHandle {
-    /// Queues a group of batches; the receiver answers once they are durable, or with the
-    /// commit's error. They commit in one transaction (with whatever else is queued).
-    pub(crate) fn submit(&self, batches: Vec<ObjectBatch>) -> oneshot::Receiver<Result<(), Error>> {
+    /// Queues a group of batches; the receiver answers once they are settled, with one result
+    /// per batch in their order: `Ok` once durable, or the error that lost it. They commit in
+    /// one transaction (with whatever else is queued), unless the disk is full (see the
+    /// module docs).
+    pub(crate) fn submit(&self, batches: Vec<ObjectBatch>) -> oneshot::Receiver<Answers> {
         let (done, receiver) = oneshot::channel();
         self.stats
             .submitted
@@ -113,7 +124,7 @@ impl WriterHandle {
             None => Some(job),
         };
         if let Some(job) = refused {
-            let _ = job.done.send(Err(Error::Closed));
+            let _ = job.done.send(vec![Err(Error::Closed); job.batches.len()]);
         }
         receiver
     }
@@ -146,18 +157,215 @@ fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &WriterStats) {
     let mut batches = Vec::new();
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
+        answers.push((job.done, job.batches.len()));
         batches.extend(job.batches);
-        answers.push(job.done);
     }
-    let result = backend.commit(&batches);
-    if let Err(error) = &result {
-        tracing::error!(%error, batches = batches.len(), "commit failed");
+    let mut results = commit_group(backend, &batches, stats).into_iter();
+    for (done, count) in answers {
+        let _ = done.send(results.by_ref().take(count).collect());
     }
+}
+
+/// Commits `batches` in one transaction; if the disk is full, commits them apart. One result
+/// per batch.
+fn commit_group(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterStats) -> Answers {
+    match attempt(backend, batches, stats) {
+        Ok(()) => vec![Ok(()); batches.len()],
+        Err(Error::MapFull { .. }) if batches.len() > 1 => commit_apart(backend, batches, stats),
+        Err(error) => {
+            tracing::error!(%error, batches = batches.len(), "commit failed");
+            vec![Err(error); batches.len()]
+        }
+    }
+}
+
+/// Commits the batches of a group that failed on a full disk in halves, halving again each
+/// part that fails on a full disk, so that the batches that fit commit and only a batch that
+/// cannot fit on its own fails. Parts commit in order, and a batch whose object already failed
+/// here fails without being committed: an object's batches never commit after one of its
+/// earlier ones failed (see `store`). At most 2n - 1 transactions for n batches, and n is
+/// bounded by [`COMMIT_BATCHES_MAX`]; one bad batch among n costs about 2 log2(n).
+fn commit_apart(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterStats) -> Answers {
+    let mut results: Vec<Option<Result<(), Error>>> = vec![None; batches.len()];
+    let mut failed: HashMap<ObjectKey, Error> = HashMap::new();
+    let all: Vec<usize> = (0..batches.len()).collect();
+    // Parts left to commit, as indices into `batches`; the last is the next in order.
+    let mut todo: Vec<Vec<usize>> = halves(all).into_iter().rev().collect();
+    while let Some(part) = todo.pop() {
+        let (live, doomed): (Vec<usize>, Vec<usize>) = part
+            .into_iter()
+            .partition(|&i| !failed.contains_key(&batches[i].object));
+        for i in doomed {
+            results[i] = failed.get(&batches[i].object).cloned().map(Err);
+        }
+        if live.is_empty() {
+            continue;
+        }
+        match attempt_part(backend, batches, &live, stats) {
+            Ok(()) => live.iter().for_each(|&i| results[i] = Some(Ok(()))),
+            Err(Error::MapFull { .. }) if live.len() > 1 => {
+                todo.extend(halves(live).into_iter().rev());
+            }
+            Err(error) => {
+                tracing::error!(%error, batches = live.len(), "commit failed");
+                for i in live {
+                    failed.insert(batches[i].object, error.clone());
+                    results[i] = Some(Err(error.clone()));
+                }
+            }
+        }
+    }
+    // Every index was in exactly one part, and every part settles all of its indices.
+    results
+        .into_iter()
+        .map(|result| result.unwrap_or(Err(Error::Closed)))
+        .collect()
+}
+
+/// Commits the batches at `indices` (ascending) in one transaction.
+fn attempt_part(
+    backend: &dyn Backend,
+    batches: &[ObjectBatch],
+    indices: &[usize],
+    stats: &WriterStats,
+) -> Result<(), Error> {
+    if let (Some(&first), Some(&last)) = (indices.first(), indices.last())
+        && last - first + 1 == indices.len()
+    {
+        return attempt(backend, &batches[first..=last], stats);
+    }
+    // Only when a batch between them was left out: copy the rest together.
+    let part: Vec<ObjectBatch> = indices.iter().map(|&i| batches[i].clone()).collect();
+    attempt(backend, &part, stats)
+}
+
+fn attempt(
+    backend: &dyn Backend,
+    batches: &[ObjectBatch],
+    stats: &WriterStats,
+) -> Result<(), Error> {
     stats.commits.fetch_add(1, Ordering::Relaxed);
     stats
         .batches
         .fetch_add(batches.len() as u64, Ordering::Relaxed);
-    for answer in answers {
-        let _ = answer.send(result.clone());
+    backend.commit(batches)
+}
+
+/// `indices` split into a first and a second half.
+fn halves(mut indices: Vec<usize>) -> [Vec<usize>; 2] {
+    let second = indices.split_off(indices.len() / 2);
+    [indices, second]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::conformance::{batch, obj, put};
+    use crate::storage::fault::FaultyBackend;
+    use crate::storage::memory::MemoryBackend;
+
+    /// A writer over a holdable backend over `memory`.
+    fn writer(memory: MemoryBackend) -> (Arc<MemoryBackend>, Arc<FaultyBackend>, Writer) {
+        let memory = Arc::new(memory);
+        let faulty = FaultyBackend::new(memory.clone());
+        let writer = Writer::spawn(faulty.clone()).unwrap();
+        (memory, faulty, writer)
+    }
+
+    fn write(id: u8, key: &[u8], value_bytes: usize) -> ObjectBatch {
+        batch(obj(1, id), vec![put(key, &vec![id; value_bytes])])
+    }
+
+    /// Blocks until the writer thread has started its `n`th commit.
+    fn until_commits(faulty: &FaultyBackend, n: u64) {
+        for _ in 0..5000 {
+            if faulty.commits() >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the writer never started commit {n}");
+    }
+
+    #[test]
+    fn groups_queued_during_a_commit_share_the_next() {
+        let (memory, faulty, writer) = writer(MemoryBackend::new());
+        let handle = writer.handle();
+        faulty.hold();
+        let first = handle.submit(vec![write(1, b"a", 1)]);
+        until_commits(&faulty, 1);
+        let second = handle.submit(vec![write(2, b"b", 1), write(3, b"c", 1)]);
+        let third = handle.submit(vec![write(4, b"d", 1)]);
+        faulty.release();
+        assert_eq!(first.blocking_recv().unwrap(), vec![Ok(())]);
+        assert_eq!(second.blocking_recv().unwrap(), vec![Ok(()), Ok(())]);
+        assert_eq!(third.blocking_recv().unwrap(), vec![Ok(())]);
+        // The two groups queued behind the first commit went in one more.
+        assert_eq!(faulty.commits(), 2);
+        assert_eq!(handle.stats.batches.load(Ordering::Relaxed), 4);
+        assert_eq!(memory.get(&obj(1, 4), b"d").unwrap(), Some(vec![4]));
+    }
+
+    #[test]
+    fn a_full_disk_fails_only_the_batches_that_cannot_fit() {
+        let (memory, faulty, writer) = writer(MemoryBackend::with_map_bytes(1000));
+        let handle = writer.handle();
+        faulty.hold();
+        let warm_up = handle.submit(vec![write(9, b"w", 1)]);
+        until_commits(&faulty, 1);
+        // Two groups in one commit: object 2's first batch cannot fit, so its second batch
+        // (later in the commit) must not commit either; objects 1 and 3 fit.
+        let x = handle.submit(vec![write(1, b"a", 10), write(2, b"huge", 2000)]);
+        let y = handle.submit(vec![write(3, b"c", 10), write(2, b"after", 1)]);
+        faulty.release();
+        assert_eq!(warm_up.blocking_recv().unwrap(), vec![Ok(())]);
+        let full = Err(Error::MapFull { map_bytes: 1000 });
+        assert_eq!(x.blocking_recv().unwrap(), vec![Ok(()), full.clone()]);
+        assert_eq!(y.blocking_recv().unwrap(), vec![Ok(()), full]);
+        assert_eq!(memory.get(&obj(1, 1), b"a").unwrap(), Some(vec![1; 10]));
+        assert_eq!(memory.get(&obj(1, 3), b"c").unwrap(), Some(vec![3; 10]));
+        assert_eq!(memory.get(&obj(1, 2), b"after").unwrap(), None);
+        assert_eq!(memory.get(&obj(1, 2), b"huge").unwrap(), None);
+    }
+
+    #[test]
+    fn other_errors_fail_the_whole_group_without_retrying() {
+        let (memory, faulty, writer) = writer(MemoryBackend::new());
+        let handle = writer.handle();
+        faulty.fail_commits(Error::Io("disk gone".into()), 1);
+        let answers = handle.submit(vec![write(1, b"a", 1), write(2, b"b", 1)]);
+        let lost = Err(Error::Io("disk gone".into()));
+        assert_eq!(answers.blocking_recv().unwrap(), vec![lost.clone(), lost]);
+        assert_eq!(faulty.commits(), 1);
+        assert_eq!(memory.get(&obj(1, 1), b"a").unwrap(), None);
+    }
+
+    #[test]
+    fn shutdown_commits_what_is_queued_then_refuses() {
+        let (memory, faulty, writer) = writer(MemoryBackend::new());
+        let handle = writer.handle();
+        faulty.hold();
+        let first = handle.submit(vec![write(1, b"a", 1)]);
+        until_commits(&faulty, 1);
+        let queued = handle.submit(vec![write(2, b"b", 1)]);
+        let stopping = std::thread::spawn(move || writer.shutdown());
+        // Once shutdown has begun, a submission is refused at once (earlier probes queue, and
+        // commit nothing: their batch is empty).
+        let refused = loop {
+            let mut probe = handle.submit(vec![batch(obj(1, 7), vec![])]);
+            if let Ok(answer) = probe.try_recv() {
+                break answer;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(refused, vec![Err(Error::Closed)]);
+        faulty.release();
+        stopping.join().unwrap();
+        assert_eq!(first.blocking_recv().unwrap(), vec![Ok(())]);
+        assert_eq!(queued.blocking_recv().unwrap(), vec![Ok(())]);
+        assert_eq!(memory.get(&obj(1, 2), b"b").unwrap(), Some(vec![2]));
+        let late = handle.submit(vec![write(3, b"c", 1), write(4, b"d", 1)]);
+        let closed = Err(Error::Closed);
+        assert_eq!(late.blocking_recv().unwrap(), vec![closed.clone(), closed]);
     }
 }

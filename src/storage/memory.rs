@@ -1,0 +1,378 @@
+//! An in-memory [`Backend`] that answers as [`LmdbBackend`] does, for unit tests of the
+//! layers above the engine (the cache, transactions, the writer, the host) without a disk.
+//!
+//! It keeps what LMDB keeps (every object's keys, the object registry, namespace records) in
+//! ordered maps behind one lock, with LMDB's semantics: keys in byte order, scans with the same
+//! bounds, direction and limit, a commit atomic over all its batches, the same registry rules
+//! and the same errors for names, tags and key sizes. It is not durable: dropping it loses
+//! everything. A byte budget stands in for LMDB's map size, so that a full disk is testable.
+//!
+//! The same checks run against both engines (`storage::conformance`).
+//!
+//! [`LmdbBackend`]: super::lmdb::LmdbBackend
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::Error;
+use super::backend::{
+    Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
+};
+use super::keys::range_is_empty;
+use super::lmdb::{MAX_KEY, MAX_NAMESPACE_NAME};
+
+/// The keys of one object.
+type Keys = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A storage engine in memory; see the module docs.
+pub struct MemoryBackend {
+    state: Mutex<State>,
+    /// Most bytes of keys and values the backend holds: a commit that would hold more fails
+    /// with [`Error::MapFull`], as LMDB's does when its map is full. `None`: no limit.
+    map_bytes: Option<usize>,
+}
+
+struct State {
+    /// Every object's keys; an object with no keys has no entry.
+    kv: BTreeMap<ObjectKey, Keys>,
+    /// The object registry: the objects that have keys.
+    objects: BTreeMap<ObjectKey, ObjectRecord>,
+    namespaces: HashMap<String, NamespaceRecord>,
+    /// The tag the next new namespace gets (tag 0 is never used, as in LMDB).
+    next_tag: u32,
+    /// Bytes of every key and value held: what `map_bytes` bounds.
+    stored_bytes: usize,
+}
+
+/// One object as a commit in progress sees it; swapped in when the whole commit applied.
+struct Draft {
+    keys: Keys,
+    row: Option<ObjectRecord>,
+}
+
+impl MemoryBackend {
+    /// An empty backend without a size limit.
+    pub fn new() -> MemoryBackend {
+        MemoryBackend {
+            state: Mutex::new(State {
+                kv: BTreeMap::new(),
+                objects: BTreeMap::new(),
+                namespaces: HashMap::new(),
+                next_tag: 1,
+                stored_bytes: 0,
+            }),
+            map_bytes: None,
+        }
+    }
+
+    /// An empty backend whose commits fail with [`Error::MapFull`] once the keys and values it
+    /// holds would take more than `map_bytes` bytes. Commits that do not grow it (deletes,
+    /// clears) always succeed, as in LMDB.
+    pub fn with_map_bytes(map_bytes: usize) -> MemoryBackend {
+        MemoryBackend {
+            map_bytes: Some(map_bytes),
+            ..MemoryBackend::new()
+        }
+    }
+
+    /// Bytes of the keys and values held (what [`MemoryBackend::with_map_bytes`] bounds).
+    pub fn stored_bytes(&self) -> usize {
+        self.lock().stored_bytes
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A commit changes the state only after it fully applied (see `commit`), so a panic
+        // elsewhere cannot leave it half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn set_next_tag(&self, tag: u32) {
+        self.lock().next_tag = tag;
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> MemoryBackend {
+        MemoryBackend::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("stored_bytes", &self.stored_bytes())
+            .field("map_bytes", &self.map_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backend for MemoryBackend {
+    fn get(&self, object: &ObjectKey, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let state = self.lock();
+        Ok(state.kv.get(object).and_then(|keys| keys.get(key)).cloned())
+    }
+
+    fn scan(
+        &self,
+        object: &ObjectKey,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>, Error> {
+        if limit == 0 || range_is_empty(start, end) {
+            return Ok(Vec::new());
+        }
+        let state = self.lock();
+        let Some(keys) = state.kv.get(object) else {
+            return Ok(Vec::new());
+        };
+        let range = keys
+            .range::<[u8], _>((start, end))
+            .map(|(k, v)| (k.clone(), v.clone()));
+        Ok(if reverse {
+            range.rev().take(limit).collect()
+        } else {
+            range.take(limit).collect()
+        })
+    }
+
+    fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
+        let mut state = self.lock();
+        let now = now_ms();
+        // Apply to drafts of the objects touched; on error they are dropped, so nothing of
+        // the commit is visible, as when LMDB aborts its transaction.
+        let mut drafts: BTreeMap<ObjectKey, Draft> = BTreeMap::new();
+        for batch in batches {
+            let draft = drafts.entry(batch.object).or_insert_with(|| Draft {
+                keys: state.kv.get(&batch.object).cloned().unwrap_or_default(),
+                row: state.objects.get(&batch.object).cloned(),
+            });
+            apply_batch(draft, batch, now)?;
+        }
+        let mut stored_bytes = state.stored_bytes;
+        for (object, draft) in &drafts {
+            stored_bytes -= state.kv.get(object).map_or(0, keys_bytes);
+            stored_bytes += keys_bytes(&draft.keys);
+        }
+        if let Some(map_bytes) = self.map_bytes
+            && stored_bytes > map_bytes
+            && stored_bytes > state.stored_bytes
+        {
+            return Err(Error::MapFull { map_bytes });
+        }
+        for (object, draft) in drafts {
+            match draft.row {
+                Some(row) => state.objects.insert(object, row),
+                None => state.objects.remove(&object),
+            };
+            if draft.keys.is_empty() {
+                state.kv.remove(&object);
+            } else {
+                state.kv.insert(object, draft.keys);
+            }
+        }
+        state.stored_bytes = stored_bytes;
+        Ok(())
+    }
+
+    fn list_objects(
+        &self,
+        tag: u32,
+        start_after: Option<&[u8; 32]>,
+        limit: usize,
+    ) -> Result<(Vec<ObjectRecord>, bool), Error> {
+        let state = self.lock();
+        let start = match start_after {
+            Some(id) => Bound::Excluded(ObjectKey { tag, id: *id }),
+            None => Bound::Included(ObjectKey { tag, id: [0; 32] }),
+        };
+        let end = Bound::Included(ObjectKey {
+            tag,
+            id: [0xff; 32],
+        });
+        let mut rows = state
+            .objects
+            .range((start, end))
+            .map(|(_, row)| row.clone());
+        let page: Vec<ObjectRecord> = rows.by_ref().take(limit).collect();
+        Ok((page, rows.next().is_some()))
+    }
+
+    fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
+        if name.len() > MAX_NAMESPACE_NAME {
+            return Err(Error::NamespaceNameTooLong {
+                len: name.len(),
+                max: MAX_NAMESPACE_NAME,
+            });
+        }
+        let mut state = self.lock();
+        if let Some(record) = state.namespaces.get(name) {
+            return Ok(record.clone());
+        }
+        let tag = state.next_tag;
+        let next = tag.checked_add(1).ok_or(Error::NamespaceTagsExhausted)?;
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| Error::Io(format!("OS random source: {e}")))?;
+        let record = NamespaceRecord { tag, secret };
+        state.namespaces.insert(name.to_owned(), record.clone());
+        state.next_tag = next;
+        Ok(record)
+    }
+}
+
+/// Applies one batch to a draft, as LMDB's `apply_batch` does inside its transaction.
+fn apply_batch(draft: &mut Draft, batch: &ObjectBatch, now: u64) -> Result<(), Error> {
+    if batch.clear {
+        draft.keys.clear();
+    }
+    for (key, value) in &batch.mutations {
+        match value {
+            Some(value) => {
+                if key.len() > MAX_KEY {
+                    return Err(Error::EngineKeyTooLarge {
+                        len: key.len(),
+                        max: MAX_KEY,
+                    });
+                }
+                draft.keys.insert(key.clone(), value.clone());
+            }
+            None => {
+                draft.keys.remove(key);
+            }
+        }
+    }
+    update_registry(draft, batch, now);
+    Ok(())
+}
+
+/// Adds, names or removes the object's registry row to match whether it has keys. As in LMDB,
+/// an empty name counts as none, and the first name and the creation time are kept.
+fn update_registry(draft: &mut Draft, batch: &ObjectBatch, now: u64) {
+    if draft.keys.is_empty() {
+        draft.row = None;
+        return;
+    }
+    let name = batch.name.as_deref().filter(|name| !name.is_empty());
+    match &mut draft.row {
+        None => {
+            draft.row = Some(ObjectRecord {
+                id: batch.object.id,
+                name: name.map(str::to_owned),
+                created_ms: now,
+            })
+        }
+        Some(row) => {
+            if row.name.is_none() {
+                row.name = name.map(str::to_owned);
+            }
+        }
+    }
+}
+
+fn keys_bytes(keys: &Keys) -> usize {
+    keys.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::conformance::{self, all, batch, del, obj, put};
+
+    #[test]
+    fn put_get_delete_round_trips() {
+        conformance::put_get_delete_round_trips(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn batches_of_one_object_apply_in_order() {
+        conformance::batches_of_one_object_apply_in_order(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn model_scan_matches_btreemap() {
+        for seed in conformance::model_seeds() {
+            conformance::run_model(seed, 200, Box::new(MemoryBackend::new()), |b| b);
+        }
+    }
+
+    #[test]
+    fn objects_and_tags_are_isolated() {
+        conformance::objects_and_tags_are_isolated(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn registry_tracks_objects_with_data() {
+        conformance::registry_tracks_objects_with_data(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn list_objects_paginates_within_a_tag() {
+        conformance::list_objects_paginates_within_a_tag(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn namespaces_are_distinct() {
+        let b = MemoryBackend::new();
+        let [x, _] = conformance::namespaces_are_distinct(&b);
+        b.set_next_tag(u32::MAX);
+        assert_eq!(b.namespace("new"), Err(Error::NamespaceTagsExhausted));
+        assert_eq!(b.namespace("x").unwrap(), x);
+    }
+
+    #[test]
+    fn namespace_is_safe_across_threads() {
+        conformance::namespace_is_safe_across_threads(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn map_budget_fails_commits_cleanly() {
+        let b = MemoryBackend::with_map_bytes(100);
+        let (o, p) = (obj(1, 1), obj(1, 2));
+        b.commit(&[batch(o, vec![put(b"a", &[1; 39])])]).unwrap();
+        assert_eq!(b.stored_bytes(), 40);
+        // A commit past the budget fails whole: the batch that fits with it is not kept.
+        let fits = batch(p, vec![put(b"p", b"1")]);
+        let too_big = batch(o, vec![put(b"b", &[2; 70])]);
+        let full = b.commit(&[fits.clone(), too_big.clone()]);
+        assert_eq!(full, Err(Error::MapFull { map_bytes: 100 }));
+        assert_eq!(b.get(&p, b"p").unwrap(), None);
+        assert_eq!(all(&b, &o), vec![(b"a".to_vec(), vec![1; 39])]);
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
+        assert_eq!(b.stored_bytes(), 40);
+        // Alone, the small one fits; the big one fits once it makes room.
+        b.commit(&[fits]).unwrap();
+        assert_eq!(b.commit(std::slice::from_ref(&too_big)), full);
+        let mut room = too_big;
+        room.mutations.push(del(b"a"));
+        b.commit(&[room]).unwrap();
+        assert_eq!(b.stored_bytes(), 2 + 71);
+        // Deleting always commits.
+        let mut clear = batch(o, vec![]);
+        clear.clear = true;
+        b.commit(&[clear]).unwrap();
+        assert_eq!(b.stored_bytes(), 2);
+        assert_eq!(b.list_objects(1, None, 10).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_undoes_its_earlier_batches() {
+        let b = MemoryBackend::with_map_bytes(50);
+        let (o, p) = (obj(1, 1), obj(1, 2));
+        let mut named = batch(o, vec![put(b"k", b"old")]);
+        named.name = Some("o".into());
+        b.commit(&[named]).unwrap();
+        let rows = b.list_objects(1, None, 10).unwrap();
+        // The first batch clears `o` and renames nothing; the second cannot fit.
+        let mut cleared = batch(o, vec![put(b"new", b"1")]);
+        cleared.clear = true;
+        let result = b.commit(&[cleared, batch(p, vec![put(b"big", &[0; 60])])]);
+        assert_eq!(result, Err(Error::MapFull { map_bytes: 50 }));
+        assert_eq!(all(&b, &o), vec![(b"k".to_vec(), b"old".to_vec())]);
+        assert_eq!(all(&b, &p), vec![]);
+        assert_eq!(b.list_objects(1, None, 10).unwrap(), rows);
+        assert_eq!(b.stored_bytes(), 4);
+    }
+}
