@@ -18,10 +18,11 @@ use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 
+use super::Error;
 use super::backend::{Backend, ObjectBatch, ObjectKey};
 use super::keys::{as_ref, range_is_empty};
+use super::options::Limits;
 use super::writer::WriterHandle;
-use super::{Error, Limits};
 
 /// How many entries a `list` reads from the backend at a time.
 const SCAN_CHUNK: usize = 256;
@@ -164,6 +165,12 @@ impl ObjectStore {
         state.dirty.clear();
         state.clear_pending = false;
         wake_all(&mut state.durable_waiters);
+    }
+
+    /// The stored (encoded) value of `key`, once the key is checked against the limits.
+    pub(crate) fn get_checked(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+        self.shared.limits.check_key(key)?;
+        self.get(key)
     }
 
     /// The stored (encoded) value of `key`.

@@ -10,22 +10,25 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::keys::{as_ref, range_is_empty};
+use super::store::ObjectStore;
 use super::store::merge_range;
-use super::{Error, ListOptions, Storage, value};
+use super::{Error, ListOptions, value};
 
 /// How many times a transaction body runs before it gives up on conflicts. Conflicts need a
 /// write from outside the transaction while it runs, which the input gate rules out for the
 /// object's own calls; only tasks the object spawned can cause one.
 pub const ATTEMPTS_MAX: u32 = 8;
 
-/// A transaction in progress, handed to the body of [`Storage::transaction`]. Cheap to clone.
+/// A transaction in progress, handed to the body of [`super::Storage::transaction`]. Cheap
+/// to clone.
 #[derive(Clone)]
 pub struct Transaction {
     inner: Rc<Inner>,
 }
 
 struct Inner {
-    storage: Storage,
+    /// The storage of the object the transaction is of.
+    store: Rc<ObjectStore>,
     /// Buffered writes (`None` deletes), applied together at the end.
     writes: RefCell<BTreeMap<Vec<u8>, Option<Bytes>>>,
     /// Set by `rollback()` or when the body finished: later calls fail.
@@ -41,10 +44,10 @@ pub(crate) enum Outcome {
 }
 
 impl Transaction {
-    pub(crate) fn begin(storage: Storage) -> Transaction {
-        let mutations_at_start = storage.store().mutations.get();
+    pub(crate) fn begin(store: Rc<ObjectStore>) -> Transaction {
+        let mutations_at_start = store.mutations.get();
         let inner = Inner {
-            storage,
+            store,
             writes: RefCell::default(),
             ended: Cell::new(false),
             rolled_back: Cell::new(false),
@@ -67,7 +70,7 @@ impl Transaction {
         if let Some(value) = self.inner.writes.borrow().get(key) {
             return Ok(value.clone());
         }
-        self.inner.storage.get_encoded(key)
+        self.inner.store.get_checked(key)
     }
 
     /// The value of `key` as the transaction sees it.
@@ -91,9 +94,9 @@ impl Transaction {
 
     fn write(&self, key: &[u8], value: Option<Bytes>) -> Result<(), Error> {
         self.check_open()?;
-        self.inner.storage.check_key(key)?;
+        self.inner.store.limits().check_key(key)?;
         if let Some(value) = &value {
-            self.inner.storage.check_value(value)?;
+            self.inner.store.limits().check_value(value)?;
         }
         self.inner.writes.borrow_mut().insert(key.to_vec(), value);
         Ok(())
@@ -133,7 +136,7 @@ impl Transaction {
         self.check_open()?;
         let (start, end, limit) = options.bounds()?;
         let reverse = options.reverse;
-        let store = self.inner.storage.store();
+        let store = &self.inner.store;
         let writes = self.inner.writes.borrow();
         merge_range(
             start,
@@ -170,7 +173,7 @@ impl Transaction {
         if !commit || rolled_back {
             return Ok(Outcome::Done);
         }
-        let store = inner.storage.store();
+        let store = &inner.store;
         if store.mutations.get() != inner.mutations_at_start {
             return Ok(Outcome::Conflict);
         }
@@ -200,7 +203,7 @@ mod tests {
             let storage = h.storage(1);
             storage.put("x", &1).await.unwrap();
             storage.put("y", &2).await.unwrap();
-            let txn = Transaction::begin(storage.clone());
+            let txn = Transaction::begin(storage.store().clone());
             txn.put("a", &10).await.unwrap();
             txn.put("y", &20).await.unwrap();
             assert!(txn.delete("x").await.unwrap());
@@ -260,7 +263,7 @@ mod tests {
         let h = harness();
         run(async {
             let storage = h.storage(1);
-            let txn = Transaction::begin(storage.clone());
+            let txn = Transaction::begin(storage.store().clone());
             txn.put("k", &1).await.unwrap();
             storage.put("outside", &1).await.unwrap();
             assert!(matches!(txn.finish(true), Ok(Outcome::Conflict)));
