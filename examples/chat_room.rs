@@ -20,8 +20,8 @@
 //! history is one `list`.
 
 use duro::storage::{self, ListOptions};
-use duro::{BoxError, Builder, DurableObject, Request, Response, State, Storage};
-use http::{Method, StatusCode, header};
+use duro::{BoxError, Builder, DurableObject, Request, Response, State, Storage, response};
+use http::{Method, StatusCode};
 use serde_json::json;
 
 /// Messages a room keeps; posting one more drops the oldest.
@@ -44,16 +44,17 @@ pub struct ChatRoom {
 impl DurableObject for ChatRoom {
     async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
         if request.uri().path() != "/messages" {
-            return Ok(text(
-                StatusCode::NOT_FOUND,
-                "no such route: use /messages\n",
-            ));
+            let routes = "no such route: use /messages\n";
+            return Ok(response::text(StatusCode::NOT_FOUND, routes));
         }
         let storage = self.state.storage();
         match *request.method() {
-            Method::GET => Ok(json(StatusCode::OK, history(storage).await?)),
+            Method::GET => Ok(response::json(StatusCode::OK, &history(storage).await?)),
             Method::POST => post(storage, request.body()).await,
-            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n")),
+            _ => Ok(response::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use GET or POST\n",
+            )),
         }
     }
 }
@@ -61,10 +62,11 @@ impl DurableObject for ChatRoom {
 async fn post(storage: &Storage, body: &[u8]) -> Result<Response, BoxError> {
     if body.len() > MESSAGE_BYTES_MAX {
         let message = format!("a message is at most {MESSAGE_BYTES_MAX} bytes\n");
-        return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, message));
+        return Ok(response::text(StatusCode::PAYLOAD_TOO_LARGE, message));
     }
     let Ok(message) = std::str::from_utf8(body) else {
-        return Ok(text(StatusCode::BAD_REQUEST, "a message is UTF-8 text\n"));
+        let refusal = "a message is UTF-8 text\n";
+        return Ok(response::text(StatusCode::BAD_REQUEST, refusal));
     };
     // One transaction: the message, the counter and the dropped oldest message change together.
     let seq = storage
@@ -78,7 +80,7 @@ async fn post(storage: &Storage, body: &[u8]) -> Result<Response, BoxError> {
             Ok::<_, storage::Error>(seq)
         })
         .await?;
-    Ok(json(StatusCode::CREATED, json!({ "seq": seq })))
+    Ok(response::json(StatusCode::CREATED, &json!({ "seq": seq })))
 }
 
 /// The kept messages, oldest first.
@@ -99,21 +101,6 @@ async fn history(storage: &Storage) -> Result<serde_json::Value, BoxError> {
 /// The key of message `seq`: zero-padded, so keys sort as the numbers do.
 fn message_key(seq: u64) -> String {
     format!("{MESSAGE_PREFIX}{seq:020}")
-}
-
-fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
-}
-
-fn json(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut response = text(status, body.to_string());
-    let content_type = http::HeaderValue::from_static("application/json");
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, content_type);
-    response
 }
 
 /// Registers the class and binds the namespace `chat` to it.

@@ -14,7 +14,7 @@
 //! since an answer leaves the object only once the write behind it is durable. Cap'n Proto
 //! clients reach the same objects on `--listen` (namespace `counter`, `getByName`).
 
-use duro::{BoxError, Builder, DurableObject, Request, Response, State};
+use duro::{BoxError, Builder, DurableObject, Request, Response, State, response};
 use http::{Method, StatusCode};
 
 /// The storage key of the count.
@@ -40,20 +40,12 @@ impl DurableObject for Counter {
                 0
             }
             _ => {
-                return Ok(answer(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "use GET, POST or DELETE\n",
-                ));
+                let allowed = "use GET, POST or DELETE\n";
+                return Ok(response::text(StatusCode::METHOD_NOT_ALLOWED, allowed));
             }
         };
-        Ok(answer(StatusCode::OK, format!("{count}\n")))
+        Ok(response::text(StatusCode::OK, format!("{count}\n")))
     }
-}
-
-fn answer(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
 }
 
 /// Registers the class and binds the namespace `counter` to it.

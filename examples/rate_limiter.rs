@@ -20,7 +20,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use duro::storage;
-use duro::{BoxError, Builder, DurableObject, Request, Response, State};
+use duro::{BoxError, Builder, DurableObject, Request, Response, State, response};
 use http::{Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -102,10 +102,13 @@ pub struct RateLimiter {
 impl DurableObject for RateLimiter {
     async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
         if request.uri().path() != "/take" {
-            return Ok(text(StatusCode::NOT_FOUND, "no such route: use /take\n"));
+            return Ok(response::text(
+                StatusCode::NOT_FOUND,
+                "no such route: use /take\n",
+            ));
         }
         if request.method() != Method::POST {
-            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
+            return Ok(response::text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"));
         }
         let now_ms = now_ms();
         let outcome = self
@@ -121,22 +124,17 @@ impl DurableObject for RateLimiter {
     }
 }
 
+/// The response for `outcome`: the tokens left, or 429 with the seconds until the next token.
 fn answer(outcome: Outcome) -> Response {
     match outcome {
-        Outcome::Taken { remaining } => text(StatusCode::OK, format!("{remaining}\n")),
+        Outcome::Taken { remaining } => response::text(StatusCode::OK, format!("{remaining}\n")),
         Outcome::Empty { retry_after_ms } => {
-            let mut response = text(StatusCode::TOO_MANY_REQUESTS, "no tokens left\n");
+            let mut refusal = response::text(StatusCode::TOO_MANY_REQUESTS, "no tokens left\n");
             let seconds = http::HeaderValue::from(retry_after_ms.div_ceil(1000));
-            response.headers_mut().insert(header::RETRY_AFTER, seconds);
-            response
+            refusal.headers_mut().insert(header::RETRY_AFTER, seconds);
+            refusal
         }
     }
-}
-
-fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
 }
 
 /// Registers the class and binds the namespace `limiter` to it.

@@ -7,9 +7,11 @@ mod chat_room;
 mod counter;
 #[path = "../examples/rate_limiter.rs"]
 mod rate_limiter;
+#[path = "../examples/router.rs"]
+mod router;
 
-use duro::duro_capnp::host;
-use duro::testing::{TestServer, fetch_by_name, fetch_call, request, run_local};
+use duro::duro_capnp::{durable_object, host};
+use duro::testing::{TestServer, fetch, fetch_by_name, fetch_call, request, run_local};
 use duro::{Response, Server};
 use serde_json::Value;
 
@@ -56,6 +58,17 @@ fn counter_counts_durably() {
     });
 }
 
+/// The stub of `namespace/name`, pipelined: calls on it arrive in the order sent.
+fn stub(host: &host::Client, object: (&str, &str)) -> durable_object::Client {
+    let (namespace, name) = object;
+    let mut get = host.namespace_request();
+    get.get().set_name(namespace);
+    let namespace = get.send().pipeline.get_namespace();
+    let mut get = namespace.get_by_name_request();
+    get.get().set_name(name);
+    get.send().pipeline.get_stub()
+}
+
 /// The texts of `GET /messages` of the room `lobby`, checking their numbers run on.
 async fn chat_history(host: &host::Client) -> Vec<String> {
     let response = call(host, ("chat", "lobby"), "GET", "/messages", b"").await;
@@ -89,12 +102,7 @@ fn chat_room_keeps_the_last_hundred_messages() {
     run_local(async {
         let host = server.connect().await;
         // All on one stub, so they arrive in the order sent.
-        let mut get = host.namespace_request();
-        get.get().set_name("chat");
-        let namespace = get.send().pipeline.get_namespace();
-        let mut get = namespace.get_by_name_request();
-        get.get().set_name("lobby");
-        let room = get.send().pipeline.get_stub();
+        let room = stub(&host, ("chat", "lobby"));
         let posts: Vec<_> = messages(1..=105)
             .iter()
             .map(|text| fetch_call(&room, &request("POST", "/messages", text.as_bytes())))
@@ -196,4 +204,146 @@ fn token_buckets_refill_one_token_per_interval() {
     // A clock that went back earns nothing.
     let (_, outcome) = take(bucket, start - INTERVAL);
     assert!(matches!(outcome, Outcome::Empty { .. }), "{outcome:?}");
+}
+
+/// `POST /items` with `body`, of the type `content_type`.
+fn post_items(content_type: &'static str, body: &str) -> duro::Request {
+    let mut post = request("POST", "/items", body.as_bytes());
+    let content_type = http::HeaderValue::from_static(content_type);
+    post.headers_mut()
+        .insert(http::header::CONTENT_TYPE, content_type);
+    post
+}
+
+/// `list`'s answer to `POST /items` with `body`, of the type `content_type`.
+async fn post_item(
+    list: &durable_object::Client,
+    content_type: &'static str,
+    body: &str,
+) -> Response {
+    fetch(list, post_items(content_type, body))
+        .await
+        .expect("POST /items")
+}
+
+/// `POST /items` of `list` with a JSON item titled `title`.
+async fn create_item(list: &durable_object::Client, title: &str) -> (u16, Value) {
+    let body = serde_json::json!({ "title": title }).to_string();
+    let response = post_item(list, "application/json", &body).await;
+    let item = serde_json::from_slice(response.body()).unwrap_or(Value::Null);
+    (response.status().as_u16(), item)
+}
+
+/// The status and JSON body of `GET /items` on the list `home`.
+async fn todo_items(host: &host::Client) -> (u16, Value) {
+    let response = call(host, ("todo", "home"), "GET", "/items", b"").await;
+    let items = serde_json::from_slice(response.body()).expect("a JSON body");
+    (response.status().as_u16(), items)
+}
+
+#[test]
+fn router_serves_a_todo_list_through_axum() {
+    use serde_json::json;
+    let builder = || router::register(Server::builder());
+    let server = TestServer::start(builder());
+    let home = ("todo", "home");
+    run_local(async {
+        let host = server.connect().await;
+        let list = stub(&host, home);
+        let milk = json!({ "id": 1, "title": "milk" });
+        assert_eq!(create_item(&list, "milk").await, (201, milk.clone()));
+        let eggs = json!({ "id": 2, "title": "eggs" });
+        assert_eq!(create_item(&list, "eggs").await, (201, eggs.clone()));
+        assert_eq!(todo_items(&host).await, (200, json!([milk, eggs])));
+        let response = call(&host, home, "GET", "/items/2", b"").await;
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(
+            serde_json::from_slice::<Value>(response.body()).unwrap(),
+            eggs
+        );
+        let response = call(&host, home, "DELETE", "/items/1", b"").await;
+        assert_eq!(status_and_text(&response), (200, milk.to_string()));
+        for (method, path) in [("DELETE", "/items/1"), ("GET", "/items/1")] {
+            let response = call(&host, home, method, path, b"").await;
+            assert_eq!(status_and_text(&response), (404, "Not Found\n".to_owned()));
+        }
+        let other = call(&host, ("todo", "work"), "GET", "/items", b"").await;
+        assert_eq!(other.body().as_ref(), b"[]", "a list per object");
+    });
+    let server = TestServer::start_in(builder(), server.stop());
+    run_local(async {
+        let host = server.connect().await;
+        let eggs = json!({ "id": 2, "title": "eggs" });
+        assert_eq!(todo_items(&host).await, (200, json!([eggs])));
+        let list = stub(&host, home);
+        let bread = json!({ "id": 3, "title": "bread" });
+        assert_eq!(
+            create_item(&list, "bread").await,
+            (201, bread),
+            "ids are never reused, across restarts too"
+        );
+    });
+}
+
+#[test]
+fn router_answers_what_axum_refuses_as_axum_does() {
+    let server = TestServer::start(router::register(Server::builder()));
+    let home = ("todo", "home");
+    run_local(async {
+        let host = server.connect().await;
+        let list = stub(&host, home);
+        let response = call(&host, home, "GET", "/nowhere", b"").await;
+        assert_eq!(response.status(), 404, "no such route");
+        let response = call(&host, home, "PUT", "/items", b"").await;
+        assert_eq!(response.status(), 405);
+        assert_eq!(response.headers()["allow"], "GET,HEAD,POST");
+        let response = call(&host, home, "GET", "/items/first", b"").await;
+        assert_eq!(response.status(), 400, "an id is a number");
+        let refused = [
+            ("text/plain", r#"{"title": "milk"}"#, 415),
+            ("application/json", r#"{"title": "#, 400),
+            ("application/json", r#"{"name": "milk"}"#, 422),
+        ];
+        for (content_type, body, status) in refused {
+            let response = post_item(&list, content_type, body).await;
+            assert_eq!(response.status(), status, "{content_type} {body}");
+        }
+        let long = "x".repeat(router::TITLE_BYTES_MAX + 1);
+        assert_eq!(create_item(&list, &long).await.0, 422);
+        assert_eq!(todo_items(&host).await, (200, Value::Array(vec![])));
+    });
+}
+
+#[test]
+fn router_list_holds_at_most_items_max() {
+    let server = TestServer::start(router::register(Server::builder()));
+    run_local(async {
+        let host = server.connect().await;
+        let list = stub(&host, ("todo", "home"));
+        // All pipelined on one stub: they arrive in order, and the last one finds the list full.
+        let posts = (1..=router::ITEMS_MAX + 1).map(|n| {
+            let body = format!(r#"{{"title": "{n}"}}"#);
+            fetch_call(&list, &post_items("application/json", &body))
+        });
+        let posts: Vec<_> = posts.collect();
+        for (post, n) in posts.into_iter().zip(1..) {
+            let reply = post.promise.await.expect("a post");
+            let status = reply.get().unwrap().get_response().unwrap().get_status();
+            let expected = if n <= router::ITEMS_MAX { 201 } else { 409 };
+            assert_eq!(status, expected, "post {n}");
+        }
+        let response = call(&host, ("todo", "home"), "DELETE", "/items/1", b"").await;
+        assert_eq!(response.status(), 200);
+        // Room for one more, with the next id: the refused post took none.
+        let (status, item) = create_item(&list, "one more").await;
+        assert_eq!(
+            (status, &item["id"]),
+            (201, &Value::from(router::ITEMS_MAX + 1))
+        );
+        let (_, items) = todo_items(&host).await;
+        assert_eq!(
+            items.as_array().map(Vec::len),
+            Some(router::ITEMS_MAX as usize)
+        );
+    });
 }
