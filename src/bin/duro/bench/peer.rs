@@ -153,7 +153,7 @@ async fn start_gateway(settings: &Settings) -> Result<(Child, SocketAddr), Strin
     Ok((duro.child, addr))
 }
 
-/// workerd with the config and script of `src/bench/workerd/`, listening on a loopback socket
+/// workerd with the config and script of `src/bin/duro/bench/workerd/`, listening on a loopback socket
 /// that this process binds and hands over, so no port can be taken in between.
 async fn start_workerd(settings: &Settings) -> Result<(Child, SocketAddr), String> {
     let Some(binary) = child::find_executable(settings.workerd.as_deref(), "workerd") else {
