@@ -488,3 +488,85 @@ async fn the_example_increments_the_counter() {
     let stub = client.namespace("counter").get_by_name("example");
     assert_eq!(text(&stub.call("GET", "/", "").await.unwrap()), "2\n");
 }
+
+/// Answers nothing: each call runs until it is cancelled, counted in `live` while it runs.
+struct Hanger {
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a running handler; the count drops when the handler's future is dropped.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl DurableObject for Hanger {
+    async fn fetch(&self, _request: Request) -> Result<Response, BoxError> {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let _live = Live(self.live.clone());
+        std::future::pending().await
+    }
+}
+
+fn hanger() -> (duro::Builder, Arc<AtomicUsize>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let counted = live.clone();
+    let builder = Server::builder()
+        .class("hang", move |_state, _env| Hanger {
+            live: counted.clone(),
+        })
+        .namespace("hang", "hang");
+    (builder, live)
+}
+
+/// Waits (at most 5 s) until `count` is `expected`.
+async fn until_count(count: &AtomicUsize, expected: usize) {
+    for _ in 0..500 {
+        if count.load(Ordering::SeqCst) == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the count stayed {} instead of {expected}",
+        count.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_remote_call_cancels_it_on_the_host() {
+    let (builder, live) = hanger();
+    let server = TestServer::start(builder);
+    let client = connect(&server).await;
+    let stub = client.namespace("hang").get_by_name("h");
+    for _ in 0..2 {
+        let pending = stub.call("GET", "/", "");
+        until_count(&live, 1).await;
+        drop(pending);
+        // The host dropped the handler: the call was cancelled, not left running.
+        until_count(&live, 0).await;
+    }
+}
+
+#[test]
+fn dropping_a_local_call_cancels_it_as_a_remote_one() {
+    let (builder, live) = hanger();
+    let builder = builder.backend(Arc::new(duro::storage::MemoryBackend::new()));
+    duro::testing::run_local(async {
+        let host = builder.open_host().unwrap();
+        let stub = host.namespace("hang").unwrap().get_by_name("h").unwrap();
+        for _ in 0..2 {
+            let call = stub.call("GET", "/", "");
+            tokio::select! {
+                _ = call => panic!("a hanging call answered"),
+                () = until_count(&live, 1) => {}
+            }
+            // `call` was dropped with the select.
+            until_count(&live, 0).await;
+        }
+        host.shutdown().await;
+    });
+}
