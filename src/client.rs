@@ -8,7 +8,7 @@
 //!
 //! - calls made on one stub leave in the order they were made, and the host delivers them in
 //!   that order (E-order);
-//! - [`Client::namespace`], [`Namespace::get`] and [`Namespace::get_by_name`] answer at once
+//! - [`Client::namespace`], [`RemoteNamespace::get`] and [`RemoteNamespace::get_by_name`] answer at once
 //!   with a handle to a pipelined capability, which the driver keeps in a table under the
 //!   handle's id: `get_by_name(name)` then `fetch` costs one round trip;
 //! - dropping the last clone of a handle releases its capability on the host, and dropping the
@@ -345,7 +345,7 @@ pub struct NamespaceInfo {
     pub class_name: String,
 }
 
-/// One page of [`Namespace::list_objects`].
+/// One page of [`RemoteNamespace::list_objects`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ObjectPage {

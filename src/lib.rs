@@ -5,7 +5,7 @@
 //! What a class author uses: [`DurableObject`], [`State`] and its [`Storage`], [`Env`] with its
 //! [`Namespace`]s and [`Stub`]s, the [`response`] helpers, and a [`Server`] [`Builder`] to host
 //! the classes. What a client uses: [`client::Client`] (or any Cap'n Proto client of
-//! [`duro_capnp`], the wire contract). What a test uses: [`testing`] (feature `testing`).
+//! [`duro_capnp`], the wire contract). What a test uses: `testing` (feature `testing`).
 //!
 //! The path of a request: `wire` (the contract, one connection setup) → `rpc` (the capnp
 //! servers) → `host` (activations, input gate, E-order) → the object's class → [`storage`]

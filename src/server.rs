@@ -170,7 +170,7 @@ impl Builder {
     }
 
     /// Wraps the storage backend, e.g. to inject faults in tests
-    /// (see [`crate::testing::FaultyBackend`]).
+    /// (see [`crate::storage::FaultyBackend`]).
     pub fn wrap_backend(
         mut self,
         wrap: impl Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync + 'static,

@@ -12,7 +12,7 @@ use crate::message::{BoxError, Request, Response};
 /// The host builds at most one live instance per object ID, from a constructor
 /// `Fn(State, Env) -> Self`, and delivers requests to it in the order they were made on a stub.
 /// Requests may interleave at the handler's awaits, except while a storage call or
-/// [`State::block_concurrency_while`] holds the input gate. A returned error reaches the caller
+/// [`State::block_concurrency_while`](crate::State::block_concurrency_while) holds the input gate. A returned error reaches the caller
 /// as `remote: <message>`, and the object lives on; a panic resets the object: the instance is
 /// dropped with its unflushed writes, every stub to it breaks, and the next `get` builds a new
 /// one from storage.

@@ -1,6 +1,6 @@
 //! The Cap'n Proto face of the host: servers for `Host`, `Namespace` and `DurableObject`
 //! (stubs), and the serving of one connection. This layer only translates; the semantics live
-//! in [`crate::host`].
+//! in the host ([`crate::Host`]).
 
 use std::future::{Future, ready};
 use std::sync::Arc;

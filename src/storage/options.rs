@@ -34,7 +34,7 @@ impl Default for Limits {
 /// A key range as (start, end) bounds, and a limit.
 pub(crate) type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>, usize);
 
-/// Options of [`Storage::list`]. The range is `start`/`start_after` (lower bound) to `end`
+/// Options of [`Storage::list`](super::Storage::list). The range is `start`/`start_after` (lower bound) to `end`
 /// (exclusive upper bound), intersected with `prefix`.
 #[derive(Clone, Debug, Default)]
 pub struct ListOptions {
