@@ -13,6 +13,8 @@
 pub(crate) mod activation;
 pub(crate) mod class;
 pub(crate) mod state;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
