@@ -1,6 +1,7 @@
 //! The test harness: a real server on loopback with a temporary data dir, a real Cap'n Proto
-//! client over TCP, and a storage backend that fails on demand. duro's own tests use it; use it
-//! to test your classes the same way.
+//! client over TCP, a storage backend that fails on demand, and the live [`State`] of an object
+//! of an in-process host ([`state`]) to drive its storage directly. duro's own tests use it; use
+//! it to test your classes the same way.
 //!
 //! ```
 //! use duro::testing::{TestServer, run_local};
@@ -18,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::error::Error;
+use crate::host::{Host, State};
 use crate::message::{Request, Response};
 use crate::server::{Builder, ServerHandle};
 use crate::wire::duro_capnp::{durable_object, host};
@@ -93,6 +95,39 @@ impl TestServer {
         }
         self.dir
     }
+}
+
+/// The live `State` of the object `name` in `namespace` of an in-process `host`, activating
+/// the object if needed: the object's own, with its storage and input gate, so a test's
+/// storage calls go through the same cache, gates and output gate as the object's, and see
+/// exactly what it sees.
+///
+/// The `State` belongs to the activation live now. After the object is evicted
+/// ([`Host::evict_idle`], or `idle_evict_ms` without a call) or reset, call `state` again:
+/// the old one no longer speaks for the object.
+///
+/// ```
+/// use duro::testing::{run_local, state};
+///
+/// let builder = duro::builtin::register(duro::Server::builder())
+///     .backend(std::sync::Arc::new(duro::storage::MemoryBackend::new()));
+/// run_local(async {
+///     let host = builder.open_host().unwrap();
+///     // Seed the counter's storage, then see the object read it.
+///     let counter = state(&host, "counter", "a").unwrap();
+///     counter.storage().put("value", &41u64).await.unwrap();
+///     let stub = host.namespace("counter").unwrap().get_by_name("a").unwrap();
+///     let response = stub.call("POST", "/", "").await.unwrap();
+///     assert_eq!(response.body().as_ref(), b"42\n");
+///     assert_eq!(counter.storage().get::<u64>("value").await.unwrap(), Some(42));
+///     host.shutdown().await;
+/// });
+/// ```
+pub fn state(host: &Host, namespace: &str, name: &str) -> Result<State, Error> {
+    let namespace = host
+        .namespace(namespace)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown namespace '{namespace}'")))?;
+    namespace.get_by_name(name)?.state()
 }
 
 /// Connects to a duro server over TCP and returns its bootstrap `Host`. Must be called inside

@@ -3,7 +3,6 @@
 //!
 //! Every test prints its seed; set `DURO_SEED` to run the same cases again.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -11,9 +10,9 @@ use bytes::Bytes;
 use duro::duro_capnp::{host, http_request, http_response, namespace};
 use duro::id::{self, IdMinter};
 use duro::storage::{Error as StorageError, Limits, ListOptions, value};
-use duro::testing::{TestServer, fetch_call, run_local};
+use duro::testing::{TestServer, fetch_call, run_local, state};
 use duro::wire::{convert, reader_options};
-use duro::{BoxError, DurableObject, Error, Request, Response, Server, State, Storage};
+use duro::{BoxError, DurableObject, Error, Request, Response, Server, Storage};
 use futures::future::join_all;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
@@ -611,12 +610,8 @@ fn decoding_any_stored_bytes_fails_cleanly_or_succeeds() {
 // ---------------------------------------------------------------------------------------------
 // `list` against a model
 
-thread_local! {
-    /// The state of every probe built on this thread, so a test can drive storage directly.
-    static PROBES: RefCell<Vec<State>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A class that hands its state to the test.
+/// A class with no behaviour of its own: it binds the namespace whose object's storage the
+/// model tests drive directly, through `duro::testing::state`.
 struct Probe;
 
 impl DurableObject for Probe {
@@ -628,26 +623,14 @@ impl DurableObject for Probe {
 /// Opens a host on `dir` and returns it with the storage of the one probe object.
 fn open_probe(dir: &std::path::Path, limits: &Limits) -> (duro::Host, Storage) {
     let host = Server::builder()
-        .class("probe", |state, _env| {
-            PROBES.with(|p| p.borrow_mut().push(state));
-            Probe
-        })
+        .class("probe", |_state, _env| Probe)
         .namespace("probe", "probe")
         .storage_limits(limits.clone())
         .data_dir(dir)
         .open_host()
         .unwrap();
-    host.namespace("probe")
-        .unwrap()
-        .get_by_name("model")
-        .unwrap();
-    let storage = PROBES.with(|p| p.borrow().last().unwrap().storage().clone());
+    let storage = state(&host, "probe", "model").unwrap().storage().clone();
     (host, storage)
-}
-
-/// Drops the probes' states, so the data dir is free to open again.
-fn forget_probes() {
-    PROBES.with(|p| p.borrow_mut().clear());
 }
 
 /// A value as stored: raw bytes or a typed value.
@@ -953,7 +936,6 @@ async fn check_reads(s: &Storage, model: &Model, step: &Step) -> Result<(), Test
 /// at every restart and once more at the end; at every opening, every list made so far is
 /// checked again, so what was synced is what the model holds.
 fn run_model(steps: &[(Step, ListOptions)], cache_bytes_max: usize) -> Result<(), TestCaseError> {
-    forget_probes();
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits {
         cache_bytes_max,
@@ -979,7 +961,6 @@ fn run_model(steps: &[(Step, ListOptions)], cache_bytes_max: usize) -> Result<()
             host.shutdown().await;
             Ok::<_, TestCaseError>(())
         })?;
-        forget_probes();
     }
     Ok(())
 }

@@ -9,15 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use duro::storage::{Error as StorageError, Limits, ListOptions};
-use duro::testing::{FaultyBackend, TestServer, fetch_by_name, request, run_local};
+use duro::testing::{FaultyBackend, TestServer, fetch_by_name, request, run_local, state};
 use duro::{BoxError, DurableObject, Error, Request, Response, Server, State, Storage};
 
-thread_local! {
-    /// The state of every probe built on this thread, so a test can drive storage directly.
-    static PROBES: RefCell<Vec<State>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A class that hands its state to the test.
+/// A class with no behaviour of its own: it binds the namespace whose objects' storage the
+/// tests drive directly, through `duro::testing::state`.
 struct Probe;
 
 impl DurableObject for Probe {
@@ -28,18 +24,14 @@ impl DurableObject for Probe {
 
 fn probe_builder(dir: &std::path::Path) -> duro::Builder {
     Server::builder()
-        .class("probe", |state, _env| {
-            PROBES.with(|p| p.borrow_mut().push(state));
-            Probe
-        })
+        .class("probe", |_state, _env| Probe)
         .namespace("probe", "probe")
         .data_dir(dir)
 }
 
-/// Opens a host in-process and returns the storage of the probe object `name`.
+/// The storage of the probe object `name`, as the object itself sees it.
 fn probe(host: &duro::Host, name: &str) -> Storage {
-    host.namespace("probe").unwrap().get_by_name(name).unwrap();
-    PROBES.with(|p| p.borrow().last().unwrap().storage().clone())
+    state(host, "probe", name).unwrap().storage().clone()
 }
 
 fn opts(f: impl FnOnce(&mut ListOptions)) -> ListOptions {
@@ -179,7 +171,6 @@ fn limits_refuse_the_call_and_write_nothing() {
         assert!(message.contains("value_bytes_max"), "{message}");
         host.shutdown().await;
     });
-    forget_probes();
     // The limits are configurable.
     run_local(async {
         let limits = Limits {
@@ -308,13 +299,7 @@ fn storage_matches_a_model_through_cache_evictions_and_restarts() {
             s.sync().await.unwrap();
             host.shutdown().await;
         });
-        forget_probes();
     }
-}
-
-/// Drops the probes' states, so the data dir is free to open again.
-fn forget_probes() {
-    PROBES.with(|p| p.borrow_mut().clear());
 }
 
 async fn apply_random_step(
@@ -495,7 +480,6 @@ fn writes_are_durable_across_restarts_and_delete_all_is_too() {
         other.sync().await.unwrap();
         host.shutdown().await;
     });
-    forget_probes();
     run_local(async {
         let host = probe_builder(dir.path()).open_host().unwrap();
         assert_eq!(

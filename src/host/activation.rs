@@ -15,11 +15,12 @@ use std::rc::Rc;
 use futures::FutureExt;
 
 use super::class::ErasedObject;
+use super::state::State;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
 use crate::message::{Request, Response};
-use crate::storage::ObjectStore;
+use crate::storage::{ObjectStore, Storage};
 
 pub(crate) struct Activation {
     pub(crate) id: ObjectId,
@@ -27,6 +28,10 @@ pub(crate) struct Activation {
     instance: RefCell<Option<Rc<dyn ErasedObject>>>,
     gate: Rc<InputGate>,
     pub(crate) store: Rc<ObjectStore>,
+    /// The object's `State`, as its constructor gets it: kept so the test harness can drive
+    /// the object's storage through the same gate and store as the object
+    /// (`duro::testing::state`). No cycle: the `State` refers back weakly.
+    state: State,
     /// Set at the reset: every call of this activation ends with `disconnected`.
     broken: Cell<bool>,
     /// The tasks of the calls in progress, aborted at a reset (their callers then get
@@ -47,7 +52,7 @@ pub(crate) struct Activation {
 }
 
 impl Activation {
-    /// Builds an activation of `id` on `store`, with no instance yet (see
+    /// Builds an activation of `id` on `store`, with its `State` and no instance yet (see
     /// [`Activation::install`]). `predecessor` is the store of a reset activation of the same ID,
     /// whose in-flight commit must settle before anything is delivered.
     pub(crate) fn new(
@@ -60,7 +65,13 @@ impl Activation {
         if let Some(predecessor) = predecessor {
             hold_gate_until_idle(&gate, predecessor);
         }
-        let activation = Rc::new(Activation {
+        let activation = Rc::new_cyclic(|weak| Activation {
+            state: State::new(
+                id.clone(),
+                Storage::new(store.clone(), gate.clone()),
+                gate.clone(),
+                weak.clone(),
+            ),
             id,
             instance: RefCell::new(None),
             gate,
@@ -82,9 +93,9 @@ impl Activation {
         activation
     }
 
-    /// The gate of the object, for its `State` and `Storage`.
-    pub(crate) fn gate(&self) -> &Rc<InputGate> {
-        &self.gate
+    /// The object's `State`: what its constructor gets, with the object's gate and store.
+    pub(crate) fn state(&self) -> &State {
+        &self.state
     }
 
     /// Builds the instance with `construct`. Calls made meanwhile (also by the constructor

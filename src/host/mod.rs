@@ -5,13 +5,16 @@
 //! means several such hosts (shards), each owning the objects whose ID hashes to it; nothing
 //! here assumes there is only one.
 //!
-//! Files, each depending only on those before it: `class` (the [`DurableObject`] trait) →
-//! `activation` (one live instance: mailbox, gate, reset) → `state` ([`State`]) → this file
-//! (the registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
+//! Files: `class` (the [`DurableObject`] trait) → `activation` (one live instance: mailbox,
+//! gate, reset) and `state` ([`State`]), which refer to each other (an activation keeps its
+//! object's `State`; a `State` resets its activation) → this file (the registry, [`Host`],
+//! [`Namespace`], [`Stub`], [`Env`]).
 
 pub(crate) mod activation;
 pub(crate) mod class;
 pub(crate) mod state;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -31,8 +34,7 @@ use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response};
 use crate::storage::{
-    self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Storage, Writer,
-    WriterStats,
+    self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterStats,
 };
 
 /// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.
@@ -343,7 +345,7 @@ impl NamespaceCore {
             id.name().map(Into::into),
         ));
         let queue_max = host.limits.object_queue_max;
-        let activation = Activation::new(id.clone(), store.clone(), queue_max, predecessor);
+        let activation = Activation::new(id.clone(), store, queue_max, predecessor);
         let replaced = self
             .activations
             .borrow_mut()
@@ -351,13 +353,7 @@ impl NamespaceCore {
         if replaced.is_none() {
             host.active.set(host.active.get() + 1);
         }
-        let gate = activation.gate().clone();
-        let state = State::new(
-            id,
-            Storage::new(store, gate.clone()),
-            gate,
-            Rc::downgrade(&activation),
-        );
+        let state = activation.state().clone();
         let env = Env {
             host: self.host.clone(),
         };
@@ -562,6 +558,13 @@ impl Stub {
     /// Calls waiting for delivery to the object.
     pub fn queued(&self) -> usize {
         self.activation.borrow().queued()
+    }
+
+    /// The `State` of the object's live activation (built again if it was evicted): the
+    /// object's own, for the test harness.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn state(&self) -> Result<State, Error> {
+        Ok(self.current()?.state().clone())
     }
 }
 
