@@ -32,6 +32,25 @@ impl Crate {
     fn read(src: &Path) -> Crate {
         let mut files = BTreeMap::new();
         collect(src, src, &mut files);
+        // Modules declared under `#[cfg(test)]` are tests, which may use anything.
+        let mut tests = Vec::new();
+        for (module, (path, _)) in &files {
+            let text = std::fs::read_to_string(path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for pair in lines.windows(2) {
+                if pair[0].trim() == "#[cfg(test)]"
+                    && let Some(name) = pair[1].trim().strip_prefix("mod ")
+                    && let Some(name) = name.strip_suffix(';')
+                {
+                    let mut child = module.clone();
+                    child.push(name.to_owned());
+                    tests.push(child);
+                }
+            }
+        }
+        for test in tests {
+            files.remove(&test);
+        }
         Crate { files }
     }
 

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use futures::FutureExt;
 
 use super::class::ErasedObject;
-use super::state::State;
+use super::state::{Reset, State};
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
@@ -65,7 +65,7 @@ impl Activation {
         if let Some(predecessor) = predecessor {
             hold_gate_until_idle(&gate, predecessor);
         }
-        let activation = Rc::new_cyclic(|weak| Activation {
+        let activation = Rc::new_cyclic(|weak: &std::rc::Weak<Activation>| Activation {
             state: State::new(
                 id.clone(),
                 Storage::new(store.clone(), gate.clone()),
@@ -352,5 +352,11 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
         message.clone()
     } else {
         "(no message)".to_owned()
+    }
+}
+
+impl Reset for Activation {
+    fn reset(&self, reason: &str) {
+        Activation::reset(self, reason);
     }
 }

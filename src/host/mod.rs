@@ -5,10 +5,10 @@
 //! means several such hosts (shards), each owning the objects whose ID hashes to it; nothing
 //! here assumes there is only one.
 //!
-//! Files: `class` (the [`DurableObject`] trait) → `activation` (one live instance: mailbox,
-//! gate, reset) and `state` ([`State`]), which refer to each other (an activation keeps its
-//! object's `State`; a `State` resets its activation) → this file (the registry, [`Host`],
-//! [`Namespace`], [`Stub`], [`Env`]).
+//! Files, each depending only on those before it: `class` (the [`DurableObject`] trait) →
+//! `state` ([`State`]; it resets its activation through the `Reset` trait) → `activation` (one
+//! live instance: mailbox, gate, reset; it keeps its object's `State`) → this file (the
+//! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
 
 pub(crate) mod activation;
 pub(crate) mod class;

@@ -4,10 +4,16 @@ use std::fmt::Display;
 use std::future::Future;
 use std::rc::{Rc, Weak};
 
-use super::activation::Activation;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
 use crate::storage::Storage;
+
+/// What a [`State`] may ask of the activation it belongs to. A trait, so that this file does
+/// not depend on the activation's (which holds the state).
+pub(crate) trait Reset {
+    /// Resets the object (see the activation's docs).
+    fn reset(&self, reason: &str);
+}
 
 /// What an instance knows of itself: its ID, its storage, its input gate.
 #[derive(Clone)]
@@ -16,7 +22,7 @@ pub struct State {
     storage: Storage,
     gate: Rc<InputGate>,
     /// Weak: the activation owns the instance, which owns this state.
-    activation: Weak<Activation>,
+    activation: Weak<dyn Reset>,
 }
 
 impl State {
@@ -24,7 +30,7 @@ impl State {
         id: ObjectId,
         storage: Storage,
         gate: Rc<InputGate>,
-        activation: Weak<Activation>,
+        activation: Weak<dyn Reset>,
     ) -> State {
         State {
             id,
