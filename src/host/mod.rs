@@ -36,6 +36,7 @@ use crate::message::{Request, Response};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterStats,
 };
+use crate::wire::budget::Budget;
 
 /// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.
 #[derive(Clone, Debug)]
@@ -55,6 +56,11 @@ pub struct HostLimits {
     /// An object with no call for this long is evicted (default 60 s): its instance and cache
     /// are dropped, and its stubs build a new one on their next call.
     pub idle_evict_ms: u64,
+    /// Bytes in flight over every connection (default 256 MiB): partly received messages,
+    /// requests of calls not answered, responses not yet written. Each connection gets a fair
+    /// share (never less than one message of the largest size); over it the connection is not
+    /// read until it drains, and calls past the share or the budget fail with `overloaded`.
+    pub inflight_bytes_max: usize,
 }
 
 impl Default for HostLimits {
@@ -65,6 +71,7 @@ impl Default for HostLimits {
             list_objects_max: 1000,
             activations_max: 200_000,
             idle_evict_ms: 60_000,
+            inflight_bytes_max: 256 << 20,
         }
     }
 }
@@ -115,6 +122,8 @@ pub(crate) struct HostInner {
     closing: Cell<bool>,
     /// The writer thread; taken at shutdown.
     writer: RefCell<Option<Writer>>,
+    /// Bytes in flight over every connection of the host (see `inflight_bytes_max`).
+    budget: Rc<Budget>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -166,6 +175,7 @@ impl Host {
             active: Cell::new(0),
             closing: Cell::new(false),
             writer: RefCell::new(Some(writer)),
+            budget: Budget::new(config.limits.inflight_bytes_max),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         Ok(Host { inner })
@@ -187,6 +197,16 @@ impl Host {
     /// Counters of the storage writer.
     pub fn writer_stats(&self) -> Arc<WriterStats> {
         self.inner.storage.writer.stats.clone()
+    }
+
+    /// The budget of bytes in flight that the host's connections share.
+    pub(crate) fn budget(&self) -> &Rc<Budget> {
+        &self.inner.budget
+    }
+
+    /// Bytes in flight now over every connection (see [`HostLimits::inflight_bytes_max`]).
+    pub fn inflight_bytes(&self) -> usize {
+        self.inner.budget.used()
     }
 
     /// Active objects, over all namespaces.

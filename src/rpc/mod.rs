@@ -12,7 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::Error;
 use crate::host::{Host, Namespace, Stub};
 use crate::id::{self, ObjectId};
+use crate::wire::budget::Account;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
+use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{MESSAGE_BYTES_MAX, convert, rpc_system};
 
 /// What the RPC layer adds to a host: who may use it.
@@ -21,6 +23,8 @@ pub struct RpcOptions {
     /// The token clients must present with `Host.authenticate` before anything else, if any.
     /// Compared in constant time; a wrong one is answered after a short delay.
     pub token: Option<Arc<str>>,
+    /// The time bounds of a connection's reads: per message, and idle.
+    pub frame: FrameLimits,
 }
 
 /// Most calls one connection may have in flight. Each holds a task and its buffers, and
@@ -36,31 +40,58 @@ pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
 const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the servers of one connection share.
-#[derive(Default)]
 struct Connection {
     /// Calls of this connection that have not answered yet.
     in_flight: std::cell::Cell<usize>,
+    /// The connection's bytes in flight, in the host's budget.
+    account: std::rc::Rc<Account>,
 }
 
-/// Counts a call of a connection while it lives.
-struct InFlight(std::rc::Rc<Connection>);
+impl Connection {
+    fn open(host: &Host) -> std::rc::Rc<Connection> {
+        std::rc::Rc::new(Connection {
+            in_flight: std::cell::Cell::new(0),
+            account: Account::open(host.budget()),
+        })
+    }
+}
+
+/// Counts a call of a connection, and the bytes of its request, while it lives.
+struct InFlight {
+    connection: std::rc::Rc<Connection>,
+    bytes: usize,
+}
 
 impl InFlight {
-    fn admit(connection: &std::rc::Rc<Connection>) -> Result<InFlight, capnp::Error> {
+    /// Admits a call whose request takes `bytes`, within the connection's bounds on calls and
+    /// on bytes in flight, and the host's budget.
+    fn admit(connection: &std::rc::Rc<Connection>, bytes: usize) -> Result<InFlight, capnp::Error> {
         let count = connection.in_flight.get();
         if count >= CONNECTION_CALLS_MAX {
             return Err(capnp::Error::overloaded(format!(
                 "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
             )));
         }
+        if !connection.account.try_hold(bytes) {
+            return Err(capnp::Error::overloaded(format!(
+                "the connection has {} bytes in flight, and a call of {bytes} more would pass its \
+                 share of the host's budget (inflight_bytes_max)",
+                connection.account.in_flight()
+            )));
+        }
         connection.in_flight.set(count + 1);
-        Ok(InFlight(connection.clone()))
+        Ok(InFlight {
+            connection: connection.clone(),
+            bytes,
+        })
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.set(self.0.in_flight.get() - 1);
+        let connection = &self.connection;
+        connection.in_flight.set(connection.in_flight.get() - 1);
+        connection.account.release(self.bytes);
     }
 }
 
@@ -68,7 +99,14 @@ impl Drop for InFlight {
 /// `options` set a token, a guard that asks for it first. Each connection gets its own, which
 /// carries the connection's bound on calls in flight.
 pub fn bootstrap(host: &Host, options: &RpcOptions) -> host::Client {
-    let connection = std::rc::Rc::new(Connection::default());
+    bootstrap_of(host, options, Connection::open(host))
+}
+
+fn bootstrap_of(
+    host: &Host,
+    options: &RpcOptions,
+    connection: std::rc::Rc<Connection>,
+) -> host::Client {
     let real: host::Client = capnp_rpc::new_client(HostServer {
         host: host.clone(),
         connection,
@@ -144,7 +182,13 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let bootstrap = bootstrap(host, options).client;
+    let connection = Connection::open(host);
+    let account = connection.account.clone();
+    let calls = connection.clone();
+    let busy: Busy = std::rc::Rc::new(move || calls.in_flight.get() > 0);
+    let reader = FramedReader::new(reader, account.clone(), options.frame, busy);
+    let writer = CountedWriter::new(writer, account);
+    let bootstrap = bootstrap_of(host, options, connection).client;
     rpc_system(reader, writer, Side::Server, Some(bootstrap))
 }
 
@@ -331,10 +375,12 @@ impl durable_object::Server for StubServer {
         mut results: durable_object::FetchResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
-        let call = InFlight::admit(&self.connection).and_then(|in_flight| {
+        let call = (|| -> capnp::Result<_> {
             let request = convert::request_from_capnp(params.get()?.get_request()?)?;
+            let in_flight = InFlight::admit(&self.connection, convert::request_bytes(&request))?;
             Ok((in_flight, self.stub.fetch(request)))
-        });
+        })();
+        let account = self.connection.account.clone();
         async move {
             let (_in_flight, call) = call?;
             let response = call.await?;
@@ -345,6 +391,8 @@ impl durable_object::Server for StubServer {
                      {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
                 )));
             }
+            // Owed until the writer has sent it: a peer that does not read stops being read.
+            account.owe(len);
             convert::response_to_capnp(&response, results.get().init_response());
             Ok(())
         }

@@ -2,7 +2,9 @@
 //! and the one setup of a capnp connection that the server, the client, the test harness and
 //! the bench share. A leaf: it knows nothing of hosts or storage.
 
+pub mod budget;
 pub mod convert;
+pub mod frame;
 
 use std::fmt;
 use std::net::SocketAddr;
