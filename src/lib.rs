@@ -39,6 +39,7 @@ pub use host::{
 };
 pub use id::ObjectId;
 pub use message::{BoxError, Request, Response};
-pub use server::{Builder, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle};
+pub use server::{Builder, CONNECTIONS_MAX, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle};
 pub use storage::{ListOptions, Storage, Transaction};
+pub use wire::frame::FrameLimits;
 pub use wire::{ListenAddr, duro_capnp};

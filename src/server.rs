@@ -15,6 +15,7 @@ use crate::host::{Config, DurableObject, Env, Host, HostLimits, StartError, Stat
 use crate::rpc::RpcOptions;
 use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions};
 use crate::wire::ListenAddr;
+use crate::wire::frame::FrameLimits;
 
 /// Most client connections at once. Each costs buffers and an RPC state; past the bound new
 /// connections are closed at once, so a flood of connections cannot exhaust memory or FDs.
@@ -146,6 +147,14 @@ impl Builder {
     /// is compared in constant time; a wrong one is answered after a short delay.
     pub fn token(mut self, token: impl Into<String>) -> Builder {
         self.rpc.token = Some(Arc::from(token.into()));
+        self
+    }
+
+    /// The time bounds of a Cap'n Proto connection's reads: a message must be whole within
+    /// `message_timeout` of its first byte, and a connection with no call in progress is closed
+    /// after `idle_timeout` of silence.
+    pub fn frame_limits(mut self, limits: FrameLimits) -> Builder {
+        self.rpc.frame = limits;
         self
     }
 

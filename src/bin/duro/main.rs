@@ -11,7 +11,8 @@ use std::str::FromStr;
 
 use clap::{Parser, Subcommand};
 use cli::{Connect, FetchArgs, IdsArgs, LsArgs};
-use duro::{GatewayOptions, ListenAddr, Server};
+use duro::{FrameLimits, GatewayOptions, HostLimits, ListenAddr, Server};
+use std::time::Duration;
 
 /// Every call allocates and frees many small blocks (capnp messages, futures, HTTP parts);
 /// mimalloc serves them several times cheaper than glibc's allocator under this load.
@@ -78,6 +79,19 @@ struct ServeArgs {
     /// connect may use every object: keep the default loopback address, or set a token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// A Cap'n Proto message must be whole this many seconds after its first byte, or its
+    /// connection is closed (slow senders cannot hold memory).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    message_timeout: u64,
+    /// A Cap'n Proto connection with no call in progress that sends nothing for this many
+    /// seconds is closed.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    idle_timeout: u64,
+    /// MiB in flight over all connections: partly received messages, requests not answered,
+    /// responses not yet written. Each connection gets a fair share; past it, it is not read
+    /// until it drains, and its calls fail with `overloaded`.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    inflight_mib: usize,
 }
 
 /// The gateway's address, or none.
@@ -102,7 +116,18 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
+    raise_file_limit();
+    let limits = HostLimits {
+        inflight_bytes_max: args.inflight_mib << 20,
+        ..HostLimits::default()
+    };
+    let frame = FrameLimits {
+        message_timeout: Duration::from_secs(args.message_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+    };
     let mut builder = duro::builtin::register(Server::builder())
+        .limits(limits)
+        .frame_limits(frame)
         .listen(args.listen)
         .data_dir(args.data)
         .map_bytes(args.map_mib << 20)
@@ -116,6 +141,39 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
         builder = builder.token(token);
     }
     builder.run()
+}
+
+/// Raises the soft limit on open files to the hard limit, so that the connection bounds, not
+/// the default of 1024 descriptors, decide how many clients the server takes; says the bound.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+    };
+    let files = if raised {
+        limit.rlim_max
+    } else {
+        limit.rlim_cur
+    };
+    tracing::info!(files, "open file limit");
+    if files < 2 * duro::CONNECTIONS_MAX as u64 {
+        tracing::warn!(
+            files,
+            "the open file limit is below what the connection bounds allow; accepts will fail \
+             (and back off) once it is reached"
+        );
+    }
 }
 
 fn read_token(path: &std::path::Path) -> Result<String, duro::StartError> {
