@@ -8,20 +8,33 @@
 //! the rest is passed as sent. Method, headers and body go through unchanged, and the object's
 //! response (status, headers, body) comes back as it is.
 //!
+//! When the server has a token ([`crate::Builder::token`]), every request must carry it as
+//! `Authorization: Bearer <token>`, compared in constant time. A request without it (no header,
+//! another scheme, an empty token) or with a wrong one gets 401 with `WWW-Authenticate: Bearer`
+//! (and `error="invalid_token"` for a wrong token, after [`WRONG_TOKEN_DELAY`]), before its path
+//! is looked at: it reaches no object. The `Authorization` header of an accepted request is
+//! removed, so the token never reaches class code. Without a token every request is let in and
+//! the header, if any, goes through like any other.
+//!
 //! What the gateway answers when the request does not reach the object, or the call fails:
 //!
 //! | situation | status |
 //! |---|---|
+//! | with a token set: no `Authorization: Bearer`, or a wrong token | 401, `WWW-Authenticate: Bearer` |
 //! | path without a namespace and a name, an empty one, or one not UTF-8 once decoded | 400 |
 //! | no namespace of that name | 404 |
 //! | request body over [`GatewayOptions::body_bytes_max`] | 413, and the connection closes |
 //! | the request body broke off (client error) | 400, and the connection closes |
 //! | bad argument ([`crate::error::Error::InvalidArgument`], e.g. a name over `name_bytes_max`) | 400 |
-//! | the object's code returned an error ([`crate::error::Error::Remote`]) | 500 |
+//! | the object's code returned an error ([`crate::error::Error::Remote`]) | 500, `x-request-id` |
 //! | the object was reset, or the host is shutting down ([`crate::error::Error::Disconnected`]) | 502 |
 //! | too many requests queued for the object ([`crate::error::Error::Overloaded`]) | 503, `Retry-After: 1` |
 //!
-//! Each of these has a plain-text body naming the rule or carrying the error's message.
+//! Each of these has a plain-text body naming the rule or carrying the host's message. The
+//! message of an object's error is the object's own text, which may tell more than its clients
+//! should know: the 500 carries `internal error (request id ID)` and the header `x-request-id:
+//! ID` instead, and the server logs the message with that ID (at warn). With
+//! [`GatewayOptions::expose_errors`] the body carries the message.
 //!
 //! A body over the limit is refused before it is read: at once when its `Content-Length` is
 //! over, and as soon as a chunked body passes the limit. The rest of such a body is never read,
@@ -35,10 +48,12 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -71,17 +86,31 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The shape of a gateway path, named when a path is refused.
 const PATH_SHAPE: &str = "expected /{namespace}/{name}/{path}";
 
+/// Pause before answering a wrong token, to slow down guessing: the same as a wrong token to
+/// `Host.authenticate` costs. Only the connection that sent it waits (it is its task that
+/// sleeps), and an HTTP/1.1 connection carries one request at a time, so a guesser needs a
+/// connection per guess in flight, of the [`CONNECTIONS_MAX`].
+pub const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(200);
+
+/// The header that carries the ID of a request whose error is logged rather than sent.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Options of the HTTP gateway.
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
     /// Largest request body accepted (default 1 MiB); larger requests get 413.
     pub body_bytes_max: usize,
+    /// Whether the message of an object's error goes back in the 500's body (default false: the
+    /// body carries a request ID, and the message goes to the log with it). Error messages may
+    /// tell internals (keys, paths, other objects' names) to whoever sent the request.
+    pub expose_errors: bool,
 }
 
 impl Default for GatewayOptions {
     fn default() -> GatewayOptions {
         GatewayOptions {
             body_bytes_max: 1 << 20,
+            expose_errors: false,
         }
     }
 }
@@ -90,9 +119,15 @@ impl Default for GatewayOptions {
 type HttpResponse = hyper::Response<Full<Bytes>>;
 
 /// Serves HTTP on `listener` until the future is dropped. Runs on the host's event loop (inside
-/// its `LocalSet`): each connection is a local task.
-pub async fn serve(host: Host, listener: TcpListener, options: GatewayOptions) {
-    let gateway = Rc::new(Gateway::new(host, options));
+/// its `LocalSet`): each connection is a local task. With a `token`, every request must carry
+/// it as `Authorization: Bearer <token>` (see the module docs).
+pub async fn serve(
+    host: Host,
+    listener: TcpListener,
+    options: GatewayOptions,
+    token: Option<Arc<str>>,
+) {
+    let gateway = Rc::new(Gateway::new(host, options, token));
     let open = Rc::new(Cell::new(0));
     loop {
         match listener.accept().await {
@@ -109,6 +144,8 @@ pub async fn serve(host: Host, listener: TcpListener, options: GatewayOptions) {
 struct Gateway {
     host: Host,
     options: GatewayOptions,
+    /// The token every request must carry, when the server has one.
+    token: Option<Arc<str>>,
     /// hyper's connection settings, built once.
     http: http1::Builder,
 }
@@ -136,7 +173,7 @@ impl Drop for ConnectionSlot {
 }
 
 impl Gateway {
-    fn new(host: Host, options: GatewayOptions) -> Gateway {
+    fn new(host: Host, options: GatewayOptions, token: Option<Arc<str>>) -> Gateway {
         let mut http = http1::Builder::new();
         http.keep_alive(true)
             .timer(TokioTimer::new())
@@ -144,6 +181,7 @@ impl Gateway {
         Gateway {
             host,
             options,
+            token,
             http,
         }
     }
@@ -181,12 +219,30 @@ impl Gateway {
         }
     }
 
+    /// Lets the request in when no token is set, or when it carries the token; then removes
+    /// its `Authorization` header, which has done its work and must not reach the object.
+    async fn authorize(&self, headers: &mut HeaderMap) -> Result<(), Error> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let sent = bearer_token(headers).ok_or(Error::NoBearerToken)?;
+        if !crate::id::constant_time_eq(sent, token.as_bytes()) {
+            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            return Err(Error::WrongToken);
+        }
+        headers.remove(header::AUTHORIZATION);
+        Ok(())
+    }
+
     /// Routes `request` to its object. The checks that cost nothing come first: a request
-    /// refused for its path or its Content-Length neither activates an object nor has its body
-    /// read, and a refused name is refused before the body is read.
+    /// refused for its token, its path or its Content-Length neither activates an object nor
+    /// has its body read, and a refused name is refused before the body is read.
     async fn forward(&self, request: hyper::Request<Incoming>) -> Result<Response, Error> {
         let (mut parts, body) = request.into_parts();
-        let route = Route::parse(&parts.uri)?;
+        self.authorize(&mut parts.headers).await?;
+        // Taken out of `parts`, so the route can borrow it while `parts` becomes the request.
+        let uri = std::mem::take(&mut parts.uri);
+        let route = Route::parse(&uri)?;
         let namespace = self
             .host
             .namespace(&route.namespace)
@@ -196,12 +252,61 @@ impl Gateway {
         if body.size_hint().lower() > max as u64 {
             return Err(Error::BodyTooLarge { max });
         }
-        let uri = route.object_uri()?;
-        let stub = namespace.get_by_name(&route.name)?;
+        parts.uri = route.object_uri()?;
+        let stub = namespace
+            .get_by_name(&route.name)
+            .map_err(|error| self.call_failed(&route, error))?;
         let body = read_body(body, max).await?;
-        parts.uri = uri;
-        Ok(stub.fetch(Request::from_parts(parts, body)).await?)
+        let response = stub.fetch(Request::from_parts(parts, body)).await;
+        response.map_err(|error| self.call_failed(&route, error))
     }
+
+    /// The error to answer a failed call with. A failure of the object's code (its constructor
+    /// too) is the object's text: unless errors are exposed, it goes to the log with a request
+    /// ID and the client gets the ID. The other kinds carry the host's text; they go back as
+    /// they are.
+    fn call_failed(&self, route: &Route<'_>, error: crate::error::Error) -> Error {
+        let error = Error::Call(error);
+        if self.options.expose_errors || error.status() != StatusCode::INTERNAL_SERVER_ERROR {
+            return error;
+        }
+        let request_id = new_request_id();
+        tracing::warn!(
+            %request_id,
+            namespace = ?route.namespace,
+            name = ?route.name,
+            %error,
+            "gateway: the object's call failed"
+        );
+        Error::Hidden { request_id }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme's case does not
+/// matter); none when the header is missing, repeated, of another scheme, or has no token.
+fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?.as_bytes();
+    if values.next().is_some() {
+        return None;
+    }
+    let space = value.iter().position(|&byte| byte == b' ')?;
+    let (scheme, token) = value.split_at(space);
+    let token = token.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A new request ID: 16 hex digits, random, so that IDs neither collide across restarts nor
+/// tell how many requests the server has seen.
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // The OS random source failed, which it all but never does: a counter still tells the
+        // requests apart, which is what the ID is for.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        bytes = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    }
+    crate::id::to_hex(&bytes)
 }
 
 /// Reads the whole body, but stops as soon as it passes `max` bytes.
@@ -270,6 +375,10 @@ fn decode(segment: &str) -> Result<Cow<'_, str>, Error> {
 /// Why a request got no answer from its object; each maps to a status (see the module docs).
 #[derive(Debug, thiserror::Error)]
 enum Error {
+    #[error("unauthorized: send the server's token as Authorization: Bearer <token>")]
+    NoBearerToken,
+    #[error("unauthorized: wrong token")]
+    WrongToken,
     #[error("bad path: {0}")]
     BadPath(&'static str),
     #[error("no namespace {0:?}")]
@@ -280,11 +389,15 @@ enum Error {
     BodyRead(String),
     #[error(transparent)]
     Call(#[from] crate::error::Error),
+    /// A failure of the object whose message went to the log under `request_id`.
+    #[error("internal error (request id {request_id})")]
+    Hidden { request_id: String },
 }
 
 impl Error {
     fn status(&self) -> StatusCode {
         match self {
+            Error::NoBearerToken | Error::WrongToken => StatusCode::UNAUTHORIZED,
             Error::BadPath(_) | Error::BodyRead(_) => StatusCode::BAD_REQUEST,
             Error::UnknownNamespace(_) => StatusCode::NOT_FOUND,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -295,6 +408,7 @@ impl Error {
                 // `Remote`, and any kind added later: a failure of the call.
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            Error::Hidden { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -310,11 +424,27 @@ impl Error {
         let headers = response.headers_mut();
         let text = HeaderValue::from_static("text/plain; charset=utf-8");
         headers.insert(header::CONTENT_TYPE, text);
-        if matches!(self, Error::Call(crate::error::Error::Overloaded(_))) {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+        match self {
+            Error::Call(crate::error::Error::Overloaded(_)) => {
+                let seconds = HeaderValue::from_static(RETRY_AFTER_SECONDS);
+                headers.insert(header::RETRY_AFTER, seconds);
+            }
+            // RFC 6750: the scheme to use, and why the token sent was refused.
+            Error::NoBearerToken => {
+                let challenge = HeaderValue::from_static("Bearer");
+                headers.insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            Error::WrongToken => {
+                let challenge = HeaderValue::from_static(r#"Bearer error="invalid_token""#);
+                headers.insert(header::WWW_AUTHENTICATE, challenge);
+            }
+            Error::Hidden { request_id } => {
+                // Hex digits only: always a valid header value.
+                if let Ok(id) = HeaderValue::from_str(request_id) {
+                    headers.insert(REQUEST_ID, id);
+                }
+            }
+            _ => {}
         }
         if self.closes_connection() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -384,5 +514,53 @@ mod tests {
         assert_eq!(overloaded.headers()[header::RETRY_AFTER], "1");
         let too_large = Error::BodyTooLarge { max: 1 }.response();
         assert_eq!(too_large.headers()[header::CONNECTION], "close");
+        let missing = Error::NoBearerToken.response();
+        assert_eq!(missing.status(), 401);
+        assert_eq!(missing.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        let wrong = Error::WrongToken.response();
+        assert_eq!(wrong.status(), 401);
+        let challenge = r#"Bearer error="invalid_token""#;
+        assert_eq!(wrong.headers()[header::WWW_AUTHENTICATE], challenge);
+        let request_id = new_request_id();
+        let hidden = Error::Hidden { request_id }.response();
+        assert_eq!(hidden.status(), 500);
+        assert_eq!(hidden.headers()[REQUEST_ID].len(), 16);
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_one_authorization_header() {
+        let token = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::AUTHORIZATION, HeaderValue::from_static(value));
+            }
+            bearer_token(&headers).map(<[u8]>::to_vec)
+        };
+        assert_eq!(token(&["Bearer s3cret"]), Some(b"s3cret".to_vec()));
+        assert_eq!(token(&["bearer  s3cret "]), Some(b"s3cret".to_vec()));
+        assert_eq!(
+            token(&["Bearer a b"]),
+            Some(b"a b".to_vec()),
+            "tokens may hold spaces"
+        );
+        for refused in [
+            &[][..],
+            &["Basic czNjcmV0"],
+            &["Bearer"],
+            &["Bearer "],
+            &["Bearers3cret"],
+            &["s3cret"],
+            &["Bearer s3cret", "Bearer s3cret"],
+        ] {
+            assert_eq!(token(refused), None, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_16_hex_digits_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
     }
 }

@@ -143,8 +143,9 @@ impl Builder {
         self
     }
 
-    /// Requires clients to call `Host.authenticate(token)` before anything else. The token
-    /// is compared in constant time; a wrong one is answered after a short delay.
+    /// Requires Cap'n Proto clients to call `Host.authenticate(token)` before anything else,
+    /// and HTTP requests to the gateway to carry `Authorization: Bearer <token>`. The token is
+    /// compared in constant time; a wrong one is answered after a short delay.
     pub fn token(mut self, token: impl Into<String>) -> Builder {
         self.rpc.token = Some(Arc::from(token.into()));
         self
@@ -279,7 +280,8 @@ impl Builder {
             if let Some(addr) = self.http {
                 let http = TcpListener::bind(addr).await?;
                 http_addr = Some(http.local_addr()?);
-                tokio::task::spawn_local(gateway::serve(host.clone(), http, self.gateway));
+                let token = self.rpc.token.clone();
+                tokio::task::spawn_local(gateway::serve(host.clone(), http, self.gateway, token));
             }
             on_ready(Ready {
                 addr: listener.local_addr()?,
@@ -306,8 +308,9 @@ fn warn_if_open(listen: &ListenAddr, http: Option<SocketAddr>, has_token: bool) 
     }
     if let Some(addr) = http
         && !addr.ip().is_loopback()
+        && !has_token
     {
-        tracing::warn!(%addr, "the HTTP gateway listens beyond loopback and has no authentication");
+        tracing::warn!(%addr, "the HTTP gateway listens beyond loopback without a token: anyone who can reach it can use every object (see --token-file)");
     }
 }
 

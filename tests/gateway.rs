@@ -1,11 +1,11 @@
 //! The HTTP gateway, over real HTTP/1.1 connections on loopback.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use duro::gateway::GatewayOptions;
+use duro::gateway::{GatewayOptions, WRONG_TOKEN_DELAY};
 use duro::testing::{TestServer, fetch_by_name, run_local};
 use duro::{BoxError, Builder, DurableObject, HostLimits, Request, Response, Server, State};
 use http::{HeaderMap, Method};
@@ -16,6 +16,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
+
+mod common;
 
 /// Longest wait for any answer: a test that would hang fails instead.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -257,18 +259,98 @@ fn bad_paths_and_unknown_namespaces_are_refused() {
     });
 }
 
+/// The warnings the servers of this test binary logged (every server runs on a thread of its
+/// own, so the subscriber that collects them is the global one).
+fn warnings() -> String {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        log
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// Appends what is logged to a shared buffer.
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
-fn object_errors_are_500_and_resets_502() {
+fn an_object_error_is_500_with_a_request_id_and_its_text_goes_to_the_log_only() {
+    warnings(); // Collecting from now on.
     let server = TestServer::start(builder());
     run_local(async {
         let mut connection = Connection::open(http_addr(&server)).await;
-        let reply = connection.call("GET", "/fail/a", b"").await;
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let reply = connection.call("GET", "/fail/a", b"").await;
+            assert_eq!(reply.status, 500, "{}", reply.text());
+            let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+            assert!(
+                id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id}"
+            );
+            let body = format!("internal error (request id {id})\n");
+            assert_eq!(reply.text(), body, "the object's text stays on the server");
+            ids.push(id);
+        }
+        assert_ne!(ids[0], ids[1], "an ID per request");
+        let log = warnings();
+        for id in &ids {
+            let line = log.lines().find(|line| line.contains(id.as_str()));
+            let line = line.unwrap_or_else(|| panic!("no warning with {id}:\n{log}"));
+            for part in [
+                "WARN",
+                "namespace=\"fail\"",
+                "name=\"a\"",
+                "boom: the object failed",
+            ] {
+                assert!(line.contains(part), "{part} not in {line}");
+            }
+        }
+    });
+}
+
+#[test]
+fn with_expose_errors_an_object_error_is_500_with_its_text() {
+    let options = GatewayOptions {
+        expose_errors: true,
+        ..GatewayOptions::default()
+    };
+    let server = TestServer::start(builder().gateway_options(options));
+    run_local(async {
+        let reply = call_once(http_addr(&server), "GET", "/fail/a").await;
         assert_eq!(reply.status, 500);
         assert!(
             reply.text().contains("boom: the object failed"),
             "{}",
             reply.text()
         );
+        assert!(!reply.headers.contains_key("x-request-id"));
+    });
+}
+
+#[test]
+fn a_reset_is_502_and_the_next_request_gets_a_fresh_instance() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let mut connection = Connection::open(http_addr(&server)).await;
         let reply = connection.call("POST", "/panic/a", b"").await;
         assert_eq!(reply.status, 502, "{}", reply.text());
         assert!(reply.text().contains("disconnected"), "{}", reply.text());
@@ -359,6 +441,7 @@ async fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
 fn limited_builder() -> Builder {
     builder().gateway_options(GatewayOptions {
         body_bytes_max: 1024,
+        ..GatewayOptions::default()
     })
 }
 
@@ -467,5 +550,153 @@ fn a_header_that_is_not_utf8_reaches_the_object_as_sent_by_either_path() {
             b"636166e9",
             "the same bytes over capnp"
         );
+    });
+}
+
+const TOKEN: &str = "s3cret token";
+
+/// `method path`, with `authorization` as its Authorization header if given, and `body`.
+fn authorized(
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    body: &'static [u8],
+) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::builder().method(method).uri(path);
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    request
+        .body(Full::new(Bytes::from_static(body)))
+        .expect("a valid request")
+}
+
+#[test]
+fn with_a_token_only_requests_that_carry_it_reach_an_object() {
+    let server = TestServer::start(builder().token(TOKEN));
+    run_local(async {
+        let mut connection = Connection::open(http_addr(&server)).await;
+        let right = format!("Bearer {TOKEN}");
+        // No header, another scheme, no token: told which scheme to use. A path to nowhere is
+        // refused the same way, so it tells nothing about the namespaces.
+        for (authorization, path, body) in [
+            (None, "/counter/a", &b""[..]),
+            (None, "/counter/a", b"a body left unread"),
+            (None, "/nowhere/a", b""),
+            (Some("Basic czNjcmV0IHRva2Vu"), "/counter/a", b""),
+            (Some("Bearer"), "/counter/a", b""),
+            (Some(TOKEN), "/counter/a", b""),
+        ] {
+            let request = authorized("POST", path, authorization, body);
+            let reply = connection.send(request).await;
+            let what = format!("{authorization:?} {path}");
+            assert_eq!(reply.status, 401, "{what}: {}", reply.text());
+            assert_eq!(reply.headers["www-authenticate"], "Bearer", "{what}");
+            assert!(reply.text().contains("Bearer"), "{what}: {}", reply.text());
+        }
+        // A wrong token, a prefix of the right one, and the right one in another case: refused
+        // as invalid, each after the delay that slows guessing.
+        for wrong in ["Bearer wrong", "Bearer s3cret", "Bearer S3CRET TOKEN"] {
+            let started = Instant::now();
+            let reply = connection
+                .send(authorized("POST", "/counter/a", Some(wrong), b""))
+                .await;
+            assert_eq!(reply.status, 401, "{wrong}: {}", reply.text());
+            let challenge = r#"Bearer error="invalid_token""#;
+            assert_eq!(reply.headers["www-authenticate"], challenge, "{wrong}");
+            assert!(
+                started.elapsed() >= WRONG_TOKEN_DELAY,
+                "{wrong}: answered at once"
+            );
+        }
+        // The scheme's case does not matter.
+        for authorization in [right.clone(), format!("bearer {TOKEN}")] {
+            let reply = connection
+                .send(authorized("GET", "/counter/a", Some(&authorization), b""))
+                .await;
+            let text = reply.text();
+            assert_eq!(
+                (reply.status, text.as_str()),
+                (200, "0\n"),
+                "nothing reached it"
+            );
+        }
+        let reply = connection
+            .send(authorized("POST", "/counter/a", Some(&right), b""))
+            .await;
+        assert_eq!((reply.status, reply.text()), (200, "1\n".to_owned()));
+        let host = server.connect().await;
+        let response = fetch_by_name(&host, "counter", "a", "GET", "/", b"").await;
+        assert!(
+            response.is_err(),
+            "the Cap'n Proto side still asks for the token"
+        );
+    });
+}
+
+#[test]
+fn the_token_never_reaches_the_object() {
+    let server = TestServer::start(builder().token(TOKEN));
+    run_local(async {
+        let mut connection = Connection::open(http_addr(&server)).await;
+        let mut request = authorized("GET", "/echo/a", Some(&format!("Bearer {TOKEN}")), b"");
+        request
+            .headers_mut()
+            .insert("x-test", http::HeaderValue::from_static("yes"));
+        let reply = connection.send(request).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let headers = reply.json()["headers"].clone();
+        let headers = headers.as_array().unwrap();
+        assert!(headers.contains(&json!(["x-test", "yes"])), "{headers:?}");
+        assert!(
+            headers.iter().all(|header| header[0] != "authorization"),
+            "{headers:?}"
+        );
+    });
+}
+
+#[test]
+fn without_a_token_requests_need_none_and_authorization_goes_through() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let mut connection = Connection::open(http_addr(&server)).await;
+        let reply = connection.call("POST", "/counter/a", b"").await;
+        assert_eq!((reply.status, reply.text()), (200, "1\n".to_owned()));
+        let own = "Bearer the object's own scheme";
+        let reply = connection
+            .send(authorized("GET", "/echo/a", Some(own), b""))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let headers = reply.json()["headers"].clone();
+        assert!(
+            headers
+                .as_array()
+                .unwrap()
+                .contains(&json!(["authorization", own])),
+            "{headers:?}"
+        );
+    });
+}
+
+#[test]
+fn duro_serve_asks_http_clients_for_the_token_of_its_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("  {TOKEN}\n")).unwrap();
+    let flags = [
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--expose-errors",
+    ];
+    let served = common::serve_with(&dir.path().join("data"), &flags);
+    run_local(async {
+        let mut connection = Connection::open(served.http.expect("the gateway")).await;
+        let reply = connection.call("POST", "/counter/a", b"").await;
+        assert_eq!(reply.status, 401, "{}", reply.text());
+        let right = format!("Bearer {TOKEN}");
+        let reply = connection
+            .send(authorized("POST", "/counter/a", Some(&right), b""))
+            .await;
+        assert_eq!((reply.status, reply.text()), (200, "1\n".to_owned()));
     });
 }

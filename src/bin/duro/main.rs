@@ -74,9 +74,14 @@ struct ServeArgs {
     /// The largest request body the HTTP gateway accepts; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     http_body_max_bytes: usize,
+    /// Sends the message of an object's error to HTTP clients in the 500's body. Without it the
+    /// body carries a request ID, and the message is logged with that ID.
+    #[arg(long)]
+    expose_errors: bool,
     /// A file holding the token Cap'n Proto clients must present with `Host.authenticate`
-    /// before anything else (surrounding whitespace is ignored). Without it, anyone who can
-    /// connect may use every object: keep the default loopback address, or set a token.
+    /// before anything else, and HTTP clients as `Authorization: Bearer <token>` (surrounding
+    /// whitespace is ignored). Without it, anyone who can connect may use every object: keep
+    /// the default loopback addresses, or set a token.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// A Cap'n Proto message must be whole this many seconds after its first byte, or its
@@ -133,6 +138,7 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
         .map_bytes(args.map_mib << 20)
         .gateway_options(GatewayOptions {
             body_bytes_max: args.http_body_max_bytes,
+            expose_errors: args.expose_errors,
         });
     if let Some(http) = args.http.0 {
         builder = builder.http(http);
