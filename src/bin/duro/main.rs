@@ -78,6 +78,14 @@ struct ServeArgs {
     /// connect may use every object: keep the default loopback address, or set a token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Serve TLS on the Cap'n Proto listener (when it is TCP) and the HTTP gateway, with the
+    /// certificate chain of this PEM file (the server's certificate first). Needs --tls-key.
+    /// Clients connect with `duro fetch --tls` (and --tls-ca for a private CA).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, a PEM file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The gateway's address, or none.
@@ -114,6 +122,9 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     }
     if let Some(token) = token {
         builder = builder.token(token);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls_pem(cert, key);
     }
     builder.run()
 }
