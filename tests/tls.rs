@@ -279,3 +279,17 @@ fn a_unix_socket_stays_plain_under_tls() {
     });
     server.shutdown();
 }
+
+#[allow(dead_code)] // its `main` is for `cargo run --example client`
+#[path = "../examples/client.rs"]
+mod example;
+
+#[tokio::test]
+async fn the_rust_example_counts_over_tls() {
+    let files = tls_files();
+    let server = tls_server(&files);
+    let addr = server.addr().to_string();
+    let client = example::connect(&addr, Some(&files.ca)).await.unwrap();
+    assert_eq!(example::increment(&client, "visits").await.unwrap(), 1);
+    assert_eq!(example::increment(&client, "visits").await.unwrap(), 2);
+}
