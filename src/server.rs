@@ -497,7 +497,10 @@ fn spawn_tls_connection(
         let _slot = slot;
         let stream = match tls.accept(stream).await {
             Ok(stream) => stream,
-            Err(error) => return tracing::debug!(%error, "TLS handshake failed"),
+            Err(error) => {
+                tracing::debug!(%error, "TLS handshake failed");
+                return;
+            }
         };
         let (reader, writer) = tokio::io::split(stream);
         if let Err(error) = crate::rpc::serve_connection(&host, &rpc, reader, writer).await {
