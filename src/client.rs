@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::Error;
 use crate::id::{ID_BYTES, ObjectId};
 use crate::message::{Request, Response};
+pub use crate::tls::ClientTls;
 use crate::wire::duro_capnp::{durable_object, host, namespace, namespace_info, object_id};
 use crate::wire::{ListenAddr, MESSAGE_BYTES_MAX, convert};
 
@@ -85,13 +86,41 @@ impl Client {
     /// [`Error::InvalidArgument`]; a connection that cannot be made (refused, timed out after
     /// [`CONNECT_TIMEOUT`]) with [`Error::Disconnected`].
     pub async fn connect(addr: impl IntoServerAddr) -> Result<Client, Error> {
+        Client::connect_with(addr.into_server_addr()?, None).await
+    }
+
+    /// [`Client::connect`] over TLS, to a host served with TLS (`duro serve --tls-cert`): `tls`
+    /// says which CAs to trust and the name the host's certificate must carry. Only a TCP
+    /// address takes TLS; a unix socket fails with [`Error::InvalidArgument`]. A certificate
+    /// that `tls` does not trust fails with [`Error::Disconnected`], saying why.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// use duro::client::{Client, ClientTls};
+    ///
+    /// // The host's certificate was signed by a private CA, for the name duro.internal.
+    /// let tls = ClientTls::with_ca_pem("ca.pem")?.server_name("duro.internal")?;
+    /// let client = Client::connect_tls("10.0.0.5:7450", tls).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_tls(addr: impl IntoServerAddr, tls: ClientTls) -> Result<Client, Error> {
         let addr = addr.into_server_addr()?;
+        if let ListenAddr::Unix(_) = addr {
+            return Err(Error::InvalidArgument(format!(
+                "TLS needs a TCP address, not {addr}: a unix socket is guarded by its permissions"
+            )));
+        }
+        Client::connect_with(addr, Some(tls)).await
+    }
+
+    async fn connect_with(addr: ListenAddr, tls: Option<ClientTls>) -> Result<Client, Error> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (ready, connected) = oneshot::channel();
         let driver_addr = addr.clone();
         std::thread::Builder::new()
             .name("duro-client".into())
-            .spawn(move || driver::run(driver_addr, receiver, ready))
+            .spawn(move || driver::run(driver_addr, tls, receiver, ready))
             .map_err(|e| Error::Disconnected(format!("starting the client thread: {e}")))?;
         connected.await.unwrap_or_else(|_| Err(driver_stopped()))?;
         Ok(Client {
@@ -603,10 +632,11 @@ fn read_page(results: namespace::list_objects_results::Reader<'_>) -> capnp::Res
 mod driver {
     use super::*;
 
-    /// Runs a driver for a connection to `addr` until every handle of the client is dropped;
-    /// reports on `ready` whether the connection was made.
+    /// Runs a driver for a connection to `addr` (over TLS when `tls` is given) until every
+    /// handle of the client is dropped; reports on `ready` whether the connection was made.
     pub(super) fn run(
         addr: ListenAddr,
+        tls: Option<ClientTls>,
         commands: mpsc::UnboundedReceiver<Command>,
         ready: oneshot::Sender<Result<(), Error>>,
     ) {
@@ -626,7 +656,7 @@ mod driver {
         // flight, which closes the connection.
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
-            match tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect(&addr, tls.as_ref())).await {
                 Ok(Ok(host)) => {
                     let _ = ready.send(Ok(()));
                     Driver::new(host).serve(commands).await;
@@ -645,8 +675,11 @@ mod driver {
     }
 
     /// Opens the connection and starts its RPC system on the local set.
-    async fn connect(addr: &ListenAddr) -> std::io::Result<host::Client> {
-        let (host, rpc) = crate::wire::connect(addr).await?;
+    async fn connect(addr: &ListenAddr, tls: Option<&ClientTls>) -> std::io::Result<host::Client> {
+        let (host, rpc) = match (addr, tls) {
+            (ListenAddr::Tcp(addr), Some(tls)) => crate::wire::connect_tls(*addr, tls).await?,
+            _ => crate::wire::connect(addr).await?,
+        };
         tokio::task::spawn_local(rpc);
         Ok(host)
     }

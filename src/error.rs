@@ -44,7 +44,11 @@ impl From<capnp::Error> for Error {
             .strip_prefix("remote exception: ")
             .unwrap_or(&error.extra);
         match error.kind {
-            ErrorKind::Disconnected => Error::Disconnected(message.to_owned()),
+            // A connection that broke off inside a message is as lost as one reset: e.g. a
+            // TLS listener's alert to a client that spoke plain capnp.
+            ErrorKind::Disconnected | ErrorKind::PrematureEndOfFile => {
+                Error::Disconnected(message.to_owned())
+            }
             ErrorKind::Overloaded => Error::Overloaded(message.to_owned()),
             _ => match message.strip_prefix(REMOTE_PREFIX) {
                 Some(message) => Error::Remote(message.to_owned()),

@@ -64,6 +64,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::host::Host;
 use crate::message::{Request, Response};
+use crate::tls::ServerTls;
 
 /// Most gateway connections open at once. Each costs a task, hyper's buffers (up to
 /// `max_buf_size`) and an FD; past the bound new connections are closed at once, so a flood of
@@ -118,20 +119,22 @@ impl Default for GatewayOptions {
 /// The response type of the gateway: the object's body is handed to hyper without a copy.
 type HttpResponse = hyper::Response<Full<Bytes>>;
 
-/// Serves HTTP on `listener` until the future is dropped. Runs on the host's event loop (inside
-/// its `LocalSet`): each connection is a local task. With a `token`, every request must carry
-/// it as `Authorization: Bearer <token>` (see the module docs).
+/// Serves HTTP on `listener` until the future is dropped, or HTTPS when `tls` is given. Runs on
+/// the host's event loop (inside its `LocalSet`): each connection is a local task. With a
+/// `token`, every request must carry it as `Authorization: Bearer <token>` (see the module
+/// docs).
 pub async fn serve(
     host: Host,
     listener: TcpListener,
     options: GatewayOptions,
     token: Option<Arc<str>>,
+    tls: Option<ServerTls>,
 ) {
     let gateway = Rc::new(Gateway::new(host, options, token));
     let open = Rc::new(Cell::new(0));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => gateway.spawn_connection(&open, stream),
+            Ok((stream, _)) => gateway.spawn_connection(&open, stream, tls.as_ref()),
             Err(error) => {
                 tracing::warn!(%error, "gateway accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -186,7 +189,12 @@ impl Gateway {
         }
     }
 
-    fn spawn_connection(self: &Rc<Self>, open: &Rc<Cell<usize>>, stream: TcpStream) {
+    fn spawn_connection(
+        self: &Rc<Self>,
+        open: &Rc<Cell<usize>>,
+        stream: TcpStream,
+        tls: Option<&ServerTls>,
+    ) {
         let Some(slot) = ConnectionSlot::take(open) else {
             tracing::warn!(
                 limit = CONNECTIONS_MAX,
@@ -197,18 +205,34 @@ impl Gateway {
         // Small responses would otherwise wait on Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         let gateway = self.clone();
+        let tls = tls.cloned();
         tokio::task::spawn_local(async move {
-            let handler = gateway.clone();
-            let service = service_fn(move |request| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler.handle(request).await) }
-            });
-            let connection = gateway.http.serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "gateway connection ended");
+            // The handshake holds the slot, and is bounded by its own timeout.
+            match tls {
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => gateway.serve_connection(stream).await,
+                    Err(error) => tracing::debug!(%error, "gateway TLS handshake failed"),
+                },
+                None => gateway.serve_connection(stream).await,
             }
             drop(slot);
         });
+    }
+
+    /// Serves the requests of one connection, plain or TLS, until it ends.
+    async fn serve_connection<S>(self: Rc<Self>, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    {
+        let handler = self.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.handle(request).await) }
+        });
+        let connection = self.http.serve_connection(TokioIo::new(stream), service);
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "gateway connection ended");
+        }
     }
 
     /// Answers one request: the object's response, or the refusal's.

@@ -18,6 +18,7 @@ mod gate;
 pub mod id;
 mod message;
 pub mod response;
+pub mod tls;
 pub mod wire;
 // Storage, then the host on top of it.
 mod host;

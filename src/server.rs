@@ -14,6 +14,7 @@ use crate::gateway::{self, GatewayOptions};
 use crate::host::{Config, DurableObject, Env, Host, HostLimits, StartError, State, factory};
 use crate::rpc::RpcOptions;
 use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions};
+use crate::tls::ServerTls;
 use crate::wire::ListenAddr;
 use crate::wire::frame::FrameLimits;
 
@@ -51,6 +52,7 @@ impl Server {
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
             http: None,
             gateway: GatewayOptions::default(),
+            tls: None,
         }
     }
 }
@@ -64,6 +66,14 @@ enum StorageChoice {
     },
     /// A backend the caller opened.
     Given(Arc<dyn Backend>),
+}
+
+/// Where the server's TLS certificate and key come from.
+enum TlsChoice {
+    /// PEM files, read when the server starts.
+    Pem { cert: PathBuf, key: PathBuf },
+    /// A configuration the caller made.
+    Given(ServerTls),
 }
 
 /// A function that wraps the storage backend (see [`Builder::wrap_backend`]).
@@ -80,6 +90,8 @@ pub struct Builder {
     /// The HTTP gateway's address, if it is on.
     http: Option<SocketAddr>,
     gateway: GatewayOptions,
+    /// TLS on the TCP listener and the gateway, if it is on.
+    tls: Option<TlsChoice>,
 }
 
 impl Builder {
@@ -159,6 +171,24 @@ impl Builder {
         self
     }
 
+    /// Serves TLS on the Cap'n Proto listener (when it is TCP: a unix socket stays plain) and
+    /// on the HTTP gateway, with the certificate chain of the PEM file `cert` and the private
+    /// key of the PEM file `key`. The files are read when the server starts, which fails with
+    /// [`StartError::Tls`] naming the file at fault.
+    pub fn tls_pem(mut self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Builder {
+        self.tls = Some(TlsChoice::Pem {
+            cert: cert.as_ref().to_owned(),
+            key: key.as_ref().to_owned(),
+        });
+        self
+    }
+
+    /// [`Builder::tls_pem`] with a TLS configuration made by the caller.
+    pub fn tls(mut self, tls: ServerTls) -> Builder {
+        self.tls = Some(TlsChoice::Given(tls));
+        self
+    }
+
     /// The host's bounds.
     pub fn limits(mut self, limits: HostLimits) -> Builder {
         self.config.limits = limits;
@@ -206,6 +236,14 @@ impl Builder {
         Ok(match &self.wrap_backend {
             Some(wrap) => wrap(backend),
             None => backend,
+        })
+    }
+
+    fn load_tls(&self) -> Result<Option<ServerTls>, StartError> {
+        Ok(match &self.tls {
+            None => None,
+            Some(TlsChoice::Pem { cert, key }) => Some(ServerTls::from_pem_files(cert, key)?),
+            Some(TlsChoice::Given(tls)) => Some(tls.clone()),
         })
     }
 
@@ -272,23 +310,30 @@ impl Builder {
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
             let stop = stop();
+            let tls = self.load_tls()?;
             let backend = self.open_backend()?;
             let host = Host::open(self.config, backend)?;
+            warn_if_clear_text(&self.listen, self.http, tls.is_some());
             let listener = Listener::bind(&self.listen).await?;
             warn_if_open(&self.listen, self.http, self.rpc.token.is_some());
             let mut http_addr = None;
             if let Some(addr) = self.http {
                 let http = TcpListener::bind(addr).await?;
                 http_addr = Some(http.local_addr()?);
-                let token = self.rpc.token.clone();
-                tokio::task::spawn_local(gateway::serve(host.clone(), http, self.gateway, token));
+                tokio::task::spawn_local(gateway::serve(
+                    host.clone(),
+                    http,
+                    self.gateway,
+                    self.rpc.token.clone(),
+                    tls.clone(),
+                ));
             }
             on_ready(Ready {
                 addr: listener.local_addr()?,
                 http: http_addr,
             });
             tokio::select! {
-                _ = accept_loop(&host, &self.rpc, &listener) => {}
+                _ = accept_loop(&host, &self.rpc, &listener, tls.as_ref()) => {}
                 _ = stop => {}
             }
             tracing::info!("shutting down");
@@ -311,6 +356,24 @@ fn warn_if_open(listen: &ListenAddr, http: Option<SocketAddr>, has_token: bool) 
         && !has_token
     {
         tracing::warn!(%addr, "the HTTP gateway listens beyond loopback without a token: anyone who can reach it can use every object (see --token-file)");
+    }
+}
+
+/// Warns when what crosses the network beyond this machine is not encrypted: a token, a
+/// request, a response.
+fn warn_if_clear_text(listen: &ListenAddr, http: Option<SocketAddr>, has_tls: bool) {
+    if has_tls {
+        return;
+    }
+    if let ListenAddr::Tcp(addr) = listen
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, "listening beyond loopback without TLS: the token and every call cross the network in clear text (see --tls-cert)");
+    }
+    if let Some(addr) = http
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, "the HTTP gateway listens beyond loopback without TLS (see --tls-cert)");
     }
 }
 
@@ -376,13 +439,16 @@ async fn remove_stale_socket(path: &Path) {
     }
 }
 
-async fn accept_loop(host: &Host, rpc: &RpcOptions, listener: &Listener) {
+async fn accept_loop(host: &Host, rpc: &RpcOptions, listener: &Listener, tls: Option<&ServerTls>) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = match listener {
             Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
                 // Request/response RPC would otherwise wait on Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
+                if let Some(tls) = tls {
+                    return spawn_tls_connection(host, rpc, &slots, tls, stream);
+                }
                 let (reader, writer) = stream.into_split();
                 spawn_connection(host, rpc, &slots, reader, writer)
             }),
@@ -412,11 +478,7 @@ fn spawn_connection<R, W>(
     R: tokio::io::AsyncRead + Unpin + 'static,
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
-        tracing::warn!(
-            limit = CONNECTIONS_MAX,
-            "connection refused: too many connections"
-        );
+    let Some(slot) = take_slot(slots) else {
         return;
     };
     let (host, rpc) = (host.clone(), rpc.clone());
@@ -426,6 +488,49 @@ fn spawn_connection<R, W>(
             tracing::debug!(%error, "connection ended");
         }
     });
+}
+
+/// [`spawn_connection`] for a TLS listener: the handshake runs inside the connection's task,
+/// holding its slot, and is bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]. A failed handshake
+/// (a plain-TCP client, a client that does not trust the certificate) ends that connection
+/// alone and is logged at debug: it is the client's to report.
+fn spawn_tls_connection(
+    host: &Host,
+    rpc: &RpcOptions,
+    slots: &Arc<Semaphore>,
+    tls: &ServerTls,
+    stream: tokio::net::TcpStream,
+) {
+    let Some(slot) = take_slot(slots) else {
+        return;
+    };
+    let (host, rpc, tls) = (host.clone(), rpc.clone(), tls.clone());
+    tokio::task::spawn_local(async move {
+        let _slot = slot;
+        let stream = match tls.accept(stream).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "TLS handshake failed");
+                return;
+            }
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        if let Err(error) = crate::rpc::serve_connection(&host, &rpc, reader, writer).await {
+            tracing::debug!(%error, "connection ended");
+        }
+    });
+}
+
+/// One of the [`CONNECTIONS_MAX`] slots, or `None` (said in the log) when all are taken.
+fn take_slot(slots: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        tracing::warn!(
+            limit = CONNECTIONS_MAX,
+            "connection refused: too many connections"
+        );
+    }
+    slot
 }
 
 /// A server running on its own thread. Dropping it shuts the server down.

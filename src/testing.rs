@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::host::{Host, State};
 use crate::message::{Request, Response};
 use crate::server::{Builder, ServerHandle};
+use crate::tls::ClientTls;
 use crate::wire::duro_capnp::{durable_object, host};
 use crate::wire::{ListenAddr, convert};
 
@@ -134,6 +135,14 @@ pub fn state(host: &Host, namespace: &str, name: &str) -> Result<State, Error> {
 /// a `LocalSet`: the connection is driven by a local task, which ends when the peer leaves.
 pub async fn connect(addr: SocketAddr) -> std::io::Result<host::Client> {
     let (host, rpc) = crate::wire::connect(&ListenAddr::Tcp(addr)).await?;
+    tokio::task::spawn_local(rpc);
+    Ok(host)
+}
+
+/// [`connect`] over TLS, for a server started with [`Builder::tls_pem`]: `tls` says which CA
+/// to trust.
+pub async fn connect_tls(addr: SocketAddr, tls: &ClientTls) -> std::io::Result<host::Client> {
+    let (host, rpc) = crate::wire::connect_tls(addr, tls).await?;
     tokio::task::spawn_local(rpc);
     Ok(host)
 }

@@ -482,8 +482,19 @@ mod example;
 async fn the_example_increments_the_counter() {
     let server = server();
     let addr = server.addr().to_string();
-    assert_eq!(example::increment(&addr, "example").await.unwrap(), 1);
-    assert_eq!(example::increment(&addr, "example").await.unwrap(), 2);
+    let example_client = example::connect(&addr, None).await.unwrap();
+    assert_eq!(
+        example::increment(&example_client, "example")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        example::increment(&example_client, "example")
+            .await
+            .unwrap(),
+        2
+    );
     let client = connect(&server).await;
     let stub = client.namespace("counter").get_by_name("example");
     assert_eq!(text(&stub.call("GET", "/", "").await.unwrap()), "2\n");

@@ -4,6 +4,8 @@
 //! Needs `python3` with pycapnp (`pip install pycapnp`). Without it the test is skipped with a
 //! message, unless `DURO_REQUIRE_PYTHON=1` (as in CI), which makes it fail instead.
 
+mod common;
+
 use std::process::Command;
 
 use duro::testing::TestServer;
@@ -27,8 +29,14 @@ fn pycapnp() -> Result<(), String> {
 
 /// Runs the example; its stdout, or a panic with its stderr.
 fn run_example(server: &TestServer, name: &str) -> String {
+    run_example_with(server, &[], name)
+}
+
+/// [`run_example`] with `flags` before the address.
+fn run_example_with(server: &TestServer, flags: &[&str], name: &str) -> String {
     let output = Command::new("python3")
         .arg(SCRIPT)
+        .args(flags)
         .arg(server.addr().to_string())
         .arg(name)
         .output()
@@ -41,14 +49,23 @@ fn run_example(server: &TestServer, name: &str) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// Whether the test `name` can run; says why not when it is skipped, and fails instead when
+/// `DURO_REQUIRE_PYTHON=1`.
+fn python_ready(name: &str) -> bool {
+    let Err(why) = pycapnp() else {
+        return true;
+    };
+    if std::env::var("DURO_REQUIRE_PYTHON").as_deref() == Ok("1") {
+        panic!("DURO_REQUIRE_PYTHON=1 but {why}; install it with: pip install pycapnp");
+    }
+    eprintln!("SKIPPED {name}: {why}");
+    eprintln!("(pip install pycapnp to run it; DURO_REQUIRE_PYTHON=1 makes this a failure)");
+    false
+}
+
 #[test]
 fn the_python_example_increments_the_counter() {
-    if let Err(why) = pycapnp() {
-        if std::env::var("DURO_REQUIRE_PYTHON").as_deref() == Ok("1") {
-            panic!("DURO_REQUIRE_PYTHON=1 but {why}; install it with: pip install pycapnp");
-        }
-        eprintln!("SKIPPED the_python_example_increments_the_counter: {why}");
-        eprintln!("(pip install pycapnp to run it; DURO_REQUIRE_PYTHON=1 makes this a failure)");
+    if !python_ready("the_python_example_increments_the_counter") {
         return;
     }
     let server = TestServer::start(duro::builtin::register(duro::Server::builder()));
@@ -64,4 +81,38 @@ fn the_python_example_increments_the_counter() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("name_bytes_max"), "{stderr}");
+}
+
+#[test]
+fn the_python_example_talks_tls() {
+    if !python_ready("the_python_example_talks_tls") {
+        return;
+    }
+    let files = common::tls_files();
+    let builder = duro::builtin::register(duro::Server::builder());
+    let server = TestServer::start(builder.tls_pem(&files.cert, &files.key));
+    let trusting = ["--tls-ca", files.ca_str()];
+    assert_eq!(run_example_with(&server, &trusting, "py"), "1\n");
+    assert_eq!(run_example_with(&server, &trusting, "py"), "2\n");
+    // Another CA, or no TLS: refused, said on stderr, and the server serves on.
+    let other = common::tls_files();
+    let refusals = [
+        (
+            &["--tls-ca", other.ca_str()][..],
+            "CERTIFICATE_VERIFY_FAILED",
+        ),
+        (&[][..], "DISCONNECTED"),
+    ];
+    for (flags, said) in refusals {
+        let output = Command::new("python3")
+            .arg(SCRIPT)
+            .args(flags)
+            .args([&server.addr().to_string(), "py"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(said), "{flags:?}: {stderr}");
+    }
+    assert_eq!(run_example_with(&server, &trusting, "py"), "3\n");
 }

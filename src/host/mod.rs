@@ -110,6 +110,8 @@ pub enum StartError {
     Open(#[from] storage::OpenError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::Error),
 }
 
 pub(crate) struct HostInner {

@@ -109,3 +109,21 @@ pub async fn connect(
     let host = rpc.bootstrap(Side::Server);
     Ok((host, rpc))
 }
+
+/// [`connect`] over TLS: connects to the host at the TCP address `addr`, runs the handshake
+/// with `tls` (which checks the server's certificate), and sets up the capnp connection on
+/// the encrypted stream. A certificate that `tls` does not trust fails with an error saying
+/// so. A unix socket has no TLS: the file's permissions guard it.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    tls: &crate::tls::ClientTls,
+) -> std::io::Result<(duro_capnp::host::Client, RpcSystem<Side>)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    // Request/response RPC would otherwise wait on Nagle's algorithm.
+    stream.set_nodelay(true)?;
+    let stream = tls.connect(addr.ip(), stream).await?;
+    let (reader, writer) = tokio::io::split(stream);
+    let mut rpc = rpc_system(reader, writer, Side::Client, None);
+    let host = rpc.bootstrap(Side::Server);
+    Ok((host, rpc))
+}

@@ -92,3 +92,59 @@ pub async fn holding_proxy(target: SocketAddr) -> (SocketAddr, tokio::sync::ones
     });
     (addr, release)
 }
+
+/// A test PKI in PEM files: a CA of its own, and a server certificate it signed for
+/// 127.0.0.1 and localhost with the certificate's key. Each call makes a new CA, so a second
+/// one is a CA the first server's clients do not know.
+pub struct TlsFiles {
+    /// Holds the files; removed when dropped.
+    pub dir: tempfile::TempDir,
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Makes a [`TlsFiles`].
+pub fn tls_files() -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "duro test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("cert.pem"),
+        key: dir.path().join("key.pem"),
+        dir,
+    };
+    std::fs::write(&files.ca, ca.pem()).unwrap();
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    files
+}
+
+impl TlsFiles {
+    /// The paths as `&str`, for command lines.
+    pub fn ca_str(&self) -> &str {
+        self.ca.to_str().unwrap()
+    }
+
+    pub fn cert_str(&self) -> &str {
+        self.cert.to_str().unwrap()
+    }
+
+    pub fn key_str(&self) -> &str {
+        self.key.to_str().unwrap()
+    }
+}

@@ -4,13 +4,14 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 
 use duro::Error;
-use duro::client::{Client, NamespaceInfo, ObjectPage};
+use duro::client::{Client, ClientTls, NamespaceInfo, ObjectPage};
 use duro::id::ObjectId;
 use duro::{Request, Response};
 
@@ -26,6 +27,57 @@ pub struct Connect {
     /// The server's address: HOST:PORT, or unix:PATH.
     #[arg(long, env = "DURO_CONNECT", default_value = duro::DEFAULT_LISTEN)]
     pub connect: duro::ListenAddr,
+    /// Connect over TLS, to a server started with --tls-cert. Without --tls-ca, the server's
+    /// certificate must be signed by a public CA (Mozilla's root set).
+    #[arg(long, env = "DURO_TLS")]
+    pub tls: bool,
+    /// Connect over TLS (--tls is implied) and trust only the CA certificates of this PEM file:
+    /// for a private CA, or a self-signed certificate.
+    #[arg(long, env = "DURO_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry, a DNS name or an IP address, when it is
+    /// not the IP address of --connect [default: that address].
+    #[arg(long, env = "DURO_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl Connect {
+    /// Connects as the flags say: over TLS or not.
+    async fn client(&self) -> Result<Client, Error> {
+        let refused = |error: duro::tls::Error| Error::InvalidArgument(error.to_string());
+        if !self.tls && self.tls_ca.is_none() {
+            if self.tls_server_name.is_some() {
+                let message = "--tls-server-name needs --tls or --tls-ca".to_owned();
+                return Err(Error::InvalidArgument(message));
+            }
+            return Client::connect(&self.connect).await;
+        }
+        let mut tls = match &self.tls_ca {
+            Some(path) => ClientTls::with_ca_pem(path).map_err(refused)?,
+            None => ClientTls::new(),
+        };
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.server_name(name).map_err(refused)?;
+        }
+        Client::connect_tls(&self.connect, tls).await
+    }
+
+    /// The flags that connect the same way again, for a command line shown to the user.
+    fn flags(&self) -> String {
+        let mut flags = String::new();
+        if self.connect.to_string() != duro::DEFAULT_LISTEN {
+            flags.push_str(&format!(" --connect {}", self.connect));
+        }
+        match &self.tls_ca {
+            Some(path) => flags.push_str(&format!(" --tls-ca {}", path.display())),
+            None if self.tls => flags.push_str(" --tls"),
+            None => {}
+        }
+        if let Some(name) = &self.tls_server_name {
+            flags.push_str(&format!(" --tls-server-name {name}"));
+        }
+        flags
+    }
 }
 
 /// Arguments of `duro fetch`.
@@ -275,10 +327,7 @@ fn format_objects(page: &ObjectPage) -> String {
 
 /// The command that lists the page after `next`.
 fn next_page_hint(connect: &Connect, args: &LsArgs, namespace: &str, next: &str) -> String {
-    let mut command = String::from("duro ls");
-    if connect.connect.to_string() != duro::DEFAULT_LISTEN {
-        command.push_str(&format!(" --connect {}", connect.connect));
-    }
+    let command = format!("duro ls{}", connect.flags());
     format!(
         "more objects follow; next page: {command} {namespace} --limit {} --start-after {next}",
         args.limit
@@ -302,7 +351,7 @@ where
         }
     };
     let result = runtime.block_on(async {
-        let client = Client::connect(&connect.connect).await?;
+        let client = connect.client().await?;
         body(client).await
     });
     match result {

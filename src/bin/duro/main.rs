@@ -97,6 +97,14 @@ struct ServeArgs {
     /// until it drains, and its calls fail with `overloaded`.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     inflight_mib: usize,
+    /// Serve TLS on the Cap'n Proto listener (when it is TCP) and the HTTP gateway, with the
+    /// certificate chain of this PEM file (the server's certificate first). Needs --tls-key.
+    /// Clients connect with `duro fetch --tls` (and --tls-ca for a private CA).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, a PEM file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The gateway's address, or none.
@@ -145,6 +153,9 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     }
     if let Some(token) = token {
         builder = builder.token(token);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls_pem(cert, key);
     }
     builder.run()
 }
