@@ -87,11 +87,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The shape of a gateway path, named when a path is refused.
 const PATH_SHAPE: &str = "expected /{namespace}/{name}/{path}";
 
-/// Pause before answering a wrong token, to slow down guessing: the same as a wrong token to
-/// `Host.authenticate` costs. Only the connection that sent it waits (it is its task that
-/// sleeps), and an HTTP/1.1 connection carries one request at a time, so a guesser needs a
-/// connection per guess in flight, of the [`CONNECTIONS_MAX`].
-pub const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(200);
+pub use crate::auth::WRONG_TOKEN_DELAY;
 
 /// The header that carries the ID of a request whose error is logged rather than sent.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -250,7 +246,7 @@ impl Gateway {
             return Ok(());
         };
         let sent = bearer_token(headers).ok_or(Error::NoBearerToken)?;
-        if !crate::id::constant_time_eq(sent, token.as_bytes()) {
+        if !crate::auth::constant_time_eq(sent, token.as_bytes()) {
             tokio::time::sleep(WRONG_TOKEN_DELAY).await;
             return Err(Error::WrongToken);
         }

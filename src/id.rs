@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+use crate::auth::constant_time_eq;
+
 /// Length of an ID in bytes.
 pub const ID_BYTES: usize = 32;
 /// Length of the identity part.
@@ -166,12 +168,6 @@ impl IdMinter {
         mac.copy_from_slice(&hash.as_bytes()[..16]);
         mac
     }
-}
-
-/// Whether `a == b`, compared without an early exit, so the time taken does not tell how much
-/// of a guess (a MAC, a token) was right. Only the length may leak.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Lowercase hex of `bytes`.

@@ -214,22 +214,20 @@ fn slow_senders_are_cut_off_and_others_do_not_notice() {
 /// Sends a 24-byte message a byte at a time, 100 ms apart; whether the server closed the
 /// connection before the message was whole.
 async fn send_slowly(addr: std::net::SocketAddr) -> bool {
-    {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let message = [
-            0u8, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        ];
-        for byte in message {
-            if stream.write_all(&[byte]).await.is_err() {
-                return true;
-            }
-            let mut answer = [0u8; 64];
-            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut answer)).await {
-                // Closed (EOF or reset) by the server.
-                Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) | Err(_) => {}
-            }
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let message = [
+        0u8, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    for byte in message {
+        if stream.write_all(&[byte]).await.is_err() {
+            return true;
         }
-        false
+        let mut answer = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut answer)).await {
+            // Closed (EOF or reset) by the server.
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) | Err(_) => {}
+        }
     }
+    false
 }

@@ -36,9 +36,6 @@ pub const CONNECTION_CALLS_MAX: usize = 4096;
 /// connection down with it), so the call fails alone instead.
 pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
 
-/// Pause before answering a wrong token, to slow down guessing.
-const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
-
 /// What the servers of one connection share.
 struct Connection {
     /// Calls of this connection that have not answered yet.
@@ -153,7 +150,7 @@ impl host::Server for GuardServer {
         mut results: host::AuthenticateResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         let right = params.get().and_then(|p| {
-            Ok(crate::id::constant_time_eq(
+            Ok(crate::auth::constant_time_eq(
                 p.get_token()?.as_bytes(),
                 self.token.as_bytes(),
             ))
@@ -163,7 +160,7 @@ impl host::Server for GuardServer {
                 results.get().set_host(self.host.clone());
                 return Ok(());
             }
-            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+            tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;
             Err(unauthenticated())
         }
     }
