@@ -100,10 +100,21 @@ fn announced_but_never_sent_costs_nothing() {
         );
         drop(stalled);
         assert_healthy_calls_answer(&host).await;
-        let after = settled_rss_kib(&served).await;
+        // The memory comes back: the connections end, and the allocator (mimalloc) returns
+        // their pages to the system once its purge delay passed, on its next calls, so a
+        // healthy client keeps calling meanwhile. At most 20 s.
+        let mut after = rss_kib(served.child.id());
+        for _ in 0..80 {
+            if after <= before + 16 * MIB_IN_KIB {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            healthy_call(&host).await;
+            after = rss_kib(served.child.id());
+        }
         eprintln!("stalled announcements: RSS {after} KiB after");
         assert!(
-            after <= before + 32 * MIB_IN_KIB,
+            after <= before + 16 * MIB_IN_KIB,
             "the server kept {} MiB after the attack ended",
             after.saturating_sub(before) / MIB_IN_KIB
         );
