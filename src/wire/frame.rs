@@ -31,6 +31,10 @@ use super::budget::Account;
 const SEGMENTS_MAX: usize = 512;
 /// Bytes read from the socket at a time.
 const READ_CHUNK_BYTES: usize = 16 << 10;
+/// Spare room in the buffer above which a read goes straight into it.
+const READ_IN_PLACE_BYTES: usize = 4 << 10;
+/// A buffer larger than this is shrunk once its messages are handed out.
+const BUFFER_KEPT_BYTES: usize = 64 << 10;
 
 /// The time bounds of a connection's reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,12 +63,12 @@ pub struct FramedReader<R> {
     account: Rc<Account>,
     limits: FrameLimits,
     busy: Busy,
-    /// The bytes of the message being received (held in the account), and of whatever
-    /// followed it in the same read.
-    partial: Vec<u8>,
-    /// Whole messages being handed to capnp, and how far.
-    ready: Vec<u8>,
-    ready_at: usize,
+    /// The bytes received and not yet handed to capnp: first whole messages (`..whole`), of
+    /// which `..handed` are handed out already, then the start of the next message, which is
+    /// held in the account until it is whole.
+    buffer: Vec<u8>,
+    whole: usize,
+    handed: usize,
     /// When the message being received must be complete.
     deadline: Option<Pin<Box<Sleep>>>,
     /// When the connection counts as idle.
@@ -78,39 +82,34 @@ impl<R> FramedReader<R> {
             account,
             limits,
             busy,
-            partial: Vec::new(),
-            ready: Vec::new(),
-            ready_at: 0,
+            buffer: Vec::new(),
+            whole: 0,
+            handed: 0,
             deadline: None,
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
         }
     }
 
-    /// Moves every whole message at the front of `partial` to `ready`; an error for a message
-    /// that breaks a bound.
-    fn take_whole_messages(&mut self) -> io::Result<()> {
-        let mut whole = 0;
-        while let Some(len) = frame_len(&self.partial[whole..])? {
-            if self.partial.len() - whole < len {
+    /// Bytes of the message being received.
+    fn partial(&self) -> usize {
+        self.buffer.len() - self.whole
+    }
+
+    /// Counts the messages completed by the bytes received; an error for a message that
+    /// breaks a bound.
+    fn find_whole_messages(&mut self) -> io::Result<()> {
+        let before = self.whole;
+        while let Some(len) = frame_len(&self.buffer[self.whole..])? {
+            if self.partial() < len {
                 break;
             }
-            whole += len;
+            self.whole += len;
         }
-        if whole == 0 {
+        if self.whole == before {
             return Ok(());
         }
-        let rest = self.partial.split_off(whole);
-        let messages = std::mem::replace(&mut self.partial, rest);
-        self.account.release(messages.len());
-        if self.ready_at == self.ready.len() {
-            self.ready = messages;
-            self.ready_at = 0;
-        } else {
-            self.ready.extend_from_slice(&messages);
-        }
-        if self.partial.is_empty() {
-            // Give the memory of a large message back rather than keep it per connection.
-            self.partial = Vec::new();
+        self.account.release(self.whole - before);
+        if self.partial() == 0 {
             self.deadline = None;
         } else {
             self.start_deadline();
@@ -126,18 +125,23 @@ impl<R> FramedReader<R> {
         }
     }
 
-    /// Hands out what is ready; whether there was anything.
-    fn copy_ready(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        let available = &self.ready[self.ready_at..];
+    /// Hands out whole messages; whether there was anything to hand out.
+    fn hand_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let available = &self.buffer[self.handed..self.whole];
         if available.is_empty() {
             return false;
         }
         let n = available.len().min(buf.remaining());
         buf.put_slice(&available[..n]);
-        self.ready_at += n;
-        if self.ready_at == self.ready.len() {
-            self.ready = Vec::new();
-            self.ready_at = 0;
+        self.handed += n;
+        if self.handed == self.whole {
+            self.buffer.drain(..self.whole);
+            (self.whole, self.handed) = (0, 0);
+            // Give back the memory of a large message rather than keep it per connection.
+            if self.buffer.capacity() > BUFFER_KEPT_BYTES {
+                self.buffer
+                    .shrink_to(self.buffer.len().max(READ_CHUNK_BYTES));
+            }
         }
         true
     }
@@ -156,7 +160,7 @@ impl<R> FramedReader<R> {
             ));
         }
         while self.idle.as_mut().poll(cx).is_ready() {
-            if self.partial.is_empty() && !(self.busy)() {
+            if self.partial() == 0 && !(self.busy)() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -254,11 +258,11 @@ impl<R: AsyncRead + Unpin> AsyncRead for FramedReader<R> {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if this.copy_ready(buf) {
+            if this.hand_out(buf) {
                 return Poll::Ready(Ok(()));
             }
-            this.take_whole_messages()?;
-            if this.ready_at < this.ready.len() {
+            this.find_whole_messages()?;
+            if this.handed < this.whole {
                 continue;
             }
             this.check_time(cx)?;
@@ -266,30 +270,57 @@ impl<R: AsyncRead + Unpin> AsyncRead for FramedReader<R> {
                 this.account.pause_reader(cx.waker());
                 return Poll::Pending;
             }
-            let mut chunk = [0u8; READ_CHUNK_BYTES];
-            let mut read = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+            match this.read_more(cx)? {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
-                    if this.partial.is_empty() {
-                        return Poll::Ready(Ok(()));
-                    }
+                Poll::Ready(0) if this.partial() == 0 => return Poll::Ready(Ok(())),
+                Poll::Ready(0) => {
                     let message = "the peer left in the middle of a message";
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, message)));
                 }
-                Poll::Ready(Ok(())) => {
-                    let bytes = read.filled();
-                    if this.partial.is_empty() {
-                        this.start_deadline();
-                    }
-                    this.partial.extend_from_slice(bytes);
-                    this.account.hold(bytes.len());
-                    let at = Instant::now() + this.limits.idle_timeout;
-                    this.idle.as_mut().reset(at);
-                }
+                Poll::Ready(_) => {}
             }
         }
+    }
+}
+
+impl<R: AsyncRead + Unpin> FramedReader<R> {
+    /// Reads what the socket has into the buffer (held in the account); how many bytes.
+    ///
+    /// Into the buffer's spare room when it has some; else into the stack, and then only the
+    /// bytes that came are added: a connection that sent 16 bytes costs 16 bytes, not a chunk.
+    fn read_more(&mut self, cx: &mut Context<'_>) -> io::Result<Poll<usize>> {
+        let n = if self.buffer.capacity() - self.buffer.len() >= READ_IN_PLACE_BYTES {
+            let len = self.buffer.len();
+            let spare = self.buffer.spare_capacity_mut();
+            let room = spare.len().min(READ_CHUNK_BYTES);
+            let mut read = ReadBuf::uninit(&mut spare[..room]);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut read)? {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(()) => {}
+            }
+            let n = read.filled().len();
+            // SAFETY: `ReadBuf` initialised and filled the first `n` bytes of the spare room.
+            unsafe { self.buffer.set_len(len + n) };
+            n
+        } else {
+            let mut chunk = [0u8; READ_CHUNK_BYTES];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut read)? {
+                Poll::Pending => return Ok(Poll::Pending),
+                Poll::Ready(()) => {}
+            }
+            self.buffer.extend_from_slice(read.filled());
+            read.filled().len()
+        };
+        if n > 0 {
+            if self.partial() == n {
+                self.start_deadline();
+            }
+            self.account.hold(n);
+            let at = Instant::now() + self.limits.idle_timeout;
+            self.idle.as_mut().reset(at);
+        }
+        Ok(Poll::Ready(n))
     }
 }
 
@@ -342,7 +373,7 @@ mod tests {
         assert!(early.is_err(), "a partial message was handed out");
         assert_eq!(budget.used(), 100);
         assert!(
-            framed.partial.capacity() < 64 << 10,
+            framed.buffer.capacity() < 64 << 10,
             "memory sized by the announcement"
         );
         peer.write_all(&second[100..]).await.unwrap();
@@ -350,6 +381,70 @@ mod tests {
         framed.read_exact(&mut out).await.unwrap();
         assert_eq!(out, second);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn any_split_of_many_messages_comes_out_byte_for_byte() {
+        use tokio::io::AsyncWriteExt;
+        let budget = Budget::new(1 << 30);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut stream = Vec::new();
+        for _ in 0..300 {
+            let words = if next(10) == 0 {
+                next(200_000)
+            } else {
+                next(40)
+            };
+            stream.extend(message(words as u32));
+        }
+        let (mut peer, inner) = tokio::io::duplex(1 << 16);
+        let mut framed = reader(inner, &budget, FrameLimits::default());
+        let sent = stream.clone();
+        let chunks: Vec<usize> = (0..2000).map(|_| 1 + next(70_000) as usize).collect();
+        let writer = tokio::spawn(async move {
+            let mut at = 0;
+            for chunk in chunks.iter().cycle() {
+                if at == sent.len() {
+                    break;
+                }
+                let end = (at + chunk).min(sent.len());
+                peer.write_all(&sent[at..end]).await.unwrap();
+                at = end;
+            }
+        });
+        let mut out = Vec::new();
+        framed.read_to_end(&mut out).await.unwrap();
+        writer.await.unwrap();
+        assert!(out == stream, "the messages came out changed");
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn over_its_share_a_connection_is_not_read() {
+        use tokio::io::AsyncWriteExt;
+        let budget = Budget::new(0);
+        let account = Account::open(&budget);
+        let (mut peer, inner) = tokio::io::duplex(1 << 20);
+        let mut framed = FramedReader::new(
+            inner,
+            account.clone(),
+            FrameLimits::default(),
+            Rc::new(|| false),
+        );
+        account.owe(crate::wire::budget::SHARE_BYTES_MIN + 1);
+        peer.write_all(&message(1)).await.unwrap();
+        let mut out = [0u8; 16];
+        let paused = tokio::time::timeout(Duration::from_millis(50), framed.read(&mut out)).await;
+        assert!(paused.is_err(), "read while over its share");
+        account.written(usize::MAX);
+        framed.read_exact(&mut out).await.unwrap();
+        assert_eq!(out.to_vec(), message(1));
     }
 
     #[tokio::test(start_paused = true)]
