@@ -11,6 +11,7 @@
 //! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
 
 pub(crate) mod activation;
+mod alarms;
 pub(crate) mod class;
 pub(crate) mod state;
 #[cfg(test)]
@@ -26,10 +27,11 @@ use activation::Activation;
 use bytes::Bytes;
 use futures::future::Either;
 
-pub use class::DurableObject;
 use class::ErasedObject;
+pub use class::{AlarmInfo, DurableObject};
 pub use state::State;
 
+use crate::clock::SystemClock;
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response};
@@ -96,6 +98,8 @@ pub(crate) struct Config {
     pub(crate) bindings: BTreeMap<String, String>,
     pub(crate) limits: HostLimits,
     pub(crate) storage_limits: Limits,
+    /// The wall clock of alarms; `None`: the system's.
+    pub(crate) clock: Option<Arc<dyn crate::clock::Clock>>,
 }
 
 /// Why a host could not start.
@@ -180,6 +184,8 @@ impl Host {
             budget: Budget::new(config.limits.inflight_bytes_max),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
+        let clock = config.clock.clone();
+        alarms::Scheduler::start(&inner, clock.unwrap_or_else(|| Arc::new(SystemClock)));
         Ok(Host { inner })
     }
 
