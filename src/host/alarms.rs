@@ -439,13 +439,20 @@ mod tests {
             })
             .collect();
         let mut fired = 0;
-        while let Some(after) = w.wants_refill() {
-            let start = after.map_or(0, |a| index.iter().position(|e| *e == a).unwrap() + 1);
-            let asked = w.refill_size();
-            let page = index[start..].iter().take(asked).copied().collect();
-            w.refill(page, asked);
+        loop {
+            if let Some(after) = w.wants_refill() {
+                let start = after.map_or(0, |a| index.iter().position(|e| *e == a).unwrap() + 1);
+                let asked = w.refill_size();
+                let page = index[start..].iter().take(asked).copied().collect();
+                w.refill(page, asked);
+            }
             assert!(w.slots.len() <= WINDOW_MAX);
-            for (object, _, _) in w.take_due(u64::MAX) {
+            let due = w.take_due(u64::MAX);
+            if due.is_empty() {
+                break;
+            }
+            assert!(due.len() <= IN_FLIGHT_MAX);
+            for (object, _, _) in due {
                 w.succeeded(object);
                 w.changed(object, None);
                 fired += 1;
