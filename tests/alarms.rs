@@ -85,7 +85,7 @@ impl DurableObject for Alarmed {
 const T0: u64 = 1_700_000_000_000;
 const HOUR_MS: u64 = 3_600_000;
 
-fn host(dir: &std::path::Path, clock: Arc<dyn Clock>, log: Log) -> Host {
+fn builder(clock: Arc<dyn Clock>, log: Log) -> duro::Builder {
     let class_clock = clock.clone();
     Server::builder()
         .class("alarmed", move |state, _env| Alarmed {
@@ -94,10 +94,11 @@ fn host(dir: &std::path::Path, clock: Arc<dyn Clock>, log: Log) -> Host {
             log: log.clone(),
         })
         .namespace("alarmed", "alarmed")
-        .data_dir(dir)
         .clock(clock)
-        .open_host()
-        .unwrap()
+}
+
+fn host(dir: &std::path::Path, clock: Arc<dyn Clock>, log: Log) -> Host {
+    builder(clock, log).data_dir(dir).open_host().unwrap()
 }
 
 async fn call(host: &Host, name: &str, method: &str, path: &str) -> String {
@@ -437,6 +438,85 @@ fn ten_thousand_alarms_fire_exactly_once() {
         let log = fired(&s.log);
         let names: std::collections::BTreeSet<&str> = log.iter().map(|f| f.name.as_str()).collect();
         assert_eq!((log.len(), names.len()), (OBJECTS, OBJECTS));
+        host.shutdown().await;
+    });
+}
+
+#[test]
+fn an_alarm_set_over_capnp_fires() {
+    let clock = ManualClock::new(T0);
+    let log = Log::default();
+    let server = duro::testing::TestServer::start(builder(clock.shared(), log.clone()));
+    run_local(async {
+        let client = server.connect().await;
+        let at = T0 + HOUR_MS;
+        let path = format!("/alarm?{at}");
+        let response = duro::testing::fetch_by_name(&client, "alarmed", "a", "PUT", &path, b"");
+        assert_eq!(
+            response.await.unwrap().body().as_ref(),
+            format!("Some({at})").as_bytes()
+        );
+        clock.advance(HOUR_MS);
+        until("the alarm fires", || fired(&log).len() == 1).await;
+        idle().await;
+        let response = duro::testing::fetch_by_name(&client, "alarmed", "a", "GET", "/", b"");
+        assert_eq!(response.await.unwrap().body().as_ref(), b"None");
+    });
+}
+
+/// A host whose commits can be held or failed.
+fn faulty_host(s: &Setup) -> (Host, Arc<duro::testing::FaultyBackend>) {
+    let slot = Arc::new(Mutex::new(None));
+    let wrap_slot = slot.clone();
+    let host = builder(s.clock.shared(), s.log.clone())
+        .data_dir(s.dir.path())
+        .wrap_backend(move |inner| {
+            let faulty = duro::testing::FaultyBackend::new(inner);
+            *wrap_slot.lock().unwrap() = Some(faulty.clone());
+            faulty
+        })
+        .open_host()
+        .unwrap();
+    let faulty = slot.lock().unwrap().clone().unwrap();
+    (host, faulty)
+}
+
+#[test]
+fn the_response_after_set_alarm_waits_until_it_is_durable() {
+    let s = setup();
+    run_local(async {
+        let (host, faulty) = faulty_host(&s);
+        let stub = host.namespace("alarmed").unwrap().get_by_name("a").unwrap();
+        faulty.hold();
+        let at = T0 + HOUR_MS;
+        let answer = tokio::task::spawn_local(stub.call("PUT", &format!("/alarm?{at}"), ""));
+        idle().await;
+        assert!(
+            !answer.is_finished(),
+            "answered before the alarm was durable"
+        );
+        faulty.release();
+        let response = answer.await.unwrap().unwrap();
+        assert_eq!(response.body().as_ref(), format!("Some({at})").as_bytes());
+        host.shutdown().await;
+    });
+}
+
+#[test]
+fn a_failed_commit_of_the_handler_retries_the_alarm() {
+    let s = setup();
+    run_local(async {
+        let (host, faulty) = faulty_host(&s);
+        call(&host, "a", "PUT", &format!("/alarm?{}", T0 + 10)).await;
+        faulty.fail_commits(duro::storage::Error::Io("disk gone".into()), 1);
+        s.clock.advance(10);
+        until("the alarm fires", || fired(&s.log).len() == 1).await;
+        idle().await;
+        s.clock.advance(2400);
+        until("the retry", || fired(&s.log).len() == 2).await;
+        assert_eq!(fired(&s.log)[1].retry_count, 1);
+        idle().await;
+        assert_eq!(call(&host, "a", "GET", "/").await, "None");
         host.shutdown().await;
     });
 }

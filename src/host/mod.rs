@@ -8,7 +8,8 @@
 //! Files, each depending only on those before it: `class` (the [`DurableObject`] trait) →
 //! `state` ([`State`]; it resets its activation through the `Reset` trait) → `activation` (one
 //! live instance: mailbox, gate, reset; it keeps its object's `State`) → this file (the
-//! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
+//! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]) → `alarms` (the alarm scheduler,
+//! which delivers alarms through the registry and activations).
 
 pub(crate) mod activation;
 mod alarms;

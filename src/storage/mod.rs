@@ -9,6 +9,9 @@
 //! - Writes made with no await between them commit together, atomically.
 //! - The object's responses are held until every write made before them is durable (the output
 //!   gate), so an acknowledged write is never lost.
+//! - An object's one alarm ([`Storage::set_alarm`]) is written like a key: it joins the batch
+//!   of its turn, and the output gate waits for it. The backend keeps a time-ordered index of
+//!   every object's alarm ([`Backend::next_alarms`]) for the host's scheduler.
 //! - While a transaction or `sync` is in progress, no other event is delivered to the object
 //!   (the input gate). The other calls never wait on I/O other than the memory-mapped read of a
 //!   key that is not cached, so nothing interleaves with them either.
