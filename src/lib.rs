@@ -14,6 +14,7 @@
 
 // Leaves: no dependency inside the crate (but on other leaves).
 mod auth;
+mod clock;
 mod error;
 mod gate;
 pub mod id;
@@ -34,10 +35,12 @@ pub mod client;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Error;
 pub use gateway::GatewayOptions;
 pub use host::{
-    DurableObject, Env, Host, HostLimits, Namespace, SHUTDOWN_GRACE, StartError, State, Stub,
+    AlarmInfo, DurableObject, Env, Host, HostLimits, Namespace, SHUTDOWN_GRACE, StartError, State,
+    Stub,
 };
 pub use id::ObjectId;
 pub use message::{BoxError, Request, Response};

@@ -189,6 +189,13 @@ impl Builder {
         self
     }
 
+    /// The wall clock alarms fire by (default: the system's). A test gives a
+    /// [`ManualClock`](crate::ManualClock) to run an alarm an hour away at once.
+    pub fn clock(mut self, clock: Arc<dyn crate::Clock>) -> Builder {
+        self.config.clock = Some(clock);
+        self
+    }
+
     /// The host's bounds.
     pub fn limits(mut self, limits: HostLimits) -> Builder {
         self.config.limits = limits;

@@ -26,6 +26,7 @@ use crate::tls::ClientTls;
 use crate::wire::duro_capnp::{durable_object, host};
 use crate::wire::{ListenAddr, convert};
 
+pub use crate::clock::ManualClock;
 pub use crate::storage::FaultyBackend;
 
 /// Runs `future` on a current-thread runtime inside a `LocalSet`, as capnp-rpc needs.

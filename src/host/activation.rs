@@ -14,12 +14,17 @@ use std::rc::Rc;
 
 use futures::FutureExt;
 
-use super::class::ErasedObject;
+use futures::future::LocalBoxFuture;
+
+use super::class::{AlarmInfo, ErasedObject};
 use super::state::{Reset, State};
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
-use crate::message::{Request, Response};
+use crate::message::{BoxError, Request, Response};
+
+/// The handler of one event, run on the instance.
+type Handler<T> = LocalBoxFuture<'static, Result<T, BoxError>>;
 use crate::storage::{ObjectStore, Storage};
 
 pub(crate) struct Activation {
@@ -199,6 +204,36 @@ impl Activation {
         self: &Rc<Self>,
         request: Request,
     ) -> impl Future<Output = Result<Response, Error>> + use<> {
+        self.deliver(move |instance, _| instance.fetch(request))
+    }
+
+    /// Delivers the alarm set for `at_ms`, as a call: through the mailbox, the input gate and
+    /// the output gate. `Ok` once the handler succeeded and its writes, and the deletion of
+    /// the alarm (unless the handler changed it), are durable.
+    pub(crate) fn alarm(
+        self: &Rc<Self>,
+        at_ms: u64,
+        info: AlarmInfo,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        self.deliver(move |instance, store| {
+            Box::pin(async move {
+                store.begin_alarm(at_ms);
+                let result = instance.alarm(info).await;
+                store.end_alarm(at_ms, result.is_ok())?;
+                result
+            })
+        })
+    }
+
+    /// Delivers one event, which `handler` runs on the instance (see [`Activation::call`]).
+    fn deliver<T, H>(
+        self: &Rc<Self>,
+        handler: H,
+    ) -> impl Future<Output = Result<T, Error>> + use<T, H>
+    where
+        T: 'static,
+        H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
+    {
         let admitted = if self.is_broken() || self.evicted.get() {
             Err(disconnected())
         } else if self.running.get() >= self.queue_max {
@@ -217,7 +252,7 @@ impl Activation {
             let slot = running.slot;
             let handle = tokio::task::spawn_local(async move {
                 let running = running;
-                run(&running.activation, ticket, request).await
+                run(&running.activation, ticket, handler).await
             });
             // The task has not run yet (it runs when this one yields), so its slot is still its.
             self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
@@ -297,18 +332,19 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// Runs one call: waits for its turn, runs the handler through the gate, then holds the
 /// response at the output gate. A reset aborts the task wherever it is.
-async fn run(
+async fn run<T>(
     activation: &Rc<Activation>,
     ticket: gate::Ticket,
-    request: Request,
-) -> Result<Response, Error> {
+    handler: impl FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T>,
+) -> Result<T, Error> {
     ticket.await;
     let instance = activation
         .instance
         .borrow()
         .clone()
         .ok_or_else(disconnected)?;
-    let handler = AssertUnwindSafe(instance.fetch(request)).catch_unwind();
+    let store = activation.store.clone();
+    let handler = AssertUnwindSafe(handler(instance, store)).catch_unwind();
     let outcome = Gated::new(handler, activation.gate.clone(), gate::next_task_id()).await;
     let result = match outcome {
         Ok(result) => result,

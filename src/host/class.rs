@@ -43,6 +43,36 @@ use crate::message::{BoxError, Request, Response};
 pub trait DurableObject: 'static {
     /// Handles one request.
     async fn fetch(&self, request: Request) -> Result<Response, BoxError>;
+
+    /// Handles the object's alarm (set with [`Storage::set_alarm`](crate::Storage::set_alarm)),
+    /// delivered like a request: in order with the object's other events, through its input
+    /// gate, activating it if it was evicted. The alarm is done once this returns `Ok` and the
+    /// writes made before are durable; on an error, a panic (which resets the object) or a
+    /// failed commit it is delivered again with exponential backoff (see [`AlarmInfo`]). So
+    /// it runs at least once, maybe more. The default does nothing.
+    async fn alarm(&self, info: AlarmInfo) -> Result<(), BoxError> {
+        let _ = info;
+        Ok(())
+    }
+}
+
+/// What an alarm delivery knows about the deliveries before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AlarmInfo {
+    /// How many deliveries of this alarm failed before this one.
+    pub retry_count: u32,
+    /// Whether this is a retry (`retry_count > 0`).
+    pub is_retry: bool,
+}
+
+impl AlarmInfo {
+    pub(crate) fn new(retry_count: u32) -> AlarmInfo {
+        AlarmInfo {
+            retry_count,
+            is_retry: retry_count > 0,
+        }
+    }
 }
 
 /// A class with its type erased, as the host keeps it.
@@ -51,6 +81,8 @@ pub(crate) trait ErasedObject {
         self: Rc<Self>,
         request: Request,
     ) -> LocalBoxFuture<'static, Result<Response, BoxError>>;
+
+    fn alarm(self: Rc<Self>, info: AlarmInfo) -> LocalBoxFuture<'static, Result<(), BoxError>>;
 }
 
 impl<T: DurableObject> ErasedObject for T {
@@ -59,5 +91,9 @@ impl<T: DurableObject> ErasedObject for T {
         request: Request,
     ) -> LocalBoxFuture<'static, Result<Response, BoxError>> {
         Box::pin(async move { DurableObject::fetch(&*self, request).await })
+    }
+
+    fn alarm(self: Rc<Self>, info: AlarmInfo) -> LocalBoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async move { DurableObject::alarm(&*self, info).await })
     }
 }

@@ -8,9 +8,11 @@
 //! Files, each depending only on those before it: `class` (the [`DurableObject`] trait) →
 //! `state` ([`State`]; it resets its activation through the `Reset` trait) → `activation` (one
 //! live instance: mailbox, gate, reset; it keeps its object's `State`) → this file (the
-//! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]).
+//! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]) → `alarms` (the alarm scheduler,
+//! which delivers alarms through the registry and activations).
 
 pub(crate) mod activation;
+mod alarms;
 pub(crate) mod class;
 pub(crate) mod state;
 #[cfg(test)]
@@ -26,10 +28,11 @@ use activation::Activation;
 use bytes::Bytes;
 use futures::future::Either;
 
-pub use class::DurableObject;
 use class::ErasedObject;
+pub use class::{AlarmInfo, DurableObject};
 pub use state::State;
 
+use crate::clock::SystemClock;
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response};
@@ -96,6 +99,8 @@ pub(crate) struct Config {
     pub(crate) bindings: BTreeMap<String, String>,
     pub(crate) limits: HostLimits,
     pub(crate) storage_limits: Limits,
+    /// The wall clock of alarms; `None`: the system's.
+    pub(crate) clock: Option<Arc<dyn crate::clock::Clock>>,
 }
 
 /// Why a host could not start.
@@ -180,6 +185,8 @@ impl Host {
             budget: Budget::new(config.limits.inflight_bytes_max),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
+        let clock = config.clock.clone();
+        alarms::Scheduler::start(&inner, clock.unwrap_or_else(|| Arc::new(SystemClock)));
         Ok(Host { inner })
     }
 

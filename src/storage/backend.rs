@@ -26,7 +26,36 @@ pub struct ObjectBatch {
     pub clear: bool,
     /// Keys to write (`Some(value)`) or delete (`None`), applied in order.
     pub mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The change of the object's alarm, applied after `clear` (which deletes the alarm too).
+    pub alarm: AlarmWrite,
 }
+
+/// What a batch does to its object's alarm (one alarm per object).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AlarmWrite {
+    /// Leaves the alarm as it is.
+    #[default]
+    Keep,
+    /// Sets or replaces the alarm: milliseconds since the Unix epoch.
+    Set(u64),
+    /// Deletes the alarm, if any.
+    Delete,
+}
+
+impl AlarmWrite {
+    /// The object's alarm once a batch with this write (and `clear`) applied over `old`.
+    pub fn apply(self, old: Option<u64>, clear: bool) -> Option<u64> {
+        match self {
+            AlarmWrite::Set(at_ms) => Some(at_ms),
+            AlarmWrite::Delete => None,
+            AlarmWrite::Keep if clear => None,
+            AlarmWrite::Keep => old,
+        }
+    }
+}
+
+/// An entry of the time-ordered alarm index: (time in ms since the Unix epoch, object).
+pub type AlarmEntry = (u64, ObjectKey);
 
 /// A row of the object registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +95,7 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Applies every batch in one transaction and makes it durable (fsync) before returning.
     /// On error nothing of the transaction is visible. Also maintains the object registry: an
-    /// object enters it when it stores its first key, and leaves it when it has no keys left.
+    /// object is in it while it has a key or an alarm, and leaves it when it has neither.
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), super::Error>;
 
     /// Objects of the namespace `tag` that have stored data, in ID byte order, after
@@ -77,6 +106,17 @@ pub trait Backend: Send + Sync + 'static {
         start_after: Option<&[u8; 32]>,
         limit: usize,
     ) -> Result<(Vec<ObjectRecord>, bool), super::Error>;
+
+    /// The object's alarm (ms since the Unix epoch), if it has one.
+    fn alarm(&self, object: &ObjectKey) -> Result<Option<u64>, super::Error>;
+
+    /// Up to `limit` alarms of every object, in (time, tag, id) order, strictly after `after`
+    /// (from the first when `None`): the index the alarm scheduler pages through.
+    fn next_alarms(
+        &self,
+        after: Option<AlarmEntry>,
+        limit: usize,
+    ) -> Result<Vec<AlarmEntry>, super::Error>;
 
     /// The record of the namespace `name`, created (tag and a secret from the OS CSPRNG) and made
     /// durable on first use.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use super::Error;
-use super::backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, now_ms};
+use super::backend::{AlarmWrite, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, now_ms};
 use super::keys::range_is_empty;
 use super::lmdb::MAX_NAMESPACE_NAME;
 
@@ -23,6 +23,7 @@ pub(crate) fn batch(object: ObjectKey, mutations: Vec<(Vec<u8>, Option<Vec<u8>>)
         name: None,
         clear: false,
         mutations,
+        alarm: AlarmWrite::Keep,
     }
 }
 
@@ -202,6 +203,7 @@ fn random_batch(rng: &mut Rng, objects: &[ObjectKey], model: &Model, seq: u64) -
         name: Some(format!("n{}", object.id[0])),
         clear: rng.below(25) == 0,
         mutations,
+        alarm: AlarmWrite::Keep,
     }
 }
 
@@ -496,4 +498,63 @@ pub(crate) fn namespace_is_safe_across_threads(b: &dyn Backend) {
     let mut tags: Vec<u32> = records[0].iter().map(|r| r.tag).collect();
     tags.sort();
     assert_eq!(tags, vec![1, 2, 3]);
+}
+
+fn with_alarm(object: ObjectKey, alarm: AlarmWrite) -> ObjectBatch {
+    ObjectBatch {
+        alarm,
+        ..batch(object, Vec::new())
+    }
+}
+
+/// Set, replace and delete an object's alarm; the index pages in (time, object) order and
+/// follows every change; `clear` deletes the alarm; an object with only an alarm is listed.
+pub(crate) fn alarms_set_replace_delete(b: &dyn Backend) {
+    let (x, y, z) = (obj(1, 1), obj(1, 2), obj(2, 1));
+    assert_eq!(b.alarm(&x).unwrap(), None);
+    assert_eq!(b.next_alarms(None, 10).unwrap(), vec![]);
+    b.commit(&[
+        with_alarm(x, AlarmWrite::Set(300)),
+        with_alarm(y, AlarmWrite::Set(100)),
+        with_alarm(z, AlarmWrite::Set(100)),
+    ])
+    .unwrap();
+    assert_eq!(b.alarm(&x).unwrap(), Some(300));
+    let all = vec![(100, y), (100, z), (300, x)];
+    assert_eq!(b.next_alarms(None, 10).unwrap(), all);
+    assert_eq!(b.next_alarms(None, 2).unwrap(), all[..2]);
+    assert_eq!(b.next_alarms(Some(all[1]), 10).unwrap(), all[2..]);
+    assert_eq!(b.next_alarms(Some((100, x)), 10).unwrap(), all);
+    assert_eq!(b.next_alarms(Some(all[2]), 10).unwrap(), vec![]);
+    // An object with an alarm and no keys is in the registry.
+    let (rows, _) = b.list_objects(1, None, 10).unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [x.id, y.id]);
+    // Replace: the old index entry goes.
+    b.commit(&[with_alarm(x, AlarmWrite::Set(50))]).unwrap();
+    let want = vec![(50, x), (100, y), (100, z)];
+    assert_eq!(b.next_alarms(None, 10).unwrap(), want);
+    // Delete, and keys kept across an alarm change.
+    let mut keyed = with_alarm(y, AlarmWrite::Delete);
+    keyed.mutations.push(put(b"k", b"v"));
+    b.commit(&[keyed, with_alarm(x, AlarmWrite::Delete)])
+        .unwrap();
+    assert_eq!(b.alarm(&y).unwrap(), None);
+    assert_eq!(b.next_alarms(None, 10).unwrap(), vec![(100, z)]);
+    let (rows, _) = b.list_objects(1, None, 10).unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), [y.id]);
+    // Clear deletes the alarm; a set after the clear in the same batch stays.
+    let mut cleared = with_alarm(z, AlarmWrite::Keep);
+    cleared.clear = true;
+    b.commit(&[cleared]).unwrap();
+    assert_eq!(b.alarm(&z).unwrap(), None);
+    let mut reset = with_alarm(y, AlarmWrite::Set(7));
+    reset.clear = true;
+    b.commit(&[reset]).unwrap();
+    assert_eq!(all_keys(b, &y), 0);
+    assert_eq!(b.next_alarms(None, 10).unwrap(), vec![(7, y)]);
+    assert_eq!(b.list_objects(2, None, 10).unwrap().0, vec![]);
+}
+
+fn all_keys(b: &dyn Backend, object: &ObjectKey) -> usize {
+    all(b, object).len()
 }

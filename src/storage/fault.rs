@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::Error;
-use super::backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+use super::backend::{
+    AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
+};
 
 /// A backend that passes everything to another and fails commits on demand, to test what
 /// users see when the disk fails.
@@ -98,6 +100,18 @@ impl Backend for FaultyBackend {
         limit: usize,
     ) -> Result<(Vec<ObjectRecord>, bool), Error> {
         self.inner.list_objects(tag, start_after, limit)
+    }
+
+    fn alarm(&self, object: &ObjectKey) -> Result<Option<u64>, Error> {
+        self.inner.alarm(object)
+    }
+
+    fn next_alarms(
+        &self,
+        after: Option<AlarmEntry>,
+        limit: usize,
+    ) -> Result<Vec<AlarmEntry>, Error> {
+        self.inner.next_alarms(after, limit)
     }
 
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {

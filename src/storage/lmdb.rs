@@ -1,7 +1,7 @@
 //! The LMDB engine behind [`Backend`]: one memory-mapped, copy-on-write B+tree environment per
 //! data dir, whose committed write transactions are fsynced before [`Backend::commit`] returns.
 //!
-//! # On-disk layout (format version [`FORMAT_VERSION`] = 1)
+//! # On-disk layout (format version [`FORMAT_VERSION`] = 2)
 //!
 //! This layout is an API: a data dir written by one build must be readable by every later build
 //! that reports the same format version. Change it only together with [`FORMAT_VERSION`].
@@ -21,8 +21,17 @@
 //!   [`Backend::namespace`]). `{name}` is the UTF-8 name, so a name is at most
 //!   [`MAX_NAMESPACE_NAME`] bytes (LMDB's key size limit).
 //!
-//! Named database `objects` (the object registry):
+//! Named database `objects` (the object registry): a row per object that has a key or an alarm.
 //! - tag u32 ‖ id (32 bytes) → created_ms u64 ‖ name (UTF-8, empty = reached by ID only).
+//!
+//! Named databases `alarm_of` and `alarms` (since version 2): each object's one alarm, and the
+//! same alarms as a time-ordered index; every commit changes both in its one write transaction.
+//! - `alarm_of`: tag u32 ‖ id (32 bytes) → at_ms u64 (ms since the Unix epoch).
+//! - `alarms`: at_ms u64 ‖ tag u32 ‖ id (32 bytes) → empty.
+//!
+//! Versions: 1 had no alarms. Opening a version-1 dir upgrades it in place: the two alarm
+//! databases are created (empty), then `format_version` becomes 2. Both steps are idempotent,
+//! so an upgrade cut short is finished by the next open. A newer version is refused.
 //!
 //! Named database `kv` (every object's keys). Let *prefix* = tag u32 ‖ id (32 bytes), and
 //! P = [`LONG_KEY_SPLIT`] = 400. LMDB keys are limited to 511 bytes but user keys have no upper
@@ -53,13 +62,20 @@ use lmdb::{
 };
 
 use super::backend::{
-    Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
+    AlarmEntry, AlarmWrite, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
+    now_ms,
 };
 use super::keys::{range_is_empty, successor};
 use super::{Error, OpenError};
 
 /// Layout version this build writes and reads (see the module docs).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest layout version this build opens, upgrading it to [`FORMAT_VERSION`] in place.
+pub const FORMAT_VERSION_OLDEST: u32 = 1;
+
+/// Length of an `alarms` key: at_ms ‖ tag ‖ id.
+const ALARM_KEY_LEN: usize = 8 + PREFIX_LEN;
 
 /// Length P of the user-key prefix stored in the address of a long key (see the module docs).
 /// 36 (object prefix) + 400 + 16 (hash) = 452 stays under LMDB's 511-byte key limit.
@@ -87,6 +103,7 @@ const LONG_MARKER: u8 = 1;
 
 // `MDB_cursor_op` values from lmdb.h. lmdb-rkv does not re-export them; they are part of
 // LMDB's stable ABI, and defining them here spares a direct dependency on lmdb-rkv-sys.
+const MDB_FIRST: u32 = 0;
 const MDB_GET_CURRENT: u32 = 4;
 const MDB_LAST: u32 = 6;
 const MDB_NEXT: u32 = 8;
@@ -125,6 +142,10 @@ pub struct LmdbBackend {
     meta: Database,
     kv: Database,
     objects: Database,
+    /// Each object's alarm: tag ‖ id → at_ms.
+    alarm_of: Database,
+    /// The time-ordered alarm index: at_ms ‖ tag ‖ id → empty.
+    alarms: Database,
     map_bytes: usize,
     dir: PathBuf,
     _lock: File,
@@ -147,7 +168,7 @@ impl LmdbBackend {
         let lock = lock_dir(dir)?;
         let env = Environment::new()
             .set_flags(EnvironmentFlags::NO_TLS | EnvironmentFlags::NO_READAHEAD)
-            .set_max_dbs(3)
+            .set_max_dbs(5)
             .set_max_readers(options.max_readers)
             .set_map_size(options.map_bytes)
             .open(dir)
@@ -164,11 +185,19 @@ impl LmdbBackend {
         let objects = env
             .create_db(Some("objects"), DatabaseFlags::empty())
             .map_err(open_error)?;
+        let alarm_of = env
+            .create_db(Some("alarm_of"), DatabaseFlags::empty())
+            .map_err(open_error)?;
+        let alarms = env
+            .create_db(Some("alarms"), DatabaseFlags::empty())
+            .map_err(open_error)?;
         let backend = LmdbBackend {
             env,
             meta,
             kv,
             objects,
+            alarm_of,
+            alarms,
             map_bytes,
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -194,21 +223,22 @@ impl LmdbBackend {
         lmdb_error(e, self.map_bytes)
     }
 
-    /// Writes the format version into a fresh env (or checks it again, now that the
-    /// databases exist).
+    /// Writes the format version into a fresh env, or upgrades an older one in place now that
+    /// the databases of this version exist (version 1 → 2 only adds the empty alarm databases).
     fn check_format(&self) -> Result<(), OpenError> {
         let mut txn = self.env.begin_rw_txn().map_err(open_error)?;
         if let Some(bytes) = get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(open_error)? {
-            // Any other version is refused, older ones too: version 1 is the first format, so
-            // an older number cannot come from a real build; a future build that migrates
-            // older dirs would relax this.
-            return check_version(bytes);
-        }
-        for db in [self.kv, self.objects] {
-            if txn.stat(db).map_err(open_error)?.entries() != 0 {
-                return Err(OpenError::Corrupt(
-                    "data present but format_version missing".into(),
-                ));
+            if check_version(bytes)? == FORMAT_VERSION {
+                return Ok(());
+            }
+            tracing::info!(to = FORMAT_VERSION, "upgrading the data dir's format");
+        } else {
+            for db in [self.kv, self.objects, self.alarm_of, self.alarms] {
+                if txn.stat(db).map_err(open_error)?.entries() != 0 {
+                    return Err(OpenError::Corrupt(
+                        "data present but format_version missing".into(),
+                    ));
+                }
             }
         }
         let version = FORMAT_VERSION.to_be_bytes();
@@ -233,6 +263,9 @@ impl LmdbBackend {
         if batch.clear {
             self.clear_object(txn, &prefix).map_err(|e| self.err(e))?;
         }
+        if batch.clear || batch.alarm != AlarmWrite::Keep {
+            self.write_alarm(txn, &prefix, batch.alarm)?;
+        }
         for (key, value) in &batch.mutations {
             match value {
                 Some(value) => {
@@ -249,6 +282,31 @@ impl LmdbBackend {
             }
         }
         self.update_registry(txn, &prefix, batch.name.as_deref(), now)
+    }
+
+    /// Replaces the object's alarm (in `alarm_of` and `alarms`) with what `write` says: `Keep`
+    /// here means a clear, which deletes it.
+    fn write_alarm(
+        &self,
+        txn: &mut RwTransaction,
+        prefix: &[u8; PREFIX_LEN],
+        write: AlarmWrite,
+    ) -> Result<(), Error> {
+        let err = |e| self.err(e);
+        if let Some(old) = get_opt(txn, self.alarm_of, prefix).map_err(err)? {
+            let old = decode_u64(old).ok_or_else(|| Error::Corrupt(not_u64("alarm_of")))?;
+            txn.del(self.alarms, &alarm_key(old, prefix), None)
+                .map_err(err)?;
+            txn.del(self.alarm_of, prefix, None).map_err(err)?;
+        }
+        if let AlarmWrite::Set(at_ms) = write {
+            let flags = WriteFlags::empty();
+            txn.put(self.alarm_of, prefix, &at_ms.to_be_bytes(), flags)
+                .map_err(err)?;
+            txn.put(self.alarms, &alarm_key(at_ms, prefix), &[], flags)
+                .map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Deletes every `kv` entry of the object.
@@ -289,7 +347,8 @@ impl LmdbBackend {
         }
     }
 
-    /// Adds, names or removes the object's registry row to match whether it has keys.
+    /// Adds, names or removes the object's registry row to match whether it has keys or an
+    /// alarm.
     fn update_registry(
         &self,
         txn: &mut RwTransaction,
@@ -302,7 +361,7 @@ impl LmdbBackend {
             let cursor = txn.open_ro_cursor(self.kv).map_err(err)?;
             let first = cursor_get(&cursor, Some(prefix), MDB_SET_RANGE).map_err(err)?;
             first.is_some_and(|(key, _)| key.starts_with(prefix))
-        };
+        } || get_opt(txn, self.alarm_of, prefix).map_err(err)?.is_some();
         let existing = get_opt(txn, self.objects, prefix).map_err(err)?;
         let name = name.unwrap_or("");
         let row = match (has_keys, existing) {
@@ -436,6 +495,48 @@ impl Backend for LmdbBackend {
             entry = cursor_get(&cursor, None, MDB_NEXT).map_err(err)?;
         }
         Ok((out, false))
+    }
+
+    fn alarm(&self, object: &ObjectKey) -> Result<Option<u64>, Error> {
+        let txn = self.env.begin_ro_txn().map_err(|e| self.err(e))?;
+        let stored = get_opt(&txn, self.alarm_of, &object_prefix(object));
+        match stored.map_err(|e| self.err(e))? {
+            Some(bytes) => decode_u64(bytes)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt(not_u64("alarm_of"))),
+            None => Ok(None),
+        }
+    }
+
+    fn next_alarms(
+        &self,
+        after: Option<AlarmEntry>,
+        limit: usize,
+    ) -> Result<Vec<AlarmEntry>, Error> {
+        let err = |e| self.err(e);
+        let txn = self.env.begin_ro_txn().map_err(err)?;
+        let cursor = txn.open_ro_cursor(self.alarms).map_err(err)?;
+        let mut entry = match after {
+            None => cursor_get(&cursor, None, MDB_FIRST).map_err(err)?,
+            Some((at_ms, object)) => {
+                let after = alarm_key(at_ms, &object_prefix(&object));
+                match cursor_get(&cursor, Some(&after), MDB_SET_RANGE).map_err(err)? {
+                    Some((key, _)) if key == after => {
+                        cursor_get(&cursor, None, MDB_NEXT).map_err(err)?
+                    }
+                    other => other,
+                }
+            }
+        };
+        let mut out = Vec::new();
+        while let Some((key, _)) = entry {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(decode_alarm_key(key)?);
+            entry = cursor_get(&cursor, None, MDB_NEXT).map_err(err)?;
+        }
+        Ok(out)
     }
 
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
@@ -610,21 +711,21 @@ fn check_existing_format(env: &Environment) -> Result<(), OpenError> {
     };
     let txn = env.begin_ro_txn().map_err(open_error)?;
     match get_opt(&txn, meta, FORMAT_VERSION_KEY).map_err(open_error)? {
-        Some(bytes) => check_version(bytes),
+        Some(bytes) => check_version(bytes).map(drop),
         None => Ok(()),
     }
 }
 
-/// Fails unless the stored `format_version` is ours.
-fn check_version(bytes: &[u8]) -> Result<(), OpenError> {
+/// The stored `format_version`, if this build opens it (ours, or an older one it upgrades).
+fn check_version(bytes: &[u8]) -> Result<u32, OpenError> {
     let found = decode_u32(bytes).ok_or_else(|| OpenError::Corrupt(not_u32("format_version")))?;
-    if found != FORMAT_VERSION {
+    if !(FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&found) {
         return Err(OpenError::FormatVersion {
             found,
             supported: FORMAT_VERSION,
         });
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Takes `flock(LOCK_EX | LOCK_NB)` on `dir/LOCK` (std's `try_lock` is exactly that on Unix).
@@ -698,6 +799,31 @@ fn object_prefix(object: &ObjectKey) -> [u8; PREFIX_LEN] {
     prefix[..4].copy_from_slice(&object.tag.to_be_bytes());
     prefix[4..].copy_from_slice(&object.id);
     prefix
+}
+
+/// The `alarms` key of an alarm at `at_ms` of the object `prefix` names.
+fn alarm_key(at_ms: u64, prefix: &[u8; PREFIX_LEN]) -> [u8; ALARM_KEY_LEN] {
+    let mut key = [0u8; ALARM_KEY_LEN];
+    key[..8].copy_from_slice(&at_ms.to_be_bytes());
+    key[8..].copy_from_slice(prefix);
+    key
+}
+
+fn decode_alarm_key(key: &[u8]) -> Result<AlarmEntry, Error> {
+    let corrupt = || Error::Corrupt("malformed key in alarms".into());
+    let (at_ms, prefix) = key.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    let (tag, id) = prefix.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let id: [u8; 32] = id.try_into().map_err(|_| corrupt())?;
+    let tag = u32::from_be_bytes(*tag);
+    Ok((u64::from_be_bytes(*at_ms), ObjectKey { tag, id }))
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn not_u64(what: &str) -> String {
+    format!("{what} value is not a u64")
 }
 
 fn key_hash(key: &[u8]) -> [u8; HASH_LEN] {
@@ -1076,5 +1202,46 @@ mod tests {
             b.list_objects(1, None, 10),
             Err(Error::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn alarms_set_replace_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::alarms_set_replace_delete(&open(dir.path()));
+        // The alarms survive a reopen.
+        let b = open(dir.path());
+        assert_eq!(b.next_alarms(None, 10).unwrap(), vec![(7, obj(1, 2))]);
+    }
+
+    /// A version-1 dir (the fixture: see tests/fixtures/README.md) opens, upgraded in place to
+    /// this version, with its data intact, and takes alarms.
+    #[test]
+    fn version_1_dir_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v1");
+        std::fs::copy(fixture.join("data.mdb"), dir.path().join("data.mdb")).unwrap();
+        let b = open(dir.path());
+        let kv = b.namespace("kv").unwrap();
+        let (rows, _) = b.list_objects(kv.tag, None, 10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].name.as_deref(), Some("fixture"));
+        let fixture_obj = ObjectKey {
+            tag: kv.tag,
+            id: rows[0].id,
+        };
+        let stored = b.get(&fixture_obj, b"greeting").unwrap().unwrap();
+        let value = crate::storage::value::decode_raw(&stored.into()).unwrap();
+        assert_eq!(value, &b"hello"[..]);
+        let batch = ObjectBatch {
+            alarm: AlarmWrite::Set(5),
+            ..conformance::batch(fixture_obj, Vec::new())
+        };
+        b.commit(&[batch]).unwrap();
+        drop(b);
+        let b = open(dir.path());
+        assert_eq!(b.alarm(&fixture_obj).unwrap(), Some(5));
+        let txn = b.env.begin_ro_txn().unwrap();
+        let version = get_opt(&txn, b.meta, FORMAT_VERSION_KEY).unwrap().unwrap();
+        assert_eq!(decode_u32(version), Some(FORMAT_VERSION));
     }
 }

@@ -11,13 +11,13 @@
 //!
 //! [`LmdbBackend`]: super::lmdb::LmdbBackend
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::Error;
 use super::backend::{
-    Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
+    AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
 };
 use super::keys::range_is_empty;
 use super::lmdb::{MAX_KEY, MAX_NAMESPACE_NAME};
@@ -36,8 +36,12 @@ pub struct MemoryBackend {
 struct State {
     /// Every object's keys; an object with no keys has no entry.
     kv: BTreeMap<ObjectKey, Keys>,
-    /// The object registry: the objects that have keys.
+    /// The object registry: the objects that have keys or an alarm.
     objects: BTreeMap<ObjectKey, ObjectRecord>,
+    /// Every object's alarm, and the same as a time-ordered index (LMDB's `alarm_of` and
+    /// `alarms`).
+    alarm_of: BTreeMap<ObjectKey, u64>,
+    alarms: BTreeSet<AlarmEntry>,
     namespaces: HashMap<String, NamespaceRecord>,
     /// The tag the next new namespace gets (tag 0 is never used, as in LMDB).
     next_tag: u32,
@@ -49,6 +53,7 @@ struct State {
 struct Draft {
     keys: Keys,
     row: Option<ObjectRecord>,
+    alarm: Option<u64>,
 }
 
 impl MemoryBackend {
@@ -58,6 +63,8 @@ impl MemoryBackend {
             state: Mutex::new(State {
                 kv: BTreeMap::new(),
                 objects: BTreeMap::new(),
+                alarm_of: BTreeMap::new(),
+                alarms: BTreeSet::new(),
                 namespaces: HashMap::new(),
                 next_tag: 1,
                 stored_bytes: 0,
@@ -90,6 +97,18 @@ impl MemoryBackend {
     #[cfg(test)]
     fn set_next_tag(&self, tag: u32) {
         self.lock().next_tag = tag;
+    }
+}
+
+impl State {
+    fn set_alarm(&mut self, object: ObjectKey, alarm: Option<u64>) {
+        if let Some(old) = self.alarm_of.remove(&object) {
+            self.alarms.remove(&(old, object));
+        }
+        if let Some(at_ms) = alarm {
+            self.alarm_of.insert(object, at_ms);
+            self.alarms.insert((at_ms, object));
+        }
     }
 }
 
@@ -149,6 +168,7 @@ impl Backend for MemoryBackend {
             let draft = drafts.entry(batch.object).or_insert_with(|| Draft {
                 keys: state.kv.get(&batch.object).cloned().unwrap_or_default(),
                 row: state.objects.get(&batch.object).cloned(),
+                alarm: state.alarm_of.get(&batch.object).copied(),
             });
             apply_batch(draft, batch, now)?;
         }
@@ -164,6 +184,7 @@ impl Backend for MemoryBackend {
             return Err(Error::MapFull { map_bytes });
         }
         for (object, draft) in drafts {
+            state.set_alarm(object, draft.alarm);
             match draft.row {
                 Some(row) => state.objects.insert(object, row),
                 None => state.objects.remove(&object),
@@ -201,6 +222,21 @@ impl Backend for MemoryBackend {
         Ok((page, rows.next().is_some()))
     }
 
+    fn alarm(&self, object: &ObjectKey) -> Result<Option<u64>, Error> {
+        Ok(self.lock().alarm_of.get(object).copied())
+    }
+
+    fn next_alarms(
+        &self,
+        after: Option<AlarmEntry>,
+        limit: usize,
+    ) -> Result<Vec<AlarmEntry>, Error> {
+        let state = self.lock();
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = state.alarms.range((start, Bound::Unbounded));
+        Ok(range.take(limit).copied().collect())
+    }
+
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
         if name.len() > MAX_NAMESPACE_NAME {
             return Err(Error::NamespaceNameTooLong {
@@ -228,6 +264,7 @@ fn apply_batch(draft: &mut Draft, batch: &ObjectBatch, now: u64) -> Result<(), E
     if batch.clear {
         draft.keys.clear();
     }
+    draft.alarm = batch.alarm.apply(draft.alarm, batch.clear);
     for (key, value) in &batch.mutations {
         match value {
             Some(value) => {
@@ -248,10 +285,10 @@ fn apply_batch(draft: &mut Draft, batch: &ObjectBatch, now: u64) -> Result<(), E
     Ok(())
 }
 
-/// Adds, names or removes the object's registry row to match whether it has keys. As in LMDB,
-/// an empty name counts as none, and the first name and the creation time are kept.
+/// Adds, names or removes the object's registry row to match whether it has keys or an alarm.
+/// As in LMDB, an empty name counts as none, and the first name and the creation time are kept.
 fn update_registry(draft: &mut Draft, batch: &ObjectBatch, now: u64) {
-    if draft.keys.is_empty() {
+    if draft.keys.is_empty() && draft.alarm.is_none() {
         draft.row = None;
         return;
     }
@@ -374,5 +411,10 @@ mod tests {
         assert_eq!(all(&b, &p), vec![]);
         assert_eq!(b.list_objects(1, None, 10).unwrap(), rows);
         assert_eq!(b.stored_bytes(), 4);
+    }
+
+    #[test]
+    fn alarms_set_replace_delete() {
+        conformance::alarms_set_replace_delete(&MemoryBackend::new());
     }
 }

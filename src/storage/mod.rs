@@ -9,6 +9,9 @@
 //! - Writes made with no await between them commit together, atomically.
 //! - The object's responses are held until every write made before them is durable (the output
 //!   gate), so an acknowledged write is never lost.
+//! - An object's one alarm ([`Storage::set_alarm`]) is written like a key: it joins the batch
+//!   of its turn, and the output gate waits for it. The backend keeps a time-ordered index of
+//!   every object's alarm ([`Backend::next_alarms`]) for the host's scheduler.
 //! - While a transaction or `sync` is in progress, no other event is delivered to the object
 //!   (the input gate). The other calls never wait on I/O other than the memory-mapped read of a
 //!   key that is not cached, so nothing interleaves with them either.
@@ -41,7 +44,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use backend::{Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord};
+pub use backend::{
+    AlarmEntry, AlarmWrite, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
+};
 pub use error::{Error, OpenError};
 pub use fault::FaultyBackend;
 pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
@@ -191,9 +196,34 @@ impl Storage {
         self.store.range(start, end, options.reverse, limit)
     }
 
-    /// Deletes every key of the object. The object leaves `listObjects` once this is durable.
+    /// Deletes every key of the object, and its alarm. The object leaves `listObjects` once
+    /// this is durable.
     pub async fn delete_all(&self) -> Result<(), Error> {
         self.store.delete_all()
+    }
+
+    /// The object's alarm, in milliseconds since the Unix epoch, if it has one. Inside
+    /// `alarm()`, the alarm being delivered is not shown: only one the handler set anew.
+    pub async fn get_alarm(&self) -> Result<Option<u64>, Error> {
+        self.store.alarm()
+    }
+
+    /// Sets or replaces the object's one alarm, to fire at `at_ms` (milliseconds since the
+    /// Unix epoch) or later; a time in the past fires as soon as possible. A storage write:
+    /// it commits with the other writes of the turn, and the output gate waits for it.
+    pub async fn set_alarm(&self, at_ms: u64) -> Result<(), Error> {
+        self.store.write_alarm(Some(at_ms))
+    }
+
+    /// [`Storage::set_alarm`] at a [`SystemTime`](std::time::SystemTime).
+    pub async fn set_alarm_at(&self, at: std::time::SystemTime) -> Result<(), Error> {
+        self.store
+            .write_alarm(Some(crate::clock::system_time_ms(at)))
+    }
+
+    /// Deletes the object's alarm, if any; inside `alarm()`, this also stops its retries.
+    pub async fn delete_alarm(&self) -> Result<(), Error> {
+        self.store.write_alarm(None)
     }
 
     /// Resolves once every write made before the call is durable.

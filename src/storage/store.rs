@@ -19,7 +19,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 
 use super::Error;
-use super::backend::{Backend, ObjectBatch, ObjectKey};
+use super::backend::{AlarmWrite, Backend, ObjectBatch, ObjectKey};
 use super::keys::{as_ref, range_is_empty};
 use super::options::Limits;
 use super::writer::WriterHandle;
@@ -37,7 +37,13 @@ pub(crate) struct Shared {
     /// Objects with writes to flush at the end of this turn of the event loop; their batches
     /// go to the writer together, as one group (each batch answered on its own).
     pub(crate) pending: RefCell<Vec<Rc<ObjectStore>>>,
+    /// Told of every committed change of an object's alarm (its new alarm, or none): the
+    /// host's alarm scheduler, once it runs.
+    pub(crate) on_alarm: RefCell<Option<AlarmListener>>,
 }
+
+/// Hears of committed alarm changes: (object, its alarm now).
+pub(crate) type AlarmListener = Rc<dyn Fn(ObjectKey, Option<u64>)>;
 
 impl Shared {
     pub(crate) fn new(backend: Arc<dyn Backend>, writer: WriterHandle, limits: Limits) -> Shared {
@@ -46,6 +52,14 @@ impl Shared {
             writer,
             limits,
             pending: RefCell::default(),
+            on_alarm: RefCell::default(),
+        }
+    }
+
+    fn alarm_committed(&self, object: ObjectKey, alarm: Option<u64>) {
+        let listener = self.on_alarm.borrow().clone();
+        if let Some(listener) = listener {
+            listener(object, alarm);
         }
     }
 
@@ -67,8 +81,11 @@ async fn flush_group(shared: Rc<Shared>) {
     let mut batches = Vec::with_capacity(stores.len());
     for store in stores {
         if let Some((batch, seq)) = store.take_batch() {
+            // The alarm the object has once this batch commits, if the batch changes it.
+            let alarm = (batch.clear || batch.alarm != AlarmWrite::Keep)
+                .then(|| batch.alarm.apply(None, batch.clear));
             batches.push(batch);
-            group.push((store, seq));
+            group.push((store, seq, alarm));
         }
     }
     if batches.is_empty() {
@@ -77,10 +94,15 @@ async fn flush_group(shared: Rc<Shared>) {
     // One answer per batch, in order: each store settles with its own.
     let answers = shared.writer.submit(batches).await.unwrap_or_default();
     let mut answers = answers.into_iter();
-    for (store, seq) in group {
+    for (store, seq, alarm) in group {
         // A missing answer means the writer stopped before settling it.
         match answers.next().unwrap_or(Err(Error::Closed)) {
-            Ok(()) => store.committed(seq),
+            Ok(()) => {
+                if let Some(alarm) = alarm {
+                    shared.alarm_committed(store.key, alarm);
+                }
+                store.committed(seq);
+            }
             Err(error) => store.commit_failed(error),
         }
     }
@@ -102,6 +124,14 @@ struct State {
     dirty: BTreeMap<Vec<u8>, Option<Bytes>>,
     /// A `delete_all` not yet handed to the writer.
     clear_pending: bool,
+    /// The alarm change not yet handed to the writer (applied after `clear_pending`).
+    alarm_dirty: AlarmWrite,
+    /// The alarm as the object sees it, its own writes included; `None` until first read.
+    alarm: Option<Option<u64>>,
+    /// The alarm being delivered to the object, until its handler is done or the object
+    /// changes its alarm: `get_alarm` does not show it, and only an unchanged fired alarm is
+    /// deleted when its handler succeeds.
+    alarm_firing: Option<u64>,
     /// The write that was the last `delete_all`: until it is durable the backend's keys are
     /// stale, and reads must not consult the backend.
     clear_seq: u64,
@@ -164,6 +194,8 @@ impl ObjectStore {
         }
         state.dirty.clear();
         state.clear_pending = false;
+        state.alarm_dirty = AlarmWrite::Keep;
+        state.alarm = None;
         wake_all(&mut state.durable_waiters);
     }
 
@@ -220,12 +252,70 @@ impl ObjectStore {
         state.cached_bytes = 0;
         state.dirty.clear();
         state.clear_pending = true;
+        state.alarm_dirty = AlarmWrite::Keep;
+        state.alarm = Some(None);
+        state.alarm_firing = None;
         self.after_write(&mut state);
         Ok(())
     }
 
+    /// The object's alarm, its own unflushed changes included. While its alarm is being
+    /// delivered, that alarm is not shown (the handler sees only one it set itself).
+    pub(crate) fn alarm(&self) -> Result<Option<u64>, Error> {
+        self.check_live()?;
+        let mut state = self.state.borrow_mut();
+        if state.alarm_firing.is_some() {
+            return Ok(None);
+        }
+        if let Some(alarm) = state.alarm {
+            return Ok(alarm);
+        }
+        let alarm = if state.clear_seq > state.durable_seq {
+            None
+        } else {
+            self.shared.backend.alarm(&self.key)?
+        };
+        state.alarm = Some(alarm);
+        Ok(alarm)
+    }
+
+    /// Sets (`Some`) or deletes the object's alarm, as a write of the object: it joins the next
+    /// batch, and the output gate waits for it.
+    pub(crate) fn write_alarm(self: &Rc<Self>, alarm: Option<u64>) -> Result<(), Error> {
+        self.check_live()?;
+        let mut state = self.state.borrow_mut();
+        state.written_seq += 1;
+        state.alarm_dirty = alarm.map_or(AlarmWrite::Delete, AlarmWrite::Set);
+        state.alarm = Some(alarm);
+        state.alarm_firing = None;
+        self.schedule_flush(&mut state);
+        Ok(())
+    }
+
+    /// The alarm at `at_ms` is being delivered (see `State::alarm_firing`).
+    pub(crate) fn begin_alarm(&self, at_ms: u64) {
+        self.state.borrow_mut().alarm_firing = Some(at_ms);
+    }
+
+    /// The handler of the alarm at `at_ms` is done: with `delete`, the alarm is deleted if the
+    /// object left it unchanged. The sequence number of the newest write, to wait on.
+    pub(crate) fn end_alarm(self: &Rc<Self>, at_ms: u64, delete: bool) -> Result<u64, Error> {
+        let unchanged = {
+            let mut state = self.state.borrow_mut();
+            std::mem::take(&mut state.alarm_firing) == Some(at_ms)
+        };
+        if unchanged && delete {
+            self.write_alarm(None)?;
+        }
+        Ok(self.written_seq())
+    }
+
     fn after_write(self: &Rc<Self>, state: &mut State) {
         self.mutations.set(self.mutations.get() + 1);
+        self.schedule_flush(state);
+    }
+
+    fn schedule_flush(self: &Rc<Self>, state: &mut State) {
         if !state.flushing {
             state.flushing = true;
             self.shared.schedule(self.clone());
@@ -238,7 +328,7 @@ impl ObjectStore {
         state.durable_seq = seq;
         wake_all(&mut state.durable_waiters);
         self.evict_if_needed(&mut state);
-        let more = state.failed.is_none() && (!state.dirty.is_empty() || state.clear_pending);
+        let more = state.failed.is_none() && state.has_unflushed();
         if more {
             self.shared.schedule(self.clone());
         } else {
@@ -251,7 +341,7 @@ impl ObjectStore {
     /// batch is in flight per object: `flushing` stays set until `committed`.
     fn take_batch(&self) -> Option<(ObjectBatch, u64)> {
         let mut state = self.state.borrow_mut();
-        if state.failed.is_some() || (state.dirty.is_empty() && !state.clear_pending) {
+        if state.failed.is_some() || !state.has_unflushed() {
             state.flushing = false;
             wake_all(&mut state.idle_waiters);
             return None;
@@ -261,6 +351,7 @@ impl ObjectStore {
             object: self.key,
             name: self.name.clone(),
             clear: std::mem::take(&mut state.clear_pending),
+            alarm: std::mem::take(&mut state.alarm_dirty),
             mutations: dirty
                 .into_iter()
                 .map(|(k, v)| (k, v.map(|v| v.to_vec())))
@@ -387,6 +478,13 @@ impl ObjectStore {
                 }
             };
         merge_range(start, end, reverse, limit, scan, overlay)
+    }
+}
+
+impl State {
+    /// Whether writes wait to be handed to the writer.
+    fn has_unflushed(&self) -> bool {
+        !self.dirty.is_empty() || self.clear_pending || self.alarm_dirty != AlarmWrite::Keep
     }
 }
 
