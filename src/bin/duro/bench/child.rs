@@ -84,9 +84,8 @@ pub fn start_duro(data_dir: &Path, http: bool) -> Result<Duro, String> {
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data_dir);
-    if http {
-        command.args(["--http", "127.0.0.1:0"]);
-    }
+    // The gateway is on by default (on 7451): a bench child takes a port of its own, or none.
+    command.args(["--http", if http { "127.0.0.1:0" } else { "off" }]);
     command.env("RUST_LOG", "warn");
     let log = data_dir.with_extension("log");
     let mut child = spawn(command, &log)?;
