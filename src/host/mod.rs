@@ -540,6 +540,25 @@ impl Namespace {
             .list_objects(self.core.tag, start_after, limit)
             .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
     }
+
+    /// The durable alarm of the object `id` (ms since the Unix epoch), if it has one: read from
+    /// storage, without activating the object, so an alarm set by a write that has not
+    /// committed yet is not seen.
+    pub fn stored_alarm(&self, id: &[u8; 32]) -> Result<Option<u64>, Error> {
+        let host = self
+            .core
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
+        let object = ObjectKey {
+            tag: self.core.tag,
+            id: *id,
+        };
+        host.storage
+            .backend
+            .alarm(&object)
+            .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
+    }
 }
 
 /// A stub: a reference to one object, through which calls arrive in the order made. It
