@@ -568,6 +568,10 @@ fn an_expired_key_is_absent_at_once_and_the_alarm_deletes_it() {
             state.storage().get_alarm().await.unwrap(),
             Some(T0 + 10_000)
         );
+        // What `duro ls` shows, read from storage.
+        let namespace = host.namespace("kv").unwrap();
+        let alarm = namespace.stored_alarm(state.id().bytes()).unwrap();
+        assert_eq!(alarm, Some(T0 + 10_000));
 
         // Due now; these calls are queued before the alarm is, so they run before it.
         clock.set(T0 + 10_000);

@@ -315,7 +315,7 @@ async fn put(
             None
         }
         Some(ttl_s) => {
-            if let Err(refused) = check_expiring_sizes(storage, key, value) {
+            if let Some(refused) = expiring_size_refusal(storage, key, value) {
                 return Ok(refused);
             }
             let at_ms = now_ms.saturating_add(ttl_s * 1000);
@@ -353,13 +353,13 @@ async fn delete(storage: &Storage, key: &[u8], now_ms: u64) -> Result<Response, 
     Ok(json(StatusCode::OK, &existed))
 }
 
-/// Refuses (413 or 400) a value or key too large to store with an expiry; see
-/// [`EXPIRY_VALUE_OVERHEAD`] and [`INDEX_KEY_OVERHEAD`].
-fn check_expiring_sizes(storage: &Storage, key: &[u8], value: &[u8]) -> Result<(), Response> {
+/// The refusal (413 or 400) of a value or key too large to store with an expiry, if it is;
+/// see [`EXPIRY_VALUE_OVERHEAD`] and [`INDEX_KEY_OVERHEAD`].
+fn expiring_size_refusal(storage: &Storage, key: &[u8], value: &[u8]) -> Option<Response> {
     let limits = storage.store().limits();
     let value_max = limits.value_bytes_max.saturating_sub(EXPIRY_VALUE_OVERHEAD);
     if value.len() > value_max {
-        return Err(text(
+        return Some(text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "value is {} bytes; with a ttl a value may be at most {value_max} bytes \
@@ -370,7 +370,7 @@ fn check_expiring_sizes(storage: &Storage, key: &[u8], value: &[u8]) -> Result<(
     }
     let key_max = limits.key_bytes_max.saturating_sub(INDEX_KEY_OVERHEAD);
     if key.len() > key_max {
-        return Err(text(
+        return Some(text(
             StatusCode::BAD_REQUEST,
             format!(
                 "key is {} bytes; with a ttl a key may be at most {key_max} bytes \
@@ -379,7 +379,7 @@ fn check_expiring_sizes(storage: &Storage, key: &[u8], value: &[u8]) -> Result<(
             ),
         ));
     }
-    Ok(())
+    None
 }
 
 async fn list(storage: &Storage, query: &str, now_ms: u64) -> Result<Response, storage::Error> {
