@@ -68,6 +68,29 @@ interface Namespace {
   # The namespace's objects that have stored data, in order of their hex IDs, starting after the
   # hex ID `startAfter` (empty: from the start). At most `limit` IDs (0 is refused); `more` says
   # whether more remain. `name` is filled for objects that were reached by name.
+
+  listObjectInfo @6 (startAfter :Text, limit :UInt32) -> (objects :List(ObjectInfo), more :Bool);
+  # `listObjects` with what the host stores about each object: the same objects, order, paging
+  # and limits. A read of durable storage only: no object is activated, so an alarm set by a
+  # write not yet committed is not shown.
+}
+
+struct ObjectInfo {
+  # One object of `listObjectInfo`.
+
+  id @0 :ObjectId;
+  # As `listObjects` answers it: `name` is filled for objects that were reached by name.
+
+  createdMs @1 :UInt64;
+  # When the object first stored data (a key or an alarm), in milliseconds since the Unix epoch,
+  # by the host's system clock. An object that lost all its data and stored again is new.
+
+  hasAlarm @2 :Bool;
+  # Whether the object has an alarm; `alarmMs` is meaningful only then.
+
+  alarmMs @3 :UInt64;
+  # The object's alarm, in milliseconds since the Unix epoch, by the host's clock: it fires at
+  # or after this time. A time in the past means it is due now (or being retried).
 }
 
 struct ObjectId {

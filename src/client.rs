@@ -286,6 +286,23 @@ impl RemoteNamespace {
         })
     }
 
+    /// [`RemoteNamespace::list_objects`] with what the host stores about each object: when it
+    /// first stored data and its alarm. The same objects, order, paging and limits. The host
+    /// reads its storage only: no object is activated.
+    pub fn list_object_info(
+        &self,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Pending<ObjectInfoPage> {
+        let (namespace, start_after) = (self.handle.id, start_after.unwrap_or("").to_owned());
+        self.shared().call(|reply| Command::ListObjectInfo {
+            namespace,
+            start_after,
+            limit,
+            reply,
+        })
+    }
+
     fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
     }
@@ -389,6 +406,36 @@ impl ObjectPage {
     /// The `start_after` of the next page, when there is one.
     pub fn next_start_after(&self) -> Option<String> {
         self.ids.last().filter(|_| self.more).map(ObjectId::to_hex)
+    }
+}
+
+/// One object of [`RemoteNamespace::list_object_info`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ObjectInfo {
+    /// The object's ID, with its name when it was reached by name.
+    pub id: ObjectId,
+    /// When the object first stored data, in milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The object's alarm, in milliseconds since the Unix epoch, if it has one.
+    pub alarm_ms: Option<u64>,
+}
+
+/// One page of [`RemoteNamespace::list_object_info`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ObjectInfoPage {
+    /// The objects, in order of their hex IDs.
+    pub objects: Vec<ObjectInfo>,
+    /// Whether more objects follow.
+    pub more: bool,
+}
+
+impl ObjectInfoPage {
+    /// The `start_after` of the next page, when there is one.
+    pub fn next_start_after(&self) -> Option<String> {
+        let last = self.objects.last().filter(|_| self.more);
+        last.map(|info| info.id.to_hex())
     }
 }
 
@@ -581,6 +628,12 @@ enum Command {
         limit: u32,
         reply: Reply<ObjectPage>,
     },
+    ListObjectInfo {
+        namespace: u64,
+        start_after: String,
+        limit: u32,
+        reply: Reply<ObjectInfoPage>,
+    },
     Fetch {
         stub: u64,
         request: Request,
@@ -624,6 +677,26 @@ fn read_page(results: namespace::list_objects_results::Reader<'_>) -> capnp::Res
         .collect::<capnp::Result<_>>()?;
     Ok(ObjectPage {
         ids,
+        more: results.get_more(),
+    })
+}
+
+fn read_info_page(
+    results: namespace::list_object_info_results::Reader<'_>,
+) -> capnp::Result<ObjectInfoPage> {
+    let objects = results
+        .get_objects()?
+        .iter()
+        .map(|info| {
+            Ok(ObjectInfo {
+                id: read_id(info.get_id()?)?,
+                created_ms: info.get_created_ms(),
+                alarm_ms: info.get_has_alarm().then(|| info.get_alarm_ms()),
+            })
+        })
+        .collect::<capnp::Result<_>>()?;
+    Ok(ObjectInfoPage {
+        objects,
         more: results.get_more(),
     })
 }
@@ -783,6 +856,17 @@ mod driver {
                     call.get().set_start_after(&start_after);
                     call.get().set_limit(limit);
                     answer(reply, call.send().promise, |r| read_page(r.get()?));
+                }),
+                Command::ListObjectInfo {
+                    namespace,
+                    start_after,
+                    limit,
+                    reply,
+                } => self.on_namespace(namespace, reply, |namespace, reply| {
+                    let mut call = namespace.list_object_info_request();
+                    call.get().set_start_after(&start_after);
+                    call.get().set_limit(limit);
+                    answer(reply, call.send().promise, |r| read_info_page(r.get()?));
                 }),
             }
         }

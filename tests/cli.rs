@@ -246,3 +246,36 @@ fn ls_lists_objects_by_pages_and_says_how_to_get_the_next() {
     assert_exit(&duro(&server, "ls", &["counter", "--limit", "0"]), 2);
     assert_exit(&duro(&server, "ls", &["nope"]), 2);
 }
+
+#[test]
+fn ls_shows_the_next_alarm_of_objects_that_have_one() {
+    // On a manual clock, so the alarm's time is known: a kv key expiring in an hour.
+    let clock = duro::testing::ManualClock::new(1_795_981_200_000); // 2026-11-29T19:40:00Z
+    let builder = duro::builtin::register(duro::Server::builder()).clock(clock.shared());
+    let server = TestServer::start(builder);
+    let put = |name: &str, path: &str| {
+        let output = duro(
+            &server,
+            "fetch",
+            &["kv", name, path, "-X", "PUT", "-d", "v"],
+        );
+        assert_exit(&output, 0);
+    };
+    put("expiring", "/k/a?ttl=3600");
+    put("plain", "/k/a");
+    let hex = |name: &str| {
+        let output = duro(&server, "ids", &["kv", "--name", name]);
+        stdout(&output).trim_end().to_owned()
+    };
+    let mut expected = [
+        format!(
+            "{}  expiring  alarm 2026-11-29T20:40:00.000Z",
+            hex("expiring")
+        ),
+        format!("{}  plain", hex("plain")),
+    ];
+    expected.sort();
+    let output = duro(&server, "ls", &["kv"]);
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), format!("{}\n", expected.join("\n")));
+}

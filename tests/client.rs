@@ -581,3 +581,59 @@ fn dropping_a_local_call_cancels_it_as_a_remote_one() {
         host.shutdown().await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_object_info_shows_each_objects_alarm() {
+    const T0: u64 = 1_700_000_000_000;
+    let clock = duro::testing::ManualClock::new(T0);
+    let server = TestServer::start(builder().0.clock(clock.shared()));
+    let client = connect(&server).await;
+    let kv = client.namespace("kv");
+    let put = |name: &str, path: &str| kv.get_by_name(name).call("PUT", path, "v");
+    assert_eq!(put("expiring", "/k/a?ttl=60").await.unwrap().status(), 204);
+    assert_eq!(put("plain", "/k/a").await.unwrap().status(), 204);
+    assert_eq!(put("third", "/k/a").await.unwrap().status(), 204);
+
+    let first = kv.list_object_info(None, 2).await.unwrap();
+    assert!(first.more);
+    let next = first.next_start_after().unwrap();
+    let second = kv.list_object_info(Some(&next), 2).await.unwrap();
+    assert!(!second.more && second.next_start_after().is_none());
+    let objects: Vec<_> = first.objects.into_iter().chain(second.objects).collect();
+    // The same objects, in the same order, as listObjects.
+    let ids = kv.list_objects(None, 10).await.unwrap().ids;
+    assert_eq!(
+        objects.iter().map(|o| o.id.clone()).collect::<Vec<_>>(),
+        ids
+    );
+    let alarms: Vec<_> = objects
+        .iter()
+        .map(|o| (o.id.name().unwrap().to_owned(), o.alarm_ms))
+        .collect();
+    let mut expected = vec![
+        ("expiring".to_owned(), Some(T0 + 60_000)),
+        ("plain".to_owned(), None),
+        ("third".to_owned(), None),
+    ];
+    expected.sort_by_key(|(name, _)| kv_hex(&ids, name));
+    assert_eq!(alarms, expected);
+    let now_ms = duro::Clock::now_ms(&duro::SystemClock);
+    assert!(
+        objects
+            .iter()
+            .all(|o| o.created_ms <= now_ms && o.created_ms > now_ms - 600_000)
+    );
+    refused(
+        kv.list_object_info(None, 0).await,
+        "limit must be between 1",
+    );
+    refused(kv.list_object_info(Some("zz"), 1).await, "hex");
+}
+
+/// The hex ID of the object `name` among `ids`.
+fn kv_hex(ids: &[duro::ObjectId], name: &str) -> String {
+    ids.iter()
+        .find(|id| id.name() == Some(name))
+        .unwrap()
+        .to_hex()
+}

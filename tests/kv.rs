@@ -507,3 +507,312 @@ fn empty_ranges_answer_an_empty_list() {
         }
     });
 }
+
+// Expiring keys (`PUT /k/{key}?ttl=SECONDS`), on a manual clock.
+
+const T0: u64 = 1_700_000_000_000;
+
+/// An in-process host with the `kv` class on `clock`: calls made on a stub before the test
+/// yields are delivered before an alarm the clock's move makes due, so a test can read
+/// between an expiry and the alarm that deletes the key.
+fn ttl_host(dir: &std::path::Path, clock: &duro::testing::ManualClock) -> duro::Host {
+    duro::builtin::register(Server::builder())
+        .clock(clock.shared())
+        .data_dir(dir)
+        .open_host()
+        .unwrap()
+}
+
+/// (status, body) of one call to the `kv` object "store" of an in-process host.
+async fn local(host: &duro::Host, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let stub = host.namespace("kv").unwrap().get_by_name("store").unwrap();
+    let response = stub.call(method, path, body.to_vec()).await.unwrap();
+    (response.status().as_u16(), response.body().to_vec())
+}
+
+/// Every key the object stores, the expiry index's included (read below the `kv` class).
+async fn stored_keys(host: &duro::Host) -> Vec<Vec<u8>> {
+    let state = duro::testing::state(host, "kv", "store").unwrap();
+    let entries = state.storage().list_encoded(&Default::default()).unwrap();
+    entries.into_iter().map(|(key, _)| key).collect()
+}
+
+/// Lets the host run (real time) until `condition` holds; panics after 10 s.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, condition: impl Fn() -> F) {
+    for _ in 0..10_000 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn objects(host: &duro::Host) -> usize {
+    let namespace = host.namespace("kv").unwrap();
+    namespace.list_objects(None, 10).unwrap().0.len()
+}
+
+#[test]
+fn an_expired_key_is_absent_at_once_and_the_alarm_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = duro::testing::ManualClock::new(T0);
+    run_local(async {
+        let host = ttl_host(dir.path(), &clock);
+        assert_eq!(local(&host, "PUT", "/k/a?ttl=10", b"1").await.0, 204);
+        assert_eq!(local(&host, "PUT", "/k/b?ttl=20", b"2").await.0, 204);
+        assert_eq!(local(&host, "PUT", "/k/c", b"3").await.0, 204);
+        assert_eq!(local(&host, "GET", "/k/a", b"").await, (200, b"1".to_vec()));
+        let state = duro::testing::state(&host, "kv", "store").unwrap();
+        assert_eq!(
+            state.storage().get_alarm().await.unwrap(),
+            Some(T0 + 10_000)
+        );
+        // What `duro ls` shows, read from storage.
+        let namespace = host.namespace("kv").unwrap();
+        let alarm = namespace.stored_alarm(state.id().bytes()).unwrap();
+        assert_eq!(alarm, Some(T0 + 10_000));
+
+        // Due now; these calls are queued before the alarm is, so they run before it.
+        clock.set(T0 + 10_000);
+        let stub = host.namespace("kv").unwrap().get_by_name("store").unwrap();
+        let get = stub.call("GET", "/k/a", "");
+        let list = stub.call("GET", "/list?limit=2", "");
+        let delete = stub.call("DELETE", "/k/a", "");
+        let txn = json!({
+            "if": [{"key": "a", "equals": null}],
+            "ops": [{"op": "get", "key": "a"}, {"op": "get", "key": "b"}],
+        });
+        let txn = stub.call("POST", "/txn", txn.to_string());
+        assert_eq!(get.await.unwrap().status().as_u16(), 404);
+        let list: Value = serde_json::from_slice(list.await.unwrap().body()).unwrap();
+        assert_eq!(
+            list,
+            json!([{"key": "b", "value": "2"}, {"key": "c", "value": "3"}]),
+            "the limit counts live keys only, and the index is not listed"
+        );
+        assert_eq!(delete.await.unwrap().body().as_ref(), b"false");
+        let txn = txn.await.unwrap();
+        assert_eq!(txn.status().as_u16(), 200);
+        assert_eq!(txn.body().as_ref(), br#"[null,"2"]"#);
+
+        // The alarm re-arms for b; when b expires its alarm deletes it, index entry and all.
+        until("the alarm re-arms", || async {
+            state.storage().get_alarm().await.unwrap() == Some(T0 + 20_000)
+        })
+        .await;
+        clock.set(T0 + 20_000);
+        until("b is deleted", || async {
+            stored_keys(&host).await == [b"c".to_vec()]
+        })
+        .await;
+        assert_eq!(state.storage().get_alarm().await.unwrap(), None);
+
+        // With nothing left, the object leaves listObjects.
+        assert_eq!(
+            local(&host, "DELETE", "/k/c", b"").await,
+            (200, b"true".to_vec())
+        );
+        assert_eq!(local(&host, "PUT", "/k/d?ttl=5", b"4").await.0, 204);
+        assert_eq!(objects(&host), 1);
+        clock.advance(5_000);
+        until("the object has no data", || async { objects(&host) == 0 }).await;
+        host.shutdown().await;
+    });
+}
+
+#[test]
+fn a_put_without_ttl_keeps_the_key_and_a_new_ttl_replaces_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = duro::testing::ManualClock::new(T0);
+    run_local(async {
+        let host = ttl_host(dir.path(), &clock);
+        local(&host, "PUT", "/k/kept?ttl=10", b"old").await;
+        local(&host, "PUT", "/k/kept", b"new").await;
+        local(&host, "PUT", "/k/moved?ttl=10", b"x").await;
+        local(&host, "PUT", "/k/moved?ttl=100", b"y").await;
+        // In a transaction too, a put clears the expiry.
+        local(&host, "PUT", "/k/txn?ttl=10", b"z").await;
+        let put = json!({"ops": [{"op": "put", "key": "txn", "value": "zz"}]});
+        assert_eq!(
+            local(&host, "POST", "/txn", put.to_string().as_bytes())
+                .await
+                .0,
+            200
+        );
+        let index_entries = |keys: Vec<Vec<u8>>| keys.iter().filter(|k| k[0] == 0).count();
+        assert_eq!(index_entries(stored_keys(&host).await), 1, "only moved's");
+
+        clock.set(T0 + 50_000);
+        // The alarm set for the old expiries fires, deletes nothing, and re-arms.
+        let state = duro::testing::state(&host, "kv", "store").unwrap();
+        until("the alarm re-arms", || async {
+            state.storage().get_alarm().await.unwrap() == Some(T0 + 100_000)
+        })
+        .await;
+        assert_eq!(
+            local(&host, "GET", "/k/kept", b"").await,
+            (200, b"new".to_vec())
+        );
+        assert_eq!(
+            local(&host, "GET", "/k/moved", b"").await,
+            (200, b"y".to_vec())
+        );
+        assert_eq!(
+            local(&host, "GET", "/k/txn", b"").await,
+            (200, b"zz".to_vec())
+        );
+        clock.set(T0 + 100_000);
+        assert_eq!(local(&host, "GET", "/k/moved", b"").await.0, 404);
+        until("moved is deleted", || async {
+            stored_keys(&host).await.len() == 2
+        })
+        .await;
+        host.shutdown().await;
+    });
+}
+
+#[test]
+fn bad_ttls_and_reserved_keys_are_refused() {
+    let server = start();
+    run_local(async {
+        let host = server.connect().await;
+        let rule = "ttl must be a whole number of seconds from 1 to 315360000";
+        for query in [
+            "ttl=0",
+            "ttl=-1",
+            "ttl=1.5",
+            "ttl=+5",
+            "ttl=",
+            "ttl",
+            "ttl=ten",
+            "ttl=315360001",
+            "ttl=99999999999999999999999",
+        ] {
+            let path = format!("/k/a?{query}");
+            assert_refused(call(&host, "PUT", &path, b"v").await, 400, rule);
+        }
+        assert_refused(
+            call(&host, "PUT", "/k/a?ttl=5&ttl=6", b"v").await,
+            400,
+            "once",
+        );
+        assert_refused(
+            call(&host, "PUT", "/k/a?tll=5", b"v").await,
+            400,
+            "known: ttl",
+        );
+        assert_refused(
+            call(&host, "PUT", "/k/%00ttl/x", b"v").await,
+            400,
+            "reserved",
+        );
+        assert_refused(call(&host, "GET", "/k/%00ttl/", b"").await, 400, "reserved");
+        let txn = json!({"ops": [{"op": "get", "key": "\u{0}ttl/x"}]});
+        assert_refused(post_txn(&host, &txn).await, 400, "reserved");
+        // A key or value that fits without a ttl but not with one.
+        let key = "k".repeat(2048 - 12);
+        let refused = call(&host, "PUT", &format!("/k/{key}?ttl=5"), b"v").await;
+        assert_refused(refused, 400, "key_bytes_max");
+        let key = "k".repeat(2048 - 13);
+        assert_eq!(
+            call(&host, "PUT", &format!("/k/{key}?ttl=5"), b"v").await.0,
+            204
+        );
+        let value = vec![b'v'; 32 * 1024 - 15];
+        assert_refused(
+            call(&host, "PUT", "/k/big?ttl=5", &value).await,
+            413,
+            "value_bytes_max",
+        );
+        let value = vec![b'v'; 32 * 1024 - 16];
+        assert_eq!(call(&host, "PUT", "/k/big?ttl=5", &value).await.0, 204);
+        assert_eq!(call(&host, "GET", "/k/big", b"").await, (200, value));
+        assert_eq!(
+            call(&host, "GET", "/k/a", b"").await.0,
+            404,
+            "nothing refused was stored"
+        );
+        assert_eq!(call(&host, "PUT", "/k/a?ttl=315360000", b"v").await.0, 204);
+    });
+}
+
+#[test]
+fn a_ttl_survives_a_restart() {
+    let clock = duro::testing::ManualClock::new(T0);
+    let builder = || duro::builtin::register(Server::builder()).clock(clock.shared());
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        assert_eq!(
+            call(&host, "PUT", "/k/brief?ttl=60", b"soon gone").await.0,
+            204
+        );
+        assert_eq!(call(&host, "PUT", "/k/plain", b"stays").await.0, 204);
+    });
+    let server = TestServer::start_in(builder(), server.stop());
+    run_local(async {
+        let host = server.connect().await;
+        assert_eq!(
+            call(&host, "GET", "/k/brief", b"").await,
+            (200, b"soon gone".to_vec())
+        );
+        clock.advance(60_000);
+        assert_eq!(call(&host, "GET", "/k/brief", b"").await.0, 404);
+        assert_eq!(list_keys(&host, "").await, ["plain"]);
+    });
+}
+
+/// `list` pages over the expiry index (which sits among keys beginning with a NUL byte) and
+/// over expired keys, forward and in reverse, for every limit; and an alarm with more due
+/// keys than one delivery deletes goes on until none is left.
+#[test]
+fn list_skips_the_index_and_many_expiring_keys_are_all_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = duro::testing::ManualClock::new(T0);
+    run_local(async {
+        let host = ttl_host(dir.path(), &clock);
+        for key in ["%00a", "%00u", "%00z", "m"] {
+            assert_eq!(local(&host, "PUT", &format!("/k/{key}"), b"v").await.0, 204);
+        }
+        // Sent 550 at once (under object_queue_max), so that group commit stores them in a
+        // few commits.
+        let stub = host.namespace("kv").unwrap().get_by_name("store").unwrap();
+        for half in [0..550, 550..1100] {
+            let puts = half.map(|i| stub.call("PUT", &format!("/k/e{i:04}?ttl={}", 1 + i % 2), ""));
+            for put in futures::future::join_all(puts.collect::<Vec<_>>()).await {
+                assert_eq!(put.unwrap().status().as_u16(), 204);
+            }
+        }
+        clock.set(T0 + 1_000);
+        let live: Vec<String> = ["\u{0}a", "\u{0}u", "\u{0}z"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..1100).filter(|i| i % 2 == 1).map(|i| format!("e{i:04}")))
+            .chain(["m".to_owned()])
+            .collect();
+        for (reverse, limit) in [(false, 1), (true, 1), (false, 3), (true, 7), (false, 600)] {
+            let query = format!("/list?reverse={reverse}&limit={limit}");
+            let listed: Value =
+                serde_json::from_slice(stub.call("GET", &query, "").await.unwrap().body()).unwrap();
+            let keys: Vec<&str> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["key"].as_str().unwrap())
+                .collect();
+            let mut expected: Vec<&str> = live.iter().map(String::as_str).collect();
+            if reverse {
+                expected.reverse();
+            }
+            expected.truncate(limit);
+            assert_eq!(keys, expected, "{query}");
+        }
+        clock.set(T0 + 2_000);
+        until("every expiring key is deleted", || async {
+            stored_keys(&host).await.len() == 4
+        })
+        .await;
+        host.shutdown().await;
+    });
+}

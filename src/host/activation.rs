@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use futures::FutureExt;
 
@@ -18,6 +19,7 @@ use futures::future::LocalBoxFuture;
 
 use super::class::{AlarmInfo, ErasedObject};
 use super::state::{Reset, State};
+use crate::clock::Clock;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
@@ -63,6 +65,7 @@ impl Activation {
     pub(crate) fn new(
         id: ObjectId,
         store: Rc<ObjectStore>,
+        clock: Arc<dyn Clock>,
         queue_max: usize,
         predecessor: Option<Rc<ObjectStore>>,
     ) -> Rc<Activation> {
@@ -75,6 +78,7 @@ impl Activation {
                 id.clone(),
                 Storage::new(store.clone(), gate.clone()),
                 gate.clone(),
+                clock,
                 weak.clone(),
             ),
             id,

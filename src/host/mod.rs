@@ -32,7 +32,7 @@ use class::ErasedObject;
 pub use class::{AlarmInfo, DurableObject};
 pub use state::State;
 
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response};
@@ -131,6 +131,9 @@ pub(crate) struct HostInner {
     writer: RefCell<Option<Writer>>,
     /// Bytes in flight over every connection of the host (see `inflight_bytes_max`).
     budget: Rc<Budget>,
+    /// The wall clock alarms fire by; objects read it through [`State::now_ms`], so that a
+    /// test's manual clock moves the objects' idea of time and the alarms' together.
+    clock: Arc<dyn Clock>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -161,6 +164,10 @@ impl Host {
             .iter()
             .map(|(name, class)| Ok((name.clone(), class.clone(), backend.namespace(name)?)))
             .collect::<Result<Vec<(String, String, storage::NamespaceRecord)>, storage::Error>>()?;
+        let clock: Arc<dyn Clock> = config
+            .clock
+            .clone()
+            .unwrap_or_else(|| Arc::new(SystemClock));
         let inner = Rc::new_cyclic(|host: &Weak<HostInner>| HostInner {
             namespaces: records
                 .into_iter()
@@ -183,10 +190,10 @@ impl Host {
             closing: Cell::new(false),
             writer: RefCell::new(Some(writer)),
             budget: Budget::new(config.limits.inflight_bytes_max),
+            clock: clock.clone(),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
-        let clock = config.clock.clone();
-        alarms::Scheduler::start(&inner, clock.unwrap_or_else(|| Arc::new(SystemClock)));
+        alarms::Scheduler::start(&inner, clock);
         Ok(Host { inner })
     }
 
@@ -374,7 +381,13 @@ impl NamespaceCore {
             id.name().map(Into::into),
         ));
         let queue_max = host.limits.object_queue_max;
-        let activation = Activation::new(id.clone(), store, queue_max, predecessor);
+        let activation = Activation::new(
+            id.clone(),
+            store,
+            host.clock.clone(),
+            queue_max,
+            predecessor,
+        );
         let replaced = self
             .activations
             .borrow_mut()
@@ -525,6 +538,25 @@ impl Namespace {
         host.storage
             .backend
             .list_objects(self.core.tag, start_after, limit)
+            .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
+    }
+
+    /// The durable alarm of the object `id` (ms since the Unix epoch), if it has one: read from
+    /// storage, without activating the object, so an alarm set by a write that has not
+    /// committed yet is not seen.
+    pub fn stored_alarm(&self, id: &[u8; 32]) -> Result<Option<u64>, Error> {
+        let host = self
+            .core
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
+        let object = ObjectKey {
+            tag: self.core.tag,
+            id: *id,
+        };
+        host.storage
+            .backend
+            .alarm(&object)
             .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
     }
 }

@@ -3,7 +3,9 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 
+use crate::clock::Clock;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
 use crate::storage::Storage;
@@ -15,12 +17,16 @@ pub(crate) trait Reset {
     fn reset(&self, reason: &str);
 }
 
-/// What an instance knows of itself: its ID, its storage, its input gate.
+/// What an instance knows of itself: its ID, its storage, its input gate, the host's clock.
 #[derive(Clone)]
 pub struct State {
     id: ObjectId,
     storage: Storage,
     gate: Rc<InputGate>,
+    /// The host's wall clock (`Builder::clock`): the one alarms fire by, so an object that
+    /// compares stored times with [`State::now_ms`] agrees with its alarms, also in a test
+    /// on a manual clock.
+    clock: Arc<dyn Clock>,
     /// Weak: the activation owns the instance, which owns this state.
     activation: Weak<dyn Reset>,
 }
@@ -30,12 +36,14 @@ impl State {
         id: ObjectId,
         storage: Storage,
         gate: Rc<InputGate>,
+        clock: Arc<dyn Clock>,
         activation: Weak<dyn Reset>,
     ) -> State {
         State {
             id,
             storage,
             gate,
+            clock,
             activation,
         }
     }
@@ -48,6 +56,13 @@ impl State {
     /// The object's storage.
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The host's wall clock now, in milliseconds since the Unix epoch: the clock alarms fire
+    /// by (`Builder::clock`; the system's by default). Use it, not the system's, for times an
+    /// object stores and compares, so that tests on a manual clock see them move together.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// Runs `body` with the input gate closed: no other request is delivered to the object, and

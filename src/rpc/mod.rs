@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::Error;
 use crate::host::{Host, Namespace, Stub};
 use crate::id::{self, ObjectId};
+use crate::storage::ObjectRecord;
 use crate::wire::budget::Account;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
@@ -341,23 +342,60 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let params = params.get()?;
-            let start_after = match text(params.get_start_after()?)? {
-                "" => None,
-                hex => Some(id::from_hex(hex).map_err(Error::from)?),
-            };
+            let start_after = start_after(text(params.get_start_after()?)?)?;
             let limit = params.get_limit() as usize;
             let (records, more) = self.namespace.list_objects(start_after.as_ref(), limit)?;
             let mut results = results.get();
             results.set_more(more);
             let mut ids = results.init_ids(records.len() as u32);
             for (i, record) in records.iter().enumerate() {
-                let mut id = ids.reborrow().get(i as u32);
-                id.set_bytes(&record.id);
-                id.set_name(record.name.as_deref().unwrap_or(""));
+                write_record_id(record, ids.reborrow().get(i as u32));
             }
             Ok(())
         })())
     }
+
+    fn list_object_info(
+        self: Rc<Self>,
+        params: namespace::ListObjectInfoParams,
+        mut results: namespace::ListObjectInfoResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let params = params.get()?;
+            let start_after = start_after(text(params.get_start_after()?)?)?;
+            let limit = params.get_limit() as usize;
+            let (records, more) = self.namespace.list_objects(start_after.as_ref(), limit)?;
+            let alarms = records
+                .iter()
+                .map(|record| self.namespace.stored_alarm(&record.id))
+                .collect::<Result<Vec<_>, Error>>()?;
+            let mut results = results.get();
+            results.set_more(more);
+            let mut objects = results.init_objects(records.len() as u32);
+            for (i, (record, alarm)) in records.iter().zip(alarms).enumerate() {
+                let mut info = objects.reborrow().get(i as u32);
+                write_record_id(record, info.reborrow().init_id());
+                info.set_created_ms(record.created_ms);
+                info.set_has_alarm(alarm.is_some());
+                info.set_alarm_ms(alarm.unwrap_or(0));
+            }
+            Ok(())
+        })())
+    }
+}
+
+/// The `startAfter` of a listing: a hex ID, or empty for the start.
+fn start_after(hex: &str) -> Result<Option<[u8; 32]>, Error> {
+    match hex {
+        "" => Ok(None),
+        hex => Ok(Some(id::from_hex(hex)?)),
+    }
+}
+
+/// The ID of a listed object, with its name when it was reached by name.
+fn write_record_id(record: &ObjectRecord, mut id: object_id::Builder<'_>) {
+    id.set_bytes(&record.id);
+    id.set_name(record.name.as_deref().unwrap_or(""));
 }
 
 struct StubServer {

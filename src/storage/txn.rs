@@ -65,7 +65,7 @@ impl Transaction {
         Ok(())
     }
 
-    fn get_encoded(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
+    pub(crate) fn get_encoded(&self, key: &[u8]) -> Result<Option<Bytes>, Error> {
         self.check_open()?;
         if let Some(value) = self.inner.writes.borrow().get(key) {
             return Ok(value.clone());

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method};
 
 use duro::Error;
-use duro::client::{Client, ClientTls, NamespaceInfo, ObjectPage};
+use duro::client::{Client, ClientTls, NamespaceInfo, ObjectInfoPage};
 use duro::id::ObjectId;
 use duro::{Request, Response};
 
@@ -152,8 +152,9 @@ pub struct LsArgs {
 }
 
 const LS_HELP: &str = "Without a namespace, prints each namespace and its class. With one, \
-prints the hex ID and the name (when it was reached by name) of each of its objects, in ID \
-order; when more follow, says on stderr how to list the next page.\n\n\
+prints the hex ID, the name (when it was reached by name) and the next alarm (when it has one, \
+as `alarm 2026-11-29T20:40:00.000Z`: RFC 3339, UTC) of each of its objects, in ID order; when \
+more follow, says on stderr how to list the next page.\n\n\
 Exit status: 0 on success; 1 when the host could not be reached or the connection broke; 2 \
 when an argument was refused (an unknown namespace, a bad --limit or --start-after).";
 
@@ -199,7 +200,7 @@ pub fn ls(connect: &Connect, args: &LsArgs) -> ExitCode {
         };
         let page = client
             .namespace(name)
-            .list_objects(args.start_after.as_deref(), args.limit)
+            .list_object_info(args.start_after.as_deref(), args.limit)
             .await?;
         write_stdout(format_objects(&page).as_bytes());
         if let Some(next) = page.next_start_after() {
@@ -315,14 +316,44 @@ fn format_namespaces(namespaces: &[NamespaceInfo]) -> String {
 }
 
 /// One line per object: its hex ID, and its name when it has one.
-fn format_objects(page: &ObjectPage) -> String {
-    page.ids
-        .iter()
-        .map(|id| match id.name() {
-            Some(name) => format!("{id}  {name}\n"),
-            None => format!("{id}\n"),
-        })
-        .collect()
+fn format_objects(page: &ObjectInfoPage) -> String {
+    let mut out = String::new();
+    for object in &page.objects {
+        out.push_str(&object.id.to_string());
+        if let Some(name) = object.id.name() {
+            out.push_str(&format!("  {name}"));
+        }
+        if let Some(at_ms) = object.alarm_ms {
+            out.push_str(&format!("  alarm {}", format_rfc3339_ms(at_ms)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `ms` since the Unix epoch as RFC 3339 in UTC with milliseconds, e.g.
+/// `2026-11-29T20:40:00.000Z`. By hand (the civil-from-days conversion of Howard Hinnant's
+/// date algorithms) rather than a date crate: it is the command's only date, and these dozen
+/// lines cost less than a dependency.
+fn format_rfc3339_ms(ms: u64) -> String {
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    // Days since 0000-03-01, in 400-year eras of 146,097 days; years begin in March.
+    let z = days + 719_468;
+    let (era, day_of_era) = (z / 146_097, z % 146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    let (hour, minute) = (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60);
+    let (second, milli) = (ms_of_day / 1000 % 60, ms_of_day % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z")
 }
 
 /// The command that lists the page after `next`.
@@ -373,4 +404,24 @@ fn report(error: &Error) -> ExitCode {
 fn write_stdout(bytes: &[u8]) {
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_rfc3339_ms;
+
+    #[test]
+    fn times_format_as_rfc3339_utc_with_milliseconds() {
+        let cases = [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (951_868_799_999, "2000-02-29T23:59:59.999Z"),
+            (1_700_000_000_000, "2023-11-14T22:13:20.000Z"),
+            (4_102_444_799_999, "2099-12-31T23:59:59.999Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(format_rfc3339_ms(ms), text, "{ms}");
+        }
+    }
 }
