@@ -76,6 +76,24 @@ async fn set_timers(
     }
 }
 
+/// Forgets the timers due by `until_ms` that are in `fired`; answers one that is not.
+fn forget_fired(
+    acked: &mut Acknowledged,
+    fired: &std::collections::BTreeSet<(String, String)>,
+    until_ms: u64,
+) -> Option<(String, String, u64)> {
+    let before = acked.timers.len();
+    acked
+        .timers
+        .retain(|(name, tag, at)| *at > until_ms || !fired.contains(&(name.clone(), tag.clone())));
+    acked.timers_fired += before - acked.timers.len();
+    acked
+        .timers
+        .iter()
+        .find(|(_, _, at)| *at <= until_ms)
+        .cloned()
+}
+
 /// Waits (at most 10 s) until every acknowledged timer due by `until_ms` is in its object's
 /// `/fired`, and forgets those.
 async fn check_timers(addr: SocketAddr, acked: &RefCell<Acknowledged>, until_ms: u64, seed: u64) {
@@ -101,14 +119,7 @@ async fn check_timers(addr: SocketAddr, acked: &RefCell<Acknowledged>, until_ms:
                 fired.insert((name.clone(), entry["tag"].as_str().unwrap().to_owned()));
             }
         }
-        let mut acked = acked.borrow_mut();
-        let before = acked.timers.len();
-        acked.timers.retain(|(name, tag, at)| {
-            *at > until_ms || !fired.contains(&(name.clone(), tag.clone()))
-        });
-        acked.timers_fired += before - acked.timers.len();
-        let missing = acked.timers.iter().find(|(_, _, at)| *at <= until_ms);
-        let Some((name, tag, at)) = missing else {
+        let Some((name, tag, at)) = forget_fired(&mut acked.borrow_mut(), &fired, until_ms) else {
             return;
         };
         assert!(
@@ -116,7 +127,6 @@ async fn check_timers(addr: SocketAddr, acked: &RefCell<Acknowledged>, until_ms:
             "timer {tag} of {name}, due at {at} and acknowledged, has not fired 10 s after its \
              time (seed {seed})"
         );
-        drop(acked);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
