@@ -520,3 +520,88 @@ fn a_failed_commit_of_the_handler_retries_the_alarm() {
         host.shutdown().await;
     });
 }
+
+/// The built-in `timer` class on a manual clock: timers fire in time order, those due together
+/// in one delivery, and each is listed once in `/fired`; the alarm follows the earliest pending.
+#[test]
+fn the_timer_builtin_fires_its_timers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_system_time();
+    let t0 = clock.now_ms();
+    run_local(async {
+        let host = duro::builtin::register(Server::builder())
+            .clock(clock.shared())
+            .data_dir(dir.path())
+            .open_host()
+            .unwrap();
+        let stub = host.namespace("timer").unwrap().get_by_name("t").unwrap();
+        let call = |method: &'static str, path: String| {
+            let stub = stub.clone();
+            async move {
+                let response = stub.call(method, &path, "").await.unwrap();
+                let body = String::from_utf8(response.body().to_vec()).unwrap();
+                (response.status().as_u16(), body)
+            }
+        };
+        let (one, two) = (t0 + HOUR_MS, t0 + 2 * HOUR_MS);
+        for (at, tag) in [(two, "b"), (one, "a"), (one, "c"), (one, "a")] {
+            let (status, body) = call("POST", format!("/?at={at}&tag={tag}")).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let tags = |body: &str| -> Vec<String> {
+            let entries: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+            entries
+                .iter()
+                .map(|e| e["tag"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (_, pending) = call("GET", "/pending".into()).await;
+        assert_eq!(
+            tags(&pending),
+            ["a", "c", "b"],
+            "by time, the repeat stored once"
+        );
+        assert_eq!(call("POST", "/?at=1".into()).await.0, 400, "no tag");
+        assert_eq!(call("POST", "/?tag=x".into()).await.0, 400, "no time");
+        assert_eq!(call("GET", "/nowhere".into()).await.0, 404);
+
+        clock.advance(HOUR_MS);
+        for _ in 0..10_000 {
+            if tags(&call("GET", "/fired".into()).await.1).len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (_, fired) = call("GET", "/fired".into()).await;
+        assert_eq!(tags(&fired), ["a", "c"]);
+        let record: Vec<serde_json::Value> = serde_json::from_str(&fired).unwrap();
+        assert_eq!(record[0]["due_ms"], one);
+        assert_eq!(tags(&call("GET", "/pending".into()).await.1), ["b"]);
+
+        idle().await;
+        assert_eq!(
+            tags(&call("GET", "/fired".into()).await.1).len(),
+            2,
+            "b is not due"
+        );
+        clock.advance(HOUR_MS);
+        for _ in 0..10_000 {
+            if tags(&call("GET", "/fired".into()).await.1).len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(tags(&call("GET", "/fired".into()).await.1), ["a", "c", "b"]);
+
+        call("POST", format!("/?at={}&tag=d", t0 + 3 * HOUR_MS)).await;
+        assert_eq!(call("DELETE", "/pending".into()).await.1, "1");
+        clock.advance(HOUR_MS);
+        idle().await;
+        assert_eq!(
+            tags(&call("GET", "/fired".into()).await.1).len(),
+            3,
+            "d was cancelled"
+        );
+        host.shutdown().await;
+    });
+}

@@ -151,7 +151,8 @@ fn namespaces_are_listed_with_their_classes() {
                 ("echo", "echo"),
                 ("kv", "kv"),
                 ("recorder", "recorder"),
-                ("recorder2", "recorder")
+                ("recorder2", "recorder"),
+                ("timer", "timer")
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))
         );

@@ -4,11 +4,12 @@
 pub mod counter;
 pub mod echo;
 pub mod kv;
+pub mod timer;
 
 use crate::server::Builder;
 
 /// Registers the built-in classes on `builder`, each bound to a namespace of the same name:
-/// `echo`, `counter` and `kv`. This is what `duro serve` hosts.
+/// `echo`, `counter`, `kv` and `timer`. This is what `duro serve` hosts.
 ///
 /// ```
 /// let builder = duro::builtin::register(duro::Server::builder());
@@ -22,4 +23,6 @@ pub fn register(builder: Builder) -> Builder {
         .namespace("counter", "counter")
         .class("kv", |state, _env| kv::Kv::new(state))
         .namespace("kv", "kv")
+        .class("timer", |state, _env| timer::Timer::new(state))
+        .namespace("timer", "timer")
 }

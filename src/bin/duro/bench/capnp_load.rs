@@ -86,6 +86,33 @@ pub fn fetch(
     }
 }
 
+/// Sends a fetch on `stub` now and resolves with the answer's body, or an error unless its
+/// status is 200.
+pub fn fetch_body(
+    stub: &durable_object::Client,
+    method: &str,
+    url: &str,
+) -> impl Future<Output = Result<Vec<u8>, String>> + use<> {
+    let mut call = stub.fetch_request();
+    {
+        let mut request = call.get().init_request();
+        request.set_method(method);
+        request.set_url(url);
+    }
+    let promise = call.send().promise;
+    async move {
+        let reply = promise.await.map_err(|e| e.to_string())?;
+        let response = reply
+            .get()
+            .and_then(|r| r.get_response())
+            .map_err(|e| e.to_string())?;
+        match response.get_status() {
+            200 => Ok(response.get_body().map_err(|e| e.to_string())?.to_vec()),
+            status => Err(format!("answered HTTP {status}")),
+        }
+    }
+}
+
 /// The bare server: fetch copies the request body into a 200 response with one header, as
 /// small as the counter's answers.
 struct EchoServer;

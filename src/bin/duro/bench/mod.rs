@@ -9,6 +9,7 @@
 //!
 //! `--micro` measures hot paths in-process instead (ns/op).
 
+mod alarms;
 mod capnp_load;
 mod child;
 mod disk;
@@ -38,6 +39,7 @@ pub const WORKLOADS: &[&str] = &[
     "activate",
     "list",
     "kv-mixed",
+    "alarms",
     "gateway",
     "workerd",
 ];
@@ -52,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Run only these workloads (comma-separated): echo-baseline, noop, incr, lmdb-baseline,
-    /// activate, list, kv-mixed, gateway, workerd.
+    /// activate, list, kv-mixed, alarms, gateway, workerd.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -227,6 +229,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("kv-mixed") {
         step("kv-mixed", &|| vec![objects::kv_mixed(settings)]);
+    }
+    if selection.has("alarms") {
+        step("alarms", &|| alarms::run(settings));
     }
     if selection.has("gateway") || selection.has("workerd") {
         step("gateway, workerd", &|| peer::run(settings, selection));

@@ -393,6 +393,7 @@ fn fmt_extra(spread: Spread, unit: &str) -> String {
         "bytes" => format!("{v:.0} B"),
         "" => format!("{v:.0}"),
         "keys/s" => format!("{} keys/s", fmt_rate(v)),
+        "alarms/s" => format!("{} alarms/s", fmt_rate(v)),
         unit => format!("{v:.2} {unit}"),
     };
     if spread.min == spread.max {
