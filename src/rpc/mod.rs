@@ -16,7 +16,7 @@ use crate::storage::ObjectRecord;
 use crate::wire::budget::Account;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
-use crate::wire::{MESSAGE_BYTES_MAX, convert, rpc_system};
+use crate::wire::{Buffers, MESSAGE_BYTES_MAX, convert, rpc_system_buffered};
 
 /// What the RPC layer adds to a host: who may use it.
 #[derive(Clone, Debug, Default)]
@@ -187,7 +187,12 @@ where
     let reader = FramedReader::new(reader, account.clone(), options.frame, busy);
     let writer = CountedWriter::new(writer, account);
     let bootstrap = bootstrap_of(host, options, connection).client;
-    rpc_system(reader, writer, Side::Server, Some(bootstrap))
+    // The framing reader buffers already: a second buffer would only copy the bytes again.
+    let buffers = Buffers {
+        read_bytes: 0,
+        ..Buffers::default()
+    };
+    rpc_system_buffered(reader, writer, Side::Server, Some(bootstrap), buffers)
 }
 
 fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {

@@ -78,12 +78,48 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader.compat()),
-        futures::io::BufWriter::new(writer.compat_write()),
-        side,
-        reader_options(),
-    );
+    rpc_system_buffered(reader, writer, side, bootstrap, Buffers::default())
+}
+
+/// The buffer sizes of a connection (see [`rpc_system_buffered`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffers {
+    /// Read buffer; 0 for none, when the reader buffers already (the server's framing reader).
+    pub read_bytes: usize,
+    /// Write buffer.
+    pub write_bytes: usize,
+}
+
+impl Default for Buffers {
+    /// 8 KiB each way: a few messages a syscall, and little memory per idle connection.
+    fn default() -> Buffers {
+        Buffers {
+            read_bytes: 8 << 10,
+            write_bytes: 8 << 10,
+        }
+    }
+}
+
+/// [`rpc_system`] with the buffer sizes given: larger ones suit a client that pipelines many
+/// calls (a load generator), none suits a reader that buffers itself.
+pub fn rpc_system_buffered<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+    buffers: Buffers,
+) -> RpcSystem<Side>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let writer = futures::io::BufWriter::with_capacity(buffers.write_bytes, writer.compat_write());
+    if buffers.read_bytes == 0 {
+        let network = twoparty::VatNetwork::new(reader.compat(), writer, side, reader_options());
+        return RpcSystem::new(Box::new(network), bootstrap);
+    }
+    let reader = futures::io::BufReader::with_capacity(buffers.read_bytes, reader.compat());
+    let network = twoparty::VatNetwork::new(reader, writer, side, reader_options());
     RpcSystem::new(Box::new(network), bootstrap)
 }
 

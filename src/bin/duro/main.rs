@@ -19,22 +19,6 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-unsafe extern "C" {
-    /// mimalloc's option setter (linked by the `mimalloc` crate).
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-/// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (the version the crate builds).
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-
-/// Makes mimalloc give pages back to the system as soon as they are free. With its default
-/// delay it keeps them until later allocator work happens to purge them, which after a burst
-/// (1,000 attacking connections, say) can be never: the server's RSS stayed at its peak.
-fn return_freed_memory_at_once() {
-    // SAFETY: setting an option of the linked allocator; purge_delay is read at each purge.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
 #[derive(Parser)]
 #[command(name = "duro", version, about = "A Durable Objects host")]
 struct Cli {
@@ -225,7 +209,6 @@ fn read_token(path: &std::path::Path) -> Result<String, duro::StartError> {
 }
 
 fn main() -> ExitCode {
-    return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
