@@ -347,9 +347,7 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let params = params.get()?;
-            let start_after = start_after(text(params.get_start_after()?)?)?;
-            let limit = params.get_limit() as usize;
-            let (records, more) = self.namespace.list_objects(start_after.as_ref(), limit)?;
+            let (records, more) = self.page(params.get_start_after()?, params.get_limit())?;
             let mut results = results.get();
             results.set_more(more);
             let mut ids = results.init_ids(records.len() as u32);
@@ -367,9 +365,7 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let params = params.get()?;
-            let start_after = start_after(text(params.get_start_after()?)?)?;
-            let limit = params.get_limit() as usize;
-            let (records, more) = self.namespace.list_objects(start_after.as_ref(), limit)?;
+            let (records, more) = self.page(params.get_start_after()?, params.get_limit())?;
             let alarms = records
                 .iter()
                 .map(|record| self.namespace.stored_alarm(&record.id))
@@ -386,6 +382,20 @@ impl namespace::Server for NamespaceServer {
             }
             Ok(())
         })())
+    }
+}
+
+impl NamespaceServer {
+    /// One page of the namespace's objects, as `listObjects` and `listObjectInfo` ask for it.
+    fn page(
+        &self,
+        start_after_hex: capnp::text::Reader<'_>,
+        limit: u32,
+    ) -> capnp::Result<(Vec<ObjectRecord>, bool)> {
+        let start_after = start_after(text(start_after_hex)?)?;
+        Ok(self
+            .namespace
+            .list_objects(start_after.as_ref(), limit as usize)?)
     }
 }
 
