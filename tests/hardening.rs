@@ -144,6 +144,65 @@ fn a_connection_may_hold_only_so_many_calls() {
     });
 }
 
+#[test]
+fn calls_past_the_budget_of_bytes_in_flight_are_overloaded_until_it_drains() {
+    let held = Arc::new(AtomicUsize::new(0));
+    let counter = held.clone();
+    let limits = duro::HostLimits {
+        inflight_bytes_max: 8 << 20,
+        ..duro::HostLimits::default()
+    };
+    let builder = duro::builtin::register(Server::builder())
+        .limits(limits)
+        .class("hang", move |_state, _env| Hang(counter.clone()))
+        .namespace("hang", "hang");
+    let server = TestServer::start(builder);
+    run_local(async {
+        let host = server.connect().await;
+        let mut ns = host.namespace_request();
+        ns.get().set_name("hang");
+        let ns = ns.send().pipeline.get_namespace();
+        let stub = |i: usize| {
+            let mut get = ns.get_by_name_request();
+            get.get().set_name(format!("h{i}"));
+            get.send().pipeline.get_stub()
+        };
+        // Each hanging call holds its 1 MiB request: seven fit in 8 MiB, the eighth does not.
+        let body = vec![b'x'; 1 << 20];
+        let calls: Vec<_> = (0..7)
+            .map(|i| fetch_call(&stub(i), &request("POST", "/", &body)))
+            .collect();
+        while held.load(Ordering::SeqCst) < 7 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let eighth = duro::testing::fetch(&stub(7), request("POST", "/", &body));
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), eighth)
+            .await
+            .expect("the eighth call was admitted: it hangs");
+        assert!(
+            matches!(refused, Err(Error::Overloaded(ref m)) if m.contains("inflight_bytes_max")),
+            "{refused:?}"
+        );
+        // Small calls of another connection still fit; once the held calls end, big ones do too.
+        let other = server.connect().await;
+        let response = fetch_by_name(&other, "counter", "c", "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(response.body().as_ref(), b"1\n");
+        drop(calls);
+        let mut admitted = false;
+        for _ in 0..200 {
+            let echo = fetch_by_name(&other, "echo", "e", "POST", "/", &body).await;
+            if echo.is_ok() {
+                admitted = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(admitted, "the budget did not drain once the calls ended");
+    });
+}
+
 /// Garbage on one connection closes it; the server and other connections carry on.
 #[test]
 fn garbage_on_the_wire_harms_no_one_else() {
