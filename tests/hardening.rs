@@ -175,7 +175,8 @@ fn calls_past_the_budget_of_bytes_in_flight_are_overloaded_until_it_drains() {
         while held.load(Ordering::SeqCst) < 7 {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let eighth = duro::testing::fetch(&stub(7), request("POST", "/", &body));
+        let eighth_stub = stub(7);
+        let eighth = duro::testing::fetch(&eighth_stub, request("POST", "/", &body));
         let refused = tokio::time::timeout(std::time::Duration::from_secs(5), eighth)
             .await
             .expect("the eighth call was admitted: it hangs");
