@@ -43,10 +43,18 @@ def tls_context(tls, tls_ca):
     return None
 
 
+def load_schema():
+    """The wire contract. It uses streaming methods (`-> stream`), whose declarations live in
+    `/capnp/stream.capnp`: pycapnp ships that file inside its package, so the directory above
+    the package goes on the import path."""
+    standard = os.path.dirname(os.path.dirname(capnp.__file__))
+    return capnp.load(SCHEMA, imports=[standard])
+
+
 async def increment(address, name, context=None):
     """Adds 1 to the counter `name` of the host at `address`, over TLS when `context` is an
     ssl.SSLContext; returns its new value."""
-    duro = capnp.load(SCHEMA)
+    duro = load_schema()
     host, port = split_address(address)
     connection = await capnp.AsyncIoStream.create_connection(host=host, port=port, ssl=context)
     client = capnp.TwoPartyClient(connection)

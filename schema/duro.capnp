@@ -109,6 +109,78 @@ interface DurableObject {
   fetch @0 (request :HttpRequest) -> (response :HttpResponse);
   # Delivers an HTTP request to the object. The response is released only after every write the
   # object made before it is durable (committed and fsynced).
+
+  request @1 (request :HttpRequest, context :ResponseContext, bodyFollows :Bool)
+          -> (requestBody :ByteStream);
+  # Delivers an HTTP request whose body may be streamed, and whose response (a streamed body,
+  # or a WebSocket) comes back through `context`, which the caller implements. In E-order with
+  # `fetch` on the same stub.
+  #
+  # With `bodyFollows` false, `request.body` is the whole body and `requestBody` is unused.
+  # With `bodyFollows` true, `request.body` is the start of the body (often empty) and the rest
+  # is written to `requestBody` (implemented by the host), which is set before the call
+  # returns: pipeline the writes on it, so the body starts flowing in the first round trip,
+  # and call `end` after the last one. A `requestBody` released without `end` means the body
+  # broke off: the object's read of it fails.
+  #
+  # The object answers by calling `context.startResponse` once, or, for a WebSocket upgrade it
+  # accepted (a request with `Upgrade: websocket`; no `Sec-WebSocket-*` handshake is needed
+  # over capnp), `context.startWebSocket`. The call returns once the response was handed over:
+  # the response body's last write and `end` made (or the WebSocket started). It fails, with
+  # the exception types of `fetch`, if the object fails before it answered, or if the response
+  # body broke off after it began (the body stream then gets no `end`). Cancelling the call
+  # cancels the request; a WebSocket already started lives on, as its capabilities do.
+}
+
+interface ResponseContext {
+  # The response side of `DurableObject.request`, implemented by the caller.
+
+  startResponse @0 (response :HttpResponse, bodyFollows :Bool) -> (body :ByteStream);
+  # The response's status and headers. With `bodyFollows` false, `response.body` is the
+  # whole body and `body` is unused. With `bodyFollows` true, `response.body` is empty and the
+  # host writes the body to `body` (implemented by the caller) and ends it with `end`; a body
+  # released without `end` broke off. The caller's `write`s may wait (flow control): the host
+  # then waits, and so does the object writing the body.
+
+  startWebSocket @1 (headers :List(Header), upSocket :WebSocket) -> (downSocket :WebSocket);
+  # The object accepted the WebSocket upgrade; `headers` are those of its 101 response. The
+  # caller sends its messages to `upSocket` (implemented by the host) and receives the
+  # object's on `downSocket` (implemented by the caller). The socket is the host's from now
+  # on: the object may be evicted and built again while it stays open.
+}
+
+interface ByteStream {
+  # A stream of bytes, implemented by its reader: the host for a request body, the caller for
+  # a response body.
+
+  write @0 (bytes :Data) -> stream;
+  # The next bytes. Streaming: the writer may send many writes without waiting for each, and
+  # capnp's flow control holds it back when the reader is behind. Writes on one capability
+  # are delivered in the order made.
+
+  end @1 ();
+  # No more bytes: the stream is complete. Without it, a released stream broke off.
+}
+
+interface WebSocket {
+  # One direction of a WebSocket, implemented by its receiver: the host for the messages the
+  # peer sends (`upSocket`), the caller for the messages the object sends (`downSocket`).
+  # Calls on one capability arrive in the order made.
+
+  sendText @0 (text :Text) -> stream;
+  sendData @1 (data :Data) -> stream;
+  # A text or binary message, at most 1 MiB by default (the host's message bound; a larger one
+  # from the peer closes the socket with 1009). Streaming, so flow control holds back a
+  # sender whose receiver is behind. The host's `sendText` returns once the object handled
+  # the message.
+
+  close @2 (code :UInt16, reason :Text);
+  # A close frame: nothing follows it in this direction. The receiver answers with its own
+  # `close` on the other direction (the host does, after the object heard of it). Releasing
+  # a WebSocket capability without `close` means the peer went away: the object gets
+  # `web_socket_error`. Close codes as in RFC 6455: 1001 the host shuts down, 1008 a bound was
+  # passed (the peer did not read fast enough), 1009 a message was too big, 1011 the object was
+  # reset.
 }
 
 struct HttpRequest {

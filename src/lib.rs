@@ -14,6 +14,7 @@
 
 // Leaves: no dependency inside the crate (but on other leaves).
 mod auth;
+pub mod body;
 mod clock;
 mod error;
 mod gate;
@@ -35,15 +36,16 @@ pub mod client;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use body::{Body, BodySender};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::Error;
 pub use gateway::GatewayOptions;
 pub use host::{
-    AlarmInfo, DurableObject, Env, Host, HostLimits, Namespace, SHUTDOWN_GRACE, StartError, State,
-    Stub,
+    AlarmInfo, DurableObject, Env, Host, HostLimits, Namespace, SHUTDOWN_GRACE, SocketLimits,
+    StartError, State, Stub, WHOLE_RESPONSE_BYTES_MAX, WebSocket, WebSocketMessage,
 };
 pub use id::ObjectId;
-pub use message::{BoxError, Request, Response};
+pub use message::{BoxError, Request, Response, StreamRequest, StreamResponse};
 pub use server::{Builder, CONNECTIONS_MAX, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle};
 pub use storage::{ListOptions, Storage, Transaction};
 pub use wire::frame::FrameLimits;

@@ -48,3 +48,29 @@ fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Res
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
+
+/// The answer to a WebSocket upgrade the object accepted
+/// ([`State::accept_web_socket`](crate::State::accept_web_socket)): `101 Switching Protocols`.
+/// Headers added to it (e.g. `Sec-WebSocket-Protocol`) go to the client with the handshake.
+pub fn switching_protocols() -> crate::message::StreamResponse {
+    let mut response = crate::message::StreamResponse::new(crate::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response
+}
+
+/// A streamed response with `status` and `content_type`, and the writer of its body: the
+/// object returns the response and goes on writing (server-sent events, a large download).
+/// The writer waits while the reader is behind; the body ends at
+/// [`BodySender::finish`](crate::BodySender::finish).
+pub fn stream(
+    status: StatusCode,
+    content_type: &'static str,
+) -> (crate::body::BodySender, crate::message::StreamResponse) {
+    let (sender, body) = crate::body::Body::channel();
+    let mut response = crate::message::StreamResponse::new(body);
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    (sender, response)
+}

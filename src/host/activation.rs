@@ -17,13 +17,14 @@ use futures::FutureExt;
 
 use futures::future::LocalBoxFuture;
 
-use super::class::{AlarmInfo, ErasedObject};
+use super::class::{AlarmInfo, ErasedObject, SocketEvent};
+use super::socket::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, ObjectSockets, SocketCore, WebSocket};
 use super::state::{Reset, State};
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
-use crate::message::{BoxError, Request, Response};
+use crate::message::{BoxError, StreamRequest, StreamResponse};
 
 /// The handler of one event, run on the instance.
 type Handler<T> = LocalBoxFuture<'static, Result<T, BoxError>>;
@@ -52,6 +53,8 @@ pub(crate) struct Activation {
     last_used: Cell<std::time::Instant>,
     /// Most calls waiting for delivery before new ones are refused as overloaded.
     queue_max: usize,
+    /// The WebSockets the host holds for the object; they outlive this activation.
+    sockets: Rc<ObjectSockets>,
     /// Set until the constructor returned. The activation is in the registry by then, so that
     /// a constructor can get a stub to its own object, but it must not be evicted before it has
     /// an instance.
@@ -68,6 +71,7 @@ impl Activation {
         clock: Arc<dyn Clock>,
         queue_max: usize,
         predecessor: Option<Rc<ObjectStore>>,
+        sockets: Rc<ObjectSockets>,
     ) -> Rc<Activation> {
         let gate = Rc::new(InputGate::default());
         if let Some(predecessor) = predecessor {
@@ -80,7 +84,9 @@ impl Activation {
                 gate.clone(),
                 clock,
                 weak.clone(),
+                sockets.clone(),
             ),
+            sockets,
             id,
             instance: RefCell::new(None),
             gate,
@@ -198,17 +204,58 @@ impl Activation {
         }
         self.store
             .fail(crate::storage::Error::Reset(reason.to_owned()));
+        let code = if reason == SHUTTING_DOWN {
+            CLOSE_GOING_AWAY
+        } else {
+            CLOSE_INTERNAL
+        };
+        self.sockets.close_all(code, reason);
         let instance = self.instance.borrow_mut().take();
         drop(instance);
     }
 
     /// Delivers `request`. Its place in the delivery order is taken now, at the call, which is
     /// what keeps E-order; the returned future runs it. Dropping the future cancels the call.
+    /// With `upgrade`, the request offers the object a WebSocket (see
+    /// [`State::accept_web_socket`]): the socket it accepted comes back with the response.
     pub(crate) fn call(
         self: &Rc<Self>,
-        request: Request,
-    ) -> impl Future<Output = Result<Response, Error>> + use<> {
-        self.deliver(move |instance, _| instance.fetch(request))
+        mut request: StreamRequest,
+        upgrade: bool,
+    ) -> impl Future<Output = Result<Called, Error>> + use<> {
+        let sockets = self.sockets.clone();
+        self.deliver(true, move |instance, _| {
+            Box::pin(async move {
+                let offer = upgrade.then(|| Offered::new(&sockets, &mut request));
+                let response = instance.fetch_stream(request).await?;
+                let socket = offer.and_then(|offer| offer.accepted());
+                if let Some(socket) = &socket
+                    && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    socket.lost();
+                    return Err(format!(
+                        "the object accepted a WebSocket but answered {}: answer with \
+                         response::switching_protocols()",
+                        response.status()
+                    )
+                    .into());
+                }
+                Ok(Called { response, socket })
+            })
+        })
+    }
+
+    /// Delivers an event of one of the object's WebSockets, as a call: through the mailbox and
+    /// the input gate. It ends when the handler returned, without waiting for its writes
+    /// (nothing answers an event; the messages it sends wait for them).
+    pub(crate) fn socket_event(
+        self: &Rc<Self>,
+        socket: Rc<SocketCore>,
+        event: SocketEvent,
+    ) -> impl Future<Output = Result<(), Error>> + use<> {
+        self.deliver(false, move |instance, store| {
+            instance.web_socket_event(WebSocket::new(socket, store), event)
+        })
     }
 
     /// Delivers the alarm set for `at_ms`, as a call: through the mailbox, the input gate and
@@ -219,7 +266,7 @@ impl Activation {
         at_ms: u64,
         info: AlarmInfo,
     ) -> impl Future<Output = Result<(), Error>> + use<> {
-        self.deliver(move |instance, store| {
+        self.deliver(true, move |instance, store| {
             Box::pin(async move {
                 store.begin_alarm(at_ms);
                 let result = instance.alarm(info).await;
@@ -230,8 +277,10 @@ impl Activation {
     }
 
     /// Delivers one event, which `handler` runs on the instance (see [`Activation::call`]).
+    /// With `durable`, its result is held until the writes made before it are durable.
     fn deliver<T, H>(
         self: &Rc<Self>,
+        durable: bool,
         handler: H,
     ) -> impl Future<Output = Result<T, Error>> + use<T, H>
     where
@@ -256,7 +305,7 @@ impl Activation {
             let slot = running.slot;
             let handle = tokio::task::spawn_local(async move {
                 let running = running;
-                run(&running.activation, ticket, handler).await
+                run(&running.activation, ticket, durable, handler).await
             });
             // The task has not run yet (it runs when this one yields), so its slot is still its.
             self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
@@ -267,6 +316,47 @@ impl Activation {
                 Ok(result) => result,
                 Err(_) => Err(disconnected()),
             }
+        }
+    }
+}
+
+/// What a call ends with: the response, and the WebSocket the object accepted, if any.
+pub(crate) struct Called {
+    pub(crate) response: StreamResponse,
+    pub(crate) socket: Option<Rc<SocketCore>>,
+}
+
+/// An upgrade offered to the object for one call, withdrawn when the call ends (also when it
+/// is cancelled), so that no offer outlives its call.
+struct Offered {
+    sockets: Rc<ObjectSockets>,
+    token: super::socket::UpgradeToken,
+    offer: Rc<super::socket::Offer>,
+}
+
+impl Offered {
+    fn new(sockets: &Rc<ObjectSockets>, request: &mut StreamRequest) -> Offered {
+        let (token, offer) = sockets.offer();
+        request.extensions_mut().insert(token);
+        Offered {
+            sockets: sockets.clone(),
+            token,
+            offer,
+        }
+    }
+
+    fn accepted(self) -> Option<Rc<SocketCore>> {
+        self.offer.accepted()
+    }
+}
+
+impl Drop for Offered {
+    /// A socket accepted by a call that did not complete (it failed, or was cancelled) has no
+    /// peer: it is let go.
+    fn drop(&mut self) {
+        self.sockets.withdraw(self.token);
+        if let Some(socket) = self.offer.accepted() {
+            socket.lost();
         }
     }
 }
@@ -339,6 +429,7 @@ impl<T> Drop for AbortOnDrop<T> {
 async fn run<T>(
     activation: &Rc<Activation>,
     ticket: gate::Ticket,
+    durable: bool,
     handler: impl FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T>,
 ) -> Result<T, Error> {
     ticket.await;
@@ -358,9 +449,11 @@ async fn run<T>(
         }
     };
     // The output gate: nothing leaves before the writes made so far are durable.
-    let seq = activation.store.written_seq();
-    let durable = activation.store.wait_durable(seq).await;
-    durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
+    if durable {
+        let seq = activation.store.written_seq();
+        let durable = activation.store.wait_durable(seq).await;
+        durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
+    }
     result.map_err(|error| Error::Remote(error.to_string()))
 }
 

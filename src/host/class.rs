@@ -5,7 +5,9 @@ use std::rc::Rc;
 
 use futures::future::LocalBoxFuture;
 
-use crate::message::{BoxError, Request, Response};
+use super::socket::{WebSocket, WebSocketMessage};
+use crate::body::Body;
+use crate::message::{BoxError, Request, Response, StreamRequest, StreamResponse};
 
 /// A class of Durable Objects.
 ///
@@ -41,8 +43,64 @@ use crate::message::{BoxError, Request, Response};
 /// ```
 #[allow(async_fn_in_trait)] // Objects run on one thread: their futures need not be Send.
 pub trait DurableObject: 'static {
-    /// Handles one request.
-    async fn fetch(&self, request: Request) -> Result<Response, BoxError>;
+    /// Handles one request, with its whole body. The default answers 501: a class implements
+    /// this, or [`DurableObject::fetch_stream`], or both.
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let _ = request;
+        Ok(http::Response::builder()
+            .status(http::StatusCode::NOT_IMPLEMENTED)
+            .body("this class implements no fetch\n".into())?)
+    }
+
+    /// Handles one request whose body may be streamed, and may answer with a stream (a large
+    /// download, server-sent events): every request reaches the object here. The default
+    /// reads the whole body (up to the bound its transport set: the gateway's body limit,
+    /// the wire's message size) and calls [`DurableObject::fetch`].
+    ///
+    /// A WebSocket upgrade arrives here too: accept it with
+    /// [`State::accept_web_socket`](crate::State::accept_web_socket) and answer with
+    /// [`response::switching_protocols`](crate::response::switching_protocols). A response body
+    /// is read by the host (or the caller) while the object goes on: a stream the object keeps
+    /// writing to does not hold its input gate, and its writer waits while the reader is behind.
+    async fn fetch_stream(&self, request: StreamRequest) -> Result<StreamResponse, BoxError> {
+        let (parts, body) = request.into_parts();
+        let body = body.bytes().await?;
+        let response = self.fetch(Request::from_parts(parts, body)).await?;
+        Ok(response.map(Body::from))
+    }
+
+    /// Handles a message from a WebSocket the object accepted, delivered like a request: in
+    /// the order the socket received them, through the input gate, activating the object if
+    /// it was evicted. The default does nothing.
+    async fn web_socket_message(
+        &self,
+        socket: WebSocket,
+        message: WebSocketMessage,
+    ) -> Result<(), BoxError> {
+        let _ = (socket, message);
+        Ok(())
+    }
+
+    /// Handles the close of a WebSocket by its peer, with the peer's code (1005 when it sent
+    /// none) and reason. The host answers the close after this returns, unless the object
+    /// closed the socket itself. The default does nothing.
+    async fn web_socket_close(
+        &self,
+        socket: WebSocket,
+        code: u16,
+        reason: String,
+    ) -> Result<(), BoxError> {
+        let _ = (socket, code, reason);
+        Ok(())
+    }
+
+    /// Handles the loss of a WebSocket without a close: the peer vanished, its connection
+    /// failed, or it passed a bound (a message over the size limit; a queue it did not read).
+    /// The socket is gone by then. The default does nothing.
+    async fn web_socket_error(&self, socket: WebSocket, error: String) -> Result<(), BoxError> {
+        let _ = (socket, error);
+        Ok(())
+    }
 
     /// Handles the object's alarm (set with [`Storage::set_alarm`](crate::Storage::set_alarm)),
     /// delivered like a request: in order with the object's other events, through its input
@@ -77,23 +135,56 @@ impl AlarmInfo {
 
 /// A class with its type erased, as the host keeps it.
 pub(crate) trait ErasedObject {
-    fn fetch(
+    fn fetch_stream(
         self: Rc<Self>,
-        request: Request,
-    ) -> LocalBoxFuture<'static, Result<Response, BoxError>>;
+        request: StreamRequest,
+    ) -> LocalBoxFuture<'static, Result<StreamResponse, BoxError>>;
 
     fn alarm(self: Rc<Self>, info: AlarmInfo) -> LocalBoxFuture<'static, Result<(), BoxError>>;
+
+    fn web_socket_event(
+        self: Rc<Self>,
+        socket: WebSocket,
+        event: SocketEvent,
+    ) -> LocalBoxFuture<'static, Result<(), BoxError>>;
+}
+
+/// What happened to a WebSocket, for the object.
+pub(crate) enum SocketEvent {
+    Message(WebSocketMessage),
+    Close(u16, String),
+    Error(String),
 }
 
 impl<T: DurableObject> ErasedObject for T {
-    fn fetch(
+    fn fetch_stream(
         self: Rc<Self>,
-        request: Request,
-    ) -> LocalBoxFuture<'static, Result<Response, BoxError>> {
-        Box::pin(async move { DurableObject::fetch(&*self, request).await })
+        request: StreamRequest,
+    ) -> LocalBoxFuture<'static, Result<StreamResponse, BoxError>> {
+        Box::pin(async move { DurableObject::fetch_stream(&*self, request).await })
     }
 
     fn alarm(self: Rc<Self>, info: AlarmInfo) -> LocalBoxFuture<'static, Result<(), BoxError>> {
         Box::pin(async move { DurableObject::alarm(&*self, info).await })
+    }
+
+    fn web_socket_event(
+        self: Rc<Self>,
+        socket: WebSocket,
+        event: SocketEvent,
+    ) -> LocalBoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async move {
+            match event {
+                SocketEvent::Message(message) => {
+                    DurableObject::web_socket_message(&*self, socket, message).await
+                }
+                SocketEvent::Close(code, reason) => {
+                    DurableObject::web_socket_close(&*self, socket, code, reason).await
+                }
+                SocketEvent::Error(error) => {
+                    DurableObject::web_socket_error(&*self, socket, error).await
+                }
+            }
+        })
     }
 }

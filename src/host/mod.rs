@@ -9,11 +9,13 @@
 //! `state` ([`State`]; it resets its activation through the `Reset` trait) → `activation` (one
 //! live instance: mailbox, gate, reset; it keeps its object's `State`) → this file (the
 //! registry, [`Host`], [`Namespace`], [`Stub`], [`Env`]) → `alarms` (the alarm scheduler,
-//! which delivers alarms through the registry and activations).
+//! which delivers alarms through the registry and activations). `socket` (the WebSockets the
+//! host holds for objects) sits below `state`.
 
 pub(crate) mod activation;
 mod alarms;
 pub(crate) mod class;
+pub(crate) mod socket;
 pub(crate) mod state;
 #[cfg(test)]
 mod tests;
@@ -29,13 +31,17 @@ use bytes::Bytes;
 use futures::future::Either;
 
 use class::ErasedObject;
+use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
+use socket::{ObjectSockets, SocketCore, SocketRegistry};
+pub use socket::{SocketLimits, SocketSink, WebSocket, WebSocketMessage};
 pub use state::State;
 
+use crate::body::Body;
 use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
-use crate::message::{Request, Response};
+use crate::message::{Request, Response, StreamRequest, StreamResponse};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterStats,
 };
@@ -64,6 +70,8 @@ pub struct HostLimits {
     /// share (never less than one message of the largest size); over it the connection is not
     /// read until it drains, and calls past the share or the budget fail with `overloaded`.
     pub inflight_bytes_max: usize,
+    /// The bounds on objects' WebSockets: message size, sockets per object, bytes queued.
+    pub web_sockets: SocketLimits,
 }
 
 impl Default for HostLimits {
@@ -75,6 +83,7 @@ impl Default for HostLimits {
             activations_max: 200_000,
             idle_evict_ms: 60_000,
             inflight_bytes_max: 256 << 20,
+            web_sockets: SocketLimits::default(),
         }
     }
 }
@@ -179,6 +188,7 @@ impl Host {
                         name: name.clone(),
                         class_name: class,
                         activations: RefCell::default(),
+                        sockets: Rc::default(),
                         host: host.clone(),
                     };
                     (name, Rc::new(core))
@@ -246,6 +256,11 @@ impl Host {
         }
         let mut stores = Vec::new();
         for namespace in self.inner.namespaces.values() {
+            // Sockets of evicted objects have no activation to close them.
+            let holders: Vec<_> = namespace.sockets.borrow().values().cloned().collect();
+            for sockets in holders {
+                sockets.close_all(socket::CLOSE_GOING_AWAY, activation::SHUTTING_DOWN);
+            }
             let activations = std::mem::take(&mut *namespace.activations.borrow_mut());
             self.inner
                 .active
@@ -348,6 +363,8 @@ pub(crate) struct NamespaceCore {
     /// The registry: at most one live activation per ID. A reset activation stays until the
     /// next `get` of its ID replaces it (the successor waits on its last commit).
     activations: RefCell<HashMap<[u8; 32], Rc<Activation>>>,
+    /// The objects that hold WebSockets, also while evicted (hibernation).
+    sockets: Rc<SocketRegistry>,
     pub(crate) host: Weak<HostInner>,
 }
 
@@ -381,12 +398,14 @@ impl NamespaceCore {
             id.name().map(Into::into),
         ));
         let queue_max = host.limits.object_queue_max;
+        let sockets = ObjectSockets::of(&self.sockets, *id.bytes(), host.limits.web_sockets);
         let activation = Activation::new(
             id.clone(),
             store,
             host.clock.clone(),
             queue_max,
             predecessor,
+            sockets,
         );
         let replaced = self
             .activations
@@ -602,11 +621,61 @@ impl Stub {
         Ok(fresh)
     }
 
-    /// Sends `request` to the object. The call takes its place in the object's delivery order
-    /// when `fetch` is called, not when the future is first polled.
+    /// Sends `request` to the object, with its whole body, and reads the whole response (at
+    /// most [`WHOLE_RESPONSE_BYTES_MAX`]: use [`Stub::fetch_stream`] for more). The call
+    /// takes its place in the object's delivery order when `fetch` is called, not when the
+    /// future is first polled.
     pub fn fetch(&self, request: Request) -> impl Future<Output = Result<Response, Error>> + use<> {
+        let call = self.fetch_stream(request.map(Body::from));
+        async move {
+            let (parts, body) = call.await?.into_parts();
+            let body = body
+                .with_whole_bytes_max(WHOLE_RESPONSE_BYTES_MAX)
+                .bytes()
+                .await
+                .map_err(|e| Error::Remote(format!("reading the response body: {e}")))?;
+            Ok(Response::from_parts(parts, body))
+        }
+    }
+
+    /// Sends `request` to the object, whose body may be a stream; the response's body may be
+    /// one too. Ordered as [`Stub::fetch`].
+    pub fn fetch_stream(
+        &self,
+        request: StreamRequest,
+    ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
+        let call = self.start(request, false);
+        async move { Ok(call.await?.response) }
+    }
+
+    /// [`Stub::fetch_stream`] of a request that offers the object a WebSocket upgrade, for the
+    /// transports that can complete one: the socket the object accepted comes back with the
+    /// response (a `101`).
+    pub(crate) fn fetch_upgrade(
+        &self,
+        request: StreamRequest,
+    ) -> impl Future<Output = Result<(StreamResponse, Option<HostSocket>), Error>> + use<> {
+        let call = self.start(request, true);
+        let namespace = self.namespace.clone();
+        let id = self.id();
+        async move {
+            let called = call.await?;
+            let socket = called.socket.map(|socket| HostSocket {
+                namespace,
+                id,
+                socket,
+            });
+            Ok((called.response, socket))
+        }
+    }
+
+    fn start(
+        &self,
+        request: StreamRequest,
+        upgrade: bool,
+    ) -> impl Future<Output = Result<activation::Called, Error>> + use<> {
         match self.current() {
-            Ok(activation) => Either::Left(activation.call(request)),
+            Ok(activation) => Either::Left(activation.call(request, upgrade)),
             Err(error) => Either::Right(std::future::ready(Err(error))),
         }
     }
@@ -648,6 +717,90 @@ impl Stub {
             Err(error) => Either::Right(std::future::ready(Err(Error::InvalidArgument(format!(
                 "invalid request {method} {path:?}: {error}"
             ))))),
+        }
+    }
+}
+
+/// Largest response body [`Stub::fetch`] reads whole: as large as a message of the wire.
+pub const WHOLE_RESPONSE_BYTES_MAX: usize = crate::wire::MESSAGE_BYTES_MAX;
+
+/// A WebSocket an object accepted, as its transport (the gateway, a capnp peer) holds it:
+/// the transport attaches the sink that sends to the peer, and hands in what the peer sends.
+pub(crate) struct HostSocket {
+    namespace: Rc<NamespaceCore>,
+    id: ObjectId,
+    socket: Rc<SocketCore>,
+}
+
+impl HostSocket {
+    /// Starts sending to the peer through `sink` (what the object sent meanwhile goes first).
+    pub(crate) fn attach(&self, sink: Box<dyn SocketSink>) {
+        self.socket.attach(sink);
+    }
+
+    /// The largest message the peer may send.
+    pub(crate) fn message_bytes_max(&self) -> usize {
+        self.socket.message_bytes_max()
+    }
+
+    /// Delivers a message of the peer: answered by the host if it is the object's
+    /// auto-response request, else to the object (built again if it was evicted). Resolves
+    /// when the object's handler returned, so that a peer that sends faster than the object
+    /// handles is slowed at its transport. A message over the size bound closes the socket
+    /// with 1009. Messages after a close are dropped.
+    pub(crate) async fn receive(&self, message: WebSocketMessage) -> Result<(), Error> {
+        if self.socket.is_closing() {
+            return Ok(());
+        }
+        let max = self.socket.message_bytes_max();
+        if message.len() > max {
+            self.socket
+                .reply_close(socket::CLOSE_TOO_BIG, "message over the size limit");
+            let error = format!("a message of {} bytes, over {max}", message.len());
+            return self.deliver(SocketEvent::Error(error)).await;
+        }
+        if let Some(response) = self.socket.auto_response(&message) {
+            self.socket.send_from_host(response);
+            return Ok(());
+        }
+        self.deliver(SocketEvent::Message(message)).await
+    }
+
+    /// The peer closed the socket: the object hears of it, then the host answers the close
+    /// (unless the object closed the socket itself meanwhile).
+    pub(crate) async fn closed(&self, code: u16, reason: String) -> Result<(), Error> {
+        if self.socket.is_closing() {
+            self.socket.lost();
+            return Ok(());
+        }
+        let result = self.deliver(SocketEvent::Close(code, reason.clone())).await;
+        self.socket.reply_close(code, &reason);
+        result
+    }
+
+    /// The peer went away without a close, or its transport failed: the socket is gone, and
+    /// the object hears of it.
+    pub(crate) async fn failed(&self, error: String) -> Result<(), Error> {
+        let closing = self.socket.is_closing();
+        self.socket.lost();
+        if closing {
+            return Ok(());
+        }
+        self.deliver(SocketEvent::Error(error)).await
+    }
+
+    async fn deliver(&self, event: SocketEvent) -> Result<(), Error> {
+        let activation = self.namespace.activation(self.id.clone())?;
+        activation.socket_event(self.socket.clone(), event).await
+    }
+}
+
+impl Drop for HostSocket {
+    /// A transport that lets its socket go without telling (its task was dropped) has lost
+    /// the peer.
+    fn drop(&mut self) {
+        if !self.socket.is_closing() {
+            self.socket.lost();
         }
     }
 }

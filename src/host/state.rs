@@ -5,10 +5,12 @@ use std::future::Future;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
+use super::socket::{ObjectSockets, UpgradeToken, WebSocket};
 use crate::clock::Clock;
+use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
-use crate::storage::Storage;
+use crate::storage::{ObjectStore, Storage};
 
 /// What a [`State`] may ask of the activation it belongs to. A trait, so that this file does
 /// not depend on the activation's (which holds the state).
@@ -29,6 +31,10 @@ pub struct State {
     clock: Arc<dyn Clock>,
     /// Weak: the activation owns the instance, which owns this state.
     activation: Weak<dyn Reset>,
+    /// The WebSockets the host holds for the object, which outlive this activation.
+    sockets: Rc<ObjectSockets>,
+    /// The object's store, for the output gate of the messages its sockets send.
+    store: Rc<ObjectStore>,
 }
 
 impl State {
@@ -38,14 +44,59 @@ impl State {
         gate: Rc<InputGate>,
         clock: Arc<dyn Clock>,
         activation: Weak<dyn Reset>,
+        sockets: Rc<ObjectSockets>,
     ) -> State {
         State {
             id,
+            store: storage.store().clone(),
             storage,
             gate,
             clock,
             activation,
+            sockets,
         }
+    }
+
+    /// Accepts the WebSocket upgrade `request` asks for, with `tags` (at most 10, each at most
+    /// 256 bytes) to find it again by: the host holds the socket from now on, also while the
+    /// object is evicted, and delivers its events to `web_socket_message`, `web_socket_close`
+    /// and `web_socket_error`. Answer the request with
+    /// [`response::switching_protocols`](crate::response::switching_protocols).
+    ///
+    /// Fails when `request` is not an upgrade the caller can complete (no `Upgrade: websocket`,
+    /// or a caller that cannot speak WebSocket), when it was accepted already, or when the
+    /// object holds its most sockets (`sockets_per_object_max`, overloaded).
+    pub fn accept_web_socket<B>(
+        &self,
+        request: &http::Request<B>,
+        tags: &[&str],
+    ) -> Result<WebSocket, Error> {
+        let token = request.extensions().get::<UpgradeToken>().ok_or_else(|| {
+            Error::InvalidArgument(
+                "the request is not a WebSocket upgrade (no Upgrade: websocket, or its caller \
+                 cannot complete one)"
+                    .into(),
+            )
+        })?;
+        let socket = self.sockets.accept(*token, tags)?;
+        Ok(WebSocket::new(socket, self.store.clone()))
+    }
+
+    /// The object's open WebSockets, those accepted with `tag` if one is given, in the order
+    /// they were accepted.
+    pub fn get_web_sockets(&self, tag: Option<&str>) -> Vec<WebSocket> {
+        self.sockets
+            .list(tag)
+            .into_iter()
+            .map(|socket| WebSocket::new(socket, self.store.clone()))
+            .collect()
+    }
+
+    /// Sets a text message that the host answers on any of the object's sockets with
+    /// `response`, without waking the object (a keep-alive "ping" → "pong"); `None` removes it.
+    pub fn set_web_socket_auto_response(&self, pair: Option<(&str, &str)>) {
+        self.sockets
+            .set_auto_response(pair.map(|(request, response)| (request.into(), response.into())));
     }
 
     /// The object's ID.
