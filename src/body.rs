@@ -120,6 +120,10 @@ impl Body {
             }
             return Ok(bytes);
         }
+        // A body that announces more than the bound (a Content-Length) is refused unread.
+        if http_body::Body::size_hint(&body).lower() > max as u64 {
+            return Err(BodyTooLarge { max }.into());
+        }
         let mut first: Option<Bytes> = None;
         let mut joined = BytesMut::new();
         let mut len = 0usize;

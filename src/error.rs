@@ -17,6 +17,10 @@ pub enum Error {
     /// A bad argument (invalid ID, unknown namespace, a limit exceeded); the message names the rule.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request body over the bound of a whole-body read (the gateway answers 413). On the
+    /// wire it is a `failed` like a bad argument.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// Prefix of the message of an application error on the wire.
@@ -28,7 +32,9 @@ impl From<Error> for capnp::Error {
             Error::Remote(message) => capnp::Error::failed(format!("{REMOTE_PREFIX}{message}")),
             Error::Disconnected(message) => capnp::Error::disconnected(message),
             Error::Overloaded(message) => capnp::Error::overloaded(message),
-            Error::InvalidArgument(message) => capnp::Error::failed(message),
+            Error::InvalidArgument(message) | Error::TooLarge(message) => {
+                capnp::Error::failed(message)
+            }
         }
     }
 }

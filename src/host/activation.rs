@@ -20,6 +20,7 @@ use futures::future::LocalBoxFuture;
 use super::class::{AlarmInfo, ErasedObject, SocketEvent};
 use super::socket::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, ObjectSockets, SocketCore, WebSocket};
 use super::state::{Reset, State};
+use crate::body::BodyTooLarge;
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
@@ -454,7 +455,10 @@ async fn run<T>(
         let durable = activation.store.wait_durable(seq).await;
         durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
     }
-    result.map_err(|error| Error::Remote(error.to_string()))
+    result.map_err(|error| match error.downcast_ref::<BodyTooLarge>() {
+        Some(too_large) => Error::TooLarge(format!("the request {too_large}")),
+        None => Error::Remote(error.to_string()),
+    })
 }
 
 /// Closes `gate` until `predecessor` has no commit in flight.

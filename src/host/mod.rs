@@ -766,6 +766,22 @@ impl HostSocket {
         self.deliver(SocketEvent::Message(message)).await
     }
 
+    /// Resolves once the socket is closing: a close was queued (by the object, the host, or
+    /// as the answer to the peer's), or the peer was lost.
+    pub(crate) async fn until_closing(&self) {
+        self.socket.until_closing().await;
+    }
+
+    /// The peer broke a rule of the socket (a message over the size bound: 1009): the host
+    /// closes it with `code`, and the object hears of it as an error.
+    pub(crate) async fn refuse(&self, code: u16, why: String) -> Result<(), Error> {
+        if self.socket.is_closing() {
+            return Ok(());
+        }
+        self.socket.reply_close(code, &why);
+        self.deliver(SocketEvent::Error(why)).await
+    }
+
     /// The peer closed the socket: the object hears of it, then the host answers the close
     /// (unless the object closed the socket itself meanwhile).
     pub(crate) async fn closed(&self, code: u16, reason: String) -> Result<(), Error> {

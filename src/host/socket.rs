@@ -114,8 +114,13 @@ impl From<Bytes> for WebSocketMessage {
 /// completes when the transport took the frame (its own bounded buffer, or capnp's flow
 /// control window), which is how a slow peer slows its pump and fills its queue.
 pub trait SocketSink {
-    /// Sends one message.
-    fn send(&mut self, message: WebSocketMessage) -> LocalBoxFuture<'_, Result<(), String>>;
+    /// Sends one message. `more` says that another frame is queued behind it, so that the
+    /// sink may buffer this one rather than flush it alone; a sink flushes when it is false.
+    fn send(
+        &mut self,
+        message: WebSocketMessage,
+        more: bool,
+    ) -> LocalBoxFuture<'_, Result<(), String>>;
     /// Sends a close frame; nothing is sent after it.
     fn close(&mut self, code: u16, reason: String) -> LocalBoxFuture<'_, Result<(), String>>;
 }
@@ -158,6 +163,9 @@ pub struct SocketCore {
     pumping: Cell<bool>,
     /// Set when the peer is gone: the pump stops.
     lost: Cell<bool>,
+    /// Wakes the transport's reader when the socket starts closing, so that it stops waiting
+    /// for a peer that never answers the close.
+    closing: tokio::sync::Notify,
     /// The object's sockets, to leave them at the close. Weak: they own this socket.
     owner: Weak<ObjectSockets>,
     limits: SocketLimits,
@@ -198,6 +206,7 @@ impl SocketCore {
         if self.phase.replace(Phase::Closing) == Phase::Closing {
             return;
         }
+        self.closing.notify_waiters();
         let mut reason = reason.to_owned();
         truncate_utf8(&mut reason, CLOSE_REASON_BYTES_MAX);
         self.queue.borrow_mut().push_back(Outbound {
@@ -207,6 +216,17 @@ impl SocketCore {
         self.ready.notify_one();
         if let Some(owner) = self.owner.upgrade() {
             owner.remove(self.serial);
+        }
+    }
+
+    /// Resolves once the socket is closing (a close queued, or the peer lost).
+    pub async fn until_closing(&self) {
+        loop {
+            let notified = self.closing.notified();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -229,6 +249,7 @@ impl SocketCore {
     pub fn lost(self: &Rc<Self>) {
         self.phase.set(Phase::Closing);
         self.lost.set(true);
+        self.closing.notify_waiters();
         self.queue.borrow_mut().clear();
         self.queued_bytes.set(0);
         self.ready.notify_one();
@@ -299,7 +320,13 @@ async fn pump(socket: Rc<SocketCore>, mut sink: Box<dyn SocketSink>) {
                 socket
                     .queued_bytes
                     .set(socket.queued_bytes.get() - message.len());
-                sink.send(message).await
+                // Another frame that can leave at once: this one may wait in the sink's buffer.
+                let more = socket.queue.borrow().front().is_some_and(|next| {
+                    next.durable
+                        .as_ref()
+                        .is_none_or(|(store, seq)| store.is_durable(*seq))
+                });
+                sink.send(message, more).await
             }
             Frame::Close(code, reason) => {
                 let _ = sink.close(code, reason).await;
@@ -415,6 +442,7 @@ impl ObjectSockets {
             ready: tokio::sync::Notify::new(),
             pumping: Cell::new(false),
             lost: Cell::new(false),
+            closing: tokio::sync::Notify::new(),
             owner: Rc::downgrade(self),
             limits: self.limits,
         });

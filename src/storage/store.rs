@@ -395,6 +395,11 @@ impl ObjectStore {
         self.state.borrow().written_seq
     }
 
+    /// Whether every write up to `seq` is durable now.
+    pub(crate) fn is_durable(&self, seq: u64) -> bool {
+        self.state.borrow().durable_seq >= seq
+    }
+
     /// Resolves when every write up to `seq` is durable, or with the error that lost them.
     pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), Error> {
         std::future::poll_fn(|cx| {

@@ -23,7 +23,7 @@
 //! | with a token set: no `Authorization: Bearer`, or a wrong token | 401, `WWW-Authenticate: Bearer` |
 //! | path without a namespace and a name, an empty one, or one not UTF-8 once decoded | 400 |
 //! | no namespace of that name | 404 |
-//! | request body over [`GatewayOptions::body_bytes_max`] | 413, and the connection closes |
+//! | request body over [`GatewayOptions::body_bytes_max`], read whole | 413, and the connection closes |
 //! | the request body broke off (client error) | 400, and the connection closes |
 //! | bad argument ([`crate::error::Error::InvalidArgument`], e.g. a name over `name_bytes_max`) | 400 |
 //! | the object's code returned an error ([`crate::error::Error::Remote`]) | 500, `x-request-id` |
@@ -36,13 +36,26 @@
 //! ID` instead, and the server logs the message with that ID (at warn). With
 //! [`GatewayOptions::expose_errors`] the body carries the message.
 //!
-//! A body over the limit is refused before it is read: at once when its `Content-Length` is
-//! over, and as soon as a chunked body passes the limit. The rest of such a body is never read,
-//! so the connection cannot carry another request and is closed after the 413.
+//! A body over the limit is refused before it is read whole: at once when its `Content-Length`
+//! is over, and as soon as a chunked body passes the limit. The rest of such a body is never
+//! read, so the connection cannot carry another request and is closed after the 413.
+//!
+//! Bodies stream both ways: a request's body reaches the object as it arrives (an object that
+//! reads it whole, with `fetch`, reads at most [`GatewayOptions::body_bytes_max`]; one that
+//! streams it with `fetch_stream` reads any size), and a response's body goes out as the
+//! object writes it (chunked, when it has no length: server-sent events pass as they are
+//! written). Neither is ever held whole by the gateway.
+//!
+//! A WebSocket upgrade (`GET` with `Upgrade: websocket`, RFC 6455) goes to the object like
+//! any request; when the object accepts it (`State::accept_web_socket`) and answers `101`, the
+//! gateway completes the handshake and carries the socket, which the host holds from then on
+//! (see `web_socket`). An upgrade the object does not accept gets the object's answer.
 //!
 //! Connections are HTTP/1.1 with keep-alive, one local task each, on the host's event loop.
 //! A request is handled inside its connection's task: the gateway spawns nothing per request
 //! (the host runs each call to an object as a task of its own).
+
+mod web_socket;
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -54,16 +67,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::body::Body;
 use crate::host::Host;
-use crate::message::{Request, Response};
+use crate::message::{StreamRequest, StreamResponse};
 use crate::tls::ServerTls;
 
 /// Most gateway connections open at once. Each costs a task, hyper's buffers (up to
@@ -95,7 +108,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Options of the HTTP gateway.
 #[derive(Clone, Debug)]
 pub struct GatewayOptions {
-    /// Largest request body accepted (default 1 MiB); larger requests get 413.
+    /// Largest request body an object reads whole (default 1 MiB); larger requests get 413.
+    /// Bodies that an object streams (`fetch_stream`) are not bounded.
     pub body_bytes_max: usize,
     /// Whether the message of an object's error goes back in the 500's body (default false: the
     /// body carries a request ID, and the message goes to the log with it). Error messages may
@@ -112,8 +126,9 @@ impl Default for GatewayOptions {
     }
 }
 
-/// The response type of the gateway: the object's body is handed to hyper without a copy.
-type HttpResponse = hyper::Response<Full<Bytes>>;
+/// The response type of the gateway: the object's body is handed to hyper as it is, whole or
+/// streamed.
+type HttpResponse = hyper::Response<OutBody>;
 
 /// Serves HTTP on `listener` until the future is dropped, or HTTPS when `tls` is given. Runs on
 /// the host's event loop (inside its `LocalSet`): each connection is a local task. With a
@@ -218,14 +233,17 @@ impl Gateway {
     /// Serves the requests of one connection, plain or TLS, until it ends.
     async fn serve_connection<S>(self: Rc<Self>, stream: S)
     where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let handler = self.clone();
         let service = service_fn(move |request| {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(request).await) }
         });
-        let connection = self.http.serve_connection(TokioIo::new(stream), service);
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
         if let Err(error) = connection.await {
             tracing::debug!(%error, "gateway connection ended");
         }
@@ -234,7 +252,7 @@ impl Gateway {
     /// Answers one request: the object's response, or the refusal's.
     async fn handle(&self, request: hyper::Request<Incoming>) -> HttpResponse {
         match self.forward(request).await {
-            Ok(response) => response.map(Full::new),
+            Ok(response) => response.map(OutBody),
             Err(error) => error.response(),
         }
     }
@@ -255,9 +273,14 @@ impl Gateway {
     }
 
     /// Routes `request` to its object. The checks that cost nothing come first: a request
-    /// refused for its token, its path or its Content-Length neither activates an object nor
-    /// has its body read, and a refused name is refused before the body is read.
-    async fn forward(&self, request: hyper::Request<Incoming>) -> Result<Response, Error> {
+    /// refused for its token or its path neither activates an object nor has its body read.
+    async fn forward(
+        &self,
+        mut request: hyper::Request<Incoming>,
+    ) -> Result<StreamResponse, Error> {
+        let accept = web_socket::accept_key(request.method(), request.headers());
+        // Taken before the request is given away: hyper hands the connection over through it.
+        let upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         self.authorize(&mut parts.headers).await?;
         // Taken out of `parts`, so the route can borrow it while `parts` becomes the request.
@@ -267,18 +290,52 @@ impl Gateway {
             .host
             .namespace(&route.namespace)
             .ok_or_else(|| Error::UnknownNamespace(route.namespace.to_string()))?;
-        let max = self.options.body_bytes_max;
-        // The exact length when Content-Length is given; 0 for a chunked body.
-        if body.size_hint().lower() > max as u64 {
-            return Err(Error::BodyTooLarge { max });
-        }
         parts.uri = route.object_uri()?;
         let stub = namespace
             .get_by_name(&route.name)
             .map_err(|error| self.call_failed(&route, error))?;
-        let body = read_body(body, max).await?;
-        let response = stub.fetch(Request::from_parts(parts, body)).await;
-        response.map_err(|error| self.call_failed(&route, error))
+        let broken = Rc::new(Cell::new(false));
+        let body = Body::from_stream(Watched {
+            body,
+            broken: broken.clone(),
+        })
+        .with_whole_bytes_max(self.options.body_bytes_max);
+        let request = StreamRequest::from_parts(parts, body);
+        let (Some(accept), Some(upgrade)) = (accept, upgrade) else {
+            let response = stub.fetch_stream(request).await;
+            return response.map_err(|error| self.body_failed(&broken, &route, error));
+        };
+        let (mut response, socket) = stub
+            .fetch_upgrade(request)
+            .await
+            .map_err(|error| self.call_failed(&route, error))?;
+        if let Some(socket) = socket {
+            let headers = response.headers_mut();
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            tokio::task::spawn_local(web_socket::run(upgrade, socket));
+        }
+        Ok(response)
+    }
+
+    /// [`Gateway::call_failed`], but a call that failed because the client's body broke off
+    /// is the client's error.
+    fn body_failed(
+        &self,
+        broken: &Cell<bool>,
+        route: &Route<'_>,
+        error: crate::error::Error,
+    ) -> Error {
+        if broken.get() {
+            return Error::BodyRead(error.to_string());
+        }
+        if let crate::error::Error::TooLarge(_) = error {
+            return Error::BodyTooLarge {
+                max: self.options.body_bytes_max,
+            };
+        }
+        self.call_failed(route, error)
     }
 
     /// The error to answer a failed call with. A failure of the object's code (its constructor
@@ -329,16 +386,63 @@ fn new_request_id() -> String {
     crate::id::to_hex(&bytes)
 }
 
-/// Reads the whole body, but stops as soon as it passes `max` bytes.
-async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Error> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
+pin_project_lite::pin_project! {
+    /// A request body that notes when it broke off (the client's error, not the object's).
+    struct Watched {
+        #[pin]
+        body: Incoming,
+        broken: Rc<Cell<bool>>,
     }
-    match Limited::new(body, max).collect().await {
-        // A body that came in one chunk is handed on without a copy.
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(Error::BodyTooLarge { max }),
-        Err(error) => Err(Error::BodyRead(error.to_string())),
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            this.broken.set(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The body of a gateway response, as hyper takes it: the object's [`Body`], with its error
+/// made one that hyper can carry (which only logs it and cuts the response off).
+pub(crate) struct OutBody(Body);
+
+impl hyper::body::Body for OutBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.0).poll_frame(cx);
+        polled
+            .map(|frame| frame.map(|frame| frame.map_err(|e| std::io::Error::other(e.to_string()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
     }
 }
 
@@ -439,7 +543,8 @@ impl Error {
     }
 
     fn response(&self) -> HttpResponse {
-        let mut response = hyper::Response::new(Full::new(Bytes::from(format!("{self}\n"))));
+        let body = OutBody(Body::full(format!("{self}\n")));
+        let mut response = hyper::Response::new(body);
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         let text = HeaderValue::from_static("text/plain; charset=utf-8");
