@@ -1,5 +1,8 @@
-//! Helpers shared by the tests that run `duro serve` as a child process.
+//! Helpers shared by the tests that run `duro serve` as a child process, and (in `browser`) the
+//! headless browser of the tests that open duro's web pages.
 #![allow(dead_code)] // Each test binary that includes this module uses a part of it.
+
+pub mod browser;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
