@@ -20,7 +20,7 @@ use futures::future::LocalBoxFuture;
 use super::class::{AlarmInfo, ErasedObject, SocketEvent};
 use super::socket::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, ObjectSockets, SocketCore, WebSocket};
 use super::state::{Reset, State};
-use crate::body::BodyTooLarge;
+use crate::body::{Body, BodyTooLarge};
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
@@ -50,6 +50,9 @@ pub(crate) struct Activation {
     evicted: Cell<bool>,
     /// Calls admitted and not yet finished; the object is idle only at 0.
     running: Cell<usize>,
+    /// Response bodies still streaming out of the object (see [`Streaming`]); the object is
+    /// idle only at 0, so it is not evicted under a stream it is writing.
+    streams: Cell<usize>,
     /// When the last call was admitted, for least-recently-used eviction.
     last_used: Cell<std::time::Instant>,
     /// Most calls waiting for delivery before new ones are refused as overloaded.
@@ -96,6 +99,7 @@ impl Activation {
             calls: RefCell::default(),
             evicted: Cell::new(false),
             running: Cell::new(0),
+            streams: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
             queue_max,
             constructing: Cell::new(true),
@@ -165,6 +169,7 @@ impl Activation {
     /// Nothing runs, waits or is being written: the instance can go without anyone noticing.
     pub(crate) fn is_idle(&self) -> bool {
         self.running.get() == 0
+            && self.streams.get() == 0
             && !self.gate.is_held()
             && !self.store.is_flushing()
             && !self.constructing.get()
@@ -225,6 +230,7 @@ impl Activation {
         upgrade: bool,
     ) -> impl Future<Output = Result<Called, Error>> + use<> {
         let sockets = self.sockets.clone();
+        let activation = Rc::downgrade(self);
         self.deliver(true, move |instance, _| {
             Box::pin(async move {
                 let offer = upgrade.then(|| Offered::new(&sockets, &mut request));
@@ -241,6 +247,7 @@ impl Activation {
                     )
                     .into());
                 }
+                let response = Streaming::wrap(response, activation);
                 Ok(Called { response, socket })
             })
         })
@@ -358,6 +365,62 @@ impl Drop for Offered {
         self.sockets.withdraw(self.token);
         if let Some(socket) = self.offer.accepted() {
             socket.lost();
+        }
+    }
+}
+
+/// A response body that the object goes on writing after its call returned: it keeps the
+/// object from being evicted until it ends, and it breaks off when the object is reset (as
+/// the stub does).
+struct Streaming {
+    body: Body,
+    activation: std::rc::Weak<Activation>,
+}
+
+impl Streaming {
+    /// `response`, its body watched if it is a stream.
+    fn wrap(response: StreamResponse, activation: std::rc::Weak<Activation>) -> StreamResponse {
+        if response.body().as_full().is_some() {
+            return response;
+        }
+        let Some(live) = activation.upgrade() else {
+            return response;
+        };
+        live.streams.set(live.streams.get() + 1);
+        response.map(|body| {
+            let whole = body.whole_bytes_max();
+            Body::from_stream(Streaming { body, activation }).with_whole_bytes_max(whole)
+        })
+    }
+}
+
+impl http_body::Body for Streaming {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        if self.activation.upgrade().is_none_or(|a| a.is_broken()) {
+            return std::task::Poll::Ready(Some(Err("the object was reset".into())));
+        }
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if let Some(activation) = self.activation.upgrade() {
+            activation.streams.set(activation.streams.get() - 1);
         }
     }
 }

@@ -71,9 +71,21 @@ struct ServeArgs {
     /// `name`, with the path /{rest}.
     #[arg(long, default_value = duro::DEFAULT_HTTP, value_name = "HOST:PORT|off")]
     http: HttpListen,
-    /// The largest request body the HTTP gateway accepts; larger ones get 413.
+    /// The largest request body an object reads whole through the HTTP gateway; larger ones
+    /// get 413. Bodies that objects stream are not bounded.
     #[arg(long, default_value_t = 1 << 20)]
     http_body_max_bytes: usize,
+    /// The largest WebSocket message, either way; a client's larger one closes its socket
+    /// with 1009.
+    #[arg(long, default_value_t = 1 << 20)]
+    ws_message_max_bytes: usize,
+    /// The most WebSockets one object holds.
+    #[arg(long, default_value_t = 32_768)]
+    ws_sockets_per_object: usize,
+    /// The most bytes queued to one WebSocket and not yet taken by its client; past it the
+    /// socket is closed with 1008.
+    #[arg(long, default_value_t = 8 << 20)]
+    ws_queue_max_bytes: usize,
     /// Sends the message of an object's error to HTTP clients in the 500's body. Without it the
     /// body carries a request ID, and the message is logged with that ID.
     #[arg(long)]
@@ -132,6 +144,11 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     raise_file_limit();
     let limits = HostLimits {
         inflight_bytes_max: args.inflight_mib << 20,
+        web_sockets: duro::SocketLimits {
+            message_bytes_max: args.ws_message_max_bytes,
+            sockets_per_object_max: args.ws_sockets_per_object,
+            queued_bytes_max: args.ws_queue_max_bytes,
+        },
         ..HostLimits::default()
     };
     let frame = FrameLimits {
