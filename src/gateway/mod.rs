@@ -29,6 +29,7 @@
 //! | the object's code returned an error ([`crate::error::Error::Remote`]) | 500, `x-request-id` |
 //! | the object was reset, or the host is shutting down ([`crate::error::Error::Disconnected`]) | 502 |
 //! | too many requests queued for the object ([`crate::error::Error::Overloaded`]) | 503, `Retry-After: 1` |
+//! | a WebSocket upgrade past [`WEB_SOCKETS_MAX`] open sockets | 503, `Retry-After: 1` |
 //!
 //! Each of these has a plain-text body naming the rule or carrying the host's message. The
 //! message of an object's error is the object's own text, which may tell more than its clients
@@ -83,6 +84,12 @@ use crate::tls::ServerTls;
 /// `max_buf_size`) and an FD; past the bound new connections are closed at once, so a flood of
 /// connections cannot exhaust memory or FDs (and the Cap'n Proto listener keeps its own FDs).
 pub const CONNECTIONS_MAX: usize = 4096;
+
+/// Most WebSockets open through the gateway at once. An upgraded connection leaves the
+/// [`CONNECTIONS_MAX`] count of HTTP connections; each socket costs its buffers (a few KiB
+/// while idle) and the host's record of it, so their number is bounded on its own. Past it,
+/// upgrades get 503.
+pub const WEB_SOCKETS_MAX: usize = 65_536;
 
 /// Longest wait for a request's head, counted from when the connection is ready for the next
 /// request, so also the longest a keep-alive connection may sit idle. Without it, clients that
@@ -162,6 +169,8 @@ struct Gateway {
     token: Option<Arc<str>>,
     /// hyper's connection settings, built once.
     http: http1::Builder,
+    /// WebSockets open through the gateway (see [`WEB_SOCKETS_MAX`]).
+    web_sockets: Rc<Cell<usize>>,
 }
 
 /// A place among the [`CONNECTIONS_MAX`] open connections, given back when dropped (also when
@@ -172,7 +181,12 @@ struct ConnectionSlot {
 
 impl ConnectionSlot {
     fn take(open: &Rc<Cell<usize>>) -> Option<ConnectionSlot> {
-        if open.get() >= CONNECTIONS_MAX {
+        ConnectionSlot::take_within(open, CONNECTIONS_MAX)
+    }
+
+    /// A place among `max` counted by `open`.
+    fn take_within(open: &Rc<Cell<usize>>, max: usize) -> Option<ConnectionSlot> {
+        if open.get() >= max {
             return None;
         }
         open.set(open.get() + 1);
@@ -197,6 +211,7 @@ impl Gateway {
             options,
             token,
             http,
+            web_sockets: Rc::default(),
         }
     }
 
@@ -305,6 +320,8 @@ impl Gateway {
             let response = stub.fetch_stream(request).await;
             return response.map_err(|error| self.body_failed(&broken, &route, error));
         };
+        let slot = ConnectionSlot::take_within(&self.web_sockets, WEB_SOCKETS_MAX)
+            .ok_or(Error::TooManyWebSockets)?;
         let (mut response, socket) = stub
             .fetch_upgrade(request)
             .await
@@ -314,7 +331,7 @@ impl Gateway {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-            tokio::task::spawn_local(web_socket::run(upgrade, socket));
+            tokio::task::spawn_local(web_socket::run(upgrade, socket, slot));
         }
         Ok(response)
     }
@@ -511,6 +528,8 @@ enum Error {
     BodyTooLarge { max: usize },
     #[error("reading the request body failed: {0}")]
     BodyRead(String),
+    #[error("overloaded: {WEB_SOCKETS_MAX} WebSockets are open (WEB_SOCKETS_MAX)")]
+    TooManyWebSockets,
     #[error(transparent)]
     Call(#[from] crate::error::Error),
     /// A failure of the object whose message went to the log under `request_id`.
@@ -524,6 +543,7 @@ impl Error {
             Error::NoBearerToken | Error::WrongToken => StatusCode::UNAUTHORIZED,
             Error::BadPath(_) | Error::BodyRead(_) => StatusCode::BAD_REQUEST,
             Error::UnknownNamespace(_) => StatusCode::NOT_FOUND,
+            Error::TooManyWebSockets => StatusCode::SERVICE_UNAVAILABLE,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Call(error) => match error {
                 crate::error::Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
@@ -550,7 +570,7 @@ impl Error {
         let text = HeaderValue::from_static("text/plain; charset=utf-8");
         headers.insert(header::CONTENT_TYPE, text);
         match self {
-            Error::Call(crate::error::Error::Overloaded(_)) => {
+            Error::Call(crate::error::Error::Overloaded(_)) | Error::TooManyWebSockets => {
                 let seconds = HeaderValue::from_static(RETRY_AFTER_SECONDS);
                 headers.insert(header::RETRY_AFTER, seconds);
             }

@@ -29,7 +29,11 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// Bytes of outgoing frames tungstenite buffers before it writes them out: small messages of a
 /// busy socket go out in a few writes rather than one each.
-const WRITE_BUFFER_BYTES: usize = 64 << 10;
+const WRITE_BUFFER_BYTES: usize = 32 << 10;
+
+/// tungstenite's read buffer, allocated for every socket up front (its default is 128 KiB):
+/// small, as most sockets of a room are idle most of the time; larger messages still pass.
+const READ_BUFFER_BYTES: usize = 8 << 10;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -60,7 +64,9 @@ pub(super) fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderV
 /// Carries an accepted socket once hyper has switched the connection: sends what the object
 /// sends (through the host's pump) and hands what the client sends to the host, one message at
 /// a time (so a client that sends faster than its object handles is read no faster).
-pub(super) async fn run(upgrade: OnUpgrade, socket: HostSocket) {
+/// `slot` is the socket's place among the gateway's open sockets, held while it runs.
+pub(super) async fn run<Slot: 'static>(upgrade: OnUpgrade, socket: HostSocket, slot: Slot) {
+    let _slot = slot;
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(error) => {
@@ -72,6 +78,7 @@ pub(super) async fn run(upgrade: OnUpgrade, socket: HostSocket) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES);
     let stream =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
