@@ -125,7 +125,7 @@ where
 
 /// CPU time of this thread, which runs every client of a run (getrusage: µs resolution,
 /// where /proc counts 10 ms ticks).
-fn generator_cpu() -> Option<Duration> {
+pub fn generator_cpu() -> Option<Duration> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage writes a whole rusage into the pointer it is given, or fails.
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {

@@ -21,6 +21,7 @@ mod micro;
 mod objects;
 mod peer;
 mod report;
+mod room;
 mod rpc_group;
 
 use std::path::PathBuf;
@@ -42,6 +43,7 @@ pub const WORKLOADS: &[&str] = &[
     "alarms",
     "gateway",
     "workerd",
+    "room",
 ];
 
 /// Arguments of `duro bench`.
@@ -54,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Run only these workloads (comma-separated): echo-baseline, noop, incr, lmdb-baseline,
-    /// activate, list, kv-mixed, alarms, gateway, workerd.
+    /// activate, list, kv-mixed, alarms, gateway, workerd, room.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -235,6 +237,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("gateway") || selection.has("workerd") {
         step("gateway, workerd", &|| peer::run(settings, selection));
+    }
+    if selection.has("room") {
+        step("room", &|| room::run(settings));
     }
     series
 }

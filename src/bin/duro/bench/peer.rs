@@ -31,6 +31,7 @@ pub const INCR: &str = "incr: 1000 objects, 64 conns";
 
 const CONFIG: &str = include_str!("workerd/config.capnp");
 const SCRIPT: &str = include_str!("workerd/worker.js");
+const ROOM_SCRIPT: &str = include_str!("workerd/room.js");
 
 /// A server reached over HTTP, and its two series.
 struct HttpSide {
@@ -144,7 +145,7 @@ async fn measured(
 }
 
 /// `duro serve --http`, if its gateway answers.
-async fn start_gateway(settings: &Settings) -> Result<(Child, SocketAddr), String> {
+pub(super) async fn start_gateway(settings: &Settings) -> Result<(Child, SocketAddr), String> {
     let duro = child::start_duro(&settings.fresh_dir("gateway"), true)?;
     let addr = duro.http.ok_or("duro printed no gateway address")?;
     http_load::probe(addr, "/counter/probe/", GATEWAY_PROBE)
@@ -153,9 +154,9 @@ async fn start_gateway(settings: &Settings) -> Result<(Child, SocketAddr), Strin
     Ok((duro.child, addr))
 }
 
-/// workerd with the config and script of `src/bin/duro/bench/workerd/`, listening on a loopback socket
+/// workerd with the config and scripts of `src/bin/duro/bench/workerd/`, listening on a loopback socket
 /// that this process binds and hands over, so no port can be taken in between.
-async fn start_workerd(settings: &Settings) -> Result<(Child, SocketAddr), String> {
+pub(super) async fn start_workerd(settings: &Settings) -> Result<(Child, SocketAddr), String> {
     let Some(binary) = child::find_executable(settings.workerd.as_deref(), "workerd") else {
         return Err(match &settings.workerd {
             Some(path) => format!("workerd unavailable: {} is not a file", path.display()),
@@ -169,6 +170,7 @@ async fn start_workerd(settings: &Settings) -> Result<(Child, SocketAddr), Strin
     std::fs::create_dir_all(&storage).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     write(&dir.join("config.capnp"), CONFIG)?;
     write(&dir.join("worker.js"), SCRIPT)?;
+    write(&dir.join("room.js"), ROOM_SCRIPT)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| format!("binding a port for workerd: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

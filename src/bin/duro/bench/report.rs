@@ -10,6 +10,7 @@ use super::Settings;
 use super::durable::{FSYNC, HOT, SPREAD};
 use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
+use super::room;
 use super::rpc_group::SHAPES;
 
 #[derive(Serialize)]
@@ -114,6 +115,16 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 workerd,
             ));
         }
+    }
+    if let (Some(duro), Some(workerd)) = (
+        find(series, room::DURO, room::SHAPE),
+        find(series, room::WORKERD, room::SHAPE),
+    ) {
+        ratios.extend(ops_ratio(
+            format!("{} / {}, messages/s", room::DURO, room::WORKERD),
+            duro,
+            workerd,
+        ));
     }
     ratios
 }
@@ -394,6 +405,7 @@ fn fmt_extra(spread: Spread, unit: &str) -> String {
         "" => format!("{v:.0}"),
         "keys/s" => format!("{} keys/s", fmt_rate(v)),
         "alarms/s" => format!("{} alarms/s", fmt_rate(v)),
+        "deliveries/s" => format!("{} deliveries/s", fmt_rate(v)),
         unit => format!("{v:.2} {unit}"),
     };
     if spread.min == spread.max {

@@ -1,7 +1,8 @@
-# The peer of `duro bench`: the same counter as duro's built-in `counter` class, as a JavaScript
-# Durable Object on workerd with local-disk storage, behind workerd's own HTTP server.
+# The peer of `duro bench`: the same counter and room as duro's built-in `counter` and `room`
+# classes, as JavaScript Durable Objects on workerd with local-disk storage, behind workerd's own
+# HTTP server.
 #
-# `duro bench` writes this file and worker.js to a temp dir and starts
+# `duro bench` writes this file, worker.js and room.js to a temp dir and starts
 #   workerd serve config.capnp --socket-fd http=FD --directory-path do-storage=DIR
 # so the listening socket (loopback, port 0) and the storage dir are chosen at run time; the
 # address and path below are placeholders that the overrides replace.
@@ -10,7 +11,7 @@ using Workerd = import "/workerd/workerd.capnp";
 
 const config :Workerd.Config = (
   services = [
-    (name = "main", worker = .counterWorker),
+    (name = "main", worker = .benchWorker),
     (name = "do-storage", disk = (path = "/nonexistent", writable = true)),
   ],
   sockets = [
@@ -18,16 +19,19 @@ const config :Workerd.Config = (
   ],
 );
 
-const counterWorker :Workerd.Worker = (
+const benchWorker :Workerd.Worker = (
   compatibilityDate = "2024-09-23",
   modules = [
     (name = "worker.js", esModule = embed "worker.js"),
+    (name = "room.js", esModule = embed "room.js"),
   ],
   durableObjectNamespaces = [
     (className = "Counter", uniqueKey = "duro-bench-counter"),
+    (className = "Room", uniqueKey = "duro-bench-room"),
   ],
   durableObjectStorage = (localDisk = "do-storage"),
   bindings = [
     (name = "COUNTER", durableObjectNamespace = "Counter"),
+    (name = "ROOM", durableObjectNamespace = "Room"),
   ],
 );
