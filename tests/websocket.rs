@@ -265,7 +265,10 @@ fn every_end_of_a_socket_reaches_both_sides() {
             Err(4001),
             "the host answers the close"
         );
-        wait_until(|| !events.closes.lock().unwrap().is_empty()).await;
+        wait_until("the object heard the close", || {
+            !events.closes.lock().unwrap().is_empty()
+        })
+        .await;
         assert_eq!(events.closes.lock().unwrap()[0], (4001, "done".to_owned()));
 
         // The object closes: the client gets its code.
@@ -276,7 +279,10 @@ fn every_end_of_a_socket_reaches_both_sides() {
         // The client vanishes without a close: the object hears of it as an error.
         let vanishing = join(&server, "ends", "vanishing").await;
         drop(vanishing);
-        wait_until(|| events.errors.load(Ordering::SeqCst) == 1).await;
+        wait_until("the object heard of the error", || {
+            events.errors.load(Ordering::SeqCst) == 1
+        })
+        .await;
 
         // A reset of the object closes its sockets with 1011; the next get builds it again.
         let mut a = join(&server, "ends", "a").await;
@@ -340,18 +346,18 @@ fn a_message_over_the_size_bound_closes_the_socket_with_1009() {
         assert!(next(&mut client).await.is_ok(), "under the bound");
         send(&mut client, &"y".repeat(2000)).await;
         assert_eq!(next(&mut client).await, Err(1009));
-        wait_until(|| events.errors.load(Ordering::SeqCst) == 1).await;
+        wait_until("the object heard of the error", || {
+            events.errors.load(Ordering::SeqCst) == 1
+        })
+        .await;
     });
 }
 
 /// Waits until `condition` holds, at most [`WAIT`].
-async fn wait_until(condition: impl Fn() -> bool) {
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a condition never held"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -359,19 +365,35 @@ async fn wait_until(condition: impl Fn() -> bool) {
 /// Answers with server-sent events: one at once, the next when the test allows it.
 struct Events2 {
     allow: Arc<tokio::sync::Semaphore>,
+    seen: Arc<Seen>,
+}
+
+/// What the stream classes saw of their bodies' ends.
+#[derive(Default)]
+struct Seen {
+    /// Set when a response body's writer found its reader gone.
+    reader_gone: std::sync::atomic::AtomicBool,
+    /// The outcome of the last request body read: its bytes, or its error.
+    upload: std::sync::Mutex<Option<Result<u64, String>>>,
 }
 
 impl DurableObject for Events2 {
-    async fn fetch_stream(&self, _request: StreamRequest) -> Result<StreamResponse, BoxError> {
+    async fn fetch_stream(&self, request: StreamRequest) -> Result<StreamResponse, BoxError> {
+        // `?n=N` events (3 by default), each after the first waiting for a permit.
+        let count: u32 = match request.uri().query().and_then(|q| q.strip_prefix("n=")) {
+            Some(n) => n.parse()?,
+            None => 3,
+        };
         let (mut sender, response) = response::stream(StatusCode::OK, "text/event-stream");
-        let allow = self.allow.clone();
+        let (allow, seen) = (self.allow.clone(), self.seen.clone());
         tokio::task::spawn_local(async move {
-            for i in 0..3 {
+            for i in 0..count {
                 if i > 0 {
                     allow.acquire().await.unwrap().forget();
                 }
                 let event = Bytes::from(format!("data: event {i}\n\n"));
                 if sender.send(event).await.is_err() {
+                    seen.reader_gone.store(true, Ordering::SeqCst);
                     return;
                 }
             }
@@ -381,14 +403,92 @@ impl DurableObject for Events2 {
     }
 }
 
-fn stream_builder(allow: &Arc<tokio::sync::Semaphore>) -> Builder {
-    let allow = allow.clone();
+/// Reads a request body to its end, and notes how it ended.
+struct Upload {
+    seen: Arc<Seen>,
+}
+
+impl DurableObject for Upload {
+    async fn fetch_stream(&self, request: StreamRequest) -> Result<StreamResponse, BoxError> {
+        let mut body = request.into_body();
+        let mut bytes = 0u64;
+        let outcome = loop {
+            match body.chunk().await {
+                Some(Ok(chunk)) => bytes += chunk.len() as u64,
+                Some(Err(error)) => break Err(error.to_string()),
+                None => break Ok(bytes),
+            }
+        };
+        *self.seen.upload.lock().unwrap() = Some(outcome);
+        Ok(http::Response::new(bytes.to_string().into()))
+    }
+}
+
+fn stream_builder(allow: &Arc<tokio::sync::Semaphore>, seen: &Arc<Seen>) -> Builder {
+    let (allow, seen, seen2) = (allow.clone(), seen.clone(), seen.clone());
     Server::builder()
         .class("events", move |_state, _env| Events2 {
             allow: allow.clone(),
+            seen: seen.clone(),
         })
         .namespace("events", "events")
+        .class("upload", move |_state, _env| Upload {
+            seen: seen2.clone(),
+        })
+        .namespace("upload", "upload")
         .http("127.0.0.1:0".parse().unwrap())
+}
+
+#[test]
+fn a_client_vanishing_mid_stream_ends_the_stream_for_the_object() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let allow = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(Seen::default());
+    let server = TestServer::start(stream_builder(&allow, &seen));
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        // A download: the client reads the first event and goes.
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /events/gone/?n=100000 HTTP/1.1\r\nhost: duro\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 512];
+        let read = tokio::time::timeout(WAIT, stream.read(&mut head))
+            .await
+            .unwrap();
+        assert!(read.unwrap() > 0);
+        drop(stream);
+        // Writes fail once the connection's end is known; the writer never gets to the end.
+        allow.add_permits(100_000);
+        wait_until("the writer saw its reader go", || {
+            seen.reader_gone.load(Ordering::SeqCst)
+        })
+        .await;
+
+        // An upload: half a chunked body, then the client goes.
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head =
+            b"POST /upload/gone/ HTTP/1.1\r\nhost: duro\r\ntransfer-encoding: chunked\r\n\r\n";
+        stream.write_all(head).await.unwrap();
+        stream.write_all(b"5\r\nhello\r\n").await.unwrap();
+        // The object reads what came, then waits for more.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            seen.upload.lock().unwrap().is_none(),
+            "the read ended early"
+        );
+        drop(stream);
+        wait_until("the upload read ended", || {
+            seen.upload.lock().unwrap().is_some()
+        })
+        .await;
+        let outcome = seen.upload.lock().unwrap().clone().unwrap();
+        assert!(
+            outcome.is_err(),
+            "a broken upload read as whole: {outcome:?}"
+        );
+    });
 }
 
 /// The resident memory of the process `pid`.
@@ -470,7 +570,7 @@ fn a_gibibyte_streams_through_the_gateway_both_ways_in_bounded_memory() {
 #[test]
 fn server_sent_events_pass_as_they_are_written() {
     let allow = Arc::new(tokio::sync::Semaphore::new(0));
-    let server = TestServer::start(stream_builder(&allow));
+    let server = TestServer::start(stream_builder(&allow, &Arc::default()));
     let addr = server.http_addr().unwrap();
     run_local(async move {
         let stream = TcpStream::connect(addr).await.unwrap();
