@@ -69,7 +69,11 @@ impl DurableObject for Room {
         };
         let name: String = socket.deserialize_attachment()?.unwrap_or_default();
         match text.as_str() {
-            "bye" => socket.close(4000, "bye to you"),
+            "bye" => socket.close(4000, "bye to you")?,
+            "badclose" => match socket.close(1005, "") {
+                Err(error) => socket.send(error.to_string())?,
+                Ok(()) => socket.send("closed with 1005")?,
+            },
             "panic" => panic!("the room panicked on purpose"),
             "others" => socket.send(self.state.get_web_sockets(None).len().to_string())?,
             _ => {
@@ -271,8 +275,12 @@ fn every_end_of_a_socket_reaches_both_sides() {
         .await;
         assert_eq!(events.closes.lock().unwrap()[0], (4001, "done".to_owned()));
 
-        // The object closes: the client gets its code.
+        // The object closes: the client gets its code. A code reserved to the protocol is
+        // refused, and the socket stays open.
         let mut bye = join(&server, "ends", "bye").await;
+        send(&mut bye, "badclose").await;
+        let refused = next(&mut bye).await.expect("still open");
+        assert!(refused.contains("1000 or 3000 to 4999"), "{refused}");
         send(&mut bye, "bye").await;
         assert_eq!(next(&mut bye).await, Err(4000));
 

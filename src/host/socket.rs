@@ -560,13 +560,20 @@ impl WebSocket {
         Ok(())
     }
 
-    /// Closes the socket with `code` and `reason` (cut to 123 bytes), after the messages sent
+    /// Closes the socket with `code` (1000, or 3000 to 4999 for the application's own, as
+    /// RFC 6455 leaves to applications) and `reason` (cut to 123 bytes), after the messages sent
     /// before, and once the writes before it are durable, as a message would. The object gets
-    /// no `web_socket_close` for a close of its own.
-    pub fn close(&self, code: u16, reason: &str) {
+    /// no `web_socket_close` for a close of its own. Closing a closed socket does nothing.
+    pub fn close(&self, code: u16, reason: &str) -> Result<(), Error> {
+        if code != CLOSE_NORMAL && !(3000..=4999).contains(&code) {
+            return Err(Error::InvalidArgument(format!(
+                "close code {code}: an object closes with 1000 or 3000 to 4999"
+            )));
+        }
         let seq = self.store.written_seq();
         self.socket
             .close_after(code, reason, Some((self.store.clone(), seq)));
+        Ok(())
     }
 
     /// The tags the socket was accepted with.
