@@ -198,3 +198,71 @@ async fn script_errors_and_failed_loads_surface_with_their_text() {
         .unwrap();
     assert!(message.contains("ERR_CONNECTION_REFUSED"), "{message}");
 }
+
+/// The texts of a room page's messages as it shows them, each after its `seq`.
+const ROOM_SHOWN: &str = "[...document.querySelectorAll('#messages li')]\
+    .map((li) => li.dataset.seq + ' ' + li.querySelector('.text').textContent)";
+
+/// Types `text` into a room page's input and clicks Send, as a user would; what the input
+/// holds afterwards.
+async fn type_and_send(page: &common::browser::Page, text: &str) -> serde_json::Value {
+    let text = serde_json::to_string(text).unwrap();
+    page.eval(&format!(
+        "(() => {{
+            const input = document.getElementById('text');
+            input.focus();
+            input.value = {text};
+            input.dispatchEvent(new Event('input', {{ bubbles: true }}));
+            document.getElementById('send-button').click();
+            return input.value;
+        }})()"
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn two_pages_of_a_room_see_both_messages_in_one_order() {
+    let Some(browser) = browser("two_pages_of_a_room_see_both_messages_in_one_order").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let served = common::serve_with(dir.path(), &[]);
+    let url = format!("http://{}/room/lobby/", served.http.unwrap());
+    let one = browser.open(&url).await;
+    let two = browser.open(&url).await;
+    let connected = "document.getElementById('status').dataset.state === 'open'";
+    for page in [&one, &two] {
+        page.wait_loaded().await.unwrap();
+        page.wait_for(connected, WAIT).await.unwrap();
+        assert_eq!(page.eval("document.title").await, "lobby · room");
+    }
+
+    // One sends, and once it shows there the other sends: the order is known.
+    assert_eq!(type_and_send(&one, "hello from one").await, "", "sent");
+    one.wait_for(&format!("{ROOM_SHOWN}.length === 1"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(type_and_send(&two, "and from two <b>").await, "", "sent");
+    let both = json!(["1 hello from one", "2 and from two <b>"]);
+    for page in [&one, &two] {
+        page.wait_for(&format!("{ROOM_SHOWN}.length === 2"), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(page.eval(ROOM_SHOWN).await, both);
+    }
+    // The text is shown as text, never as markup.
+    assert_eq!(
+        two.eval("document.querySelectorAll('#messages b').length")
+            .await,
+        0
+    );
+
+    // A page opened later shows the history, in the same order.
+    let three = browser.open(&url).await;
+    three.wait_loaded().await.unwrap();
+    three
+        .wait_for(&format!("{ROOM_SHOWN}.length === 2"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(three.eval(ROOM_SHOWN).await, both);
+}

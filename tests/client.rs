@@ -199,6 +199,7 @@ async fn namespaces_are_listed_with_their_classes() {
         ("echo", "echo"),
         ("fragile", "fragile"),
         ("kv", "kv"),
+        ("room", "room"),
         ("timer", "timer"),
     ];
     assert_eq!(listed, expected.map(|(n, c)| (n.to_owned(), c.to_owned())));

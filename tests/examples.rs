@@ -1,5 +1,5 @@
 //! The example programs' classes, hosted as their `main` hosts them, over real Cap'n Proto
-//! connections on loopback.
+//! connections on loopback (and, for the chat room, WebSockets through the HTTP gateway).
 
 #[path = "../examples/chat_room.rs"]
 mod chat_room;
@@ -14,6 +14,7 @@ use duro::duro_capnp::{durable_object, host};
 use duro::testing::{TestServer, fetch, fetch_by_name, fetch_call, request, run_local};
 use duro::{Response, Server};
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// `namespace/name`'s answer to one request: the response, or a panic naming the call.
 async fn call(
@@ -95,26 +96,102 @@ fn messages(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
     range.map(|n| format!("message {n}")).collect()
 }
 
+/// A WebSocket joined to the chat room `lobby` through the gateway at `http`.
+type ChatSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn join_lobby(http: std::net::SocketAddr) -> ChatSocket {
+    let url = format!("ws://{http}/chat/lobby/ws");
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("joining");
+    socket
+}
+
+async fn say(socket: &mut ChatSocket, text: &str) {
+    use futures::SinkExt;
+    socket.send(WsMessage::text(text)).await.expect("sending");
+}
+
+/// The next frame `socket` gets, within 10 s.
+async fn heard(socket: &mut ChatSocket) -> WsMessage {
+    use futures::StreamExt;
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next());
+    match next.await {
+        Ok(Some(Ok(frame))) => frame,
+        other => panic!("no message: {other:?}"),
+    }
+}
+
+/// The next message `socket` gets, as JSON.
+async fn heard_json(socket: &mut ChatSocket) -> Value {
+    match heard(socket).await {
+        WsMessage::Text(text) => serde_json::from_str(&text).expect("JSON"),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// `{"seq": seq, "text": "message {seq}"}`, as the room sends message `seq` of these tests.
+fn posted(seq: u64) -> Value {
+    serde_json::json!({ "seq": seq, "text": format!("message {seq}") })
+}
+
 #[test]
-fn chat_room_keeps_the_last_hundred_messages() {
-    let builder = || chat_room::register(Server::builder());
+fn chat_room_broadcasts_in_one_order_and_keeps_the_last_hundred() {
+    let builder = || {
+        chat_room::register(Server::builder()).http(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+    };
     let server = TestServer::start(builder());
     run_local(async {
+        let http = server.http_addr().expect("the gateway");
         let host = server.connect().await;
-        // All on one stub, so they arrive in the order sent.
-        let room = stub(&host, ("chat", "lobby"));
-        let posts: Vec<_> = messages(1..=105)
-            .iter()
-            .map(|text| fetch_call(&room, &request("POST", "/messages", text.as_bytes())))
-            .collect();
-        for (post, seq) in posts.into_iter().zip(1..) {
-            let reply = post.promise.await.expect("a post");
-            let response = reply.get().unwrap().get_response().unwrap();
-            assert_eq!(response.get_status(), 201);
-            let body: Value = serde_json::from_slice(response.get_body().unwrap()).unwrap();
-            assert_eq!(body["seq"], seq);
+        let mut alice = join_lobby(http).await;
+        let mut bob = join_lobby(http).await;
+        for text in messages(1..=105) {
+            say(&mut alice, &text).await;
+        }
+        for seq in 1..=105 {
+            assert_eq!(
+                heard_json(&mut alice).await,
+                posted(seq),
+                "the sender hears it too"
+            );
+            assert_eq!(heard_json(&mut bob).await, posted(seq));
         }
         assert_eq!(chat_history(&host).await, messages(6..=105));
+
+        // A late joiner hears the last hundred first, oldest first.
+        let mut carol = join_lobby(http).await;
+        for seq in 6..=105 {
+            assert_eq!(heard_json(&mut carol).await, posted(seq));
+        }
+        say(&mut carol, "ping").await;
+        assert_eq!(
+            heard(&mut carol).await,
+            WsMessage::text("pong"),
+            "the keep-alive"
+        );
+        say(&mut carol, &"x".repeat(chat_room::MESSAGE_BYTES_MAX + 1)).await;
+        let refused = heard_json(&mut carol).await;
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("4096")),
+            "{refused}"
+        );
+        say(&mut carol, "message 106").await;
+        for socket in [&mut alice, &mut bob, &mut carol] {
+            // Neither the keep-alive nor the refusal reached the others, or took a number.
+            assert_eq!(heard_json(socket).await, posted(106));
+        }
+        futures::SinkExt::send(&mut carol, WsMessage::binary(vec![1u8]))
+            .await
+            .unwrap();
+        match heard(&mut carol).await {
+            WsMessage::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1003),
+            other => panic!("expected a close, got {other:?}"),
+        }
+        assert_eq!(chat_history(&host).await, messages(7..=106));
         let other = call(&host, ("chat", "elsewhere"), "GET", "/messages", b"").await;
         assert_eq!(
             other.body().as_ref(),
@@ -124,31 +201,21 @@ fn chat_room_keeps_the_last_hundred_messages() {
     });
     let server = TestServer::start_in(builder(), server.stop());
     run_local(async {
+        let http = server.http_addr().expect("the gateway");
         let host = server.connect().await;
-        assert_eq!(chat_history(&host).await, messages(6..=105));
-        let response = call(
-            &host,
-            ("chat", "lobby"),
-            "POST",
-            "/messages",
-            b"message 106",
-        )
-        .await;
-        assert_eq!(
-            status_and_text(&response),
-            (201, r#"{"seq":106}"#.to_owned())
-        );
-        assert_eq!(chat_history(&host).await, messages(7..=106));
-        let long = vec![b'x'; chat_room::MESSAGE_BYTES_MAX + 1];
-        let response = call(&host, ("chat", "lobby"), "POST", "/messages", &long).await;
-        assert_eq!(response.status(), 413);
-        let response = call(&host, ("chat", "lobby"), "POST", "/messages", b"\xff").await;
-        assert_eq!(response.status(), 400);
-        assert_eq!(
-            chat_history(&host).await,
-            messages(7..=106),
-            "nothing refused is kept"
-        );
+        let mut dave = join_lobby(http).await;
+        for seq in 7..=106 {
+            assert_eq!(
+                heard_json(&mut dave).await,
+                posted(seq),
+                "kept across a restart"
+            );
+        }
+        say(&mut dave, "message 107").await;
+        assert_eq!(heard_json(&mut dave).await, posted(107));
+        assert_eq!(chat_history(&host).await, messages(8..=107));
+        let plain = call(&host, ("chat", "lobby"), "GET", "/ws", b"").await;
+        assert_eq!(plain.status(), 426, "a socket only over a WebSocket");
     });
 }
 

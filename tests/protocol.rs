@@ -152,6 +152,7 @@ fn namespaces_are_listed_with_their_classes() {
                 ("kv", "kv"),
                 ("recorder", "recorder"),
                 ("recorder2", "recorder"),
+                ("room", "room"),
                 ("timer", "timer")
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -4,12 +4,13 @@
 pub mod counter;
 pub mod echo;
 pub mod kv;
+pub mod room;
 pub mod timer;
 
 use crate::server::Builder;
 
 /// Registers the built-in classes on `builder`, each bound to a namespace of the same name:
-/// `echo`, `counter`, `kv` and `timer`. This is what `duro serve` hosts.
+/// `echo`, `counter`, `kv`, `timer` and `room`. This is what `duro serve` hosts.
 ///
 /// ```
 /// let builder = duro::builtin::register(duro::Server::builder());
@@ -25,4 +26,6 @@ pub fn register(builder: Builder) -> Builder {
         .namespace("kv", "kv")
         .class("timer", |state, _env| timer::Timer::new(state))
         .namespace("timer", "timer")
+        .class("room", |state, _env| room::Room::new(state))
+        .namespace("room", "room")
 }

@@ -560,14 +560,16 @@ impl WebSocket {
         Ok(())
     }
 
-    /// Closes the socket with `code` (1000, or 3000 to 4999 for the application's own, as
-    /// RFC 6455 leaves to applications) and `reason` (cut to 123 bytes), after the messages sent
+    /// Closes the socket with `code` (a code of RFC 6455 that an endpoint may send, or 3000 to
+    /// 4999 for the application's own) and `reason` (cut to 123 bytes), after the messages sent
     /// before, and once the writes before it are durable, as a message would. The object gets
     /// no `web_socket_close` for a close of its own. Closing a closed socket does nothing.
     pub fn close(&self, code: u16, reason: &str) -> Result<(), Error> {
-        if code != CLOSE_NORMAL && !(3000..=4999).contains(&code) {
+        // 1004 is reserved, and 1005, 1006 and 1015 are never sent: they mean no code, a
+        // connection lost, and a failed TLS handshake.
+        if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
             return Err(Error::InvalidArgument(format!(
-                "close code {code}: an object closes with 1000 or 3000 to 4999"
+                "close code {code}: an object closes with 1000-1003, 1007-1014 or 3000-4999"
             )));
         }
         let seq = self.store.written_seq();

@@ -28,8 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Hosts the built-in classes `echo`, `counter` and `kv`, each bound to a namespace of the
-    /// same name, until Ctrl-C or SIGTERM.
+    /// Hosts the built-in classes `echo`, `counter`, `kv`, `timer` and `room`, each bound to a
+    /// namespace of the same name, until Ctrl-C or SIGTERM.
     Serve(ServeArgs),
     /// Sends an HTTP request to an object and prints the response like `curl -i`.
     Fetch {
