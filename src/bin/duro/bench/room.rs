@@ -25,7 +25,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::child::{self, Child};
 use super::hist::Histogram;
@@ -243,10 +243,20 @@ async fn send(socket: &mut Socket, text: String) -> Result<(), String> {
 }
 
 /// The next text message; pings and pongs are skipped (tungstenite answers pings itself).
-async fn next_text(socket: &mut Socket) -> Result<Utf8Bytes, String> {
+/// The text of the next message posted to the room: both rooms send each message as JSON,
+/// `{"seq": n, "text": "...", "at": ms}`, as duro's built-in room does.
+async fn next_text(socket: &mut Socket) -> Result<String, String> {
     loop {
         match socket.next().await {
-            Some(Ok(Message::Text(text))) => return Ok(text),
+            Some(Ok(Message::Text(json))) => {
+                #[derive(serde::Deserialize)]
+                struct Posted {
+                    text: String,
+                }
+                let posted: Posted = serde_json::from_str(json.as_str())
+                    .map_err(|e| format!("unexpected message {json:?}: {e}"))?;
+                return Ok(posted.text);
+            }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             Some(Ok(other)) => return Err(format!("unexpected message {other:?}")),
             Some(Err(e)) => return Err(format!("reading: {}", describe(&e))),

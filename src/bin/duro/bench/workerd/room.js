@@ -59,6 +59,8 @@ export class Room extends DurableObject {
       return;
     }
     this.seq += 1;
+    // As duro's built-in room posts a message: numbered and timed, as JSON.
+    message = JSON.stringify({ seq: this.seq, text: message, at: Date.now() });
     const storage = this.ctx.storage;
     storage.put(key(this.seq), message);
     if (this.seq > KEPT) {
