@@ -14,6 +14,10 @@
 //! - dropping the last clone of a handle releases its capability on the host, and dropping the
 //!   last handle of a connection ([`Client`], [`RemoteNamespace`], [`RemoteStub`], or a [`Pending`] not
 //!   yet done) ends the driver thread and closes the connection.
+//!
+//! Streamed bodies and WebSockets (`DurableObject.request`) are in `stream`.
+
+mod stream;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,10 +34,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::id::{ID_BYTES, ObjectId};
-use crate::message::{Request, Response};
+use crate::message::{Request, Response, StreamRequest, StreamResponse};
 pub use crate::tls::ClientTls;
 use crate::wire::duro_capnp::{durable_object, host, namespace, namespace_info, object_id};
 use crate::wire::{ListenAddr, MESSAGE_BYTES_MAX, convert};
+pub use stream::{ClientWebSocket, WebSocketEvent};
 
 /// Calls one client may have in flight (sent, answer not yet delivered), over all its
 /// namespaces and stubs. Each holds its request and answer in memory and a question on the
@@ -373,6 +378,61 @@ impl RemoteStub {
     }
 }
 
+impl RemoteStub {
+    /// Sends `request` to the object, whose body may be a stream (of any size: it is sent in
+    /// pieces as it is read); the response's body may be one too. The call is sent now, in
+    /// the stub's order with [`RemoteStub::fetch`]; the request body is read while the
+    /// returned future waits for the response, and then while the response body is read,
+    /// until the response is complete. Dropping the future, or the response body before its
+    /// end, cancels the call.
+    ///
+    /// The future and the response are not `Send`: a [`crate::Body`] belongs to its thread.
+    /// Errors as [`RemoteStub::fetch`]; a response body that broke off ends with the error
+    /// of the call.
+    pub fn fetch_stream(
+        &self,
+        request: StreamRequest,
+    ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
+        let send = Box::new(|head, upload| self.request(head, upload));
+        stream::fetch(request, REQUEST_BYTES_MAX, send)
+    }
+
+    /// Opens a WebSocket to the object: sends `request` (with `Upgrade: websocket`, added when
+    /// it has no `Upgrade` header) now, in the stub's order, and resolves once the object
+    /// accepted it and the host started it. An object that answers otherwise fails it with
+    /// [`Error::Remote`] naming the status; other errors as [`RemoteStub::fetch`].
+    pub fn web_socket(
+        &self,
+        request: Request,
+    ) -> impl Future<Output = Result<ClientWebSocket, Error>> + Send + use<> {
+        stream::web_socket(request, Box::new(|head, upload| self.request(head, upload)))
+    }
+
+    /// Sends a `DurableObject.request` call now, whose body follows from `upload` if given.
+    fn request(
+        &self,
+        head: Request,
+        upload: Option<mpsc::Receiver<stream::Upload>>,
+    ) -> Result<stream::Call, Error> {
+        let size = convert::request_bytes(&head);
+        if size > REQUEST_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "request head of about {size} bytes is over the limit of {REQUEST_BYTES_MAX} \
+                 bytes (REQUEST_BYTES_MAX)"
+            )));
+        }
+        let shared = &self.handle.shared;
+        let slot = Slot::take(&shared.in_flight).ok_or_else(calls_in_flight_max)?;
+        let (command, call) = stream::call(head, upload, shared.clone());
+        shared.send(Command::Request {
+            stub: self.handle.id,
+            command: Box::new(command),
+            slot,
+        });
+        Ok(call)
+    }
+}
+
 impl fmt::Debug for RemoteStub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteStub")
@@ -522,10 +582,7 @@ impl Shared {
     /// Sends the call `make` builds around its reply, if a place in flight is free.
     fn call<T>(self: &Arc<Self>, make: impl FnOnce(Reply<T>) -> Command) -> Pending<T> {
         let Some(slot) = Slot::take(&self.in_flight) else {
-            return Pending::refused(Error::Overloaded(format!(
-                "{CALLS_IN_FLIGHT_MAX} calls in flight on this client (CALLS_IN_FLIGHT_MAX): \
-                 await some answers before making more calls"
-            )));
+            return Pending::refused(calls_in_flight_max());
         };
         let (sender, answer) = oneshot::channel();
         self.send(make(Reply {
@@ -539,6 +596,14 @@ impl Shared {
             },
         }
     }
+}
+
+/// The error of a call past [`CALLS_IN_FLIGHT_MAX`].
+fn calls_in_flight_max() -> Error {
+    Error::Overloaded(format!(
+        "{CALLS_IN_FLIGHT_MAX} calls in flight on this client (CALLS_IN_FLIGHT_MAX): await some \
+         answers before making more calls"
+    ))
 }
 
 /// One place among the [`CALLS_IN_FLIGHT_MAX`] calls in flight, given back when dropped: by
@@ -638,6 +703,12 @@ enum Command {
         stub: u64,
         request: Request,
         reply: Reply<Response>,
+    },
+    /// A `DurableObject.request` call: a streamed body, or a WebSocket.
+    Request {
+        stub: u64,
+        command: Box<stream::RequestCommand>,
+        slot: Slot,
     },
     Release {
         handle: u64,
@@ -819,6 +890,14 @@ mod driver {
                     request,
                     reply,
                 } => self.fetch(stub, &request, reply),
+                Command::Request {
+                    stub,
+                    command,
+                    slot,
+                } => match self.capabilities.get(&stub) {
+                    Some(Capability::Stub(stub)) => stream::issue(stub, *command, slot),
+                    _ => command.refuse(unknown_handle()),
+                },
                 Command::Release { handle } => {
                     self.capabilities.remove(&handle);
                 }

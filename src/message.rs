@@ -1,5 +1,5 @@
-//! The HTTP messages an object receives and answers with. A leaf: the wire, the host, the
-//! gateway and the client all speak these.
+//! The HTTP messages an object receives and answers with, and the messages of a WebSocket. A
+//! leaf: the wire, the host, the gateway and the client all speak these.
 
 use bytes::Bytes;
 
@@ -15,3 +15,43 @@ pub type BoxError = Box<dyn std::error::Error>;
 pub type StreamRequest = http::Request<Body>;
 /// A response whose body may be streamed.
 pub type StreamResponse = http::Response<Body>;
+
+/// A WebSocket message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WebSocketMessage {
+    Text(String),
+    Binary(Bytes),
+}
+
+impl WebSocketMessage {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            WebSocketMessage::Text(text) => text.len(),
+            WebSocketMessage::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<String> for WebSocketMessage {
+    fn from(text: String) -> Self {
+        WebSocketMessage::Text(text)
+    }
+}
+
+impl From<&str> for WebSocketMessage {
+    fn from(text: &str) -> Self {
+        WebSocketMessage::Text(text.to_owned())
+    }
+}
+
+impl From<Bytes> for WebSocketMessage {
+    fn from(bytes: Bytes) -> Self {
+        WebSocketMessage::Binary(bytes)
+    }
+}

@@ -116,3 +116,94 @@ fn the_python_example_talks_tls() {
     }
     assert_eq!(run_example_with(&server, &trusting, "py"), "3\n");
 }
+
+const WS_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ws_client.py");
+
+/// A chat room: accepts WebSockets on any path and sends every message to every socket, the
+/// sender's too, as the built-in `room` class does.
+struct Chat {
+    state: duro::State,
+}
+
+impl duro::DurableObject for Chat {
+    async fn fetch_stream(
+        &self,
+        request: duro::StreamRequest,
+    ) -> Result<duro::StreamResponse, duro::BoxError> {
+        self.state.accept_web_socket(&request, &[])?;
+        Ok(duro::response::switching_protocols())
+    }
+
+    async fn web_socket_message(
+        &self,
+        _socket: duro::WebSocket,
+        message: duro::WebSocketMessage,
+    ) -> Result<(), duro::BoxError> {
+        for socket in self.state.get_web_sockets(None) {
+            socket.send(message.clone())?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs examples/ws_client.py against `addr` with `args`; its stdout, or a panic with its
+/// stderr.
+fn run_ws_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let output = Command::new("python3")
+        .arg(WS_SCRIPT)
+        .arg(addr.to_string())
+        .args(args)
+        .output()
+        .expect("running python3");
+    assert!(
+        output.status.success(),
+        "examples/ws_client.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Checks what ws_client.py printed for `sockets` sockets that sent `texts` into a room:
+/// each socket received every text in order, then the close that answered its own.
+fn assert_broadcast(output: &str, sockets: usize, texts: &[&str]) {
+    for socket in 0..sockets {
+        let prefix = format!("{socket} ");
+        let lines: Vec<&str> = output
+            .lines()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .collect();
+        let mut expected: Vec<&str> = texts.to_vec();
+        expected.push("closed 1000 bye");
+        assert_eq!(lines, expected, "socket {socket} in:\n{output}");
+    }
+}
+
+#[test]
+fn the_python_websocket_client_talks_to_an_object_over_capnp() {
+    if !python_ready("the_python_websocket_client_talks_to_an_object_over_capnp") {
+        return;
+    }
+    let builder = duro::Server::builder()
+        .class("chat", |state, _env| Chat { state })
+        .namespace("chat", "chat");
+    let server = TestServer::start(builder);
+    let texts = ["one", "two", "three"];
+    let mut args = vec!["--namespace", "chat", "--name", "lobby", "--path", "/"];
+    args.extend(texts);
+    assert_broadcast(&run_ws_client(server.addr(), &args), 2, &texts);
+}
+
+/// The example as its docs show it: against `duro serve` and its built-in `room` class, whose
+/// posts are JSON (`{"seq", "text", "at"}`) that the example prints by their text.
+#[test]
+fn the_python_websocket_client_talks_to_the_built_in_room() {
+    if !python_ready("the_python_websocket_client_talks_to_the_built_in_room") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let served = common::serve_with(data.path(), &["--http", "off"]);
+    let texts = ["hello", "world"];
+    let mut args = vec!["--name", "python-test"];
+    args.extend(texts);
+    assert_broadcast(&run_ws_client(served.addr, &args), 2, &texts);
+}

@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
+pub use crate::message::WebSocketMessage;
 use crate::storage::{ObjectStore, value};
 
 /// Close code: normal closure.
@@ -66,46 +67,6 @@ impl Default for SocketLimits {
             sockets_per_object_max: 32_768,
             queued_bytes_max: 8 << 20,
         }
-    }
-}
-
-/// A WebSocket message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WebSocketMessage {
-    Text(String),
-    Binary(Bytes),
-}
-
-impl WebSocketMessage {
-    /// The payload's length in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            WebSocketMessage::Text(text) => text.len(),
-            WebSocketMessage::Binary(bytes) => bytes.len(),
-        }
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl From<String> for WebSocketMessage {
-    fn from(text: String) -> Self {
-        WebSocketMessage::Text(text)
-    }
-}
-
-impl From<&str> for WebSocketMessage {
-    fn from(text: &str) -> Self {
-        WebSocketMessage::Text(text.to_owned())
-    }
-}
-
-impl From<Bytes> for WebSocketMessage {
-    fn from(bytes: Bytes) -> Self {
-        WebSocketMessage::Binary(bytes)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Cap'n Proto face of the host: servers for `Host`, `Namespace` and `DurableObject`
 //! (stubs), and the serving of one connection. This layer only translates; the semantics live
-//! in the host ([`crate::Host`]).
+//! in the host ([`crate::Host`]). `connection` keeps the bounds of one connection, which every
+//! server of it shares; `stream` serves `DurableObject.request`: streamed bodies and WebSockets.
 
 use std::future::{Future, ready};
 use std::sync::Arc;
@@ -13,10 +14,15 @@ use crate::error::Error;
 use crate::host::{Host, Namespace, Stub};
 use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
-use crate::wire::budget::Account;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
-use crate::wire::{Buffers, MESSAGE_BYTES_MAX, convert, rpc_system_buffered};
+use crate::wire::{Buffers, convert, rpc_system_buffered};
+
+mod connection;
+mod stream;
+
+pub use connection::{CONNECTION_CALLS_MAX, RESPONSE_BYTES_MAX};
+use connection::{Connection, InFlight};
 
 /// What the RPC layer adds to a host: who may use it.
 #[derive(Clone, Debug, Default)]
@@ -26,71 +32,6 @@ pub struct RpcOptions {
     pub token: Option<Arc<str>>,
     /// The time bounds of a connection's reads: per message, and idle.
     pub frame: FrameLimits,
-}
-
-/// Most calls one connection may have in flight. Each holds a task and its buffers, and
-/// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
-pub const CONNECTION_CALLS_MAX: usize = 4096;
-
-/// Largest response sent back, as [`convert::response_bytes`] counts it (body, headers and
-/// all): a bigger message would be refused by the peer's reader (and take the whole
-/// connection down with it), so the call fails alone instead.
-pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
-
-/// What the servers of one connection share.
-struct Connection {
-    /// Calls of this connection that have not answered yet.
-    in_flight: std::cell::Cell<usize>,
-    /// The connection's bytes in flight, in the host's budget.
-    account: std::rc::Rc<Account>,
-}
-
-impl Connection {
-    fn open(host: &Host) -> std::rc::Rc<Connection> {
-        std::rc::Rc::new(Connection {
-            in_flight: std::cell::Cell::new(0),
-            account: Account::open(host.budget()),
-        })
-    }
-}
-
-/// Counts a call of a connection, and the bytes of its request, while it lives.
-struct InFlight {
-    connection: std::rc::Rc<Connection>,
-    bytes: usize,
-}
-
-impl InFlight {
-    /// Admits a call whose request takes `bytes`, within the connection's bounds on calls and
-    /// on bytes in flight, and the host's budget.
-    fn admit(connection: &std::rc::Rc<Connection>, bytes: usize) -> Result<InFlight, capnp::Error> {
-        let count = connection.in_flight.get();
-        if count >= CONNECTION_CALLS_MAX {
-            return Err(capnp::Error::overloaded(format!(
-                "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
-            )));
-        }
-        if !connection.account.try_hold(bytes) {
-            return Err(capnp::Error::overloaded(format!(
-                "the connection has {} bytes in flight, and a call of {bytes} more would pass its \
-                 share of the host's budget (inflight_bytes_max)",
-                connection.account.in_flight()
-            )));
-        }
-        connection.in_flight.set(count + 1);
-        Ok(InFlight {
-            connection: connection.clone(),
-            bytes,
-        })
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let connection = &self.connection;
-        connection.in_flight.set(connection.in_flight.get() - 1);
-        connection.account.release(self.bytes);
-    }
 }
 
 /// The bootstrap capability of one connection to `host`: the `Host` server, or, when
@@ -183,7 +124,7 @@ where
     let connection = Connection::open(host);
     let account = connection.account.clone();
     let calls = connection.clone();
-    let busy: Busy = std::rc::Rc::new(move || calls.in_flight.get() > 0);
+    let busy: Busy = std::rc::Rc::new(move || calls.in_flight.get() > 0 || calls.sockets.get() > 0);
     let reader = FramedReader::new(reader, account.clone(), options.frame, busy);
     let writer = CountedWriter::new(writer, account);
     let bootstrap = bootstrap_of(host, options, connection).client;
@@ -446,5 +387,13 @@ impl durable_object::Server for StubServer {
             convert::response_to_capnp(&response, results.get().init_response());
             Ok(())
         }
+    }
+
+    fn request(
+        self: Rc<Self>,
+        params: durable_object::RequestParams,
+        results: durable_object::RequestResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        stream::request(&self.stub, &self.connection, params, results)
     }
 }

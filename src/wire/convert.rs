@@ -10,7 +10,8 @@ fn invalid(rule: String) -> capnp::Error {
     capnp::Error::failed(rule)
 }
 
-fn read_headers(
+/// Reads a header list sent on the wire into `into` (appending, so repeated names stay).
+pub fn headers_from_capnp(
     headers: capnp::struct_list::Reader<header::Owned>,
     into: &mut http::HeaderMap,
 ) -> capnp::Result<()> {
@@ -30,7 +31,12 @@ fn read_headers(
     Ok(())
 }
 
-fn write_headers(headers: &http::HeaderMap, mut list: capnp::struct_list::Builder<header::Owned>) {
+/// Writes a header list for the wire; `list` has room for every value of `headers`
+/// (`headers.len()`).
+pub fn headers_to_capnp(
+    headers: &http::HeaderMap,
+    mut list: capnp::struct_list::Builder<header::Owned>,
+) {
     for (i, (name, value)) in headers.iter().enumerate() {
         let mut header = list.reborrow().get(i as u32);
         header.set_name(name.as_str());
@@ -61,7 +67,7 @@ pub fn request_from_capnp(reader: http_request::Reader) -> capnp::Result<Request
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
-    read_headers(reader.get_headers()?, request.headers_mut())?;
+    headers_from_capnp(reader.get_headers()?, request.headers_mut())?;
     Ok(request)
 }
 
@@ -72,7 +78,7 @@ pub fn request_to_capnp(request: &Request, mut builder: http_request::Builder) {
     let headers = builder
         .reborrow()
         .init_headers(request.headers().len() as u32);
-    write_headers(request.headers(), headers);
+    headers_to_capnp(request.headers(), headers);
     builder.set_body(request.body());
 }
 
@@ -82,7 +88,7 @@ pub fn response_from_capnp(reader: http_response::Reader) -> capnp::Result<Respo
         .map_err(|_| invalid(format!("invalid HTTP status {}", reader.get_status())))?;
     let mut response = Response::new(Bytes::copy_from_slice(reader.get_body()?));
     *response.status_mut() = status;
-    read_headers(reader.get_headers()?, response.headers_mut())?;
+    headers_from_capnp(reader.get_headers()?, response.headers_mut())?;
     Ok(response)
 }
 
@@ -93,7 +99,7 @@ pub fn response_to_capnp(response: &Response, mut builder: http_response::Builde
     let headers = builder
         .reborrow()
         .init_headers(response.headers().len() as u32);
-    write_headers(response.headers(), headers);
+    headers_to_capnp(response.headers(), headers);
     builder.set_body(response.body());
 }
 
@@ -104,7 +110,8 @@ const PART_OVERHEAD_BYTES: usize = 64;
 /// response, the segment table), rounded well up.
 const MESSAGE_OVERHEAD_BYTES: usize = 1024;
 
-fn headers_bytes(headers: &http::HeaderMap) -> usize {
+/// An estimate of the bytes `headers` take on the wire, never below the real size.
+pub fn headers_bytes(headers: &http::HeaderMap) -> usize {
     let value_bytes = |value: &HeaderValue| match std::str::from_utf8(value.as_bytes()) {
         Ok(_) => value.len(),
         // A lossy copy (at most 3 bytes a byte) and the raw bytes.
@@ -114,6 +121,12 @@ fn headers_bytes(headers: &http::HeaderMap) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + value_bytes(value) + PART_OVERHEAD_BYTES)
         .sum()
+}
+
+/// An estimate of the bytes a call that carries `payload` bytes of data (a `ByteStream.write`,
+/// a WebSocket message) takes on the wire, never below the real size.
+pub fn call_bytes(payload: usize) -> usize {
+    MESSAGE_OVERHEAD_BYTES + PART_OVERHEAD_BYTES + payload
 }
 
 /// An estimate of the bytes `request` takes on the wire as a `fetch` call, never below the

@@ -25,6 +25,12 @@ pub mod duro_capnp {
 /// largest body a request should carry.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
 
+/// Largest piece of a body that the host and the client put in one `ByteStream.write`: a
+/// larger chunk goes as several writes. capnp's flow control lets a stream have about 64 KiB
+/// in flight plus its largest message, so pieces of this size keep two writes in flight
+/// while either side holds little; and each is far below [`MESSAGE_BYTES_MAX`].
+pub const STREAM_WRITE_BYTES: usize = 64 << 10;
+
 /// Reader options for every connection: the message size bound, and capnp's nesting bound.
 pub fn reader_options() -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();

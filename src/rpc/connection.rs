@@ -1,0 +1,80 @@
+//! What the servers of one connection share: its bounds on calls and bytes in flight.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use crate::host::Host;
+use crate::wire::MESSAGE_BYTES_MAX;
+use crate::wire::budget::Account;
+
+/// Most calls one connection may have in flight. Each holds a task and its buffers, and
+/// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
+pub const CONNECTION_CALLS_MAX: usize = 4096;
+
+/// Largest response sent back, as [`response_bytes`](crate::wire::convert::response_bytes) counts it (body, headers and
+/// all): a bigger message would be refused by the peer's reader (and take the whole
+/// connection down with it), so the call fails alone instead.
+pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
+
+/// What the servers of one connection share.
+pub(super) struct Connection {
+    /// Calls of this connection that have not answered yet.
+    pub(super) in_flight: Cell<usize>,
+    /// WebSockets started on this connection and not yet closed by the peer: a connection
+    /// with one waits for messages, so its silence is not idleness.
+    pub(super) sockets: Cell<usize>,
+    /// The connection's bytes in flight, in the host's budget.
+    pub(super) account: Rc<Account>,
+}
+
+impl Connection {
+    pub(super) fn open(host: &Host) -> Rc<Connection> {
+        Rc::new(Connection {
+            in_flight: Cell::new(0),
+            sockets: Cell::new(0),
+            account: Account::open(host.budget()),
+        })
+    }
+}
+
+/// Counts a call of a connection, and the bytes of its request, while it lives.
+pub(super) struct InFlight {
+    connection: Rc<Connection>,
+    bytes: usize,
+}
+
+impl InFlight {
+    /// Admits a call whose request takes `bytes`, within the connection's bounds on calls and
+    /// on bytes in flight, and the host's budget.
+    pub(super) fn admit(
+        connection: &Rc<Connection>,
+        bytes: usize,
+    ) -> Result<InFlight, capnp::Error> {
+        let count = connection.in_flight.get();
+        if count >= CONNECTION_CALLS_MAX {
+            return Err(capnp::Error::overloaded(format!(
+                "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
+            )));
+        }
+        if !connection.account.try_hold(bytes) {
+            return Err(capnp::Error::overloaded(format!(
+                "the connection has {} bytes in flight, and a call of {bytes} more would pass its \
+                 share of the host's budget (inflight_bytes_max)",
+                connection.account.in_flight()
+            )));
+        }
+        connection.in_flight.set(count + 1);
+        Ok(InFlight {
+            connection: connection.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let connection = &self.connection;
+        connection.in_flight.set(connection.in_flight.get() - 1);
+        connection.account.release(self.bytes);
+    }
+}
