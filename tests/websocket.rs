@@ -211,6 +211,13 @@ fn a_slow_reader_slows_only_its_own_socket_and_is_closed_past_its_queue() {
         };
         assert_eq!(code, 1008, "after {received} messages");
         assert!(received < 2_000, "the slow socket was not cut off");
+        // The client answers the close (tungstenite does as it reads on), and the object
+        // hears why its socket went.
+        let _ = tokio::time::timeout(WAIT, slow.next()).await;
+        wait_until("the object heard of the cut", || {
+            events.errors.load(Ordering::SeqCst) == 1
+        })
+        .await;
         // The room lives on: the fast socket is alone in it now.
         send(&mut fast, "others").await;
         assert_eq!(next(&mut fast).await, Ok("1".to_owned()));

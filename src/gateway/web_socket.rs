@@ -87,7 +87,10 @@ pub(super) async fn run<Slot: 'static>(upgrade: OnUpgrade, socket: HostSocket, s
     loop {
         let next = tokio::select! {
             next = incoming.next() => next,
-            () = closed_for_long(&socket) => break,
+            () = closed_for_long(&socket) => {
+                let _ = socket.failed("the client did not answer the close".into()).await;
+                break;
+            }
         };
         let outcome = match next {
             None => {
@@ -112,7 +115,10 @@ pub(super) async fn run<Slot: 'static>(upgrade: OnUpgrade, socket: HostSocket, s
                 let why = format!("a message of {size} bytes, over the limit of {max_size}");
                 socket.refuse(CLOSE_TOO_BIG, why).await
             }
-            Some(Err(error)) => socket.failed(error.to_string()).await,
+            Some(Err(error)) => {
+                let _ = socket.failed(error.to_string()).await;
+                break;
+            }
         };
         if let Err(error) = outcome {
             // The object could not take the event (reset, or the host is shutting down): the

@@ -787,7 +787,7 @@ impl HostSocket {
     pub(crate) async fn closed(&self, code: u16, reason: String) -> Result<(), Error> {
         if self.socket.is_closing() {
             self.socket.lost();
-            return Ok(());
+            return self.tell_untold().await;
         }
         let result = self.deliver(SocketEvent::Close(code, reason.clone())).await;
         self.socket.reply_close(code, &reason);
@@ -795,14 +795,30 @@ impl HostSocket {
     }
 
     /// The peer went away without a close, or its transport failed: the socket is gone, and
-    /// the object hears of it.
+    /// the object hears of it (unless the socket had ended with a close the object knows of).
     pub(crate) async fn failed(&self, error: String) -> Result<(), Error> {
-        let closing = self.socket.is_closing();
-        self.socket.lost();
-        if closing {
+        if self.socket.is_lost() && self.socket.close_queued() {
+            return self.tell_untold().await;
+        }
+        if self.socket.is_lost() && self.socket.take_untold().is_none() {
+            // Lost before, and the object was told then.
             return Ok(());
         }
+        let closed = self.socket.close_queued();
+        self.socket.lost();
+        if closed {
+            return self.tell_untold().await;
+        }
+        self.socket.take_untold();
         self.deliver(SocketEvent::Error(error)).await
+    }
+
+    /// Tells the object why the host ended the socket on its own, if it did.
+    async fn tell_untold(&self) -> Result<(), Error> {
+        match self.socket.take_untold() {
+            Some(why) => self.deliver(SocketEvent::Error(why)).await,
+            None => Ok(()),
+        }
     }
 
     async fn deliver(&self, event: SocketEvent) -> Result<(), Error> {

@@ -124,6 +124,12 @@ pub struct SocketCore {
     pumping: Cell<bool>,
     /// Set when the peer is gone: the pump stops.
     lost: Cell<bool>,
+    /// Set when a close frame was queued (by the object, the host, or as an answer): the
+    /// socket ended with a close, not by being lost.
+    close_queued: Cell<bool>,
+    /// Why the host ended the socket on its own (its queue overflowed, its peer could not be
+    /// written to), until the object is told with `web_socket_error`.
+    untold: RefCell<Option<String>>,
     /// Wakes the transport's reader when the socket starts closing, so that it stops waiting
     /// for a peer that never answers the close.
     closing: tokio::sync::Notify,
@@ -141,7 +147,9 @@ impl SocketCore {
                 tracing::debug!(socket = self.serial, queued, "WebSocket queue full: closed");
                 self.queue.borrow_mut().clear();
                 self.queued_bytes.set(0);
-                self.close_now(CLOSE_POLICY, "the peer does not read fast enough");
+                let why = "the peer does not read fast enough";
+                self.close_now(CLOSE_POLICY, why);
+                *self.untold.borrow_mut() = Some(format!("closed with 1008: {why}"));
                 return;
             }
             self.queued_bytes.set(queued);
@@ -167,6 +175,7 @@ impl SocketCore {
         if self.phase.replace(Phase::Closing) == Phase::Closing {
             return;
         }
+        self.close_queued.set(true);
         self.closing.notify_waiters();
         let mut reason = reason.to_owned();
         truncate_utf8(&mut reason, CLOSE_REASON_BYTES_MAX);
@@ -189,6 +198,21 @@ impl SocketCore {
             }
             notified.await;
         }
+    }
+
+    /// Whether the peer is gone (see [`SocketCore::lost`]).
+    pub fn is_lost(&self) -> bool {
+        self.lost.get()
+    }
+
+    /// Whether the socket ended with a close frame queued (rather than being lost).
+    pub fn close_queued(&self) -> bool {
+        self.close_queued.get()
+    }
+
+    /// Why the host ended the socket on its own, if it did and the object was not told yet.
+    pub fn take_untold(&self) -> Option<String> {
+        self.untold.borrow_mut().take()
     }
 
     /// Whether a close was queued, or the socket is gone.
@@ -296,6 +320,9 @@ async fn pump(socket: Rc<SocketCore>, mut sink: Box<dyn SocketSink>) {
         };
         if let Err(error) = sent {
             tracing::debug!(socket = socket.serial, %error, "WebSocket send failed");
+            if !socket.close_queued.get() {
+                *socket.untold.borrow_mut() = Some(format!("sending failed: {error}"));
+            }
             socket.lost();
             return;
         }
@@ -403,6 +430,8 @@ impl ObjectSockets {
             ready: tokio::sync::Notify::new(),
             pumping: Cell::new(false),
             lost: Cell::new(false),
+            close_queued: Cell::new(false),
+            untold: RefCell::default(),
             closing: tokio::sync::Notify::new(),
             owner: Rc::downgrade(self),
             limits: self.limits,
