@@ -509,6 +509,22 @@ fn a_client_vanishing_mid_stream_ends_the_stream_for_the_object() {
     });
 }
 
+/// An HTTP/1.1 client connection to `addr`, driven by a local task.
+async fn http_sender<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::task::spawn_local(connection);
+    sender
+}
+
 /// The resident memory of the process `pid`.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -547,12 +563,7 @@ fn a_gibibyte_streams_through_the_gateway_both_ways_in_bounded_memory() {
                 Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))
             })
         };
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::task::spawn_local(connection);
+        let mut sender = http_sender(addr).await;
         let request = http::Request::post("/echo/big/stream")
             .body(http_body_util::StreamBody::new(body))
             .unwrap();
@@ -591,12 +602,7 @@ fn server_sent_events_pass_as_they_are_written() {
     let server = TestServer::start(stream_builder(&allow, &Arc::default()));
     let addr = server.http_addr().unwrap();
     run_local(async move {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::task::spawn_local(connection);
+        let mut sender = http_sender(addr).await;
         let request = http::Request::get("/events/feed/")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
