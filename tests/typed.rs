@@ -16,7 +16,7 @@ use capnp::capability::{FromClientHook, Rc as CapRc};
 use duro::duro_capnp::{durable_object, host, namespace};
 use duro::storage::FaultyBackend;
 use duro::testing::{TestServer, fetch, fetch_call, request, run_local};
-use duro::{BoxError, DurableObject, Env, Error, Request, Response, Server, State};
+use duro::{BoxError, DurableObject, Env, Error, HostLimits, Request, Response, Server, State};
 
 /// The code generated from `tests/typed.capnp`, which names the wire contract's types from
 /// the crate's root.
@@ -276,15 +276,25 @@ where
     F: Fn(host::Client, Events) -> Fut,
     Fut: Future<Output = ()>,
 {
+    on_both_with(HostLimits::default(), test);
+}
+
+/// [`on_both`] on hosts with `limits`.
+fn on_both_with<F, Fut>(limits: HostLimits, test: F)
+where
+    F: Fn(host::Client, Events) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let events = Events::default();
     let dir = tempfile::tempdir().unwrap();
     run_local(async {
-        let host = builder(&events).data_dir(dir.path()).open_host().unwrap();
+        let builder = builder(&events).limits(limits.clone());
+        let host = builder.data_dir(dir.path()).open_host().unwrap();
         test(duro::rpc::bootstrap(&host, &Default::default()), events).await;
         host.shutdown().await;
     });
     let events = Events::default();
-    let server = TestServer::start(builder(&events));
+    let server = TestServer::start(builder(&events).limits(limits));
     run_local(async { test(server.connect().await, events).await });
 }
 
@@ -632,6 +642,34 @@ fn an_object_returns_a_stub_that_keeps_the_stub_semantics() {
         assert_eq!(
             log(&stub(&host, "probe", "returned")).await,
             ["first", "start t", "end t", "via-returned", "typed"]
+        );
+    });
+}
+
+#[test]
+fn typed_calls_count_against_the_objects_queue() {
+    let limits = HostLimits {
+        object_queue_max: 5,
+        ..HostLimits::default()
+    };
+    on_both_with(limits, |host, events| async move {
+        let typed = probe(&host, "queued");
+        // The transaction holds the gate: the calls behind it wait, and count.
+        let mut transact = typed.transact_request();
+        transact.get().set_label("t");
+        transact.get().set_sleep_ms(100);
+        let holding = tokio::task::spawn_local(transact.send().promise);
+        wait_for(|| events.transactions.load(Ordering::SeqCst) == 1).await;
+        let calls: Vec<_> = (0..5).map(|i| record(&typed, &i.to_string())).collect();
+        let answers = futures::future::join_all(calls).await;
+        holding.await.unwrap().unwrap();
+        // One running and four queued make five; the fifth call was refused at once.
+        let counts: Vec<u32> = answers[..4].iter().map(|a| a.clone().unwrap().0).collect();
+        assert_eq!(counts, [3, 4, 5, 6]);
+        let refused = &answers[4];
+        assert!(
+            matches!(refused, Err(Error::Overloaded(m)) if m.contains("object_queue_max")),
+            "{refused:?}"
         );
     });
 }
