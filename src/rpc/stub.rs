@@ -77,7 +77,7 @@ impl durable_object::Server for StubServer {
                 )));
             }
             // Owed until the writer has sent it: a peer that does not read stops being read.
-            account.owe(len);
+            account.owe(convert::response_payload_bytes(&response));
             convert::response_to_capnp(&response, results.get().init_response());
             Ok(())
         }
