@@ -303,11 +303,12 @@ impl Activation {
     /// in the delivery order is taken now, the call runs through the input gate, and its
     /// answer is held until the writes made before it are durable.
     ///
-    /// The call goes to the exported capability from inside the delivered handler: capnp-rpc's
-    /// local client runs the object's server method when the call's promise is first polled,
-    /// and the method's future is then polled by whoever polls that promise, which is the
-    /// handler here alone (the call's pipeline, the other way to poll it, is dropped at once).
-    /// So the method runs as the handler's task, and its storage calls hold the gate for it.
+    /// The call goes to the exported capability from inside the delivered handler, with the
+    /// caller's parameters and results as they are (`ClientHook::call`): capnp-rpc's local
+    /// client runs the object's server method when the call's promise is first polled, and the
+    /// method's future is then polled by whoever polls that promise, which is the handler
+    /// alone. So the method runs as the handler's task, and its storage calls hold the gate
+    /// for it.
     pub(crate) fn call_interface(
         self: &Rc<Self>,
         call: InterfaceCall,
@@ -367,18 +368,19 @@ impl Activation {
     }
 }
 
-/// A call of a method of an object's own interface, as it arrived: its parameters are copied
-/// into the call to the object's capability at delivery, capabilities included.
+/// A call of a method of an object's own interface, as it arrived: the object's method reads
+/// the caller's parameters and writes the caller's results, with no copy. The results leave
+/// when the call's transport answers, after the output gate.
 pub(crate) struct InterfaceCall {
     pub(crate) interface_id: u64,
     pub(crate) method_id: u16,
     pub(crate) params: capnp::capability::Params<capnp::any_pointer::Owned>,
+    pub(crate) results: capnp::capability::Results<capnp::any_pointer::Owned>,
 }
 
-/// What the object answered to an [`InterfaceCall`]: its results, or the error its method
+/// How the object's method ended: `Ok` once it wrote the call's results, or the error it
 /// returned. The call's transport decides what the caller sees of the error.
-pub(crate) type InterfaceAnswer =
-    capnp::Result<capnp::capability::Response<capnp::any_pointer::Owned>>;
+pub(crate) type InterfaceAnswer = capnp::Result<()>;
 
 /// Makes `call` on the object's exported `interface`, and awaits the object's answer.
 async fn forward(
@@ -391,19 +393,15 @@ async fn forward(
             call.interface_id
         )));
     };
-    let mut request = interface
-        .hook
-        .new_call(call.interface_id, call.method_id, None);
-    request
-        .get()
-        .set_as::<capnp::any_pointer::Owned>(call.params.get()?)?;
-    // The caller's message is no longer needed: the object has its own copy.
-    drop(call.params);
-    let capnp::capability::RemotePromise { promise, pipeline } = request.hook.send();
-    // No call is made on the answer's capabilities before it arrives, so nothing but this
-    // task polls the object's method (see `Activation::call_interface`).
-    drop(pipeline);
-    promise.await
+    let InterfaceCall {
+        interface_id,
+        method_id,
+        params,
+        results,
+    } = call;
+    let hook = interface.hook;
+    hook.call(interface_id, method_id, params.hook, results.hook)
+        .await
 }
 
 /// What a call ends with: the response, and the WebSocket the object accepted, if any.

@@ -4,9 +4,9 @@
 //! ([`DurableObject::interface`](crate::DurableObject::interface)), which the host delivers as
 //! it delivers `fetch`: admitted against the connection's bounds and enqueued on the stub at
 //! dispatch (so E-order holds across `fetch` and typed calls), then through the object's input
-//! gate, its answer held at the output gate. The parameters go to the object's capability as
-//! they came, and its results come back as they were made, capabilities included (`set_as`
-//! copies a capability as a new reference to it).
+//! gate, its answer held at the output gate. The object's capability gets the caller's own
+//! parameters and results (`ClientHook::call`): nothing is copied, and the capabilities in
+//! either pass as they are.
 //!
 //! Also here: [`stub_capability`], a host [`Stub`] as a `DurableObject` capability, which an
 //! object can pass in a call or return from one.
@@ -15,8 +15,11 @@ use std::future::Future;
 use std::ops::Deref;
 use std::rc::Rc;
 
+use std::cell::Cell;
+
 use capnp::any_pointer;
-use capnp::capability::{DispatchCallResult, FromServer, Promise, Results};
+use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results};
+use capnp::private::capability::{PipelineHook, RequestHook, ResultsHook};
 use capnp::traits::HasTypeId;
 
 use super::connection::{Connection, InFlight, RESPONSE_BYTES_MAX};
@@ -131,17 +134,10 @@ impl capnp::capability::Server for StubDispatch {
                 results,
             );
         }
-        let call = InterfaceCall {
-            interface_id,
-            method_id,
-            params,
-        };
         // Not streaming, whatever the method: the object's own capability keeps `-> stream`
         // calls in order behind one another, and the stub's queue keeps the order of all.
-        DispatchCallResult::new(
-            Promise::from_future(call_typed(&self, call, results)),
-            false,
-        )
+        let call = call_typed(&self, interface_id, method_id, params, results);
+        DispatchCallResult::new(Promise::from_future(call), false)
     }
 
     fn as_ptr(&self) -> usize {
@@ -150,22 +146,34 @@ impl capnp::capability::Server for StubDispatch {
 }
 
 /// A typed call: admitted and enqueued now, before any await (this is where E-order with
-/// `fetch` is kept); the object's results are copied into `results` once they pass the
-/// output gate.
+/// `fetch` is kept). The object's method writes `results` itself, through [`Measured`]; they
+/// leave when this returns, after the output gate.
 fn call_typed(
     server: &StubServer,
-    call: InterfaceCall,
-    mut results: Results<any_pointer::Owned>,
+    interface_id: u64,
+    method_id: u16,
+    params: Params<any_pointer::Owned>,
+    results: Results<any_pointer::Owned>,
 ) -> impl Future<Output = capnp::Result<()>> + 'static + use<> {
+    let results_bytes = Rc::new(Cell::new(0));
+    let results = Results::new(Box::new(Measured {
+        inner: Some(results.hook),
+        bytes: results_bytes.clone(),
+    }));
+    let call = InterfaceCall {
+        interface_id,
+        method_id,
+        params,
+        results,
+    };
     let started = message_bytes(call.params.get())
         .and_then(|bytes| InFlight::admit(&server.connection, bytes))
         .map(|in_flight| (in_flight, server.stub.call_interface(call)));
     let account = server.connection.account.clone();
     async move {
         let (_in_flight, answer) = started?;
-        let response = answer.await?.map_err(object_error)?;
-        let answered = response.get()?;
-        let len = message_bytes(Ok(answered))?;
+        answer.await?.map_err(object_error)?;
+        let len = results_bytes.get();
         if len > RESPONSE_BYTES_MAX {
             return Err(Error::Remote(format!(
                 "the results take about {len} bytes, over the limit of {RESPONSE_BYTES_MAX} \
@@ -175,14 +183,75 @@ fn call_typed(
         }
         // Owed until the writer has sent it: a peer that does not read stops being read.
         account.owe(len);
-        results.set(answered)?;
         Ok(())
     }
 }
 
-/// The size of the message under `root`, as its words count it.
+/// The size of the message under `root`, as its words count it: never above what the
+/// message carrying it takes on the wire.
 fn message_bytes(root: capnp::Result<any_pointer::Reader<'_>>) -> capnp::Result<usize> {
     Ok(root?.target_size()?.word_count as usize * 8)
+}
+
+/// The results of a typed call as the object's method writes them: the caller's own, measured
+/// once the method is done with them (when it drops them), for the bounds on what the
+/// connection sends. `set_pipeline` is not passed on: calls the caller pipelined on the
+/// capabilities in the results wait for the results, which wait for the output gate.
+struct Measured {
+    /// `None` once handed on for a tail call.
+    inner: Option<Box<dyn ResultsHook>>,
+    bytes: Rc<Cell<usize>>,
+}
+
+impl Measured {
+    fn inner(&mut self) -> capnp::Result<&mut Box<dyn ResultsHook>> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| capnp::Error::failed("the results were handed on".into()))
+    }
+}
+
+impl ResultsHook for Measured {
+    fn get(&mut self) -> capnp::Result<any_pointer::Builder<'_>> {
+        self.inner()?.get()
+    }
+
+    fn set_pipeline(&mut self) -> capnp::Result<()> {
+        Ok(())
+    }
+
+    fn tail_call(mut self: Box<Self>, request: Box<dyn RequestHook>) -> Promise<(), capnp::Error> {
+        match self.inner.take() {
+            Some(inner) => inner.tail_call(request),
+            None => Promise::err(capnp::Error::failed("the results were handed on".into())),
+        }
+    }
+
+    fn direct_tail_call(
+        mut self: Box<Self>,
+        request: Box<dyn RequestHook>,
+    ) -> (Promise<(), capnp::Error>, Box<dyn PipelineHook>) {
+        match self.inner.take() {
+            Some(inner) => inner.direct_tail_call(request),
+            // Never: a tail call takes the results once, and nothing else takes them.
+            None => unreachable!("direct_tail_call on results handed on"),
+        }
+    }
+
+    fn allow_cancellation(&self) {
+        if let Some(inner) = &self.inner {
+            inner.allow_cancellation();
+        }
+    }
+}
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.as_mut() {
+            let root = inner.get().map(|root| root.into_reader());
+            self.bytes.set(message_bytes(root).unwrap_or(0));
+        }
+    }
 }
 
 /// What the caller sees of an error the object's method returned. It is the object's own
