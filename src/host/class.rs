@@ -129,8 +129,10 @@ pub trait DurableObject: 'static {
     ///
     /// Capabilities that the interface's methods return (or pass on) are the object's own:
     /// they are called directly, not through the host, so their calls have none of the
-    /// above. Return a stub (see `duro::rpc::stub_capability`) for a capability that keeps
-    /// them.
+    /// above. Nor do they keep the object active: once it is evicted or reset, they reach the
+    /// instance the host let go, which must then not write its storage (a new instance may be
+    /// live). Return a stub (see `duro::rpc::stub_capability`) for a capability that keeps
+    /// the guarantees.
     ///
     /// ```ignore
     /// fn interface(self: Rc<Self>) -> Option<capnp::capability::Client> {
