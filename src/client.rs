@@ -408,6 +408,57 @@ impl RemoteStub {
         stream::web_socket(request, Box::new(|head, upload| self.request(head, upload)))
     }
 
+    /// Runs `call` on the connection's thread with the stub as a capability of the interface
+    /// `C`: the interface the object's class exports (its capnp client type, generated from
+    /// the class's schema, e.g. `counter::Client`), or `durable_object::Client`. `call`
+    /// makes its calls on it and returns a future of what it makes of their answers, which
+    /// the returned [`Pending`] delivers.
+    ///
+    /// `call` runs when the stub's earlier calls have been sent, so the calls it makes before
+    /// it returns take their place in the stub's order with [`RemoteStub::fetch`] and the
+    /// others (calls made later, inside the future, leave when it first runs: after the
+    /// commands made meanwhile). They pipeline: `get_by_name(name)` and a call made here
+    /// travel in one round trip, and so does a call on a capability the first one returns.
+    /// Capabilities live on the connection's thread: use them inside `call` and its future.
+    /// Dropping the `Pending` cancels the calls not yet answered. Errors as
+    /// [`RemoteStub::fetch`]; an interface the object does not export fails with
+    /// [`Error::InvalidArgument`] (capnp's `unimplemented`).
+    ///
+    /// ```no_run
+    /// # async fn example(stub: duro::client::RemoteStub) -> Result<(), duro::Error> {
+    /// use duro::duro_capnp::durable_object;
+    ///
+    /// // The stub as its `DurableObject` capability; a class's own interface works alike.
+    /// let status = stub
+    ///     .with_capability(|object: durable_object::Client| {
+    ///         let mut call = object.fetch_request();
+    ///         call.get().init_request().set_url("/");
+    ///         let answer = call.send().promise;
+    ///         async move { Ok(answer.await?.get()?.get_response()?.get_status()) }
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_capability<C, F, Fut, T>(&self, call: F) -> Pending<T>
+    where
+        C: capnp::capability::FromClientHook,
+        F: FnOnce(C) -> Fut + Send + 'static,
+        Fut: Future<Output = capnp::Result<T>> + 'static,
+        T: Send + 'static,
+    {
+        let stub = self.handle.id;
+        self.handle
+            .shared
+            .call(|reply: Reply<T>| Command::Capability {
+                stub,
+                call: Box::new(move |capability| match capability {
+                    Ok(stub) => driver::answer(reply, call(C::new(stub.client.hook)), Ok),
+                    Err(error) => reply.send(Err(error)),
+                }),
+            })
+    }
+
     /// Sends a `DurableObject.request` call now, whose body follows from `upload` if given.
     fn request(
         &self,
@@ -704,6 +755,12 @@ enum Command {
         request: Request,
         reply: Reply<Response>,
     },
+    /// Calls made by the caller's code on the stub's capability (see
+    /// [`RemoteStub::with_capability`]), or the error that there is no such capability.
+    Capability {
+        stub: u64,
+        call: CapabilityCall,
+    },
     /// A `DurableObject.request` call: a streamed body, or a WebSocket.
     Request {
         stub: u64,
@@ -714,6 +771,9 @@ enum Command {
         handle: u64,
     },
 }
+
+/// What [`RemoteStub::with_capability`] runs on the driver thread.
+type CapabilityCall = Box<dyn FnOnce(Result<durable_object::Client, Error>) + Send>;
 
 fn read_id(reader: object_id::Reader<'_>) -> capnp::Result<ObjectId> {
     let bytes = reader.get_bytes()?;
@@ -890,6 +950,10 @@ mod driver {
                     request,
                     reply,
                 } => self.fetch(stub, &request, reply),
+                Command::Capability { stub, call } => match self.capabilities.get(&stub) {
+                    Some(Capability::Stub(stub)) => call(Ok(stub.clone())),
+                    _ => call(Err(unknown_handle())),
+                },
                 Command::Request {
                     stub,
                     command,
@@ -1011,7 +1075,7 @@ mod driver {
     /// Awaits `promise` in a local task and delivers what `read` makes of it; or, when the
     /// caller drops its [`Pending`] first, drops the promise, which cancels the call on the
     /// host (capnp-rpc sends `Finish`, and the host drops the call's future).
-    fn answer<X, T>(
+    pub(super) fn answer<X, T>(
         mut reply: Reply<T>,
         promise: impl Future<Output = capnp::Result<X>> + 'static,
         read: impl FnOnce(X) -> capnp::Result<T> + 'static,

@@ -3,7 +3,8 @@
 //! Proto capabilities.
 //!
 //! What a class author uses: [`DurableObject`], [`State`] and its [`Storage`], [`Env`] with its
-//! [`Namespace`]s and [`Stub`]s, the [`response`] helpers, and a [`Server`] [`Builder`] to host
+//! [`Namespace`]s and [`Stub`]s ([`rpc::stub_capability`] makes a stub a capability to pass in
+//! a call of a typed interface), the [`response`] helpers, and a [`Server`] [`Builder`] to host
 //! the classes. What a client uses: [`client::Client`] (or any Cap'n Proto client of
 //! [`duro_capnp`], the wire contract). What a test uses: `testing` (feature `testing`).
 //!

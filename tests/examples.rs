@@ -9,6 +9,10 @@ mod counter;
 mod rate_limiter;
 #[path = "../examples/router.rs"]
 mod router;
+#[path = "../examples/typed_counter.rs"]
+mod typed_counter;
+// The generated code of the typed counter's schema names its types from the crate's root.
+use typed_counter::typed_counter_capnp;
 
 use duro::duro_capnp::{durable_object, host};
 use duro::testing::{TestServer, fetch, fetch_by_name, fetch_call, request, run_local};
@@ -411,6 +415,47 @@ fn router_list_holds_at_most_items_max() {
         assert_eq!(
             items.as_array().map(Vec::len),
             Some(router::ITEMS_MAX as usize)
+        );
+    });
+}
+
+#[test]
+fn typed_counter_counts_through_its_interface_and_fetch_in_one_order() {
+    use duro::client::Client;
+    use typed_counter_capnp::counter;
+
+    let builder = || typed_counter::register(Server::builder());
+    let server = TestServer::start(builder());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(server.addr()).await.unwrap();
+        let increment = typed_counter::increment;
+        assert_eq!(increment(&client, "typed", 5).await.unwrap(), 5);
+        assert_eq!(increment(&client, "typed", -2).await.unwrap(), 3);
+        // `fetch` and typed calls on one stub, all sent before any answer: one order.
+        let stub = client.namespace("counter").get_by_name("typed");
+        let posted = stub.call("POST", "/", "");
+        let read = stub.with_capability(|counter: counter::Client| {
+            let answer = counter.get_request().send().promise;
+            async move { Ok(answer.await?.get()?.get_value()) }
+        });
+        let posted_again = stub.call("POST", "/", "");
+        assert_eq!(posted.await.unwrap().body().as_ref(), b"4\n");
+        assert_eq!(read.await.unwrap(), 4);
+        assert_eq!(posted_again.await.unwrap().body().as_ref(), b"5\n");
+        // The object's error is the caller's `Remote`, and changes nothing.
+        let overflow = increment(&client, "typed", i64::MAX).await;
+        assert!(
+            matches!(overflow, Err(duro::Error::Remote(_))),
+            "{overflow:?}"
+        );
+    });
+    let server = TestServer::start_in(builder(), server.stop());
+    runtime.block_on(async {
+        let client = Client::connect(server.addr()).await.unwrap();
+        assert_eq!(
+            typed_counter::increment(&client, "typed", 0).await.unwrap(),
+            5
         );
     });
 }

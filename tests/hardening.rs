@@ -359,3 +359,43 @@ fn oversized_answers_and_names_are_refused_naming_the_limit() {
         assert_eq!(ok.body().as_ref(), b"1\n");
     });
 }
+
+/// What a connection owes for its answers is given back as they are written, all of it: a
+/// long connection's account drains to nothing between calls, so its share of the budget
+/// does not shrink call after call until it is refused (`overloaded`) for good.
+#[test]
+fn a_long_connections_account_drains_between_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    run_local(async {
+        let host = duro::builtin::register(Server::builder())
+            .data_dir(dir.path())
+            .open_host()
+            .unwrap();
+        let (client_end, server_end) = tokio::io::duplex(1 << 16);
+        let (server_r, server_w) = tokio::io::split(server_end);
+        let served = duro::rpc::serve_connection(&host, &Default::default(), server_r, server_w);
+        tokio::task::spawn_local(served);
+        let (client_r, client_w) = tokio::io::split(client_end);
+        let side = capnp_rpc::rpc_twoparty_capnp::Side::Client;
+        let mut rpc = duro::wire::rpc_system(client_r, client_w, side, None);
+        let client: host::Client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+        tokio::task::spawn_local(rpc);
+        for _ in 0..500 {
+            let echo = fetch_by_name(&client, "echo", "e", "POST", "/", b"x").await;
+            assert_eq!(echo.unwrap().status(), 200);
+        }
+        // The last answer's bytes are on their way out; then nothing is in flight.
+        for _ in 0..200 {
+            if host.inflight_bytes() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            host.inflight_bytes(),
+            0,
+            "bytes stayed owed after 500 calls"
+        );
+        host.shutdown().await;
+    });
+}

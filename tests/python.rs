@@ -1,10 +1,16 @@
 //! examples/client.py, the pycapnp client, against a live server: the wire contract works for a
-//! client written against schema/duro.capnp alone.
+//! client written against schema/duro.capnp alone; and examples/typed_client.py, which calls a
+//! class's own interface (examples/typed_counter.capnp) on a stub.
 //!
 //! Needs `python3` with pycapnp (`pip install pycapnp`). Without it the test is skipped with a
 //! message, unless `DURO_REQUIRE_PYTHON=1` (as in CI), which makes it fail instead.
 
 mod common;
+#[allow(dead_code)] // The class alone; its Rust client is tested in tests/examples.rs.
+#[path = "../examples/typed_counter.rs"]
+mod typed_counter;
+// The generated code of the typed counter's schema names its types from the crate's root.
+use typed_counter::typed_counter_capnp;
 
 use std::process::Command;
 
@@ -206,4 +212,53 @@ fn the_python_websocket_client_talks_to_the_built_in_room() {
     let mut args = vec!["--name", "python-test"];
     args.extend(texts);
     assert_broadcast(&run_ws_client(served.addr, &args), 2, &texts);
+}
+
+const TYPED_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/typed_client.py");
+
+/// Runs examples/typed_client.py against `server` with `args`: its status and its output
+/// (stdout when it succeeded, stderr when not).
+fn run_typed_client(server: &TestServer, args: &[&str]) -> (bool, String) {
+    let output = Command::new("python3")
+        .arg(TYPED_SCRIPT)
+        .arg(server.addr().to_string())
+        .args(args)
+        .output()
+        .expect("running python3");
+    let text = if output.status.success() {
+        output.stdout
+    } else {
+        output.stderr
+    };
+    (output.status.success(), String::from_utf8(text).unwrap())
+}
+
+#[test]
+fn the_python_typed_client_calls_the_counters_own_interface() {
+    if !python_ready("the_python_typed_client_calls_the_counters_own_interface") {
+        return;
+    }
+    let builder = typed_counter::register(duro::Server::builder())
+        .class("chat", |state, _env| Chat { state })
+        .namespace("chat", "chat");
+    let server = TestServer::start(builder);
+    let typed = |args: &[&str]| run_typed_client(&server, args);
+    assert_eq!(typed(&["py", "--by", "5"]), (true, "5\n".into()));
+    assert_eq!(typed(&["py", "--by", "-2"]), (true, "3\n".into()));
+    // The same object answers fetch, and saw both increments.
+    duro::testing::run_local(async {
+        let host = server.connect().await;
+        let response = duro::testing::fetch_by_name(&host, "counter", "py", "GET", "/", b"");
+        assert_eq!(response.await.unwrap().body().as_ref(), b"3\n");
+    });
+    // An overflow is the object's error; a class that exports no interface answers
+    // `unimplemented`.
+    let max = i64::MAX.to_string();
+    let (ok, said) = typed(&["py", "--by", &max]);
+    assert!(
+        !ok && said.contains("FAILED") && said.contains("overflow"),
+        "{said}"
+    );
+    let (ok, said) = typed(&["py", "--namespace", "chat"]);
+    assert!(!ok && said.contains("UNIMPLEMENTED"), "{said}");
 }

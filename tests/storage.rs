@@ -496,7 +496,8 @@ fn writes_are_durable_across_restarts_and_delete_all_is_too() {
 }
 
 /// A counter whose handler can hold the input gate: `POST /hold` takes the gate and waits 20 ms
-/// inside it before incrementing; `POST /fail-gate` fails inside the gate.
+/// inside it before incrementing; `POST /txn` does the same inside a storage transaction;
+/// `POST /fail-gate` fails inside the gate.
 struct Gatekeeper {
     state: State,
     log: Rc<RefCell<Vec<String>>>,
@@ -517,6 +518,20 @@ impl DurableObject for Gatekeeper {
                     })
                     .await?;
             }
+            "/txn" => {
+                let log = self.log.clone();
+                let storage = self.state.storage();
+                storage
+                    .transaction(|txn| {
+                        let log = log.clone();
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            log.borrow_mut().push("held".into());
+                            txn.put("txn", &1u32).await
+                        }
+                    })
+                    .await?;
+            }
             "/fail-gate" => {
                 self.state
                     .block_concurrency_while(async { Err::<(), _>("bad init") })
@@ -532,6 +547,18 @@ impl DurableObject for Gatekeeper {
 
 #[test]
 fn block_concurrency_while_keeps_other_requests_out() {
+    gate_keeps_other_requests_out("/hold", true);
+}
+
+#[test]
+fn a_transaction_keeps_other_requests_out() {
+    gate_keeps_other_requests_out("/txn", false);
+}
+
+/// `/sleep` starts, then `holding` takes the gate while `/sleep` is mid-await, and `/after`
+/// is queued: neither runs until the gate opens. With `then_fail`, a failure inside
+/// `block_concurrency_while` resets the object.
+fn gate_keeps_other_requests_out(holding: &str, then_fail: bool) {
     let dir = tempfile::tempdir().unwrap();
     let log: Rc<RefCell<Vec<String>>> = Rc::default();
     run_local(async {
@@ -547,9 +574,9 @@ fn block_concurrency_while_keeps_other_requests_out() {
             .open_host()
             .unwrap();
         let stub = host.namespace("gate").unwrap().get_by_name("g").unwrap();
-        // /sleep starts first and is mid-await when /hold takes the gate; /after is queued.
+        // /sleep starts first and is mid-await when `holding` takes the gate; /after is queued.
         let sleeping = stub.fetch(request("POST", "/sleep", b""));
-        let holding = stub.fetch(request("POST", "/hold", b""));
+        let holding = stub.fetch(request("POST", holding, b""));
         let after = stub.fetch(request("POST", "/after", b""));
         let (a, b, c) = tokio::join!(sleeping, holding, after);
         a.unwrap();
@@ -567,10 +594,12 @@ fn block_concurrency_while_keeps_other_requests_out() {
             held < after_start,
             "no new request is delivered while the gate is held: {log:?}"
         );
-        // A failure inside the gate resets the object.
-        let failed = stub.fetch(request("POST", "/fail-gate", b"")).await;
-        assert!(matches!(failed, Err(Error::Disconnected(_))), "{failed:?}");
-        assert!(stub.is_broken());
+        if then_fail {
+            // A failure inside the gate resets the object.
+            let failed = stub.fetch(request("POST", "/fail-gate", b"")).await;
+            assert!(matches!(failed, Err(Error::Disconnected(_))), "{failed:?}");
+            assert!(stub.is_broken());
+        }
         host.shutdown().await;
     });
 }

@@ -35,6 +35,9 @@ pub(crate) struct Activation {
     pub(crate) id: ObjectId,
     /// `None` once reset: the instance is dropped at the reset.
     instance: RefCell<Option<Rc<dyn ErasedObject>>>,
+    /// The interface the instance exports ([`DurableObject::interface`](super::DurableObject::interface)),
+    /// asked for once after the constructor; typed calls go to it. Dropped with the instance.
+    interface: RefCell<Option<capnp::capability::Client>>,
     gate: Rc<InputGate>,
     pub(crate) store: Rc<ObjectStore>,
     /// The object's `State`, as its constructor gets it: kept so the test harness can drive
@@ -93,6 +96,7 @@ impl Activation {
             sockets,
             id,
             instance: RefCell::new(None),
+            interface: RefCell::new(None),
             gate,
             store: store.clone(),
             broken: Cell::new(false),
@@ -118,19 +122,25 @@ impl Activation {
         &self.state
     }
 
-    /// Builds the instance with `construct`. Calls made meanwhile (also by the constructor
-    /// itself, on a stub to its own ID) wait: nothing is delivered before the constructor
-    /// returned. A panic in the constructor resets the activation.
+    /// Builds the instance with `construct`, and asks it for the interface it exports. Calls
+    /// made meanwhile (also by the constructor itself, on a stub to its own ID) wait: nothing
+    /// is delivered before the constructor returned. A panic in the constructor (or in
+    /// `interface`) resets the activation.
     pub(crate) fn install(
         &self,
         construct: impl FnOnce() -> Rc<dyn ErasedObject>,
     ) -> Result<(), Error> {
-        let built = std::panic::catch_unwind(AssertUnwindSafe(construct));
+        let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let instance = construct();
+            let interface = instance.clone().interface();
+            (instance, interface)
+        }));
         self.constructing.set(false);
         match built {
-            Ok(instance) => {
+            Ok((instance, interface)) => {
                 if !self.is_broken() {
                     *self.instance.borrow_mut() = Some(instance);
+                    *self.interface.borrow_mut() = interface;
                 }
                 Ok(())
             }
@@ -188,6 +198,8 @@ impl Activation {
     /// Drops the instance and cache of an evicted object. Separate from the marking, so that
     /// the instance's own drop code runs outside the registry's borrow.
     pub(crate) fn release(&self) {
+        let interface = self.interface.borrow_mut().take();
+        drop(interface);
         let instance = self.instance.borrow_mut().take();
         drop(instance);
         self.store.release_cache();
@@ -216,6 +228,8 @@ impl Activation {
             CLOSE_INTERNAL
         };
         self.sockets.close_all(code, reason);
+        let interface = self.interface.borrow_mut().take();
+        drop(interface);
         let instance = self.instance.borrow_mut().take();
         drop(instance);
     }
@@ -284,6 +298,32 @@ impl Activation {
         })
     }
 
+    /// Delivers a call of the object's own interface (see
+    /// [`DurableObject::interface`](super::DurableObject::interface)) as a request: its place
+    /// in the delivery order is taken now, the call runs through the input gate, and its
+    /// answer is held until the writes made before it are durable.
+    ///
+    /// The call goes to the exported capability from inside the delivered handler, with the
+    /// caller's parameters and results as they are (`ClientHook::call`): capnp-rpc's local
+    /// client runs the object's server method when the call's promise is first polled, and the
+    /// method's future is then polled by whoever polls that promise, which is the handler
+    /// alone. So the method runs as the handler's task, and its storage calls hold the gate
+    /// for it.
+    pub(crate) fn call_interface(
+        self: &Rc<Self>,
+        call: InterfaceCall,
+    ) -> impl Future<Output = Result<InterfaceAnswer, Error>> + use<> {
+        let activation = Rc::downgrade(self);
+        self.deliver(true, move |_, _| {
+            Box::pin(async move {
+                let interface = activation
+                    .upgrade()
+                    .and_then(|a| a.interface.borrow().clone());
+                Ok(forward(interface, call).await)
+            })
+        })
+    }
+
     /// Delivers one event, which `handler` runs on the instance (see [`Activation::call`]).
     /// With `durable`, its result is held until the writes made before it are durable.
     fn deliver<T, H>(
@@ -326,6 +366,42 @@ impl Activation {
             }
         }
     }
+}
+
+/// A call of a method of an object's own interface, as it arrived: the object's method reads
+/// the caller's parameters and writes the caller's results, with no copy. The results leave
+/// when the call's transport answers, after the output gate.
+pub(crate) struct InterfaceCall {
+    pub(crate) interface_id: u64,
+    pub(crate) method_id: u16,
+    pub(crate) params: capnp::capability::Params<capnp::any_pointer::Owned>,
+    pub(crate) results: capnp::capability::Results<capnp::any_pointer::Owned>,
+}
+
+/// How the object's method ended: `Ok` once it wrote the call's results, or the error it
+/// returned. The call's transport decides what the caller sees of the error.
+pub(crate) type InterfaceAnswer = capnp::Result<()>;
+
+/// Makes `call` on the object's exported `interface`, and awaits the object's answer.
+async fn forward(
+    interface: Option<capnp::capability::Client>,
+    call: InterfaceCall,
+) -> InterfaceAnswer {
+    let Some(interface) = interface else {
+        return Err(capnp::Error::unimplemented(format!(
+            "the object's class exports no interface (asked for {:#018x})",
+            call.interface_id
+        )));
+    };
+    let InterfaceCall {
+        interface_id,
+        method_id,
+        params,
+        results,
+    } = call;
+    let hook = interface.hook;
+    hook.call(interface_id, method_id, params.hook, results.hook)
+        .await
 }
 
 /// What a call ends with: the response, and the WebSocket the object accepted, if any.

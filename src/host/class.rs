@@ -112,6 +112,36 @@ pub trait DurableObject: 'static {
         let _ = info;
         Ok(())
     }
+
+    /// The Cap'n Proto interface the class exports besides `fetch`, if any: a capability to
+    /// the object's own server of an interface declared in the class's schema. The host calls
+    /// it once per activation, after the constructor, and keeps what it returns for the
+    /// activation's life; the default exports none.
+    ///
+    /// A stub answers the interface as well as `DurableObject`: a caller casts the stub to it
+    /// and calls its methods, pipelined like `fetch`. Each call is delivered like a request:
+    /// in the stub's order with `fetch` and the stub's other calls, through the input gate
+    /// (the method's storage calls hold it as a handler's do), its results held until the
+    /// writes made before them are durable. A panic in a method resets the object; an error
+    /// it returns reaches the caller with its message prefixed `remote: ` (an `unimplemented`
+    /// stays one). A stub of a class that exports no interface, or another one, answers
+    /// `unimplemented`.
+    ///
+    /// Capabilities that the interface's methods return (or pass on) are the object's own:
+    /// they are called directly, not through the host, so their calls have none of the
+    /// above. Nor do they keep the object active: once it is evicted or reset, they reach the
+    /// instance the host let go, which must then not write its storage (a new instance may be
+    /// live). Return a stub (see `duro::rpc::stub_capability`) for a capability that keeps
+    /// the guarantees.
+    ///
+    /// ```ignore
+    /// fn interface(self: Rc<Self>) -> Option<capnp::capability::Client> {
+    ///     Some(capnp_rpc::new_client_from_rc::<counter::Client, _>(self).client)
+    /// }
+    /// ```
+    fn interface(self: Rc<Self>) -> Option<capnp::capability::Client> {
+        None
+    }
 }
 
 /// What an alarm delivery knows about the deliveries before it.
@@ -147,6 +177,8 @@ pub(crate) trait ErasedObject {
         socket: WebSocket,
         event: SocketEvent,
     ) -> LocalBoxFuture<'static, Result<(), BoxError>>;
+
+    fn interface(self: Rc<Self>) -> Option<capnp::capability::Client>;
 }
 
 /// What happened to a WebSocket, for the object.
@@ -186,5 +218,9 @@ impl<T: DurableObject> ErasedObject for T {
                 }
             }
         })
+    }
+
+    fn interface(self: Rc<Self>) -> Option<capnp::capability::Client> {
+        DurableObject::interface(self)
     }
 }

@@ -27,6 +27,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use activation::Activation;
+pub(crate) use activation::{InterfaceAnswer, InterfaceCall};
 use bytes::Bytes;
 use futures::future::Either;
 
@@ -676,6 +677,19 @@ impl Stub {
     ) -> impl Future<Output = Result<activation::Called, Error>> + use<> {
         match self.current() {
             Ok(activation) => Either::Left(activation.call(request, upgrade)),
+            Err(error) => Either::Right(std::future::ready(Err(error))),
+        }
+    }
+
+    /// Delivers a call of the object's own interface (see [`DurableObject::interface`]),
+    /// ordered as [`Stub::fetch`]: its place is taken now. `Ok` with what the object answered,
+    /// its error included; `Err` when the host could not deliver it or the object was reset.
+    pub(crate) fn call_interface(
+        &self,
+        call: InterfaceCall,
+    ) -> impl Future<Output = Result<InterfaceAnswer, Error>> + use<> {
+        match self.current() {
+            Ok(activation) => Either::Left(activation.call_interface(call)),
             Err(error) => Either::Right(std::future::ready(Err(error))),
         }
     }

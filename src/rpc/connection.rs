@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use crate::host::Host;
 use crate::wire::MESSAGE_BYTES_MAX;
-use crate::wire::budget::Account;
+use crate::wire::budget::{Account, Budget};
 
 /// Most calls one connection may have in flight. Each holds a task and its buffers, and
 /// capnp-rpc has no flow limit of its own; past it, calls fail at once with `overloaded`.
@@ -29,10 +29,22 @@ pub(super) struct Connection {
 
 impl Connection {
     pub(super) fn open(host: &Host) -> Rc<Connection> {
+        Connection::with_budget(host.budget())
+    }
+
+    /// The bounds of a capability that belongs to no connection (a stub an object made into
+    /// a capability): its calls in flight are bounded as a connection's are, and their bytes
+    /// are counted in a budget of its own, outside the host's, which bounds what peers make
+    /// the host hold, not what its objects hold already.
+    pub(super) fn detached() -> Rc<Connection> {
+        Connection::with_budget(&Budget::new(usize::MAX))
+    }
+
+    fn with_budget(budget: &Rc<Budget>) -> Rc<Connection> {
         Rc::new(Connection {
             in_flight: Cell::new(0),
             sockets: Cell::new(0),
-            account: Account::open(host.budget()),
+            account: Account::open(budget),
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The Cap'n Proto face of the host: servers for `Host`, `Namespace` and `DurableObject`
 //! (stubs), and the serving of one connection. This layer only translates; the semantics live
 //! in the host ([`crate::Host`]). `connection` keeps the bounds of one connection, which every
-//! server of it shares; `stream` serves `DurableObject.request`: streamed bodies and WebSockets.
+//! server of it shares; `stub` serves a stub: `fetch`, and the calls of the object's own
+//! interface, dispatched by interface ID; `stream` serves `DurableObject.request`: streamed
+//! bodies and WebSockets.
 
 use std::future::{Future, ready};
 use std::sync::Arc;
@@ -16,13 +18,15 @@ use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
-use crate::wire::{Buffers, convert, rpc_system_buffered};
+use crate::wire::{Buffers, rpc_system_buffered};
 
 mod connection;
 mod stream;
+mod stub;
 
+use connection::Connection;
 pub use connection::{CONNECTION_CALLS_MAX, RESPONSE_BYTES_MAX};
-use connection::{Connection, InFlight};
+pub use stub::stub_capability;
 
 /// What the RPC layer adds to a host: who may use it.
 #[derive(Clone, Debug, Default)]
@@ -206,10 +210,7 @@ fn write_id(id: &ObjectId, mut builder: object_id::Builder) {
 }
 
 fn stub_client(stub: Stub, connection: &std::rc::Rc<Connection>) -> durable_object::Client {
-    capnp_rpc::new_client(StubServer {
-        stub,
-        connection: connection.clone(),
-    })
+    stub::stub_client(stub, connection.clone())
 }
 
 impl namespace::Server for NamespaceServer {
@@ -352,48 +353,4 @@ fn start_after(hex: &str) -> Result<Option<[u8; 32]>, Error> {
 fn write_record_id(record: &ObjectRecord, mut id: object_id::Builder<'_>) {
     id.set_bytes(&record.id);
     id.set_name(record.name.as_deref().unwrap_or(""));
-}
-
-struct StubServer {
-    stub: Stub,
-    connection: std::rc::Rc<Connection>,
-}
-
-impl durable_object::Server for StubServer {
-    fn fetch(
-        self: Rc<Self>,
-        params: durable_object::FetchParams,
-        mut results: durable_object::FetchResults,
-    ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
-        let call = (|| -> capnp::Result<_> {
-            let request = convert::request_from_capnp(params.get()?.get_request()?)?;
-            let in_flight = InFlight::admit(&self.connection, convert::request_bytes(&request))?;
-            Ok((in_flight, self.stub.fetch(request)))
-        })();
-        let account = self.connection.account.clone();
-        async move {
-            let (_in_flight, call) = call?;
-            let response = call.await?;
-            let len = convert::response_bytes(&response);
-            if len > RESPONSE_BYTES_MAX {
-                return Err(capnp::Error::failed(format!(
-                    "remote: the response takes about {len} bytes, over the limit of \
-                     {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
-                )));
-            }
-            // Owed until the writer has sent it: a peer that does not read stops being read.
-            account.owe(len);
-            convert::response_to_capnp(&response, results.get().init_response());
-            Ok(())
-        }
-    }
-
-    fn request(
-        self: Rc<Self>,
-        params: durable_object::RequestParams,
-        results: durable_object::RequestResults,
-    ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        stream::request(&self.stub, &self.connection, params, results)
-    }
 }

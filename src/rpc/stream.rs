@@ -157,13 +157,13 @@ async fn respond(
     let mut call = context.start_response_request();
     if body.as_full().is_some() && convert::response_bytes(&whole) <= RESPONSE_BYTES_MAX {
         // Owed until the writer has sent it, as a `fetch` response is.
-        account.owe(convert::response_bytes(&whole));
+        account.owe(convert::response_payload_bytes(&whole));
         convert::response_to_capnp(&whole, call.get().init_response());
         call.send().promise.await?;
         return Ok(());
     }
     let head = whole.map(|_| Bytes::new());
-    account.owe(convert::response_bytes(&head));
+    account.owe(convert::response_payload_bytes(&head));
     convert::response_to_capnp(&head, call.get().init_response());
     call.get().set_body_follows(true);
     let started = call.send();
@@ -190,7 +190,7 @@ async fn write_body(
             let mut write = stream.write_request();
             write.get().set_bytes(&piece);
             // Owed while the write is on its way: until the connection's writer sent it.
-            account.owe(convert::call_bytes(piece.len()));
+            account.owe(piece.len());
             write.send().await?;
         }
     }
@@ -212,7 +212,7 @@ async fn start_web_socket(
     convert::headers_to_capnp(headers, call.get().init_headers(headers.len() as u32));
     call.get().set_up_socket(up);
     let account = connection.account.clone();
-    account.owe(convert::call_bytes(convert::headers_bytes(headers)));
+    account.owe(convert::headers_payload_bytes(headers));
     let reply = call.send().promise.await?;
     let down = reply.get()?.get_down_socket()?;
     socket.attach(Box::new(DownSocket { down, account }));
@@ -526,7 +526,7 @@ impl SocketSink for DownSocket {
         _more: bool,
     ) -> LocalBoxFuture<'_, Result<(), String>> {
         // Owed while the message is on its way: until the connection's writer sent it.
-        self.account.owe(convert::call_bytes(message.len()));
+        self.account.owe(message.len());
         let sent = match message {
             WebSocketMessage::Text(text) => {
                 let mut call = self.down.send_text_request();
@@ -543,7 +543,7 @@ impl SocketSink for DownSocket {
     }
 
     fn close(&mut self, code: u16, reason: String) -> LocalBoxFuture<'_, Result<(), String>> {
-        self.account.owe(convert::call_bytes(reason.len()));
+        self.account.owe(reason.len());
         let mut call = self.down.close_request();
         call.get().set_code(code);
         call.get().set_reason(&reason);

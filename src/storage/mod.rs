@@ -229,9 +229,18 @@ impl Storage {
     /// Resolves once every write made before the call is durable.
     pub async fn sync(&self) -> Result<(), Error> {
         let seq = self.store.written_seq();
-        let task = gate::current_task().unwrap_or_else(gate::next_task_id);
-        let _lock = self.gate.lock(task).await;
+        let _lock = self.hold_gate().await;
         self.store.wait_durable(seq).await
+    }
+
+    /// Closes the input gate for the current task (the handler that made the call) once it
+    /// is open for it; it stays closed until the returned lock is dropped. (Awaiting the
+    /// lock itself would drop it at once: the lock is the future.)
+    async fn hold_gate(&self) -> gate::Lock {
+        let task = gate::current_task().unwrap_or_else(gate::next_task_id);
+        let mut lock = self.gate.lock(task);
+        (&mut lock).await;
+        lock
     }
 
     /// Runs `body` as one transaction: its writes commit together or not at all.
@@ -248,8 +257,7 @@ impl Storage {
         Fut: Future<Output = Result<T, E>>,
         E: From<Error>,
     {
-        let task = gate::current_task().unwrap_or_else(gate::next_task_id);
-        let _lock = self.gate.lock(task).await;
+        let _lock = self.hold_gate().await;
         for _ in 0..txn::ATTEMPTS_MAX {
             let txn = Transaction::begin(self.store.clone());
             let result = body(txn.clone()).await;

@@ -64,8 +64,9 @@ pub struct Account {
     budget: Rc<Budget>,
     /// Bytes received or admitted for this connection and not yet given back.
     held: Cell<usize>,
-    /// Bytes of responses produced for it and not yet written to its socket (an estimate: the
-    /// writer gives back every byte it writes, down to zero).
+    /// Bytes of responses produced for it and not yet written to its socket: a lower bound of
+    /// each (its payload), as the writer gives back every byte it writes, down to zero; an
+    /// estimate above the real size would leave its excess owed for good.
     owed: Cell<usize>,
     /// The reader paused because the account is over its share.
     paused_reader: RefCell<Option<Waker>>,
@@ -119,7 +120,8 @@ impl Account {
         self.wake_reader();
     }
 
-    /// Counts a response of `bytes` produced for the connection, until it is written.
+    /// Counts a response of at least `bytes` produced for the connection, until it is written.
+    /// `bytes` must not exceed what the writer will write for it (see the field `owed`).
     pub fn owe(&self, bytes: usize) {
         self.owed.set(self.owed.get() + bytes);
         self.budget.used.set(self.budget.used.get() + bytes);

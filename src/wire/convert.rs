@@ -123,6 +123,25 @@ pub fn headers_bytes(headers: &http::HeaderMap) -> usize {
         .sum()
 }
 
+/// The bytes of `response` that its message certainly carries on the wire (the status text,
+/// the headers' names and values, the body): never above the real size. What a connection
+/// owes for a message until its writer sent it must be such a lower bound, as the writer gives
+/// back the bytes it writes: the excess of an estimate above them would stay owed for good,
+/// and a long connection's share of the budget would shrink call after call.
+pub fn response_payload_bytes<B: AsRef<[u8]>>(response: &http::Response<B>) -> usize {
+    let status_text = response.status().canonical_reason().map_or(0, str::len);
+    status_text + headers_payload_bytes(response.headers()) + response.body().as_ref().len()
+}
+
+/// The bytes of `headers`' names and values: never above what they take on the wire (see
+/// [`response_payload_bytes`]).
+pub fn headers_payload_bytes(headers: &http::HeaderMap) -> usize {
+    let pairs = headers.iter();
+    pairs
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
 /// An estimate of the bytes a call that carries `payload` bytes of data (a `ByteStream.write`,
 /// a WebSocket message) takes on the wire, never below the real size.
 pub fn call_bytes(payload: usize) -> usize {

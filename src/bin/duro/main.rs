@@ -4,6 +4,9 @@
 mod bench;
 mod cli;
 
+// Generated code names its types from the crate's root (the bench's typed counter).
+use bench::typed_counter_capnp;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -133,7 +133,8 @@ pub fn spawn(mut command: Command, log: &Path) -> Result<Child, String> {
     })
 }
 
-fn parse_addr(line: &str, prefix: &str) -> Result<SocketAddr, String> {
+/// The address in a line `{prefix}ADDR` that a server printed.
+pub fn parse_addr(line: &str, prefix: &str) -> Result<SocketAddr, String> {
     line.trim()
         .strip_prefix(prefix)
         .and_then(|addr| addr.parse().ok())

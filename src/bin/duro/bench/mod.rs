@@ -23,6 +23,7 @@ mod peer;
 mod report;
 mod room;
 mod rpc_group;
+mod typed;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,12 +31,14 @@ use std::time::{Duration, Instant};
 
 pub use capnp_load::PAYLOAD;
 use measure::Series;
+pub(crate) use typed::typed_counter_capnp;
 
 /// The workloads, in the order they run.
 pub const WORKLOADS: &[&str] = &[
     "echo-baseline",
     "noop",
     "incr",
+    "typed",
     "lmdb-baseline",
     "activate",
     "list",
@@ -55,8 +58,8 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Run only these workloads (comma-separated): echo-baseline, noop, incr, lmdb-baseline,
-    /// activate, list, kv-mixed, alarms, gateway, workerd, room.
+    /// Run only these workloads (comma-separated): echo-baseline, noop, incr, typed,
+    /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -79,6 +82,10 @@ pub struct BenchArgs {
     /// Seconds per measured run (default 0.4 with --quick, else 2).
     #[arg(long, value_name = "SECONDS")]
     pub run_secs: Option<f64>,
+    /// Internal: serves the typed counter with this data dir, as the `typed` workload's
+    /// child process.
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub typed_child: Option<PathBuf>,
 }
 
 /// How long and how much each workload runs.
@@ -161,6 +168,9 @@ impl Selection {
 
 /// Runs the benchmarks.
 pub fn run(args: &BenchArgs) -> ExitCode {
+    if let Some(data_dir) = &args.typed_child {
+        return typed::serve_child(data_dir);
+    }
     if args.micro {
         return micro::run(args.quick, args.json.as_deref());
     }
@@ -222,6 +232,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
         step("incr, lmdb-baseline, fsync", &|| {
             durable::run(settings, selection)
         });
+    }
+    if selection.has("typed") {
+        step("typed", &|| typed::run(settings));
     }
     if selection.has("activate") {
         step("activate", &|| vec![objects::activate(settings)]);

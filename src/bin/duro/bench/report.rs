@@ -12,6 +12,7 @@ use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
 use super::room;
 use super::rpc_group::SHAPES;
+use super::typed;
 
 #[derive(Serialize)]
 pub struct Report {
@@ -101,6 +102,18 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 format!("incr / lmdb-baseline, {shape}"),
                 incr,
                 lmdb,
+            ));
+        }
+    }
+    for shape in [HOT, SPREAD] {
+        if let (Some(typed), Some(fetch)) = (
+            find(series, typed::TYPED, shape),
+            find(series, typed::FETCH, shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("{} / {}, {shape}", typed::TYPED, typed::FETCH),
+                typed,
+                fetch,
             ));
         }
     }

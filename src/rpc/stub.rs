@@ -1,0 +1,267 @@
+//! A stub's server, which capnp-rpc dispatches to by interface ID. `DurableObject`'s methods
+//! are the host's: `fetch` here, `request` in `stream`. A call of any other interface is a
+//! typed call of the object's own interface
+//! ([`DurableObject::interface`](crate::DurableObject::interface)), which the host delivers as
+//! it delivers `fetch`: admitted against the connection's bounds and enqueued on the stub at
+//! dispatch (so E-order holds across `fetch` and typed calls), then through the object's input
+//! gate, its answer held at the output gate. The object's capability gets the caller's own
+//! parameters and results (`ClientHook::call`): nothing is copied, and the capabilities in
+//! either pass as they are.
+//!
+//! Also here: [`stub_capability`], a host [`Stub`] as a `DurableObject` capability, which an
+//! object can pass in a call or return from one.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::rc::Rc;
+
+use std::cell::Cell;
+
+use capnp::any_pointer;
+use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results};
+use capnp::private::capability::{PipelineHook, RequestHook, ResultsHook};
+use capnp::traits::HasTypeId;
+
+use super::connection::{Connection, InFlight, RESPONSE_BYTES_MAX};
+use super::stream;
+use crate::error::Error;
+use crate::host::{InterfaceCall, Stub};
+use crate::wire::convert;
+use crate::wire::duro_capnp::durable_object;
+
+/// A host [`Stub`] as a capability: the `DurableObject` interface (`fetch`, `request`) and the
+/// interface the object's class exports, which a caller reaches by casting the capability to
+/// it. An object can pass it in a call or return it from one, to another object or to a
+/// client: whoever holds it reaches the same single instance, with the stub's semantics
+/// (E-order, the gates, `disconnected` once the object was reset).
+///
+/// It belongs to no connection: the calls made on it are bounded by the object's queue
+/// (`object_queue_max`) and by [`CONNECTION_CALLS_MAX`](super::CONNECTION_CALLS_MAX) in
+/// flight through this capability, and their bytes are not counted in the host's budget of
+/// bytes in flight (they are the caller's memory already when it is an object of the host).
+pub fn stub_capability(stub: Stub) -> durable_object::Client {
+    stub_client(stub, Connection::detached())
+}
+
+/// The capability of `stub`, served within `connection`'s bounds.
+pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_object::Client {
+    let client: capnp::capability::Client = capnp_rpc::new_client(StubServer { stub, connection });
+    durable_object::Client { client }
+}
+
+/// A stub's server: `DurableObject`'s methods; [`StubDispatch`] sends it those calls, and
+/// the object the calls of its own interface.
+pub(super) struct StubServer {
+    stub: Stub,
+    connection: Rc<Connection>,
+}
+
+impl durable_object::Server for StubServer {
+    fn fetch(
+        self: Rc<Self>,
+        params: durable_object::FetchParams,
+        mut results: durable_object::FetchResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
+        let call = (|| -> capnp::Result<_> {
+            let request = convert::request_from_capnp(params.get()?.get_request()?)?;
+            let in_flight = InFlight::admit(&self.connection, convert::request_bytes(&request))?;
+            Ok((in_flight, self.stub.fetch(request)))
+        })();
+        let account = self.connection.account.clone();
+        async move {
+            let (_in_flight, call) = call?;
+            let response = call.await?;
+            let len = convert::response_bytes(&response);
+            if len > RESPONSE_BYTES_MAX {
+                return Err(capnp::Error::failed(format!(
+                    "remote: the response takes about {len} bytes, over the limit of \
+                     {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
+                )));
+            }
+            // Owed until the writer has sent it: a peer that does not read stops being read.
+            account.owe(convert::response_payload_bytes(&response));
+            convert::response_to_capnp(&response, results.get().init_response());
+            Ok(())
+        }
+    }
+
+    fn request(
+        self: Rc<Self>,
+        params: durable_object::RequestParams,
+        results: durable_object::RequestResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        stream::request(&self.stub, &self.connection, params, results)
+    }
+}
+
+/// Lets capnp-rpc serve a [`StubServer`] through [`StubDispatch`].
+impl FromServer<StubServer> for capnp::capability::Client {
+    type Dispatch = StubDispatch;
+
+    fn from_server(server: Rc<StubServer>) -> StubDispatch {
+        StubDispatch { server }
+    }
+}
+
+/// Dispatches the calls on a stub by interface ID (see the module docs).
+#[derive(Clone)]
+pub(super) struct StubDispatch {
+    server: Rc<StubServer>,
+}
+
+impl Deref for StubDispatch {
+    type Target = StubServer;
+
+    fn deref(&self) -> &StubServer {
+        &self.server
+    }
+}
+
+impl capnp::capability::Server for StubDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: capnp::capability::Params<any_pointer::Owned>,
+        results: Results<any_pointer::Owned>,
+    ) -> DispatchCallResult {
+        if interface_id == durable_object::Client::TYPE_ID {
+            return durable_object::ServerDispatch::<StubServer>::dispatch_call_internal(
+                self.server,
+                method_id,
+                params,
+                results,
+            );
+        }
+        // Not streaming, whatever the method: the object's own capability keeps `-> stream`
+        // calls in order behind one another, and the stub's queue keeps the order of all.
+        let call = call_typed(&self, interface_id, method_id, params, results);
+        DispatchCallResult::new(Promise::from_future(call), false)
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.server) as usize
+    }
+}
+
+/// A typed call: admitted and enqueued now, before any await (this is where E-order with
+/// `fetch` is kept). The object's method writes `results` itself, through [`Measured`]; they
+/// leave when this returns, after the output gate.
+fn call_typed(
+    server: &StubServer,
+    interface_id: u64,
+    method_id: u16,
+    params: Params<any_pointer::Owned>,
+    results: Results<any_pointer::Owned>,
+) -> impl Future<Output = capnp::Result<()>> + 'static + use<> {
+    let results_bytes = Rc::new(Cell::new(0));
+    let results = Results::new(Box::new(Measured {
+        inner: Some(results.hook),
+        bytes: results_bytes.clone(),
+    }));
+    let call = InterfaceCall {
+        interface_id,
+        method_id,
+        params,
+        results,
+    };
+    let started = message_bytes(call.params.get())
+        .and_then(|bytes| InFlight::admit(&server.connection, bytes))
+        .map(|in_flight| (in_flight, server.stub.call_interface(call)));
+    let account = server.connection.account.clone();
+    async move {
+        let (_in_flight, answer) = started?;
+        answer.await?.map_err(object_error)?;
+        let len = results_bytes.get();
+        if len > RESPONSE_BYTES_MAX {
+            return Err(Error::Remote(format!(
+                "the results take about {len} bytes, over the limit of {RESPONSE_BYTES_MAX} \
+                 bytes (RESPONSE_BYTES_MAX)"
+            ))
+            .into());
+        }
+        // Owed until the writer has sent it: a peer that does not read stops being read.
+        account.owe(len);
+        Ok(())
+    }
+}
+
+/// The size of the message under `root`, as its words count it: never above what the
+/// message carrying it takes on the wire.
+fn message_bytes(root: capnp::Result<any_pointer::Reader<'_>>) -> capnp::Result<usize> {
+    Ok(root?.target_size()?.word_count as usize * 8)
+}
+
+/// The results of a typed call as the object's method writes them: the caller's own, measured
+/// once the method is done with them (when it drops them), for the bounds on what the
+/// connection sends. `set_pipeline` is not passed on: calls the caller pipelined on the
+/// capabilities in the results wait for the results, which wait for the output gate.
+struct Measured {
+    /// `None` once handed on for a tail call.
+    inner: Option<Box<dyn ResultsHook>>,
+    bytes: Rc<Cell<usize>>,
+}
+
+impl Measured {
+    fn inner(&mut self) -> capnp::Result<&mut Box<dyn ResultsHook>> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| capnp::Error::failed("the results were handed on".into()))
+    }
+}
+
+impl ResultsHook for Measured {
+    fn get(&mut self) -> capnp::Result<any_pointer::Builder<'_>> {
+        self.inner()?.get()
+    }
+
+    fn set_pipeline(&mut self) -> capnp::Result<()> {
+        Ok(())
+    }
+
+    fn tail_call(mut self: Box<Self>, request: Box<dyn RequestHook>) -> Promise<(), capnp::Error> {
+        match self.inner.take() {
+            Some(inner) => inner.tail_call(request),
+            None => Promise::err(capnp::Error::failed("the results were handed on".into())),
+        }
+    }
+
+    fn direct_tail_call(
+        mut self: Box<Self>,
+        request: Box<dyn RequestHook>,
+    ) -> (Promise<(), capnp::Error>, Box<dyn PipelineHook>) {
+        match self.inner.take() {
+            Some(inner) => inner.direct_tail_call(request),
+            // Never: a tail call takes the results once, and nothing else takes them.
+            None => unreachable!("direct_tail_call on results handed on"),
+        }
+    }
+
+    fn allow_cancellation(&self) {
+        if let Some(inner) = &self.inner {
+            inner.allow_cancellation();
+        }
+    }
+}
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.as_mut() {
+            let root = inner.get().map(|root| root.into_reader());
+            self.bytes.set(message_bytes(root).unwrap_or(0));
+        }
+    }
+}
+
+/// What the caller sees of an error the object's method returned. It is the object's own
+/// error, so `failed` with the `remote: ` prefix, whatever its kind: `disconnected` and
+/// `overloaded` tell a caller what to do with its stub, which is the host's to say. But an
+/// `unimplemented` (a method or an interface the object does not have) stays one, so that a
+/// capnp client can tell it from a failure.
+fn object_error(error: capnp::Error) -> capnp::Error {
+    match error.kind {
+        capnp::ErrorKind::Unimplemented => error,
+        _ => Error::Remote(error.extra).into(),
+    }
+}
