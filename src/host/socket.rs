@@ -573,7 +573,7 @@ impl WebSocket {
         &self.socket.tags
     }
 
-    /// Keeps `value` with the socket (at most [`ATTACHMENT_BYTES_MAX`] encoded), replacing what
+    /// Keeps `value` with the socket (at most 16 KiB encoded), replacing what
     /// was kept. It survives the object's eviction, not the host's restart.
     pub fn serialize_attachment<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
         let encoded = value::encode(value).map_err(|e| Error::InvalidArgument(e.to_string()))?;
