@@ -1,7 +1,8 @@
 //! The Cap'n Proto face of the host: servers for `Host`, `Namespace` and `DurableObject`
 //! (stubs), and the serving of one connection. This layer only translates; the semantics live
 //! in the host ([`crate::Host`]). `connection` keeps the bounds of one connection, which every
-//! server of it shares; `stream` serves `DurableObject.request`: streamed bodies and WebSockets.
+//! server of it shares; `stream` serves `DurableObject.request`: streamed bodies and WebSockets;
+//! `external` hosts the classes that provider processes implement (`Host.registerProvider`).
 
 use std::future::{Future, ready};
 use std::sync::Arc;
@@ -19,10 +20,13 @@ use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{Buffers, convert, rpc_system_buffered};
 
 mod connection;
+pub(crate) mod external;
 mod stream;
 
 pub use connection::{CONNECTION_CALLS_MAX, RESPONSE_BYTES_MAX};
 use connection::{Connection, InFlight};
+use external::registry::Registry;
+pub use external::{PROVIDER_WAIT, PROVIDERS_PER_CLASS_MAX};
 
 /// What the RPC layer adds to a host: who may use it.
 #[derive(Clone, Debug, Default)]
@@ -82,6 +86,14 @@ impl host::Server for GuardServer {
         self: Rc<Self>,
         _: host::ListNamespacesParams,
         _: host::ListNamespacesResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
+    fn register_provider(
+        self: Rc<Self>,
+        _: host::RegisterProviderParams,
+        _: host::RegisterProviderResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready(Err(unauthenticated()))
     }
@@ -192,6 +204,24 @@ impl host::Server for HostServer {
             info.set_class_name(class);
         }
         ready(Ok(()))
+    }
+
+    fn register_provider(
+        self: Rc<Self>,
+        params: host::RegisterProviderParams,
+        mut results: host::RegisterProviderResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let params = params.get()?;
+            let class = text(params.get_class_name()?)?;
+            let registry = Registry::of(&self.host).ok_or_else(|| {
+                capnp::Error::failed(format!("the host has no external class '{class}'"))
+            })?;
+            let registration =
+                registry.register(class, params.get_provider()?, &self.connection)?;
+            results.get().set_registration(registration);
+            Ok(())
+        })())
     }
 }
 
