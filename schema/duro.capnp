@@ -101,6 +101,8 @@ interface Storage {
   deleteMany @5 (keys :List(Data)) -> (count :UInt32);
   # Atomically; `count` of the keys existed.
   list @6 (options :ListOptions) -> (entries :List(StorageEntry));
+  # In key order (descending with `reverse`). An answer that would pass what one message may
+  # carry (about 8 MiB) fails, naming the bound: page with `limit` and `startAfter`.
   deleteAll @7 ();
   # Deletes every key and the alarm.
 
@@ -144,11 +146,12 @@ struct ListOptions {
 
 interface Transaction {
   # A transaction on one object's storage (see `Storage.transaction`), implemented by the
-  # host. Optimistic: it holds no lock, and `commit` fails to apply it (`committed` false,
-  # nothing written) when another write of the object landed since it began; the provider
-  # then begins again. Events of the object do not write while one of its events runs (see
-  # `ExternalObject`), so within a `fetch` only the instance's own concurrent writes can
-  # cause that. After `commit` or `rollback`, every call fails.
+  # host. Optimistic: it holds no lock (a provider could keep one from the object), and
+  # `commit` does not apply it (`committed` false, nothing written) when another write of the
+  # object landed since it began; the provider then begins again. No other event of the object
+  # runs while one does (see `ExternalObject`), so within an event only the instance's own
+  # writes outside the transaction can cause that. It buffers at most 16 MiB of writes
+  # (a write past it fails, naming the bound). After `commit` or `rollback`, every call fails.
 
   get @0 (key :Data) -> (found :Bool, value :Data);
   put @1 (key :Data, value :Data);

@@ -169,6 +169,21 @@ impl Object {
             }
             "/txn" => self.transaction(&arg("mode")).await,
             "/batch" => self.batch().await,
+            "/fill" => {
+                let n: usize = arg("n").parse().unwrap_or(0);
+                let bytes: usize = arg("bytes").parse().unwrap_or(1);
+                self.fill(n, bytes).await?;
+                Ok("filled".into())
+            }
+            "/count" => {
+                let listed = self.list(&q).await?;
+                let keys: Vec<&str> = listed
+                    .split(',')
+                    .map(|p| p.split('=').next().unwrap())
+                    .collect();
+                let (first, last) = (keys[0], keys[keys.len() - 1]);
+                Ok(format!("{} {first} {last}", keys.len()))
+            }
             "/list" => self.list(&q).await,
             "/alarm" => {
                 let mut set = self.storage.set_alarm_request();
@@ -249,6 +264,22 @@ impl Object {
             })
             .collect::<capnp::Result<_>>()?;
         Ok(pairs.join(","))
+    }
+
+    /// Puts `n` keys `m/0000`... with values of `bytes` bytes, 100 to a call.
+    async fn fill(&self, n: usize, bytes: usize) -> capnp::Result<()> {
+        for start in (0..n).step_by(100) {
+            let keys: Vec<usize> = (start..n.min(start + 100)).collect();
+            let mut put = self.storage.put_many_request();
+            let mut entries = put.get().init_entries(keys.len() as u32);
+            for (i, key) in keys.iter().enumerate() {
+                let mut entry = entries.reborrow().get(i as u32);
+                entry.set_key(format!("m/{key:04}").as_bytes());
+                entry.set_value(&vec![b'v'; bytes]);
+            }
+            put.send().promise.await?;
+        }
+        Ok(())
     }
 
     /// Calls the object `name` of namespace `ext` through the env, on `path`.
@@ -738,6 +769,28 @@ fn batches_lists_and_limits_work_on_raw_bytes() {
         assert_eq!(list("/list?start=p/2&end=p/3").await.unwrap(), "p/2=p/2");
         // An empty `end` set is a bound: nothing is below it.
         assert_eq!(list("/list?end=").await.unwrap(), "");
+        // Lists read a page at a time inside the host, and answer all the same.
+        call(&host, "l", "/fill?n=600").await.unwrap();
+        assert_eq!(list("/count?prefix=m/").await.unwrap(), "600 m/0000 m/0599");
+        let reversed = list("/count?prefix=m/&reverse=true&limit=300")
+            .await
+            .unwrap();
+        assert_eq!(reversed, "300 m/0599 m/0300");
+        let after = list("/count?prefix=m/&startAfter=m/0100&end=m/0500")
+            .await
+            .unwrap();
+        assert_eq!(after, "399 m/0101 m/0499");
+        // An answer larger than a message is refused, naming the bound; a limit fits it.
+        call(&host, "big", "/fill?n=300&bytes=32000").await.unwrap();
+        let refused = call(&host, "big", "/count").await.unwrap_err();
+        assert!(
+            format!("{refused}").contains("RESPONSE_BYTES_MAX"),
+            "{refused}"
+        );
+        assert_eq!(
+            call(&host, "big", "/count?limit=100").await.unwrap(),
+            "100 m/0000 m/0099"
+        );
         let long = "k".repeat(3000);
         let refused = call(&host, "l", &format!("/put?k={long}&v=1"))
             .await

@@ -26,6 +26,15 @@ use crate::storage::{self, ListOptions, Outcome, Storage, value};
 use crate::wire::duro_capnp::storage as storage_capnp;
 use crate::wire::duro_capnp::{list_options, object_context, storage_entry, transaction};
 
+/// Most bytes of keys and values one `Transaction` buffers before its commit. The writes of a
+/// transaction wait in the host's memory until it ends, and a provider could otherwise make
+/// them grow without end; past it a write fails, naming the bound.
+pub const TRANSACTION_BYTES_MAX: usize = 16 << 20;
+
+/// Entries a `list` reads from the storage at a time: it stops as soon as the answer would
+/// pass what one message can carry, so its memory follows that bound, not the object's size.
+const LIST_PAGE_ENTRIES: usize = 256;
+
 /// What the servers of one instance's context share (see the module docs).
 pub(super) struct ContextCore {
     pub(super) state: State,
@@ -176,12 +185,48 @@ fn get_raw(storage: &Storage, key: &[u8]) -> Result<Option<Bytes>, storage::Erro
     }
 }
 
-/// Entries with raw values, from encoded ones.
-fn decode_all(entries: Vec<(Vec<u8>, Bytes)>) -> Result<Vec<(Vec<u8>, Bytes)>, storage::Error> {
-    entries
-        .into_iter()
-        .map(|(key, stored)| Ok((key, value::decode_raw(&stored)?)))
-        .collect()
+type Entries = Vec<(Vec<u8>, Bytes)>;
+
+/// The entries `options` asks for, with raw values, read a page at a time by `page`; an error
+/// (the inner one) once they would pass what one answer can carry.
+fn list_paged(
+    mut options: ListOptions,
+    mut page: impl FnMut(&ListOptions) -> Result<Entries, storage::Error>,
+) -> Result<capnp::Result<Entries>, storage::Error> {
+    let mut remaining = options.limit.unwrap_or(usize::MAX);
+    let (mut entries, mut bytes) = (Vec::new(), 0);
+    while remaining > 0 {
+        let asked = remaining.min(LIST_PAGE_ENTRIES);
+        options.limit = Some(asked);
+        let read = page(&options)?;
+        let full = read.len() == asked;
+        remaining -= read.len();
+        for (key, stored) in read {
+            bytes += key.len() + stored.len() + 16;
+            if bytes > RESPONSE_BYTES_MAX {
+                return Ok(Err(too_large(bytes)));
+            }
+            entries.push((key, value::decode_raw(&stored)?));
+        }
+        let Some((last, _)) = entries.last().filter(|_| full) else {
+            break;
+        };
+        // The next page: after the last key, in the walk's direction.
+        if options.reverse {
+            options.end = Some(last.clone());
+        } else {
+            options.start = None;
+            options.start_after = Some(last.clone());
+        }
+    }
+    Ok(Ok(entries))
+}
+
+fn too_large(bytes: usize) -> capnp::Error {
+    capnp::Error::failed(format!(
+        "the answer would take more than {bytes} bytes, over the limit of {RESPONSE_BYTES_MAX} \
+         bytes (RESPONSE_BYTES_MAX): ask for fewer entries (ListOptions.limit)"
+    ))
 }
 
 /// Writes `entries` into a results list, once their size is known to fit in a message.
@@ -201,10 +246,7 @@ fn write_entries(
 fn check_answer(entries: &[(Vec<u8>, Bytes)], connection: &Connection) -> capnp::Result<()> {
     let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
     if bytes > RESPONSE_BYTES_MAX {
-        return Err(capnp::Error::failed(format!(
-            "the answer would take about {bytes} bytes, over the limit of {RESPONSE_BYTES_MAX} \
-             bytes (RESPONSE_BYTES_MAX): ask for fewer entries (ListOptions.limit)"
-        )));
+        return Err(too_large(bytes));
     }
     connection.account.owe(bytes);
     Ok(())
@@ -378,13 +420,14 @@ impl storage_capnp::Server for StorageServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         let options = params.get().and_then(|p| list_options(p.get_options()?));
         let call = options.map(|options| {
-            run(&self.core, options_bytes(&options), move |storage| {
-                decode_all(storage.list_encoded(&options)?)
+            let bytes = options_bytes(&options);
+            run(&self.core, bytes, move |storage| {
+                list_paged(options, |page| storage.list_encoded(page))
             })
         });
         let core = self.core.clone();
         async move {
-            let entries = call?.await?;
+            let entries = call?.await??;
             check_answer(&entries, &live(&core)?.connection)?;
             write_entries(&entries, results.get().init_entries(entries.len() as u32));
             Ok(())
@@ -410,6 +453,7 @@ impl storage_capnp::Server for StorageServer {
                 core: self.core.clone(),
                 txn,
                 ended: std::cell::Cell::new(false),
+                buffered: std::cell::Cell::new(0),
             };
             results.get().set_txn(capnp_rpc::new_client(server));
         }))
@@ -482,6 +526,23 @@ struct TransactionServer {
     txn: storage::Transaction,
     /// Set by `commit` and `rollback`: later calls fail.
     ended: std::cell::Cell<bool>,
+    /// The bytes of the writes buffered so far (see [`TRANSACTION_BYTES_MAX`]).
+    buffered: std::cell::Cell<usize>,
+}
+
+impl TransactionServer {
+    /// Counts a write of `bytes` against [`TRANSACTION_BYTES_MAX`].
+    fn buffer(&self, bytes: usize) -> capnp::Result<()> {
+        let buffered = self.buffered.get() + bytes;
+        if buffered > TRANSACTION_BYTES_MAX {
+            return Err(capnp::Error::failed(format!(
+                "the transaction would buffer {buffered} bytes of writes, over the limit of \
+                 {TRANSACTION_BYTES_MAX} (TRANSACTION_BYTES_MAX): commit in smaller ones"
+            )));
+        }
+        self.buffered.set(buffered);
+        Ok(())
+    }
 }
 
 /// Runs `op` on `server`'s transaction, as a storage call of the instance (through the gate).
@@ -536,10 +597,11 @@ impl transaction::Server for TransactionServer {
         let entry = params
             .get()
             .and_then(|p| Ok((p.get_key()?.to_vec(), p.get_value()?.to_vec())));
-        let call = entry.map(|(key, value)| {
-            in_txn(&self, key.len() + value.len(), move |txn| {
+        let call = entry.and_then(|(key, value)| {
+            self.buffer(key.len() + value.len())?;
+            Ok(in_txn(&self, key.len() + value.len(), move |txn| {
                 txn.put_bytes(&key, &value).now_or_closed()
-            })
+            }))
         });
         async move { call?.await }
     }
@@ -550,10 +612,11 @@ impl transaction::Server for TransactionServer {
         mut results: transaction::DeleteResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         let key = params.get().and_then(|p| Ok(p.get_key()?.to_vec()));
-        let call = key.map(|key| {
-            in_txn(&self, key.len(), move |txn| {
+        let call = key.and_then(|key| {
+            self.buffer(key.len())?;
+            Ok(in_txn(&self, key.len(), move |txn| {
                 txn.delete(&key).now_or_closed()
-            })
+            }))
         });
         async move {
             let existed = call?.await?;
@@ -570,12 +633,12 @@ impl transaction::Server for TransactionServer {
         let options = params.get().and_then(|p| list_options(p.get_options()?));
         let call = options.map(|options| {
             in_txn(&self, options_bytes(&options), move |txn| {
-                decode_all(txn.list_encoded(&options)?)
+                list_paged(options, |page| txn.list_encoded(page))
             })
         });
         let core = self.core.clone();
         async move {
-            let entries = call?.await?;
+            let entries = call?.await??;
             check_answer(&entries, &live(&core)?.connection)?;
             write_entries(&entries, results.get().init_entries(entries.len() as u32));
             Ok(())
