@@ -42,7 +42,12 @@ interface Host {
   # provider of a class is registered, a call to one of its objects waits up to 5 s for one,
   # then fails with `overloaded`.
   #
-  # With a token (`--token-file`), only the Host that `authenticate` returned registers.
+  # With a token (`--token-file`), only the Host that `authenticate` returned registers. The
+  # host closes a connection that sends nothing for its idle timeout (10 min by default) while
+  # it has no call in progress, as it does any client's: a provider calls the host now and
+  # then (examples/duro_provider.py calls `listNamespaces` every second, which also tells it
+  # soon that the connection was lost). So a provider that vanished without closing its
+  # connection is unregistered at the latest then.
 }
 
 interface Registration {
