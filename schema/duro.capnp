@@ -26,6 +26,172 @@ interface Host {
   # answers every other method with `failed` "unauthenticated", and this method returns the
   # working Host for the right token (a wrong one gets the same error, after a short delay).
   # Without a token, it returns the Host itself, whatever the token.
+
+  registerProvider @3 (className :Text, provider :ClassProvider) -> (registration :Registration);
+  # Offers `provider` (implemented by the caller, a provider process) to build the instances of
+  # the external class `className`: a class that the host binds a namespace to with
+  # `duro serve --external NAMESPACE=CLASS`; another name fails, naming the rule. Several
+  # providers may register one class: each new activation goes to one of them (round robin),
+  # and an object's instance stays on the provider that built it until the object is reset or
+  # evicted. At most 64 providers per class (`overloaded` past it).
+  #
+  # The registration lives while the caller holds `registration` and its connection lives.
+  # Releasing it, or losing the connection, unregisters the provider: no instance is asked of
+  # it any more, and every object whose instance it built is reset (its stubs break with
+  # `disconnected`; the next `get` activates the object on another provider). While no
+  # provider of a class is registered, a call to one of its objects waits up to 5 s for one,
+  # then fails with `overloaded`.
+  #
+  # With a token (`--token-file`), only the Host that `authenticate` returned registers. The
+  # host closes a connection that sends nothing for its idle timeout (10 min by default) while
+  # it has no call in progress, as it does any client's: a provider calls the host now and
+  # then (examples/duro_provider.py calls `listNamespaces` every second, which also tells it
+  # soon that the connection was lost). So a provider that vanished without closing its
+  # connection is unregistered at the latest then.
+}
+
+interface Registration {
+  # A provider's hold on its registration (see `Host.registerProvider`): no methods. Release it
+  # to unregister.
+}
+
+interface ClassProvider {
+  # Implemented by a provider process: it builds the instances of one external class.
+
+  newInstance @0 (context :ObjectContext) -> (instance :ExternalObject);
+  # Builds the instance of one object, handed its `context`. Called once per activation: at
+  # most one instance of an object is live in the host's view, whatever the number of
+  # providers. The host releases `instance` (and `context` becomes useless) when the object is
+  # evicted after an idle time or reset; the provider should then forget the instance. A
+  # failure here resets the object.
+}
+
+interface ObjectContext {
+  # What an instance knows of itself, implemented by the host for one activation: its ID, its
+  # storage, and its env. Valid while the activation lives; once the object is reset or
+  # evicted, its calls fail with `disconnected`.
+
+  id @0 () -> (id :ObjectId, hex :Text);
+  # The object's ID: its 32 bytes, the name it was derived from (empty for a unique ID), and
+  # its 64-hex-digit text form.
+
+  storage @1 () -> (storage :Storage);
+  # The object's storage, and no other object's: there is no call to reach another's.
+
+  env @2 () -> (host :Host);
+  # The host's namespaces, to call other objects as any client does (`namespace`, `get`, ...).
+  # A call the instance makes on a stub from here lets the object's other events in until it
+  # returns, as an await on another object does for a Rust class (see `ExternalObject`).
+}
+
+interface Storage {
+  # One object's transactional key-value storage, on raw bytes: the storage API of a Rust class
+  # (`State::storage`), with the same limits (keys at most 2048 bytes, values at most 32 KiB,
+  # at most 128 keys per batched call, by default; past a limit the call fails naming it and
+  # writes nothing). Keys are ordered by their bytes. Implemented by the host.
+  #
+  # Every call is atomic and isolated on its own; reads see the object's writes at once, also
+  # before they are durable. A write is durable before any answer the object gives after it
+  # leaves the host (the output gate): when the instance answers `fetch` or `alarm`, the writes
+  # it made before answering are committed and fsynced before the caller sees the answer.
+  # Writes with no other call between them commit together, atomically.
+
+  get @0 (key :Data) -> (found :Bool, value :Data);
+  getMany @1 (keys :List(Data)) -> (entries :List(StorageEntry));
+  # The keys found, in key order; missing keys are left out.
+  put @2 (key :Data, value :Data);
+  putMany @3 (entries :List(StorageEntry));
+  # Atomically.
+  delete @4 (key :Data) -> (existed :Bool);
+  deleteMany @5 (keys :List(Data)) -> (count :UInt32);
+  # Atomically; `count` of the keys existed.
+  list @6 (options :ListOptions) -> (entries :List(StorageEntry));
+  # In key order (descending with `reverse`). An answer that would pass what one message may
+  # carry (about 8 MiB) fails, naming the bound: page with `limit` and `startAfter`.
+  deleteAll @7 ();
+  # Deletes every key and the alarm.
+
+  transaction @8 () -> (txn :Transaction);
+  # Begins a transaction: its reads see the storage with its own writes laid over it, its
+  # writes are buffered, and `commit` applies them all at once or not at all (see
+  # `Transaction`). Releasing `txn` without `commit` rolls it back.
+
+  sync @9 ();
+  # Returns once every write made before it is durable.
+
+  getAlarm @10 () -> (hasAlarm :Bool, atMs :UInt64);
+  setAlarm @11 (atMs :UInt64);
+  deleteAlarm @12 ();
+  # The object's one alarm, in milliseconds since the Unix epoch, by the host's clock: it
+  # fires at or after `atMs` (a time past fires at once) as `ExternalObject.alarm`, and is
+  # retried with backoff when that fails. Set and deleted as storage writes (the output gate
+  # waits for them). Inside `alarm`, `getAlarm` shows only an alarm set anew.
+}
+
+struct StorageEntry {
+  key @0 :Data;
+  value @1 :Data;
+}
+
+struct ListOptions {
+  # The range of a `list`: keys from `start` (included) or `startAfter` (excluded), up to `end`
+  # (excluded), that begin with `prefix`. A field left unset (null) sets no bound; an empty
+  # but set `end` or `startAfter` is a bound like any other.
+
+  start @0 :Data;
+  startAfter @1 :Data;
+  # Not together with `start`.
+  end @2 :Data;
+  prefix @3 :Data;
+  reverse @4 :Bool;
+  # Descending order, over the same range.
+  limit @5 :UInt32;
+  # At most this many entries; 0 for no limit.
+}
+
+interface Transaction {
+  # A transaction on one object's storage (see `Storage.transaction`), implemented by the
+  # host. Optimistic: it holds no lock (a provider could keep one from the object), and
+  # `commit` does not apply it (`committed` false, nothing written) when another write of the
+  # object landed since it began; the provider then begins again. No other event of the object
+  # runs while one does (see `ExternalObject`), so within an event only the instance's own
+  # writes outside the transaction can cause that. It buffers at most 16 MiB of writes
+  # (a write past it fails, naming the bound). After `commit` or `rollback`, every call fails.
+
+  get @0 (key :Data) -> (found :Bool, value :Data);
+  put @1 (key :Data, value :Data);
+  delete @2 (key :Data) -> (existed :Bool);
+  # Whether the key exists now, as the transaction sees it.
+  list @3 (options :ListOptions) -> (entries :List(StorageEntry));
+  commit @4 () -> (committed :Bool);
+  # Applies every write of the transaction as one atomic write, if no other write of the
+  # object landed since it began; else writes nothing and answers false.
+  rollback @5 ();
+  # Abandons the transaction: nothing it wrote is stored.
+}
+
+interface ExternalObject extends(DurableObject) {
+  # An instance of an external class, implemented by its provider (see
+  # `ClassProvider.newInstance`). The host calls it as any stub is called, and keeps the
+  # guarantees it keeps for a Rust class:
+  #
+  # - E-order: the object's events (`fetch`, `alarm`) reach the instance in the order they
+  #   were made on a stub.
+  # - Input gate: one event at a time. The host delivers the next event once the instance
+  #   answered the one before, or while the instance awaits a call it made on a stub of its
+  #   context's env (another object, which may call back). So no event interleaves with a
+  #   read-modify-write over `Storage`, whatever the latency between provider and host.
+  # - Output gate: an answer is released only once the writes made before it are durable.
+  #
+  # The host sends every request to `fetch`, with its whole body (read up to the transport's
+  # bound); `request` is not called. A failure of `fetch` reaches the caller as `failed`
+  # "remote: ..."; a `disconnected` one resets the object.
+
+  alarm @0 (retryCount :UInt32);
+  # The object's alarm fired (see `Storage.setAlarm`). `retryCount`: how many deliveries of it
+  # failed before. Returning deletes the alarm, unless the instance set a new one; a failure
+  # retries it after 2, 4, 8 ... s (at most 6 times). An instance that does not implement it
+  # (`unimplemented`) has the alarm deleted as if it returned.
 }
 
 struct NamespaceInfo {

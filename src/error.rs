@@ -23,6 +23,13 @@ pub enum Error {
     TooLarge(String),
 }
 
+/// An error a class hands back with its kind kept: it reaches the caller as `error` is, not as
+/// the object's own `remote` error. For the host's own classes that stand in for an instance
+/// living elsewhere: an external class refuses with `overloaded` when no provider came.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct KindKept(pub(crate) Error);
+
 /// Prefix of the message of an application error on the wire.
 pub(crate) const REMOTE_PREFIX: &str = "remote: ";
 

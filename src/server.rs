@@ -13,6 +13,8 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::gateway::{self, GatewayOptions};
 use crate::host::{Config, DurableObject, Env, Host, HostLimits, StartError, State, factory};
 use crate::rpc::RpcOptions;
+use crate::rpc::external::External;
+use crate::rpc::external::registry::Registry;
 use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions};
 use crate::tls::ServerTls;
 use crate::wire::ListenAddr;
@@ -53,6 +55,7 @@ impl Server {
             http: None,
             gateway: GatewayOptions::default(),
             tls: None,
+            external: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Builder {
     gateway: GatewayOptions,
     /// TLS on the TCP listener and the gateway, if it is on.
     tls: Option<TlsChoice>,
+    /// The classes that providers implement (see [`Builder::external`]).
+    external: std::collections::BTreeSet<String>,
 }
 
 impl Builder {
@@ -113,6 +118,22 @@ impl Builder {
             .bindings
             .insert(name.to_owned(), class_name.to_owned());
         self
+    }
+
+    /// Binds the namespace `name` to the external class `class_name`: a class whose instances
+    /// live in provider processes, in any language, that connect and call
+    /// `Host.registerProvider(class_name, provider)` (see `schema/duro.capnp`). Each object's
+    /// events go to the instance one provider built for it, with the guarantees of any class:
+    /// one instance per ID, E-order, the input and output gates, resets. While no provider is
+    /// registered, calls wait up to [`PROVIDER_WAIT`](crate::rpc::PROVIDER_WAIT) for one, then
+    /// fail with `overloaded`. A Rust class of the same name is replaced.
+    pub fn external(mut self, name: &str, class_name: &str) -> Builder {
+        let class = class_name.to_owned();
+        self = self.class(class_name, move |state, env| {
+            External::new(state, env, &class)
+        });
+        self.external.insert(class_name.to_owned());
+        self.namespace(name, class_name)
     }
 
     /// Keeps the data in LMDB in the data dir `path` (created if missing; the default is
@@ -230,7 +251,9 @@ impl Builder {
     /// `LocalSet`. For embedding, and for testing capabilities in-process.
     pub fn open_host(self) -> Result<Host, StartError> {
         let backend = self.open_backend()?;
-        Host::open(self.config, backend)
+        let host = Host::open(self.config, backend)?;
+        Registry::install(&host, self.external);
+        Ok(host)
     }
 
     fn open_backend(&self) -> Result<Arc<dyn Backend>, StartError> {
@@ -320,6 +343,7 @@ impl Builder {
             let tls = self.load_tls()?;
             let backend = self.open_backend()?;
             let host = Host::open(self.config, backend)?;
+            Registry::install(&host, self.external.clone());
             warn_if_clear_text(&self.listen, self.http, tls.is_some());
             let listener = Listener::bind(&self.listen).await?;
             warn_if_open(&self.listen, self.http, self.rpc.token.is_some());

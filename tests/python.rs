@@ -1,6 +1,10 @@
 //! examples/client.py, the pycapnp client, against a live server: the wire contract works for a
-//! client written against schema/duro.capnp alone; and examples/typed_client.py, which calls a
-//! class's own interface (examples/typed_counter.capnp) on a stub.
+//! client written against schema/duro.capnp alone; examples/typed_client.py, which calls a
+//! class's own interface (examples/typed_counter.capnp) on a stub. And the classes written in
+//! Python,
+//! examples/provider_counter.py and examples/provider_room.py, served by provider processes to
+//! `duro serve --external`: through the gateway and capnp, across a restart of the host, and
+//! when a provider is killed under load.
 //!
 //! Needs `python3` with pycapnp (`pip install pycapnp`). Without it the test is skipped with a
 //! message, unless `DURO_REQUIRE_PYTHON=1` (as in CI), which makes it fail instead.
@@ -212,6 +216,271 @@ fn the_python_websocket_client_talks_to_the_built_in_room() {
     let mut args = vec!["--name", "python-test"];
     args.extend(texts);
     assert_broadcast(&run_ws_client(served.addr, &args), 2, &texts);
+}
+
+const COUNTER_PROVIDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/provider_counter.py");
+const ROOM_PROVIDER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/provider_room.py");
+
+/// A provider process, killed (by its PID) when dropped.
+struct PythonProvider {
+    child: std::process::Child,
+    /// Where its stderr goes, to show when it fails.
+    log: tempfile::NamedTempFile,
+}
+
+impl PythonProvider {
+    /// Starts `script` against the host at `addr` with `flags`, and waits until it registered
+    /// (it says so on stdout).
+    fn start(script: &str, addr: std::net::SocketAddr, flags: &[&str]) -> PythonProvider {
+        use std::io::BufRead;
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(addr.to_string())
+            .args(flags)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("running python3");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        let provider = PythonProvider { child, log };
+        assert!(
+            line.starts_with("registered "),
+            "{script} did not register: {line:?}\n{}",
+            provider.stderr()
+        );
+        provider
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, by PID: the process dies without a word to the host.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for PythonProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `method path` with `body` over HTTP/1.1 to the gateway at `addr`, with `headers`; the
+/// status and the body.
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for header in headers {
+        request.push_str(&format!("{header}\r\n"));
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_owned())
+}
+
+/// The body of a counter's answer through capnp, as a number.
+async fn capnp_count(host: &duro::duro_capnp::host::Client, name: &str, method: &str) -> u64 {
+    let response = duro::testing::fetch_by_name(host, "counter_py", name, method, "/", b"")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    std::str::from_utf8(response.body())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_python_counter_counts_through_the_gateway_and_capnp_with_a_token() {
+    if !python_ready("the_python_counter_counts_through_the_gateway_and_capnp_with_a_token") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let token = data.path().join("token");
+    std::fs::write(&token, "open sesame\n").unwrap();
+    let token = token.to_str().unwrap();
+    let flags = ["--token-file", token, "--external", "counter_py=pycounter"];
+    let served = common::serve_with(&data.path().join("data"), &flags);
+    let _provider = PythonProvider::start(COUNTER_PROVIDER, served.addr, &["--token-file", token]);
+    let http_addr = served.http.unwrap();
+    let bearer = "authorization: Bearer open sesame";
+    for expected in ["1\n", "2\n"] {
+        let answer = http(http_addr, "POST", "/counter_py/visits/", &[bearer], "");
+        assert_eq!(answer, (200, expected.to_owned()));
+    }
+    duro::testing::run_local(async {
+        let guard = duro::testing::connect(served.addr).await.unwrap();
+        let mut auth = guard.authenticate_request();
+        auth.get().set_token("open sesame");
+        let host = auth
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_host()
+            .unwrap();
+        assert_eq!(capnp_count(&host, "visits", "POST").await, 3);
+        assert_eq!(capnp_count(&host, "visits", "GET").await, 3);
+        assert_eq!(capnp_count(&host, "other", "POST").await, 1);
+    });
+    let answer = http(http_addr, "DELETE", "/counter_py/visits/", &[bearer], "");
+    assert_eq!(answer, (200, "0\n".to_owned()));
+    // Without the token, the provider cannot register.
+    let output = Command::new("python3")
+        .args([COUNTER_PROVIDER, &served.addr.to_string(), "--once"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unauthenticated"), "{stderr}");
+}
+
+#[test]
+fn the_python_counter_keeps_its_value_across_a_restart_of_the_host() {
+    if !python_ready("the_python_counter_keeps_its_value_across_a_restart_of_the_host") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let flags = ["--external", "counter_py=pycounter"];
+    let served = common::serve_with(data.path(), &flags);
+    let provider = PythonProvider::start(COUNTER_PROVIDER, served.addr, &[]);
+    for _ in 0..3 {
+        http(served.http.unwrap(), "POST", "/counter_py/kept/", &[], "");
+    }
+    // SIGKILL: what was acknowledged was durable before it was.
+    drop(served);
+    drop(provider);
+    let served = common::serve_with(data.path(), &flags);
+    let _provider = PythonProvider::start(COUNTER_PROVIDER, served.addr, &[]);
+    let answer = http(served.http.unwrap(), "POST", "/counter_py/kept/", &[], "");
+    assert_eq!(answer, (200, "4\n".to_owned()));
+}
+
+/// What one client of [`killing_the_python_provider_under_load_loses_nothing_acknowledged`]
+/// saw: the values its increments were acknowledged with, and how many failed as the
+/// provider went.
+#[derive(Default, Debug)]
+struct Seen {
+    acknowledged: Vec<u64>,
+    disconnected: usize,
+    overloaded: usize,
+}
+
+/// POSTs to the counter `name` until `stop`, on one stub, getting a new stub when it breaks.
+async fn increment_until(
+    host: duro::duro_capnp::host::Client,
+    name: String,
+    stop: std::rc::Rc<std::cell::Cell<bool>>,
+) -> Seen {
+    let mut seen = Seen::default();
+    while !stop.get() {
+        let call = duro::testing::fetch_by_name(&host, "counter_py", &name, "POST", "/", b"");
+        match call.await {
+            Ok(response) => {
+                let body = std::str::from_utf8(response.body()).unwrap();
+                seen.acknowledged.push(body.trim().parse().unwrap());
+            }
+            Err(duro::Error::Disconnected(_)) => seen.disconnected += 1,
+            Err(duro::Error::Overloaded(_)) => seen.overloaded += 1,
+            Err(error) => panic!("{name}: {error}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn killing_the_python_provider_under_load_loses_nothing_acknowledged() {
+    if !python_ready("killing_the_python_provider_under_load_loses_nothing_acknowledged") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let served = common::serve_with(data.path(), &["--external", "counter_py=pycounter"]);
+    let first = PythonProvider::start(COUNTER_PROVIDER, served.addr, &[]);
+    duro::testing::run_local(async {
+        let host = duro::testing::connect(served.addr).await.unwrap();
+        let stop = std::rc::Rc::new(std::cell::Cell::new(false));
+        let clients: Vec<_> = (0..8)
+            .map(|i| {
+                let load = increment_until(host.clone(), format!("c{i}"), stop.clone());
+                tokio::task::spawn_local(load)
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        first.kill();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // A second provider takes over: the objects activate on it at their next `get`.
+        let second = PythonProvider::start(COUNTER_PROVIDER, served.addr, &[]);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        stop.set(true);
+        let mut lost = 0;
+        for (i, client) in clients.into_iter().enumerate() {
+            let seen = client.await.unwrap();
+            lost += seen.disconnected;
+            let acknowledged = &seen.acknowledged;
+            assert!(acknowledged.len() > 2, "c{i}: {seen:?}");
+            // Each acknowledged value is above the one before: nothing acknowledged was lost,
+            // though a call that failed may have counted (its write was durable before the
+            // provider died, its answer was not sent).
+            assert!(
+                acknowledged.windows(2).all(|w| w[0] < w[1]),
+                "c{i}: {seen:?}"
+            );
+            let now = capnp_count(&host, &format!("c{i}"), "GET").await;
+            assert_eq!(now, *acknowledged.last().unwrap(), "c{i}: {seen:?}");
+        }
+        assert!(lost > 0, "no call was in flight when the provider died");
+        drop(second);
+    });
+}
+
+#[test]
+fn the_python_room_numbers_and_keeps_its_messages() {
+    if !python_ready("the_python_room_numbers_and_keeps_its_messages") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let served = common::serve_with(data.path(), &["--external", "room_py=pyroom"]);
+    let _provider = PythonProvider::start(ROOM_PROVIDER, served.addr, &[]);
+    let http_addr = served.http.unwrap();
+    for (i, text) in ["hello", "wide", "world"].iter().enumerate() {
+        let (status, body) = http(http_addr, "POST", "/room_py/lobby/messages", &[], text);
+        assert_eq!(status, 200, "{body}");
+        let message: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(message["seq"], i + 1);
+        assert_eq!(message["text"], *text);
+    }
+    let (_, body) = http(http_addr, "GET", "/room_py/lobby/messages?after=1", &[], "");
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let texts: Vec<&str> = kept.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["wide", "world"]);
+    let (status, _) = http(http_addr, "POST", "/room_py/lobby/messages", &[], "");
+    assert_eq!(status, 400);
+    // Another room is another object.
+    let (_, body) = http(http_addr, "GET", "/room_py/other/messages", &[], "");
+    assert_eq!(body.trim(), "[]");
 }
 
 const TYPED_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/typed_client.py");

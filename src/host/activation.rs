@@ -22,7 +22,7 @@ use super::socket::{CLOSE_GOING_AWAY, CLOSE_INTERNAL, ObjectSockets, SocketCore,
 use super::state::{Reset, State};
 use crate::body::{Body, BodyTooLarge};
 use crate::clock::Clock;
-use crate::error::Error;
+use crate::error::{Error, KindKept};
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
 use crate::message::{BoxError, StreamRequest, StreamResponse};
@@ -594,9 +594,14 @@ async fn run<T>(
         let durable = activation.store.wait_durable(seq).await;
         durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
     }
-    result.map_err(|error| match error.downcast_ref::<BodyTooLarge>() {
-        Some(too_large) => Error::TooLarge(format!("the request {too_large}")),
-        None => Error::Remote(error.to_string()),
+    result.map_err(|error| {
+        if let Some(KindKept(kept)) = error.downcast_ref::<KindKept>() {
+            return kept.clone();
+        }
+        match error.downcast_ref::<BodyTooLarge>() {
+            Some(too_large) => Error::TooLarge(format!("the request {too_large}")),
+            None => Error::Remote(error.to_string()),
+        }
     })
 }
 

@@ -20,6 +20,7 @@ pub(crate) mod state;
 #[cfg(test)]
 mod tests;
 
+use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -144,6 +145,9 @@ pub(crate) struct HostInner {
     /// The wall clock alarms fire by; objects read it through [`State::now_ms`], so that a
     /// test's manual clock moves the objects' idea of time and the alarms' together.
     clock: Arc<dyn Clock>,
+    /// What the layers above keep per host, one value per type: the RPC layer's registry of
+    /// the providers of external classes, which its classes and its servers both reach.
+    extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -202,6 +206,7 @@ impl Host {
             writer: RefCell::new(Some(writer)),
             budget: Budget::new(config.limits.inflight_bytes_max),
             clock: clock.clone(),
+            extensions: RefCell::default(),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         alarms::Scheduler::start(&inner, clock);
@@ -224,6 +229,23 @@ impl Host {
     /// Counters of the storage writer.
     pub fn writer_stats(&self) -> Arc<WriterStats> {
         self.inner.storage.writer.stats.clone()
+    }
+
+    /// Keeps `value` with the host, as the one value of its type (see `HostInner::extensions`).
+    pub(crate) fn set_extension<T: Any>(&self, value: Rc<T>) {
+        let mut extensions = self.inner.extensions.borrow_mut();
+        extensions.insert(TypeId::of::<T>(), value);
+    }
+
+    /// The value of type `T` kept with the host, if one is.
+    pub(crate) fn extension<T: Any>(&self) -> Option<Rc<T>> {
+        let value = self
+            .inner
+            .extensions
+            .borrow()
+            .get(&TypeId::of::<T>())?
+            .clone();
+        value.downcast().ok()
     }
 
     /// The budget of bytes in flight that the host's connections share.
@@ -862,5 +884,11 @@ impl Env {
     /// The namespace bound to `name`, if there is one (and the host is running).
     pub fn namespace(&self, name: &str) -> Option<Namespace> {
         self.host.upgrade()?.namespace(name)
+    }
+
+    /// The host, while it runs: for the classes of the layers above, which reach their
+    /// per-host state through it (see [`Host::extension`]).
+    pub(crate) fn host(&self) -> Option<Host> {
+        self.host.upgrade().map(|inner| Host { inner })
     }
 }

@@ -99,6 +99,20 @@ impl State {
             .set_auto_response(pair.map(|(request, response)| (request.into(), response.into())));
     }
 
+    /// Resets the object (see [`DurableObject`](crate::DurableObject)): for a class whose
+    /// instance lives elsewhere and was lost (an external class whose provider went away).
+    pub(crate) fn reset(&self, reason: &str) {
+        if let Some(activation) = self.activation.upgrade() {
+            activation.reset(reason);
+        }
+    }
+
+    /// The object's input gate: for a class that takes it around work the host does for an
+    /// instance living elsewhere (an external class's events and storage calls).
+    pub(crate) fn gate(&self) -> &Rc<InputGate> {
+        &self.gate
+    }
+
     /// The object's ID.
     pub fn id(&self) -> &ObjectId {
         &self.id

@@ -17,7 +17,7 @@ pub const CONNECTION_CALLS_MAX: usize = 4096;
 pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
 
 /// What the servers of one connection share.
-pub(super) struct Connection {
+pub(crate) struct Connection {
     /// Calls of this connection that have not answered yet.
     pub(super) in_flight: Cell<usize>,
     /// WebSockets started on this connection and not yet closed by the peer: a connection

@@ -3,7 +3,8 @@
 //! in the host ([`crate::Host`]). `connection` keeps the bounds of one connection, which every
 //! server of it shares; `stub` serves a stub: `fetch`, and the calls of the object's own
 //! interface, dispatched by interface ID; `stream` serves `DurableObject.request`: streamed
-//! bodies and WebSockets.
+//! bodies and WebSockets; `external` hosts the classes that provider processes implement
+//! (`Host.registerProvider`).
 
 use std::future::{Future, ready};
 use std::sync::Arc;
@@ -21,11 +22,14 @@ use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{Buffers, rpc_system_buffered};
 
 mod connection;
+pub(crate) mod external;
 mod stream;
 mod stub;
 
 use connection::Connection;
 pub use connection::{CONNECTION_CALLS_MAX, RESPONSE_BYTES_MAX};
+use external::registry::Registry;
+pub use external::{PROVIDER_WAIT, PROVIDERS_PER_CLASS_MAX};
 pub use stub::stub_capability;
 
 /// What the RPC layer adds to a host: who may use it.
@@ -86,6 +90,14 @@ impl host::Server for GuardServer {
         self: Rc<Self>,
         _: host::ListNamespacesParams,
         _: host::ListNamespacesResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
+    fn register_provider(
+        self: Rc<Self>,
+        _: host::RegisterProviderParams,
+        _: host::RegisterProviderResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready(Err(unauthenticated()))
     }
@@ -196,6 +208,24 @@ impl host::Server for HostServer {
             info.set_class_name(class);
         }
         ready(Ok(()))
+    }
+
+    fn register_provider(
+        self: Rc<Self>,
+        params: host::RegisterProviderParams,
+        mut results: host::RegisterProviderResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let params = params.get()?;
+            let class = text(params.get_class_name()?)?;
+            let registry = Registry::of(&self.host).ok_or_else(|| {
+                capnp::Error::failed(format!("the host has no external class '{class}'"))
+            })?;
+            let registration =
+                registry.register(class, params.get_provider()?, &self.connection)?;
+            results.get().set_registration(registration);
+            Ok(())
+        })())
     }
 }
 

@@ -53,6 +53,7 @@ pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
 pub use memory::MemoryBackend;
 pub use options::{Limits, ListOptions};
 pub(crate) use store::{ObjectStore, Shared};
+pub(crate) use txn::Outcome;
 pub use txn::{ATTEMPTS_MAX, Transaction};
 pub(crate) use writer::Writer;
 pub use writer::WriterStats;
@@ -75,7 +76,7 @@ impl Storage {
         &self.store
     }
 
-    fn check_count(&self, count: usize) -> Result<(), Error> {
+    pub(crate) fn check_count(&self, count: usize) -> Result<(), Error> {
         self.store.limits().check_count(count)
     }
 
@@ -168,7 +169,8 @@ impl Storage {
         self.delete_encoded(&keys)
     }
 
-    fn delete_encoded(&self, keys: &[&[u8]]) -> Result<usize, Error> {
+    /// Deletes every key, atomically; how many existed.
+    pub(crate) fn delete_encoded(&self, keys: &[&[u8]]) -> Result<usize, Error> {
         let mut existed = 0;
         let mut counted = std::collections::BTreeSet::new();
         for key in keys {

@@ -32,7 +32,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Hosts the built-in classes `echo`, `counter`, `kv`, `timer` and `room`, each bound to a
-    /// namespace of the same name, until Ctrl-C or SIGTERM.
+    /// namespace of the same name, and the external classes of `--external`, until Ctrl-C or
+    /// SIGTERM.
     Serve(ServeArgs),
     /// Sends an HTTP request to an object and prints the response like `curl -i`.
     Fetch {
@@ -120,6 +121,37 @@ struct ServeArgs {
     /// The private key of --tls-cert, a PEM file (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Binds NAMESPACE to the external class CLASS, whose instances live in provider processes
+    /// (any language) that connect and call `Host.registerProvider("CLASS", provider)`; see
+    /// examples/provider_counter.py. Repeatable. While no provider is connected, calls to its
+    /// objects wait up to 5 s for one, then fail with `overloaded`.
+    #[arg(long, value_name = "NAMESPACE=CLASS")]
+    external: Vec<ExternalBinding>,
+}
+
+/// A namespace bound to an external class: `NAMESPACE=CLASS`.
+#[derive(Clone, Debug)]
+struct ExternalBinding {
+    namespace: String,
+    class: String,
+}
+
+impl FromStr for ExternalBinding {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ExternalBinding, String> {
+        match text.split_once('=') {
+            Some((namespace, class)) if !namespace.is_empty() && !class.is_empty() => {
+                Ok(ExternalBinding {
+                    namespace: namespace.to_owned(),
+                    class: class.to_owned(),
+                })
+            }
+            _ => Err(format!(
+                "invalid binding {text:?}: expected NAMESPACE=CLASS"
+            )),
+        }
+    }
 }
 
 /// The gateway's address, or none.
@@ -176,6 +208,9 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_pem(cert, key);
+    }
+    for binding in &args.external {
+        builder = builder.external(&binding.namespace, &binding.class);
     }
     builder.run()
 }

@@ -79,11 +79,17 @@ pub struct Duro {
 /// Starts `duro serve` (this very binary) on loopback port 0 with the data dir `data_dir`,
 /// and with the HTTP gateway on loopback port 0 when `http`.
 pub fn start_duro(data_dir: &Path, http: bool) -> Result<Duro, String> {
+    start_duro_with(data_dir, http, &[])
+}
+
+/// [`start_duro`] with more flags for `duro serve` (e.g. `--external NS=CLASS`).
+pub fn start_duro_with(data_dir: &Path, http: bool, flags: &[&str]) -> Result<Duro, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding the duro binary: {e}"))?;
     let mut command = Command::new(exe);
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data_dir);
+        .arg(data_dir)
+        .args(flags);
     // The gateway is on by default (on 7451): a bench child takes a port of its own, or none.
     command.args(["--http", if http { "127.0.0.1:0" } else { "off" }]);
     command.env("RUST_LOG", "warn");

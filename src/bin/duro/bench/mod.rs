@@ -14,6 +14,7 @@ mod capnp_load;
 mod child;
 mod disk;
 mod durable;
+mod external;
 mod hist;
 mod http_load;
 mod measure;
@@ -47,6 +48,7 @@ pub const WORKLOADS: &[&str] = &[
     "gateway",
     "workerd",
     "room",
+    "external",
 ];
 
 /// Arguments of `duro bench`.
@@ -59,7 +61,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Run only these workloads (comma-separated): echo-baseline, noop, incr, typed,
-    /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room.
+    /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room, external.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -253,6 +255,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("room") {
         step("room", &|| room::run(settings));
+    }
+    if selection.has("external") {
+        step("external", &|| external::run(settings));
     }
     series
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::Settings;
 use super::durable::{FSYNC, HOT, SPREAD};
+use super::external;
 use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
 use super::room;
@@ -126,6 +127,18 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 format!("gateway / workerd, {shape}"),
                 gateway,
                 workerd,
+            ));
+        }
+    }
+    for shape in [external::HOT, external::SPREAD] {
+        if let (Some(python), Some(rust)) = (
+            find(series, external::PYTHON, shape),
+            find(series, external::RUST, shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("{} / {}, {shape}", external::PYTHON, external::RUST),
+                python,
+                rust,
             ));
         }
     }

@@ -1,0 +1,237 @@
+//! [`External`]: the class of a namespace bound to an external class. Its instance stands for
+//! the object's instance in a provider: it asks a provider for one at the object's first
+//! event, and passes each event on to it, in order and through the gate ([`super::turns`]).
+//!
+//! Everything the host guarantees for a Rust class follows from this being an ordinary class
+//! to the host: the activation registry keeps one `External` per object, so at most one
+//! provider instance per object; the mailbox delivers its events in E-order; the activation
+//! holds each answer at the output gate until the writes made before it are durable, those
+//! the instance made through its context included (see [`super::context`]); a reset drops
+//! the `External`, which releases the provider's instance and makes its context useless.
+//!
+//! A request reaches the instance's `fetch` with its whole body, read here up to its
+//! transport's bound; the answer is a whole response. Streamed bodies and WebSockets would go
+//! through `DurableObject.request`, which this proxy does not use yet.
+//!
+//! Typed interfaces: once a class may export a capnp interface of its own, an external class
+//! exports the instance's (it is a capability already): the proxy would forward those calls
+//! by interface ID as it forwards `fetch`, through [`Core::turn`].
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use capnp::ErrorKind;
+use tokio::time::Instant;
+
+use super::context::{self, ContextCore};
+use super::registry::{PROVIDER_WAIT, Provider, Registry, Served};
+use super::turns::{Place, Turn, Turns, Turnstile};
+use crate::body::Body;
+use crate::error::{Error, KindKept};
+use crate::gate;
+use crate::host::{AlarmInfo, DurableObject, Env, State};
+use crate::message::{BoxError, Request, StreamRequest, StreamResponse};
+use crate::wire::convert;
+use crate::wire::duro_capnp::{durable_object, external_object};
+
+/// The class of an external class's objects (see the module docs).
+pub(crate) struct External {
+    core: Rc<Core>,
+}
+
+struct Core {
+    class: String,
+    state: State,
+    /// The host's namespaces, for the instance's env; weak, as a Rust class's `Env` is.
+    env: Env,
+    /// The providers of the host's external classes; `None` only for a host assembled
+    /// without one, where every event fails.
+    registry: Option<Rc<Registry>>,
+    turns: Rc<Turns>,
+    turnstile: Rc<Turnstile>,
+    /// The instance, once a provider was asked for it.
+    bound: RefCell<Option<Bound>>,
+}
+
+/// The object's instance in a provider, and what it holds of the object.
+struct Bound {
+    instance: external_object::Client,
+    /// As `fetch` is called: the `DurableObject` that `ExternalObject` extends.
+    stub: durable_object::Client,
+    /// What its context serves from: dropped with the binding, which makes it useless.
+    _context: Rc<ContextCore>,
+    /// Known to the provider's registration, which resets the object when the provider goes.
+    _served: Rc<Served>,
+}
+
+impl External {
+    /// The instance of an object of `class` with `state`, before any provider is asked.
+    pub(crate) fn new(state: State, env: Env, class: &str) -> External {
+        let registry = env.host().and_then(|host| Registry::of(&host));
+        let turns = Turns::new(state.gate().clone());
+        External {
+            core: Rc::new(Core {
+                class: class.to_owned(),
+                state,
+                env,
+                registry,
+                turns,
+                turnstile: Rc::default(),
+                bound: RefCell::default(),
+            }),
+        }
+    }
+}
+
+impl DurableObject for External {
+    async fn fetch_stream(&self, request: StreamRequest) -> Result<StreamResponse, BoxError> {
+        let core = &self.core;
+        // Taken at delivery, before any await: this keeps the events' order.
+        let place = core.turnstile.take();
+        let deadline = Instant::now() + PROVIDER_WAIT;
+        let (parts, body) = request.into_parts();
+        let request = Request::from_parts(parts, body.bytes().await?);
+        let (bound, turn) = core.turn(place, deadline).await?;
+        let mut call = bound.stub.fetch_request();
+        convert::request_to_capnp(&request, call.get().init_request());
+        let reply = call.send().promise.await.map_err(|e| core.failed(e))?;
+        let response = convert::response_from_capnp(reply.get()?.get_response()?)?;
+        drop(turn);
+        Ok(response.map(Body::from))
+    }
+
+    async fn alarm(&self, info: AlarmInfo) -> Result<(), BoxError> {
+        let core = &self.core;
+        let place = core.turnstile.take();
+        let deadline = Instant::now() + PROVIDER_WAIT;
+        let (bound, turn) = core.turn(place, deadline).await?;
+        let mut call = bound.instance.alarm_request();
+        call.get().set_retry_count(info.retry_count);
+        let reply = call.send().promise.await;
+        drop(turn);
+        match reply {
+            Ok(_) => Ok(()),
+            // As a Rust class's default `alarm`: nothing to do.
+            Err(error) if error.kind == ErrorKind::Unimplemented => Ok(()),
+            Err(error) => Err(core.failed(error)),
+        }
+    }
+}
+
+/// The instance's clients, for one event.
+struct Instance {
+    instance: external_object::Client,
+    stub: durable_object::Client,
+}
+
+impl Core {
+    /// Waits for the event's turn: the instance (bound now if need be), the events before it
+    /// (`place`), and the gate, held until the returned [`Turn`] is dropped.
+    async fn turn(
+        self: &Rc<Self>,
+        place: Place,
+        deadline: Instant,
+    ) -> Result<(Instance, Turn), BoxError> {
+        let instance = self.instance(deadline).await?;
+        place.reached().await;
+        // The task the activation runs the event as: the gate is open for it alone.
+        let task = gate::current_task().unwrap_or_else(gate::next_task_id);
+        let turn = self.turns.begin(task).await;
+        drop(place);
+        Ok((instance, turn))
+    }
+
+    /// The object's instance, asking a provider for one if it has none, round robin; while
+    /// none is registered, waiting for one until `deadline`, then failing `overloaded`.
+    async fn instance(self: &Rc<Self>, deadline: Instant) -> Result<Instance, BoxError> {
+        let registry = self.registry.clone().ok_or_else(|| {
+            KindKept(Error::Disconnected(
+                "the host has no registry of providers (it is shutting down)".into(),
+            ))
+        })?;
+        loop {
+            if let Some(bound) = &*self.bound.borrow() {
+                return Ok(Instance {
+                    instance: bound.instance.clone(),
+                    stub: bound.stub.clone(),
+                });
+            }
+            let Some(arrived) = registry.arrivals(&self.class) else {
+                let why = format!("class '{}' is not an external class", self.class);
+                return Err(KindKept(Error::InvalidArgument(why)).into());
+            };
+            let notified = arrived.notified();
+            let mut notified = std::pin::pin!(notified);
+            // A waiter before looking, so that a registration in between is not missed.
+            notified.as_mut().enable();
+            if let Some(provider) = registry.pick(&self.class) {
+                self.bind(&provider)?;
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(KindKept(Error::Overloaded(format!(
+                    "no provider of class '{}' is connected: waited {PROVIDER_WAIT:?} \
+                     (PROVIDER_WAIT)",
+                    self.class
+                )))
+                .into());
+            }
+        }
+    }
+
+    /// Asks `provider` for the object's instance, handing it a context of the object. The
+    /// instance is usable at once (capnp pipelines calls on it behind `newInstance`); if
+    /// `newInstance` fails, the object is reset.
+    fn bind(self: &Rc<Self>, provider: &Rc<Provider>) -> Result<(), BoxError> {
+        let context = Rc::new(ContextCore {
+            state: self.state.clone(),
+            turns: self.turns.clone(),
+            connection: provider.connection.clone(),
+            env: self.env.clone(),
+        });
+        let mut request = provider.client.new_instance_request();
+        request.get().set_context(context::client(&context));
+        let call = request.send();
+        let instance = call.pipeline.get_instance();
+        let served = Served::new(self.state.clone());
+        provider.adopt(&served);
+        let live = Rc::downgrade(&context);
+        let class = provider.class().to_owned();
+        tokio::task::spawn_local(async move {
+            if let Err(error) = call.promise.await
+                && let Some(context) = live.upgrade()
+            {
+                let reason = format!("the provider of class '{class}' built no instance: {error}");
+                context.state.reset(&reason);
+            }
+        });
+        let stub = durable_object::Client {
+            client: instance.client.clone(),
+        };
+        *self.bound.borrow_mut() = Some(Bound {
+            instance,
+            stub,
+            _context: context,
+            _served: served,
+        });
+        Ok(())
+    }
+
+    /// What a failed call of the instance ends the event with. A lost instance (its provider
+    /// went, or it answered `disconnected`) resets the object: every stub to it breaks, and
+    /// the next `get` asks a provider again.
+    fn failed(&self, error: capnp::Error) -> BoxError {
+        let message = error.extra.strip_prefix("remote exception: ");
+        let message = message.unwrap_or(&error.extra).to_owned();
+        let kept = match error.kind {
+            ErrorKind::Disconnected | ErrorKind::PrematureEndOfFile => {
+                let reason = format!("the instance of class '{}' was lost: {message}", self.class);
+                self.state.reset(&reason);
+                Error::Disconnected(reason)
+            }
+            ErrorKind::Overloaded => Error::Overloaded(message),
+            _ => Error::Remote(message),
+        };
+        KindKept(kept).into()
+    }
+}

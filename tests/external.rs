@@ -1,0 +1,851 @@
+//! External classes (`Host.registerProvider`): a provider written here in Rust over a real
+//! capnp connection serves the class `ext`, and the host keeps for it what it keeps for any
+//! class: one instance per object, the input gate (whatever the latency between provider and
+//! host), the output gate, resets when the provider goes, a bounded wait for one. The provider
+//! answers each request by its path (see [`Object::handle`]), so each test drives the exact
+//! storage calls it needs. The Python providers of `examples/` are run by tests/python.rs.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use duro::duro_capnp::{
+    class_provider, durable_object, external_object, host, object_context, registration, storage,
+};
+use duro::testing::{FaultyBackend, ManualClock, TestServer, fetch_by_name, run_local};
+use duro::{Error, HostLimits, Server};
+
+/// The object's storage key of the counter of `/incr`.
+const COUNT: &[u8] = b"n";
+
+/// What the provider's instances did, for the tests to look at.
+#[derive(Clone, Default)]
+struct Log {
+    /// The hex ID of each instance built, in order, with the provider's name.
+    built: Rc<RefCell<Vec<(String, &'static str)>>>,
+    /// Alarms delivered: (hex ID, retry count).
+    alarms: Rc<RefCell<Vec<(String, u32)>>>,
+    /// The storage capability of each object, as its instance got it.
+    storages: Rc<RefCell<Vec<storage::Client>>>,
+}
+
+struct Provider {
+    name: &'static str,
+    log: Log,
+}
+
+impl class_provider::Server for Provider {
+    fn new_instance(
+        self: Rc<Self>,
+        params: class_provider::NewInstanceParams,
+        mut results: class_provider::NewInstanceResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let made = params
+            .get()
+            .and_then(|p| p.get_context())
+            .inspect(|context| {
+                let storage = context.storage_request().send().pipeline.get_storage();
+                let env = context.env_request().send().pipeline.get_host();
+                self.log.storages.borrow_mut().push(storage.clone());
+                let object = Object {
+                    context: context.clone(),
+                    storage,
+                    env,
+                    log: self.log.clone(),
+                };
+                let instance: external_object::Client = capnp_rpc::new_client(object);
+                results.get().set_instance(instance);
+            });
+        async move {
+            let id = made?.id_request().send().promise.await?;
+            let hex = id.get()?.get_hex()?.to_string()?;
+            self.log.built.borrow_mut().push((hex, self.name));
+            Ok(())
+        }
+    }
+}
+
+struct Object {
+    context: object_context::Client,
+    storage: storage::Client,
+    env: host::Client,
+    log: Log,
+}
+
+impl durable_object::Server for Object {
+    fn fetch(
+        self: Rc<Self>,
+        params: durable_object::FetchParams,
+        mut results: durable_object::FetchResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let request = params.get().and_then(|p| {
+            let request = p.get_request()?;
+            let url = request.get_url()?.to_string()?;
+            Ok((request.get_method()?.to_string()?, url))
+        });
+        async move {
+            let (_method, url) = request?;
+            let body = self.handle(&url).await?;
+            let mut response = results.get().init_response();
+            response.set_status(200);
+            response.set_body(body.as_bytes());
+            Ok(())
+        }
+    }
+}
+
+impl external_object::Server for Object {
+    fn alarm(
+        self: Rc<Self>,
+        params: external_object::AlarmParams,
+        _: external_object::AlarmResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let retry = params.get().map(|p| p.get_retry_count());
+        async move {
+            let id = self.context.id_request().send().promise.await?;
+            let hex = id.get()?.get_hex()?.to_string()?;
+            self.log.alarms.borrow_mut().push((hex, retry?));
+            Ok(())
+        }
+    }
+}
+
+/// The query of `url` as a map.
+fn query(url: &str) -> BTreeMap<String, String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), decode(v)))
+        .collect()
+}
+
+/// `text` with its `%3F`, `%26` and `%3D` decoded: enough for a path in a query.
+fn decode(text: &str) -> String {
+    text.replace("%3F", "?")
+        .replace("%26", "&")
+        .replace("%3D", "=")
+}
+
+fn failed(message: impl Into<String>) -> capnp::Error {
+    capnp::Error::failed(message.into())
+}
+
+impl Object {
+    /// Answers `url` (a path and its query) with the storage calls it names.
+    async fn handle(&self, url: &str) -> capnp::Result<String> {
+        let path = url.split('?').next().unwrap_or("");
+        let q = query(url);
+        let arg = |name: &str| q.get(name).cloned().unwrap_or_default();
+        match path {
+            "/incr" => self.increment(arg("delay_ms").parse().unwrap_or(0)).await,
+            "/get" => Ok(self.get(arg("k").as_bytes()).await?.unwrap_or_default()),
+            "/put" => {
+                self.put(arg("k").as_bytes(), arg("v").as_bytes()).await?;
+                Ok("ok".into())
+            }
+            "/put-unawaited" => {
+                // Sent, not awaited: the call leaves before the answer does.
+                let mut put = self.storage.put_request();
+                put.get().set_key(arg("k").as_bytes());
+                put.get().set_value(arg("v").as_bytes());
+                let sent = put.send().promise;
+                tokio::task::spawn_local(async move { drop(sent.await) });
+                Ok("sent".into())
+            }
+            "/keys" => self.keys().await,
+            "/id" => {
+                let id = self.context.id_request().send().promise.await?;
+                let id = id.get()?;
+                let name = id.get_id()?.get_name()?.to_string()?;
+                Ok(format!("{} {}", id.get_hex()?.to_string()?, name))
+            }
+            "/call" => self.call(&arg("name"), &arg("path")).await,
+            "/sync" => {
+                self.storage.sync_request().send().promise.await?;
+                Ok("synced".into())
+            }
+            "/txn" => self.transaction(&arg("mode")).await,
+            "/batch" => self.batch().await,
+            "/fill" => {
+                let n: usize = arg("n").parse().unwrap_or(0);
+                let bytes: usize = arg("bytes").parse().unwrap_or(1);
+                self.fill(n, bytes).await?;
+                Ok("filled".into())
+            }
+            "/count" => {
+                let listed = self.list(&q).await?;
+                let keys: Vec<&str> = listed
+                    .split(',')
+                    .map(|p| p.split('=').next().unwrap())
+                    .collect();
+                let (first, last) = (keys[0], keys[keys.len() - 1]);
+                Ok(format!("{} {first} {last}", keys.len()))
+            }
+            "/list" => self.list(&q).await,
+            "/alarm" => {
+                let mut set = self.storage.set_alarm_request();
+                set.get().set_at_ms(arg("at").parse().unwrap_or(0));
+                set.send().promise.await?;
+                let alarm = self.storage.get_alarm_request().send().promise.await?;
+                Ok(alarm.get()?.get_at_ms().to_string())
+            }
+            "/fail" => Err(failed("the object says no")),
+            _ => Err(failed(format!("no route {path}"))),
+        }
+    }
+
+    async fn get(&self, key: &[u8]) -> capnp::Result<Option<String>> {
+        let mut get = self.storage.get_request();
+        get.get().set_key(key);
+        let reply = get.send().promise.await?;
+        let reply = reply.get()?;
+        let value = String::from_utf8_lossy(reply.get_value()?).into_owned();
+        Ok(reply.get_found().then_some(value))
+    }
+
+    async fn put(&self, key: &[u8], value: &[u8]) -> capnp::Result<()> {
+        let mut put = self.storage.put_request();
+        put.get().set_key(key);
+        put.get().set_value(value);
+        put.send().promise.await?;
+        Ok(())
+    }
+
+    /// Reads the counter, waits `delay_ms` (a slow provider, or a long way to the host), and
+    /// writes it plus one: a read-modify-write with awaits between read and write.
+    async fn increment(&self, delay_ms: u64) -> capnp::Result<String> {
+        let count: u64 = self.get(COUNT).await?.map_or(0, |v| v.parse().unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        self.put(COUNT, (count + 1).to_string().as_bytes()).await?;
+        Ok((count + 1).to_string())
+    }
+
+    async fn keys(&self) -> capnp::Result<String> {
+        let mut list = self.storage.list_request();
+        list.get().init_options();
+        let reply = list.send().promise.await?;
+        let entries = reply.get()?.get_entries()?;
+        let keys: Vec<String> = entries
+            .iter()
+            .map(|e| Ok(String::from_utf8_lossy(e.get_key()?).into_owned()))
+            .collect::<capnp::Result<_>>()?;
+        Ok(keys.join(","))
+    }
+
+    /// `list` with the options of the query: `start`, `startAfter`, `end`, `prefix`,
+    /// `reverse`, `limit`; answers `key=value` pairs.
+    async fn list(&self, q: &BTreeMap<String, String>) -> capnp::Result<String> {
+        let mut list = self.storage.list_request();
+        {
+            let mut options = list.get().init_options();
+            for (name, value) in q {
+                match name.as_str() {
+                    "start" => options.set_start(value.as_bytes()),
+                    "startAfter" => options.set_start_after(value.as_bytes()),
+                    "end" => options.set_end(value.as_bytes()),
+                    "prefix" => options.set_prefix(value.as_bytes()),
+                    "reverse" => options.set_reverse(value == "true"),
+                    "limit" => options.set_limit(value.parse().unwrap_or(0)),
+                    _ => {}
+                }
+            }
+        }
+        let reply = list.send().promise.await?;
+        let pairs: Vec<String> = reply
+            .get()?
+            .get_entries()?
+            .iter()
+            .map(|e| {
+                let key = String::from_utf8_lossy(e.get_key()?).into_owned();
+                Ok(format!("{key}={}", String::from_utf8_lossy(e.get_value()?)))
+            })
+            .collect::<capnp::Result<_>>()?;
+        Ok(pairs.join(","))
+    }
+
+    /// Puts `n` keys `m/0000`... with values of `bytes` bytes, 100 to a call.
+    async fn fill(&self, n: usize, bytes: usize) -> capnp::Result<()> {
+        for start in (0..n).step_by(100) {
+            let keys: Vec<usize> = (start..n.min(start + 100)).collect();
+            let mut put = self.storage.put_many_request();
+            let mut entries = put.get().init_entries(keys.len() as u32);
+            for (i, key) in keys.iter().enumerate() {
+                let mut entry = entries.reborrow().get(i as u32);
+                entry.set_key(format!("m/{key:04}").as_bytes());
+                entry.set_value(&vec![b'v'; bytes]);
+            }
+            put.send().promise.await?;
+        }
+        Ok(())
+    }
+
+    /// Calls the object `name` of namespace `ext` through the env, on `path`.
+    async fn call(&self, name: &str, path: &str) -> capnp::Result<String> {
+        let mut namespace = self.env.namespace_request();
+        namespace.get().set_name("ext");
+        let namespace = namespace.send().pipeline.get_namespace();
+        let mut get = namespace.get_by_name_request();
+        get.get().set_name(name);
+        let stub = get.send().pipeline.get_stub();
+        let mut fetch = stub.fetch_request();
+        let mut request = fetch.get().init_request();
+        request.set_method("POST");
+        request.set_url(path);
+        let reply = fetch.send().promise.await?;
+        let body = reply.get()?.get_response()?.get_body()?;
+        Ok(String::from_utf8_lossy(body).into_owned())
+    }
+
+    /// Puts, gets and deletes in batches; answers what each saw.
+    async fn batch(&self) -> capnp::Result<String> {
+        let mut put = self.storage.put_many_request();
+        {
+            let mut entries = put.get().init_entries(3);
+            for (i, (k, v)) in [("a", "1"), ("b", "2"), ("c", "3")].iter().enumerate() {
+                let mut entry = entries.reborrow().get(i as u32);
+                entry.set_key(k.as_bytes());
+                entry.set_value(v.as_bytes());
+            }
+        }
+        put.send().promise.await?;
+        let mut get = self.storage.get_many_request();
+        {
+            let mut keys = get.get().init_keys(3);
+            keys.set(0, b"c");
+            keys.set(1, b"zz");
+            keys.set(2, b"a");
+        }
+        let reply = get.send().promise.await?;
+        let found: Vec<String> = reply
+            .get()?
+            .get_entries()?
+            .iter()
+            .map(|e| Ok(String::from_utf8_lossy(e.get_key()?).into_owned()))
+            .collect::<capnp::Result<_>>()?;
+        let mut delete = self.storage.delete_many_request();
+        {
+            let mut keys = delete.get().init_keys(2);
+            keys.set(0, b"a");
+            keys.set(1, b"zz");
+        }
+        let deleted = delete.send().promise.await?.get()?.get_count();
+        let mut one = self.storage.delete_request();
+        one.get().set_key(b"b");
+        let existed = one.send().promise.await?.get()?.get_existed();
+        Ok(format!(
+            "found {} deleted {deleted} existed {existed} left {}",
+            found.join(","),
+            self.keys().await?
+        ))
+    }
+
+    /// A transaction that commits (`commit`), rolls back (`rollback`), or meets a write from
+    /// outside it before its commit (`conflict`); answers what it saw.
+    async fn transaction(&self, mode: &str) -> capnp::Result<String> {
+        let txn = self.storage.transaction_request().send().pipeline.get_txn();
+        let mut put = txn.put_request();
+        put.get().set_key(b"t");
+        put.get().set_value(mode.as_bytes());
+        put.send().promise.await?;
+        let mut get = txn.get_request();
+        get.get().set_key(b"t");
+        let seen = get.send().promise.await?;
+        let seen = String::from_utf8_lossy(seen.get()?.get_value()?).into_owned();
+        let outside = self.get(b"t").await?;
+        match mode {
+            "rollback" => {
+                txn.rollback_request().send().promise.await?;
+                let mut after = txn.put_request();
+                after.get().set_key(b"u");
+                let refused = after.send().promise.await.is_err();
+                Ok(format!("saw {seen} outside {outside:?} refused {refused}"))
+            }
+            _ => {
+                if mode == "conflict" {
+                    self.put(b"other", b"write").await?;
+                }
+                let committed = txn.commit_request().send().promise.await?;
+                let committed = committed.get()?.get_committed();
+                Ok(format!(
+                    "saw {seen} outside {outside:?} committed {committed}"
+                ))
+            }
+        }
+    }
+}
+
+/// A host with the class `ext` bound to the namespace `ext`, and the built-in classes.
+fn builder() -> duro::Builder {
+    duro::builtin::register(Server::builder()).external("ext", "ext")
+}
+
+/// Registers a provider named `name` of `class` on `host`, logging into `log`.
+async fn register(
+    host: &host::Client,
+    class: &str,
+    name: &'static str,
+    log: &Log,
+) -> Result<registration::Client, Error> {
+    let mut call = host.register_provider_request();
+    call.get().set_class_name(class);
+    let provider: class_provider::Client = capnp_rpc::new_client(Provider {
+        name,
+        log: log.clone(),
+    });
+    call.get().set_provider(provider);
+    Ok(call.send().promise.await?.get()?.get_registration()?)
+}
+
+/// A provider on a connection of its own, which the test can cut (dropping the returned
+/// handle aborts the connection's task, as a provider process that dies).
+async fn provider_connection(
+    server: &TestServer,
+    name: &'static str,
+    log: &Log,
+) -> (registration::Client, tokio::task::JoinHandle<()>) {
+    let addr = duro::ListenAddr::Tcp(server.addr());
+    let (host, rpc) = duro::wire::connect(&addr).await.unwrap();
+    let task = tokio::task::spawn_local(async move {
+        let _ = rpc.await;
+    });
+    let registration = register(&host, "ext", name, log).await.unwrap();
+    (registration, task)
+}
+
+async fn call(host: &host::Client, name: &str, path: &str) -> Result<String, Error> {
+    let response = fetch_by_name(host, "ext", name, "POST", path, b"").await?;
+    Ok(String::from_utf8_lossy(response.body()).into_owned())
+}
+
+/// Waits until `done` holds, at most 5 s.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn an_object_lives_in_one_instance_of_its_provider_and_keeps_its_storage() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        for expected in 1..=3 {
+            assert_eq!(
+                call(&host, "a", "/incr").await.unwrap(),
+                expected.to_string()
+            );
+        }
+        assert_eq!(call(&host, "b", "/incr").await.unwrap(), "1");
+        let id = call(&host, "a", "/id").await.unwrap();
+        let (hex, name) = id.split_once(' ').unwrap();
+        assert_eq!((hex.len(), name), (64, "a"));
+        // One instance per object, however many calls and stubs.
+        let built = log.built.borrow().clone();
+        assert_eq!(built.len(), 2, "{built:?}");
+        assert_eq!(built[0].0, hex);
+        // The instance's error reaches the caller as the object's own.
+        let error = call(&host, "a", "/fail").await.unwrap_err();
+        assert_eq!(error, Error::Remote("the object says no".into()));
+        assert_eq!(call(&host, "a", "/get?k=n").await.unwrap(), "3");
+    });
+}
+
+#[test]
+fn no_event_interleaves_with_a_storage_call_in_flight() {
+    // Each increment reads, waits 3 ms, then writes: were a second event delivered while the
+    // first one's calls travel, both would read the same count and one increment would be
+    // lost. The provider itself runs calls concurrently (capnp-rpc dispatches each at once).
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let calls = (0..40).map(|_| call(&host, "hot", "/incr?delay_ms=3"));
+        let mut answers: Vec<u64> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|answer| answer.unwrap().parse().unwrap())
+            .collect();
+        answers.sort();
+        assert_eq!(answers, (1..=40).collect::<Vec<_>>());
+        assert_eq!(call(&host, "hot", "/get?k=n").await.unwrap(), "40");
+    });
+}
+
+#[test]
+fn a_call_on_another_object_lets_events_in_so_call_backs_do_not_deadlock() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        // `a` calls itself through its env: the call is an event of `a`, delivered while the
+        // first one awaits it.
+        let own = call(&host, "a", "/call?name=a&path=/incr");
+        let own = tokio::time::timeout(Duration::from_secs(5), own).await;
+        assert_eq!(own.expect("a call back to itself deadlocked").unwrap(), "1");
+        // `b` calls `c`, which calls back `b`.
+        let chain = call(
+            &host,
+            "b",
+            "/call?name=c&path=/call%3Fname%3Db%26path%3D/incr",
+        );
+        let chain = tokio::time::timeout(Duration::from_secs(5), chain).await;
+        let chain = chain.expect("a call back through another object deadlocked");
+        assert_eq!(chain.unwrap(), "1");
+    });
+}
+
+#[test]
+fn an_answer_waits_for_the_writes_its_instance_sent_before_it() {
+    let slot: Arc<Mutex<Option<Arc<FaultyBackend>>>> = Arc::default();
+    let wrap_slot = slot.clone();
+    let server = TestServer::start(builder().wrap_backend(move |inner| {
+        let faulty = FaultyBackend::new(inner);
+        *wrap_slot.lock().unwrap() = Some(faulty.clone());
+        faulty
+    }));
+    let faulty = slot.lock().unwrap().clone().unwrap();
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        assert_eq!(call(&host, "g", "/put?k=warm&v=1").await.unwrap(), "ok");
+        let before = faulty.commits();
+        faulty.hold();
+        // The instance sends its put and answers at once, without waiting for the put's
+        // answer: the put arrives before the answer, so the answer waits for it.
+        let pending = tokio::task::spawn_local({
+            let host = host.clone();
+            async move { call(&host, "g", "/put-unawaited?k=x&v=1").await }
+        });
+        until("the put's commit", || faulty.commits() > before).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answered_early = pending.is_finished();
+        // Released before asserting: a held commit would keep the server from shutting down.
+        faulty.release();
+        assert!(!answered_early, "answered before its write was durable");
+        assert_eq!(pending.await.unwrap().unwrap(), "sent");
+        assert_eq!(call(&host, "g", "/get?k=x").await.unwrap(), "1");
+    });
+}
+
+#[test]
+fn an_instance_sees_its_own_objects_storage_and_no_other() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        call(&host, "a", "/put?k=mine-a&v=1").await.unwrap();
+        call(&host, "b", "/put?k=mine-b&v=2").await.unwrap();
+        assert_eq!(call(&host, "a", "/keys").await.unwrap(), "mine-a");
+        assert_eq!(call(&host, "b", "/keys").await.unwrap(), "mine-b");
+        assert_eq!(call(&host, "a", "/get?k=mine-b").await.unwrap(), "");
+    });
+}
+
+#[test]
+fn providers_share_the_activations_round_robin() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let (_one, _one_task) = provider_connection(&server, "one", &log).await;
+        let (_two, _two_task) = provider_connection(&server, "two", &log).await;
+        for i in 0..10 {
+            assert_eq!(call(&host, &format!("o{i}"), "/incr").await.unwrap(), "1");
+        }
+        // Every call of an object goes to its one instance.
+        for i in 0..10 {
+            assert_eq!(call(&host, &format!("o{i}"), "/incr").await.unwrap(), "2");
+        }
+        let built = log.built.borrow().clone();
+        assert_eq!(built.len(), 10);
+        let on_one = built.iter().filter(|(_, p)| *p == "one").count();
+        assert_eq!(on_one, 5, "{built:?}");
+    });
+}
+
+#[test]
+fn a_provider_that_goes_resets_its_objects_and_another_takes_over() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let (registration, task) = provider_connection(&server, "first", &log).await;
+        assert_eq!(call(&host, "a", "/incr").await.unwrap(), "1");
+        // A stub held across the loss, and a call in flight when it happens.
+        let stub = {
+            let mut ns = host.namespace_request();
+            ns.get().set_name("ext");
+            let ns = ns.send().pipeline.get_namespace();
+            let mut get = ns.get_by_name_request();
+            get.get().set_name("a");
+            get.send().pipeline.get_stub()
+        };
+        let in_flight = tokio::task::spawn_local({
+            let stub = stub.clone();
+            let request = duro::testing::request("POST", "/incr?delay_ms=300", b"");
+            async move { duro::testing::fetch(&stub, request).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The provider's process dies: its connection is cut.
+        task.abort();
+        drop(registration);
+        let lost = in_flight.await.unwrap().unwrap_err();
+        assert!(matches!(lost, Error::Disconnected(_)), "{lost:?}");
+        let broken = duro::testing::fetch(&stub, duro::testing::request("GET", "/get?k=n", b""));
+        assert!(matches!(broken.await, Err(Error::Disconnected(_))));
+        // A second provider: a new `get` activates the object on it, from its storage.
+        let (_second, _task) = provider_connection(&server, "second", &log).await;
+        assert_eq!(call(&host, "a", "/incr").await.unwrap(), "2");
+        let built = log.built.borrow().clone();
+        assert_eq!(
+            built.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+            ["first", "second"]
+        );
+    });
+}
+
+#[test]
+fn releasing_the_registration_unregisters_the_provider() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let registration = register(&host, "ext", "p", &log).await.unwrap();
+        assert_eq!(call(&host, "a", "/incr").await.unwrap(), "1");
+        drop(registration);
+        let second = register(&host, "ext", "q", &log).await.unwrap();
+        // `a` was reset with the first provider's registration; its next `get` builds it on q.
+        assert_eq!(call(&host, "a", "/incr").await.unwrap(), "2");
+        let built: Vec<&str> = log.built.borrow().iter().map(|(_, p)| *p).collect();
+        assert_eq!(built, ["p", "q"]);
+        drop(second);
+    });
+}
+
+#[test]
+fn with_no_provider_a_call_waits_for_one_then_fails_overloaded() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let began = Instant::now();
+        let error = call(&host, "a", "/incr").await.unwrap_err();
+        let waited = began.elapsed();
+        assert!(matches!(error, Error::Overloaded(_)), "{error:?}");
+        assert!(waited >= duro::rpc::PROVIDER_WAIT, "{waited:?}");
+        assert!(waited < duro::rpc::PROVIDER_WAIT * 2, "{waited:?}");
+        // A provider that registers during the wait serves the calls waiting, in order.
+        let stub = {
+            let mut ns = host.namespace_request();
+            ns.get().set_name("ext");
+            let ns = ns.send().pipeline.get_namespace();
+            let mut get = ns.get_by_name_request();
+            get.get().set_name("b");
+            get.send().pipeline.get_stub()
+        };
+        let request = duro::testing::request("POST", "/incr", b"");
+        let calls: Vec<_> = (0..3)
+            .map(|_| duro::testing::fetch_call(&stub, &request).promise)
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let mut answers = Vec::new();
+        for call in calls {
+            let reply = call.await.unwrap();
+            let body = reply
+                .get()
+                .unwrap()
+                .get_response()
+                .unwrap()
+                .get_body()
+                .unwrap();
+            answers.push(String::from_utf8_lossy(body).into_owned());
+        }
+        assert_eq!(answers, ["1", "2", "3"]);
+    });
+}
+
+async fn call_owned(
+    host: host::Client,
+    name: &'static str,
+    path: &'static str,
+) -> Result<String, Error> {
+    call(&host, name, path).await
+}
+
+#[test]
+fn register_provider_refuses_unknown_classes_and_asks_for_the_token() {
+    let server = TestServer::start(builder().token("sesame"));
+    run_local(async {
+        let guard = server.connect().await;
+        let log = Log::default();
+        let refused = register(&guard, "ext", "p", &log).await.err().unwrap();
+        assert!(
+            format!("{refused}").contains("unauthenticated"),
+            "{refused}"
+        );
+        let mut auth = guard.authenticate_request();
+        auth.get().set_token("sesame");
+        let host = auth
+            .send()
+            .promise
+            .await
+            .unwrap()
+            .get()
+            .unwrap()
+            .get_host()
+            .unwrap();
+        let unknown = register(&host, "nope", "p", &log).await.err().unwrap();
+        assert!(
+            matches!(&unknown, Error::InvalidArgument(m) if m.contains("--external")),
+            "{unknown:?}"
+        );
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        assert_eq!(call(&host, "a", "/incr").await.unwrap(), "1");
+    });
+}
+
+#[test]
+fn transactions_commit_roll_back_and_see_conflicts() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        // Inside, a transaction sees its writes; outside, nothing until it commits.
+        let committed = call(&host, "t", "/txn?mode=commit").await.unwrap();
+        assert_eq!(committed, "saw commit outside None committed true");
+        assert_eq!(call(&host, "t", "/get?k=t").await.unwrap(), "commit");
+        let rolled_back = call(&host, "t", "/txn?mode=rollback").await.unwrap();
+        assert_eq!(
+            rolled_back,
+            "saw rollback outside Some(\"commit\") refused true"
+        );
+        assert_eq!(call(&host, "t", "/get?k=t").await.unwrap(), "commit");
+        // A write outside the transaction landed before its commit: nothing of it is written.
+        let conflict = call(&host, "t", "/txn?mode=conflict").await.unwrap();
+        assert_eq!(
+            conflict,
+            "saw conflict outside Some(\"commit\") committed false"
+        );
+        assert_eq!(call(&host, "t", "/get?k=t").await.unwrap(), "commit");
+        assert_eq!(call(&host, "t", "/get?k=other").await.unwrap(), "write");
+    });
+}
+
+#[test]
+fn batches_lists_and_limits_work_on_raw_bytes() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let batch = call(&host, "l", "/batch").await.unwrap();
+        assert_eq!(batch, "found a,c deleted 1 existed true left c");
+        for key in ["p/1", "p/2", "p/3", "q/1"] {
+            call(&host, "l", &format!("/put?k={key}&v={key}"))
+                .await
+                .unwrap();
+        }
+        let list = |q: &'static str| call_owned(host.clone(), "l", q);
+        assert_eq!(
+            list("/list?prefix=p/").await.unwrap(),
+            "p/1=p/1,p/2=p/2,p/3=p/3"
+        );
+        let reversed = list("/list?prefix=p/&reverse=true&limit=2").await.unwrap();
+        assert_eq!(reversed, "p/3=p/3,p/2=p/2");
+        assert_eq!(list("/list?startAfter=p/2&end=q").await.unwrap(), "p/3=p/3");
+        assert_eq!(list("/list?start=p/2&end=p/3").await.unwrap(), "p/2=p/2");
+        // An empty `end` set is a bound: nothing is below it.
+        assert_eq!(list("/list?end=").await.unwrap(), "");
+        // Lists read a page at a time inside the host, and answer all the same.
+        call(&host, "l", "/fill?n=600").await.unwrap();
+        assert_eq!(list("/count?prefix=m/").await.unwrap(), "600 m/0000 m/0599");
+        let reversed = list("/count?prefix=m/&reverse=true&limit=300")
+            .await
+            .unwrap();
+        assert_eq!(reversed, "300 m/0599 m/0300");
+        let after = list("/count?prefix=m/&startAfter=m/0100&end=m/0500")
+            .await
+            .unwrap();
+        assert_eq!(after, "399 m/0101 m/0499");
+        // An answer larger than a message is refused, naming the bound; a limit fits it.
+        call(&host, "big", "/fill?n=300&bytes=32000").await.unwrap();
+        let refused = call(&host, "big", "/count").await.unwrap_err();
+        assert!(
+            format!("{refused}").contains("RESPONSE_BYTES_MAX"),
+            "{refused}"
+        );
+        assert_eq!(
+            call(&host, "big", "/count?limit=100").await.unwrap(),
+            "100 m/0000 m/0099"
+        );
+        let long = "k".repeat(3000);
+        let refused = call(&host, "l", &format!("/put?k={long}&v=1"))
+            .await
+            .unwrap_err();
+        assert!(format!("{refused}").contains("key_bytes_max"), "{refused}");
+    });
+}
+
+#[test]
+fn an_alarm_reaches_the_instance() {
+    let clock = ManualClock::new(1_000_000);
+    let server = TestServer::start(builder().clock(Arc::new(clock.clone())));
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        assert_eq!(
+            call(&host, "w", "/alarm?at=1005000").await.unwrap(),
+            "1005000"
+        );
+        let hex = call(&host, "w", "/id").await.unwrap();
+        let hex = hex.split(' ').next().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(log.alarms.borrow().is_empty());
+        clock.advance(5_000);
+        until("the alarm", || !log.alarms.borrow().is_empty()).await;
+        assert_eq!(log.alarms.borrow()[0], (hex, 0));
+    });
+}
+
+#[test]
+fn the_context_of_an_evicted_object_can_no_longer_write() {
+    let limits = HostLimits {
+        idle_evict_ms: 100,
+        ..HostLimits::default()
+    };
+    let server = TestServer::start(builder().limits(limits));
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        assert_eq!(call(&host, "e", "/incr").await.unwrap(), "1");
+        let kept = log.storages.borrow()[0].clone();
+        // Idle: evicted (the sweep runs every 50 ms), and its instance released.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut put = kept.put_request();
+        put.get().set_key(COUNT);
+        put.get().set_value(b"100");
+        let refused = put.send().promise.await.map(|_| ()).map_err(Error::from);
+        assert!(
+            matches!(refused, Err(Error::Disconnected(_))),
+            "{refused:?}"
+        );
+        // The next call builds a new instance, from the durable count.
+        assert_eq!(call(&host, "e", "/incr").await.unwrap(), "2");
+        assert_eq!(log.built.borrow().len(), 2);
+    });
+}
