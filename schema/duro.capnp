@@ -175,8 +175,9 @@ interface ExternalObject extends(DurableObject) {
   # `ClassProvider.newInstance`). The host calls it as any stub is called, and keeps the
   # guarantees it keeps for a Rust class:
   #
-  # - E-order: the object's events (`fetch`, `alarm`) reach the instance in the order they
-  #   were made on a stub.
+  # - E-order: the object's events (`fetch`, `alarm`, and calls of an interface of its own:
+  #   the instance may answer one more interface ID, and typed calls on the object's stubs
+  #   are forwarded to it) reach the instance in the order they were made on a stub.
   # - Input gate: one event at a time. The host delivers the next event once the instance
   #   answered the one before, or while the instance awaits a call it made on a stub of its
   #   context's env (another object, which may call back). So no event interleaves with a

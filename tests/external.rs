@@ -17,6 +17,14 @@ use duro::duro_capnp::{
 use duro::testing::{FaultyBackend, ManualClock, TestServer, fetch_by_name, run_local};
 use duro::{Error, HostLimits, Server};
 
+/// The typed counter's interface (examples/typed_counter.capnp), which the provider's
+/// instances export besides `ExternalObject`.
+mod typed_counter_capnp {
+    #![allow(clippy::all, dead_code)]
+    include!(concat!(env!("OUT_DIR"), "/typed_counter_capnp.rs"));
+}
+use typed_counter_capnp::counter;
+
 /// The object's storage key of the counter of `/incr`.
 const COUNT: &[u8] = b"n";
 
@@ -55,7 +63,8 @@ impl class_provider::Server for Provider {
                     env,
                     log: self.log.clone(),
                 };
-                let instance: external_object::Client = capnp_rpc::new_client(object);
+                let both: capnp::capability::Client = capnp_rpc::new_client(Both(Rc::new(object)));
+                let instance = external_object::Client { client: both };
                 results.get().set_instance(instance);
             });
         async move {
@@ -93,6 +102,87 @@ impl durable_object::Server for Object {
             response.set_body(body.as_bytes());
             Ok(())
         }
+    }
+}
+
+/// An instance answering both `ExternalObject` and the typed `Counter`, by interface ID.
+struct Both(Rc<Object>);
+
+impl capnp::capability::FromServer<Both> for capnp::capability::Client {
+    type Dispatch = BothDispatch;
+
+    fn from_server(server: Rc<Both>) -> BothDispatch {
+        BothDispatch(server)
+    }
+}
+
+#[derive(Clone)]
+struct BothDispatch(Rc<Both>);
+
+impl std::ops::Deref for BothDispatch {
+    type Target = Both;
+
+    fn deref(&self) -> &Both {
+        &self.0
+    }
+}
+
+impl capnp::capability::Server for BothDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: capnp::capability::Params<capnp::any_pointer::Owned>,
+        results: capnp::capability::Results<capnp::any_pointer::Owned>,
+    ) -> capnp::capability::DispatchCallResult {
+        let object = self.0.0.clone();
+        if interface_id == <counter::Client as capnp::traits::HasTypeId>::TYPE_ID {
+            return counter::ServerDispatch::<Object>::dispatch_call_internal(
+                object, method_id, params, results,
+            );
+        }
+        capnp::capability::Server::dispatch_call(
+            external_object::ServerDispatch { server: object },
+            interface_id,
+            method_id,
+            params,
+            results,
+        )
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.0) as usize
+    }
+}
+
+impl counter::Server for Object {
+    fn increment(
+        self: Rc<Self>,
+        params: counter::IncrementParams,
+        mut results: counter::IncrementResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let by = params.get().map(|p| p.get_by());
+        async move {
+            let count: i64 = Object::get(&self, COUNT)
+                .await?
+                .map_or(0, |v| v.parse().unwrap_or(0));
+            let value = count + by?;
+            self.put(COUNT, value.to_string().as_bytes()).await?;
+            results.get().set_value(value);
+            Ok(())
+        }
+    }
+
+    async fn get(
+        self: Rc<Self>,
+        _: counter::GetParams,
+        mut results: counter::GetResults,
+    ) -> capnp::Result<()> {
+        let count: i64 = Object::get(&self, COUNT)
+            .await?
+            .map_or(0, |v| v.parse().unwrap_or(0));
+        results.get().set_value(count);
+        Ok(())
     }
 }
 
@@ -847,5 +937,50 @@ fn the_context_of_an_evicted_object_can_no_longer_write() {
         // The next call builds a new instance, from the durable count.
         assert_eq!(call(&host, "e", "/incr").await.unwrap(), "2");
         assert_eq!(log.built.borrow().len(), 2);
+    });
+}
+
+#[test]
+fn typed_calls_reach_the_providers_instance_in_turn_with_fetch() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let host = server.connect().await;
+        let log = Log::default();
+        let _registration = register(&host, "ext", "one", &log).await.unwrap();
+        let namespace = host.namespace_request();
+        let namespace = {
+            let mut namespace = namespace;
+            namespace.get().set_name("ext");
+            namespace.send().pipeline.get_namespace()
+        };
+        let mut get = namespace.get_by_name_request();
+        get.get().set_name("typed");
+        let stub = get.send().pipeline.get_stub();
+        let typed = counter::Client {
+            client: stub.client.clone(),
+        };
+        // A typed call, a fetch and a typed call, all sent before any answer: one order.
+        let mut first = typed.increment_request();
+        first.get().set_by(2);
+        let first = first.send().promise;
+        let incr = duro::testing::request("POST", "/incr", b"");
+        let fetched = duro::testing::fetch_call(&stub, &incr).promise;
+        let mut second = typed.increment_request();
+        second.get().set_by(10);
+        let second = second.send().promise;
+        assert_eq!(first.await.unwrap().get().unwrap().get_value(), 2);
+        let fetched = fetched.await.unwrap();
+        let body = fetched
+            .get()
+            .unwrap()
+            .get_response()
+            .unwrap()
+            .get_body()
+            .unwrap();
+        assert_eq!(body, b"3");
+        assert_eq!(second.await.unwrap().get().unwrap().get_value(), 13);
+        let read = typed.get_request().send().promise.await.unwrap();
+        assert_eq!(read.get().unwrap().get_value(), 13);
+        assert_eq!(log.built.borrow().len(), 1, "one instance");
     });
 }

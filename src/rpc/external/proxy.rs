@@ -13,9 +13,10 @@
 //! transport's bound; the answer is a whole response. Streamed bodies and WebSockets would go
 //! through `DurableObject.request`, which this proxy does not use yet.
 //!
-//! Typed interfaces: once a class may export a capnp interface of its own, an external class
-//! exports the instance's (it is a capability already): the proxy would forward those calls
-//! by interface ID as it forwards `fetch`, through [`Core::turn`].
+//! Typed interfaces: the proxy exports a capability ([`Forwarder`]) that passes every call of
+//! an interface other than `DurableObject` on to the instance, by interface ID, each in its
+//! turn as `fetch` is; an instance that does not implement the interface answers
+//! `unimplemented`, as a Rust class without one does.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -84,6 +85,12 @@ impl External {
 }
 
 impl DurableObject for External {
+    fn interface(self: Rc<Self>) -> Option<capnp::capability::Client> {
+        Some(capnp_rpc::new_client(Forwarder {
+            core: self.core.clone(),
+        }))
+    }
+
     async fn fetch_stream(&self, request: StreamRequest) -> Result<StreamResponse, BoxError> {
         let core = &self.core;
         // Taken at delivery, before any await: this keeps the events' order.
@@ -115,6 +122,76 @@ impl DurableObject for External {
             Err(error) if error.kind == ErrorKind::Unimplemented => Ok(()),
             Err(error) => Err(core.failed(error)),
         }
+    }
+}
+
+/// Passes the calls of the object's own interface on to the instance (see the module docs).
+/// The host delivers each through the activation, so it runs inside the delivered handler:
+/// its place among the events is taken there, before any await.
+struct Forwarder {
+    core: Rc<Core>,
+}
+
+/// Lets capnp-rpc serve a [`Forwarder`] for any interface ID.
+impl capnp::capability::FromServer<Forwarder> for capnp::capability::Client {
+    type Dispatch = ForwarderDispatch;
+
+    fn from_server(server: Rc<Forwarder>) -> ForwarderDispatch {
+        ForwarderDispatch { server }
+    }
+}
+
+#[derive(Clone)]
+struct ForwarderDispatch {
+    server: Rc<Forwarder>,
+}
+
+impl std::ops::Deref for ForwarderDispatch {
+    type Target = Forwarder;
+
+    fn deref(&self) -> &Forwarder {
+        &self.server
+    }
+}
+
+impl capnp::capability::Server for ForwarderDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: capnp::capability::Params<capnp::any_pointer::Owned>,
+        results: capnp::capability::Results<capnp::any_pointer::Owned>,
+    ) -> capnp::capability::DispatchCallResult {
+        let core = self.server.core.clone();
+        let place = core.turnstile.take();
+        let deadline = Instant::now() + PROVIDER_WAIT;
+        let call = async move {
+            let (bound, turn) = core
+                .turn(place, deadline)
+                .await
+                .map_err(|e| capnp::Error::failed(e.to_string()))?;
+            let hook = bound.instance.client.hook;
+            let answer = hook
+                .call(interface_id, method_id, params.hook, results.hook)
+                .await;
+            drop(turn);
+            match answer {
+                Err(error) if error.kind != ErrorKind::Unimplemented => {
+                    // A lost instance resets the object, as for `fetch`.
+                    let _ = core.failed(error.clone());
+                    Err(error)
+                }
+                answer => answer,
+            }
+        };
+        capnp::capability::DispatchCallResult::new(
+            capnp::capability::Promise::from_future(call),
+            false,
+        )
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.server) as usize
     }
 }
 
