@@ -35,6 +35,9 @@ interface Probe {
 
   stub @8 () -> (stub :Duro.DurableObject);
   # A stub to the object itself, made into a capability: through the host.
+
+  big @9 (bytes :UInt32) -> (data :Data);
+  # Answers `bytes` bytes of data.
 }
 
 interface Reader {

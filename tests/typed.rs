@@ -234,6 +234,16 @@ impl probe::Server for Probe {
         panic!("the probe crashed on purpose")
     }
 
+    async fn big(
+        self: CapRc<Self>,
+        params: probe::BigParams,
+        mut results: probe::BigResults,
+    ) -> capnp::Result<()> {
+        let bytes = params.get()?.get_bytes() as usize;
+        results.get().init_data(bytes as u32);
+        Ok(())
+    }
+
     async fn stub(
         self: CapRc<Self>,
         _: probe::StubParams,
@@ -537,6 +547,27 @@ fn a_typed_answer_waits_until_its_writes_are_durable() {
     let server = TestServer::start(faulty_builder(&events, &slot));
     let faulty = slot.lock().unwrap().clone().unwrap();
     run_local(async { check_output_gate(server.connect().await, faulty).await });
+}
+
+#[test]
+fn results_over_the_response_bound_fail_the_call_alone() {
+    on_both(|host, _events| async move {
+        let typed = probe(&host, "big");
+        let big = |bytes: usize| {
+            let mut call = typed.big_request();
+            call.get().set_bytes(bytes as u32);
+            let answer = call.send().promise;
+            async move { Ok::<_, Error>(answer.await?.get()?.get_data()?.len()) }
+        };
+        assert_eq!(big(1 << 20).await.unwrap(), 1 << 20, "within the bound");
+        let over = big(duro::rpc::RESPONSE_BYTES_MAX + 1).await;
+        assert!(
+            matches!(&over, Err(Error::Remote(message)) if message.contains("RESPONSE_BYTES_MAX")),
+            "{over:?}"
+        );
+        // The connection and the object live on.
+        assert_eq!(record(&typed, "after").await.unwrap(), (1, 1));
+    });
 }
 
 #[test]
