@@ -489,6 +489,15 @@ async fn register(
     Ok(call.send().promise.await?.get()?.get_registration()?)
 }
 
+/// A client of `server` with one provider `p` of `ext` registered on it: the client, the
+/// provider's log, and its registration (the provider is served while it is held).
+async fn with_provider(server: &TestServer) -> (host::Client, Log, registration::Client) {
+    let host = server.connect().await;
+    let log = Log::default();
+    let registration = register(&host, "ext", "p", &log).await.unwrap();
+    (host, log, registration)
+}
+
 /// A provider on a connection of its own, which the test can cut (dropping the returned
 /// handle aborts the connection's task, as a provider process that dies).
 async fn provider_connection(
@@ -523,9 +532,7 @@ async fn until(what: &str, done: impl Fn() -> bool) {
 fn an_object_lives_in_one_instance_of_its_provider_and_keeps_its_storage() {
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, log, _registration) = with_provider(&server).await;
         for expected in 1..=3 {
             assert_eq!(
                 call(&host, "a", "/incr").await.unwrap(),
@@ -554,9 +561,7 @@ fn no_event_interleaves_with_a_storage_call_in_flight() {
     // lost. The provider itself runs calls concurrently (capnp-rpc dispatches each at once).
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         let calls = (0..40).map(|_| call(&host, "hot", "/incr?delay_ms=3"));
         let mut answers: Vec<u64> = futures::future::join_all(calls)
             .await
@@ -573,9 +578,7 @@ fn no_event_interleaves_with_a_storage_call_in_flight() {
 fn a_call_on_another_object_lets_events_in_so_call_backs_do_not_deadlock() {
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         // `a` calls itself through its env: the call is an event of `a`, delivered while the
         // first one awaits it.
         let own = call(&host, "a", "/call?name=a&path=/incr");
@@ -604,9 +607,7 @@ fn an_answer_waits_for_the_writes_its_instance_sent_before_it() {
     }));
     let faulty = slot.lock().unwrap().clone().unwrap();
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         assert_eq!(call(&host, "g", "/put?k=warm&v=1").await.unwrap(), "ok");
         let before = faulty.commits();
         faulty.hold();
@@ -631,9 +632,7 @@ fn an_answer_waits_for_the_writes_its_instance_sent_before_it() {
 fn an_instance_sees_its_own_objects_storage_and_no_other() {
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         call(&host, "a", "/put?k=mine-a&v=1").await.unwrap();
         call(&host, "b", "/put?k=mine-b&v=2").await.unwrap();
         assert_eq!(call(&host, "a", "/keys").await.unwrap(), "mine-a");
@@ -785,17 +784,7 @@ fn register_provider_refuses_unknown_classes_and_asks_for_the_token() {
             format!("{refused}").contains("unauthenticated"),
             "{refused}"
         );
-        let mut auth = guard.authenticate_request();
-        auth.get().set_token("sesame");
-        let host = auth
-            .send()
-            .promise
-            .await
-            .unwrap()
-            .get()
-            .unwrap()
-            .get_host()
-            .unwrap();
+        let host = duro::testing::authenticate(&guard, "sesame").await.unwrap();
         let unknown = register(&host, "nope", "p", &log).await.err().unwrap();
         assert!(
             matches!(&unknown, Error::InvalidArgument(m) if m.contains("--external")),
@@ -810,9 +799,7 @@ fn register_provider_refuses_unknown_classes_and_asks_for_the_token() {
 fn transactions_commit_roll_back_and_see_conflicts() {
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         // Inside, a transaction sees its writes; outside, nothing until it commits.
         let committed = call(&host, "t", "/txn?mode=commit").await.unwrap();
         assert_eq!(committed, "saw commit outside None committed true");
@@ -838,9 +825,7 @@ fn transactions_commit_roll_back_and_see_conflicts() {
 fn batches_lists_and_limits_work_on_raw_bytes() {
     let server = TestServer::start(builder());
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, _log, _registration) = with_provider(&server).await;
         let batch = call(&host, "l", "/batch").await.unwrap();
         assert_eq!(batch, "found a,c deleted 1 existed true left c");
         for key in ["p/1", "p/2", "p/3", "q/1"] {
@@ -894,9 +879,7 @@ fn an_alarm_reaches_the_instance() {
     let clock = ManualClock::new(1_000_000);
     let server = TestServer::start(builder().clock(Arc::new(clock.clone())));
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, log, _registration) = with_provider(&server).await;
         assert_eq!(
             call(&host, "w", "/alarm?at=1005000").await.unwrap(),
             "1005000"
@@ -919,9 +902,7 @@ fn the_context_of_an_evicted_object_can_no_longer_write() {
     };
     let server = TestServer::start(builder().limits(limits));
     run_local(async {
-        let host = server.connect().await;
-        let log = Log::default();
-        let _registration = register(&host, "ext", "p", &log).await.unwrap();
+        let (host, log, _registration) = with_provider(&server).await;
         assert_eq!(call(&host, "e", "/incr").await.unwrap(), "1");
         let kept = log.storages.borrow()[0].clone();
         // Idle: evicted (the sweep runs every 50 ms), and its instance released.

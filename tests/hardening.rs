@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use duro::duro_capnp::host;
-use duro::testing::{TestServer, fetch_by_name, fetch_call, request, run_local};
+use duro::testing::{TestServer, authenticate, fetch_by_name, fetch_call, request, run_local};
 use duro::{BoxError, DurableObject, Error, Request, Response, Server};
 
 fn refused_as_unauthenticated(result: Result<Response, Error>) {
@@ -14,13 +14,6 @@ fn refused_as_unauthenticated(result: Result<Response, Error>) {
         }
         other => panic!("expected unauthenticated, got {other:?}"),
     }
-}
-
-async fn authenticate(host: &host::Client, token: &str) -> Result<host::Client, Error> {
-    let mut call = host.authenticate_request();
-    call.get().set_token(token);
-    let reply = call.send().promise.await?;
-    Ok(reply.get()?.get_host()?)
 }
 
 #[test]

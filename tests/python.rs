@@ -331,16 +331,8 @@ fn the_python_counter_counts_through_the_gateway_and_capnp_with_a_token() {
     }
     duro::testing::run_local(async {
         let guard = duro::testing::connect(served.addr).await.unwrap();
-        let mut auth = guard.authenticate_request();
-        auth.get().set_token("open sesame");
-        let host = auth
-            .send()
-            .promise
+        let host = duro::testing::authenticate(&guard, "open sesame")
             .await
-            .unwrap()
-            .get()
-            .unwrap()
-            .get_host()
             .unwrap();
         assert_eq!(capnp_count(&host, "visits", "POST").await, 3);
         assert_eq!(capnp_count(&host, "visits", "GET").await, 3);

@@ -833,20 +833,16 @@ impl HostSocket {
     /// The peer went away without a close, or its transport failed: the socket is gone, and
     /// the object hears of it (unless the socket had ended with a close the object knows of).
     pub(crate) async fn failed(&self, error: String) -> Result<(), Error> {
-        if self.socket.is_lost() && self.socket.close_queued() {
-            return self.tell_untold().await;
-        }
-        if self.socket.is_lost() && self.socket.take_untold().is_none() {
-            // Lost before, and the object was told then.
-            return Ok(());
-        }
-        let closed = self.socket.close_queued();
+        let known = self.socket.close_queued() || self.socket.is_lost();
         self.socket.lost();
-        if closed {
-            return self.tell_untold().await;
+        let untold = self.socket.take_untold();
+        match (known, untold) {
+            // The object knows how the socket ended (a close, or an earlier loss) unless the
+            // host ended it on its own and has not said why yet.
+            (true, None) => Ok(()),
+            (_, Some(why)) => self.deliver(SocketEvent::Error(why)).await,
+            (false, None) => self.deliver(SocketEvent::Error(error)).await,
         }
-        self.socket.take_untold();
-        self.deliver(SocketEvent::Error(error)).await
     }
 
     /// Tells the object why the host ended the socket on its own, if it did.
