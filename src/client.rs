@@ -17,7 +17,7 @@
 //!
 //! Streamed bodies and WebSockets (`DurableObject.request`) are in `stream`.
 
-mod stream;
+use crate::wire::stream;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -31,6 +31,7 @@ pub mod storage;
 pub mod gateway;
 pub mod rpc;
 mod server;
+mod shards;
 // Above the server: the built-in classes and their registration, the client, the test harness.
 pub mod builtin;
 pub mod client;

@@ -11,11 +11,15 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::gateway::{self, GatewayOptions};
-use crate::host::{Config, DurableObject, Env, Host, HostLimits, StartError, State, factory};
+use crate::host::{
+    Config, DurableObject, Env, Host, HostLimits, Placement, StartError, State,
+    VIRTUAL_SHARDS_DEFAULT, factory,
+};
 use crate::rpc::RpcOptions;
 use crate::rpc::external::External;
 use crate::rpc::external::registry::Registry;
-use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions};
+use crate::shards::{Links, Queues, run_jobs};
+use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions, Writer};
 use crate::tls::ServerTls;
 use crate::wire::ListenAddr;
 use crate::wire::frame::FrameLimits;
@@ -56,6 +60,8 @@ impl Server {
             gateway: GatewayOptions::default(),
             tls: None,
             external: std::collections::BTreeSet::new(),
+            shards: 1,
+            writer_per_shard: false,
         }
     }
 }
@@ -97,6 +103,10 @@ pub struct Builder {
     tls: Option<TlsChoice>,
     /// The classes that providers implement (see [`Builder::external`]).
     external: std::collections::BTreeSet<String>,
+    /// Event-loop threads (see [`Builder::shards`]).
+    shards: usize,
+    /// Each shard commits with a writer of its own instead of the one they share.
+    writer_per_shard: bool,
 }
 
 impl Builder {
@@ -247,6 +257,31 @@ impl Builder {
         self
     }
 
+    /// Serves with `count` event-loop threads (shards; 0: one per core). Each is a host of the
+    /// objects whose IDs map to it (through the storage's virtual shards), always the same
+    /// while the count stays; connections are accepted on the first and handed to each in
+    /// turn, and a call to an object of another shard crosses to it keeping the contract
+    /// (order, pipelining, gates, resets, bounds). The default is 1.
+    pub fn shards(mut self, count: usize) -> Builder {
+        self.shards = match count {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            count => count,
+        };
+        self
+    }
+
+    /// The shards it will serve with.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards
+    }
+
+    /// Gives each shard a storage writer of its own, each with its own group commits, instead
+    /// of one writer whose commits fold every shard's writes (the default). For measuring.
+    pub fn writer_per_shard(mut self, own: bool) -> Builder {
+        self.writer_per_shard = own;
+        self
+    }
+
     /// Opens the host in the current thread, without a listener. Must run inside a tokio
     /// `LocalSet`. For embedding, and for testing capabilities in-process.
     pub fn open_host(self) -> Result<Host, StartError> {
@@ -329,48 +364,210 @@ impl Builder {
 
     /// Serves until the future `stop` makes resolves. `stop` is made inside the runtime and
     /// before the server says it is ready, so that a stop asked for right after is not missed.
+    /// Shard 0 runs on this thread and accepts every connection; the others on threads of
+    /// their own.
     fn serve<F: Future<Output = ()>>(
         self,
         on_ready: impl FnOnce(Ready),
         stop: impl FnOnce() -> F,
     ) -> Result<(), StartError> {
+        let tls = self.load_tls()?;
+        let backend = self.open_backend()?;
+        // Made here, one after the other, before any shard reads them.
+        for name in self.config.bindings.keys() {
+            backend.namespace(name)?;
+        }
+        let shards = self.shards.max(1);
+        let writer = Writer::spawn(backend.clone())?;
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let queues: Queues = Arc::new(senders);
+        let plan = |shard: usize| ShardPlan {
+            config: Config {
+                placement: Placement {
+                    shard,
+                    shards,
+                    virtual_shards: VIRTUAL_SHARDS_DEFAULT,
+                },
+                writer: (!self.writer_per_shard).then(|| writer.handle()),
+                // The host-wide bounds, shared out.
+                limits: HostLimits {
+                    activations_max: (self.config.limits.activations_max / shards).max(1),
+                    inflight_bytes_max: self.config.limits.inflight_bytes_max / shards,
+                    ..self.config.limits.clone()
+                },
+                ..self.config.clone()
+            },
+            backend: backend.clone(),
+            external: self.external.clone(),
+            gateway: self
+                .http
+                .map(|_| (self.gateway.clone(), self.rpc.token.clone())),
+            queues: queues.clone(),
+        };
+        let (opened_tx, opened) = std::sync::mpsc::channel::<Result<(), String>>();
+        let mut others = Vec::new();
+        let mut receivers = receivers.into_iter();
+        let jobs = receivers.next().expect("the first shard's jobs");
+        for (index, jobs) in receivers.enumerate().map(|(i, jobs)| (i + 1, jobs)) {
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let shard = plan(index);
+            let opened_tx = opened_tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("duro-shard-{index}"))
+                .spawn(move || run_shard(shard, jobs, opened_tx, stop_rx))?;
+            others.push((stop_tx, thread));
+        }
+        drop(opened_tx);
+        let first = plan(0);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let local = tokio::task::LocalSet::new();
-        local.block_on(&runtime, async move {
+        let served = local.block_on(&runtime, async move {
             let stop = stop();
-            let tls = self.load_tls()?;
-            let backend = self.open_backend()?;
-            let host = Host::open(self.config, backend)?;
-            Registry::install(&host, self.external.clone());
+            let host = first.open()?;
+            tokio::task::spawn_local(run_jobs(host.clone(), jobs));
+            for _ in 1..shards {
+                match opened.recv() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(StartError::Io(std::io::Error::other(error))),
+                    Err(_) => return Err(StartError::Io(std::io::Error::other("a shard died"))),
+                }
+            }
             warn_if_clear_text(&self.listen, self.http, tls.is_some());
             let listener = Listener::bind(&self.listen).await?;
             warn_if_open(&self.listen, self.http, self.rpc.token.is_some());
+            let dispatch = Dispatch::new(queues);
             let mut http_addr = None;
+            let mut http = None;
             if let Some(addr) = self.http {
-                let http = TcpListener::bind(addr).await?;
-                http_addr = Some(http.local_addr()?);
-                tokio::task::spawn_local(gateway::serve(
-                    host.clone(),
-                    http,
-                    self.gateway,
-                    self.rpc.token.clone(),
-                    tls.clone(),
-                ));
+                let listener = TcpListener::bind(addr).await?;
+                http_addr = Some(listener.local_addr()?);
+                http = Some(listener);
             }
             on_ready(Ready {
                 addr: listener.local_addr()?,
                 http: http_addr,
             });
+            let gateway = async {
+                match &http {
+                    Some(listener) => gateway_loop(&host, listener, tls.as_ref(), &dispatch).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = accept_loop(&host, &self.rpc, &listener, tls.as_ref()) => {}
+                _ = accept_loop(&host, &self.rpc, &listener, tls.as_ref(), &dispatch) => {}
+                _ = gateway => {}
                 _ = stop => {}
             }
             tracing::info!("shutting down");
+            drop((listener, http));
+            let stopped: Vec<_> = others
+                .into_iter()
+                .map(|(stop, thread)| {
+                    let _ = stop.send(());
+                    thread
+                })
+                .collect();
             host.shutdown().await;
-            Ok(())
-        })
+            Ok(stopped)
+        });
+        let result = match served {
+            Ok(threads) => {
+                for thread in threads {
+                    let _ = thread.join();
+                }
+                Ok(())
+            }
+            // The other shards' stop senders were dropped with the future: they stop too.
+            Err(error) => Err(error),
+        };
+        drop(local);
+        drop(runtime);
+        writer.shutdown();
+        result
+    }
+}
+
+/// What a shard is made of; built on the serving thread, opened on the shard's own.
+struct ShardPlan {
+    config: Config,
+    backend: Arc<dyn Backend>,
+    external: std::collections::BTreeSet<String>,
+    /// The gateway's options and token, when it is on.
+    gateway: Option<(GatewayOptions, Option<Arc<str>>)>,
+    queues: Queues,
+}
+
+impl ShardPlan {
+    /// Opens the shard's host on the current event loop, with its gateway and its links to
+    /// the other shards.
+    fn open(self) -> Result<Host, StartError> {
+        let host = Host::open(self.config, self.backend)?;
+        Registry::install(&host, self.external);
+        if let Some((options, token)) = self.gateway {
+            gateway::install(&host, options, token);
+        }
+        if self.queues.len() > 1 {
+            host.set_peers(Links::open(&host, self.queues));
+        }
+        Ok(host)
+    }
+}
+
+/// A shard other than the first, on its own thread: opens its host, says so, runs the jobs
+/// other shards send it until `stop`, then shuts its host down.
+fn run_shard(
+    plan: ShardPlan,
+    jobs: tokio::sync::mpsc::UnboundedReceiver<crate::host::Job>,
+    opened: std::sync::mpsc::Sender<Result<(), String>>,
+    stop: oneshot::Receiver<()>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return drop(opened.send(Err(error.to_string()))),
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let host = match plan.open() {
+            Ok(host) => host,
+            Err(error) => return drop(opened.send(Err(error.to_string()))),
+        };
+        tokio::task::spawn_local(run_jobs(host.clone(), jobs));
+        let _ = opened.send(Ok(()));
+        let _ = stop.await;
+        host.shutdown().await;
+    });
+}
+
+/// Hands accepted connections to the shards in turn.
+struct Dispatch {
+    queues: Queues,
+    next: std::cell::Cell<usize>,
+}
+
+impl Dispatch {
+    fn new(queues: Queues) -> Dispatch {
+        Dispatch {
+            queues,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The shard of the next connection; `None` for this one (the first).
+    fn next(&self) -> Option<usize> {
+        let shard = self.next.get() % self.queues.len();
+        self.next.set(shard + 1);
+        (shard != 0).then_some(shard)
+    }
+
+    fn run_on(&self, shard: usize, job: crate::host::Job) {
+        let _ = self.queues[shard].send(job);
     }
 }
 
@@ -470,48 +667,151 @@ async fn remove_stale_socket(path: &Path) {
     }
 }
 
-async fn accept_loop(host: &Host, rpc: &RpcOptions, listener: &Listener, tls: Option<&ServerTls>) {
+/// A connection accepted, as it crosses to the shard that serves it.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+async fn accept_loop(
+    host: &Host,
+    rpc: &RpcOptions,
+    listener: &Listener,
+    tls: Option<&ServerTls>,
+    dispatch: &Dispatch,
+) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = match listener {
             Listener::Tcp(listener) => listener.accept().await.map(|(stream, _)| {
                 // Request/response RPC would otherwise wait on Nagle's algorithm.
                 let _ = stream.set_nodelay(true);
-                if let Some(tls) = tls {
-                    return spawn_tls_connection(host, rpc, &slots, tls, stream);
-                }
-                let (reader, writer) = stream.into_split();
-                spawn_connection(host, rpc, &slots, reader, writer)
+                Connection::Tcp(stream)
             }),
-            Listener::Unix(listener, _) => listener.accept().await.map(|(stream, _)| {
-                let (reader, writer) = stream.into_split();
-                spawn_connection(host, rpc, &slots, reader, writer)
-            }),
+            Listener::Unix(listener, _) => listener
+                .accept()
+                .await
+                .map(|(stream, _)| Connection::Unix(stream)),
         };
-        if let Err(error) = accepted {
-            // Out of FDs and the like: back off instead of spinning.
-            tracing::warn!(%error, "accept failed");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of FDs and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = take_slot(&slots) else {
+            continue;
+        };
+        let Some(shard) = dispatch.next() else {
+            serve_accepted(host, rpc, tls, slot, stream);
+            continue;
+        };
+        let crossing = match stream {
+            Connection::Tcp(stream) => stream.into_std().map(Accepted::Tcp),
+            Connection::Unix(stream) => stream.into_std().map(Accepted::Unix),
+        };
+        let Ok(crossing) = crossing else { continue };
+        let (rpc, tls) = (rpc.clone(), tls.cloned());
+        dispatch.run_on(
+            shard,
+            Box::new(move |host: &Host| {
+                let stream = match crossing {
+                    Accepted::Tcp(stream) => {
+                        tokio::net::TcpStream::from_std(stream).map(Connection::Tcp)
+                    }
+                    Accepted::Unix(stream) => {
+                        tokio::net::UnixStream::from_std(stream).map(Connection::Unix)
+                    }
+                };
+                match stream {
+                    Ok(stream) => serve_accepted(host, &rpc, tls.as_ref(), slot, stream),
+                    Err(error) => tracing::warn!(%error, "handing a connection over failed"),
+                }
+            }),
+        );
+    }
+}
+
+/// A connection accepted, on the shard that serves it.
+enum Connection {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Serves an accepted connection on this shard, holding `slot` while it lives.
+fn serve_accepted(
+    host: &Host,
+    rpc: &RpcOptions,
+    tls: Option<&ServerTls>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    stream: Connection,
+) {
+    match stream {
+        Connection::Tcp(stream) => match tls {
+            Some(tls) => spawn_tls_connection(host, rpc, slot, tls, stream),
+            None => {
+                let (reader, writer) = stream.into_split();
+                spawn_connection(host, rpc, slot, reader, writer);
+            }
+        },
+        Connection::Unix(stream) => {
+            let (reader, writer) = stream.into_split();
+            spawn_connection(host, rpc, slot, reader, writer);
         }
     }
 }
 
-/// Serves one connection in a task of its own, if one of the [`CONNECTIONS_MAX`] slots is free;
-/// else drops it at once. The slot is a permit moved into the task, so it is given back however
-/// the task ends, by a panic too.
+/// Accepts the gateway's connections and hands them to the shards in turn.
+async fn gateway_loop(
+    host: &Host,
+    listener: &TcpListener,
+    tls: Option<&ServerTls>,
+    dispatch: &Dispatch,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "gateway accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(shard) = dispatch.next() else {
+            gateway::accept(host, stream, tls);
+            continue;
+        };
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let tls = tls.cloned();
+        dispatch.run_on(
+            shard,
+            Box::new(
+                move |host: &Host| match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => gateway::accept(host, stream, tls.as_ref()),
+                    Err(error) => tracing::warn!(%error, "handing a connection over failed"),
+                },
+            ),
+        );
+    }
+}
+
+/// Serves one connection in a task of its own, holding one of the [`CONNECTIONS_MAX`] slots:
+/// a permit moved into the task, so it is given back however the task ends, by a panic too.
 fn spawn_connection<R, W>(
     host: &Host,
     rpc: &RpcOptions,
-    slots: &Arc<Semaphore>,
+    slot: tokio::sync::OwnedSemaphorePermit,
     reader: R,
     writer: W,
 ) where
     R: tokio::io::AsyncRead + Unpin + 'static,
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
-    let Some(slot) = take_slot(slots) else {
-        return;
-    };
     let (host, rpc) = (host.clone(), rpc.clone());
     tokio::task::spawn_local(async move {
         let _slot = slot;
@@ -528,13 +828,10 @@ fn spawn_connection<R, W>(
 fn spawn_tls_connection(
     host: &Host,
     rpc: &RpcOptions,
-    slots: &Arc<Semaphore>,
+    slot: tokio::sync::OwnedSemaphorePermit,
     tls: &ServerTls,
     stream: tokio::net::TcpStream,
 ) {
-    let Some(slot) = take_slot(slots) else {
-        return;
-    };
     let (host, rpc, tls) = (host.clone(), rpc.clone(), tls.clone());
     tokio::task::spawn_local(async move {
         let _slot = slot;
@@ -633,7 +930,8 @@ mod tests {
             let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
             for _ in 0..3 {
                 let (_, writer) = tokio::io::duplex(64);
-                spawn_connection(&host, &RpcOptions::default(), &slots, Panics, writer);
+                let slot = take_slot(&slots).unwrap();
+                spawn_connection(&host, &RpcOptions::default(), slot, Panics, writer);
             }
             for _ in 0..100 {
                 tokio::task::yield_now().await;

@@ -38,6 +38,12 @@ pub fn run_local<F: Future>(future: F) -> F::Output {
     tokio::task::LocalSet::new().block_on(&runtime, future)
 }
 
+/// The shards of the servers tests start, when `DURO_TEST_SHARDS` sets them: the suite runs
+/// against a sharded host as well, where order and single-instance bugs hide.
+fn test_shards() -> Option<usize> {
+    std::env::var("DURO_TEST_SHARDS").ok()?.parse().ok()
+}
+
 /// A server on 127.0.0.1 with a port of its own and a temporary data dir (removed on drop).
 pub struct TestServer {
     handle: Option<ServerHandle>,
@@ -54,6 +60,10 @@ impl TestServer {
     /// Starts `builder` on `127.0.0.1:0` with the data dir `dir`.
     pub fn start_in(builder: Builder, dir: tempfile::TempDir) -> TestServer {
         let listen = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let builder = match test_shards() {
+            Some(shards) if builder.shard_count() == 1 => builder.shards(shards),
+            _ => builder,
+        };
         let handle = builder
             .data_dir(dir.path())
             .listen(listen)

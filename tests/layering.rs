@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["storage"],
     &["host"],
     &["rpc", "gateway"],
-    &["server"],
+    &["server", "shards"],
     &["builtin", "client", "testing"],
     &["lib"],
 ];

@@ -148,11 +148,10 @@ pub async fn serve(
     token: Option<Arc<str>>,
     tls: Option<ServerTls>,
 ) {
-    let gateway = Rc::new(Gateway::new(host, options, token));
-    let open = Rc::new(Cell::new(0));
+    let gateway = install(&host, options, token);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => gateway.spawn_connection(&open, stream, tls.as_ref()),
+            Ok((stream, _)) => gateway.spawn_connection(stream, tls.as_ref()),
             Err(error) => {
                 tracing::warn!(%error, "gateway accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -161,8 +160,29 @@ pub async fn serve(
     }
 }
 
-/// What every connection of the gateway shares.
-struct Gateway {
+/// Sets the gateway up on this event loop's host (one shard of a server): it then serves the
+/// connections handed to it ([`accept`]), and the requests other shards hand over for their
+/// objects of this one.
+pub(crate) fn install(
+    host: &Host,
+    options: GatewayOptions,
+    token: Option<Arc<str>>,
+) -> Rc<Gateway> {
+    let gateway = Rc::new(Gateway::new(host.clone(), options, token));
+    host.set_extension(gateway.clone());
+    gateway
+}
+
+/// Serves a connection accepted for the gateway, on this shard; closed at once when the
+/// gateway was not installed here.
+pub(crate) fn accept(host: &Host, stream: TcpStream, tls: Option<&ServerTls>) {
+    if let Some(gateway) = host.extension::<Gateway>() {
+        gateway.spawn_connection(stream, tls);
+    }
+}
+
+/// What every connection of the gateway (on one shard) shares.
+pub(crate) struct Gateway {
     host: Host,
     options: GatewayOptions,
     /// The token every request must carry, when the server has one.
@@ -171,6 +191,8 @@ struct Gateway {
     http: http1::Builder,
     /// WebSockets open through the gateway (see [`WEB_SOCKETS_MAX`]).
     web_sockets: Rc<Cell<usize>>,
+    /// Connections open (see [`CONNECTIONS_MAX`]).
+    open: Rc<Cell<usize>>,
 }
 
 /// A place among the [`CONNECTIONS_MAX`] open connections, given back when dropped (also when
@@ -212,16 +234,12 @@ impl Gateway {
             token,
             http,
             web_sockets: Rc::default(),
+            open: Rc::default(),
         }
     }
 
-    fn spawn_connection(
-        self: &Rc<Self>,
-        open: &Rc<Cell<usize>>,
-        stream: TcpStream,
-        tls: Option<&ServerTls>,
-    ) {
-        let Some(slot) = ConnectionSlot::take(open) else {
+    fn spawn_connection(self: &Rc<Self>, stream: TcpStream, tls: Option<&ServerTls>) {
+        let Some(slot) = ConnectionSlot::take(&self.open) else {
             tracing::warn!(
                 limit = CONNECTIONS_MAX,
                 "gateway connection refused: too many connections"
@@ -289,6 +307,7 @@ impl Gateway {
 
     /// Routes `request` to its object. The checks that cost nothing come first: a request
     /// refused for its token or its path neither activates an object nor has its body read.
+    /// A request for an object of another shard is handed over to that shard's gateway.
     async fn forward(
         &self,
         mut request: hyper::Request<Incoming>,
@@ -298,6 +317,34 @@ impl Gateway {
         let upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         self.authorize(&mut parts.headers).await?;
+        let route = Route::parse(&parts.uri)?;
+        let namespace = self
+            .host
+            .namespace(&route.namespace)
+            .ok_or_else(|| Error::UnknownNamespace(route.namespace.to_string()))?;
+        let id = namespace
+            .id_from_name(&route.name)
+            .map_err(|error| self.call_failed(&route, error))?;
+        let admitted = Admitted {
+            parts: parts.clone(),
+            body,
+            upgrade,
+            accept,
+        };
+        match self.host.remote_shard(&id) {
+            Some(shard) => self.hand_over(shard, admitted).await,
+            None => self.serve_here(admitted).await,
+        }
+    }
+
+    /// Serves a request admitted (on this shard or another) for an object of this shard.
+    async fn serve_here(&self, admitted: Admitted) -> Result<StreamResponse, Error> {
+        let Admitted {
+            mut parts,
+            body,
+            upgrade,
+            accept,
+        } = admitted;
         // Taken out of `parts`, so the route can borrow it while `parts` becomes the request.
         let uri = std::mem::take(&mut parts.uri);
         let route = Route::parse(&uri)?;
@@ -334,6 +381,44 @@ impl Gateway {
             tokio::task::spawn_local(web_socket::run(upgrade, socket, slot));
         }
         Ok(response)
+    }
+
+    /// Hands a request for an object of `shard` to the gateway there; its response comes
+    /// back, the body a chunk at a time (a few chunks in flight: a client that does not read
+    /// holds the object's writer back). A WebSocket it accepted is served there too.
+    async fn hand_over(&self, shard: usize, admitted: Admitted) -> Result<StreamResponse, Error> {
+        let peers = self.host.peers().ok_or_else(shard_gone)?;
+        let (answer, answered) = tokio::sync::oneshot::channel::<HandedBack>();
+        peers.run_on(
+            shard,
+            Box::new(move |host: &Host| {
+                let Some(gateway) = host.extension::<Gateway>() else {
+                    let _ = answer.send(Err(shard_gone()));
+                    return;
+                };
+                tokio::task::spawn_local(async move {
+                    let response = match gateway.serve_here(admitted).await {
+                        Ok(response) => response,
+                        Err(error) => return drop(answer.send(Err(error))),
+                    };
+                    let (parts, body) = response.into_parts();
+                    if let Some(whole) = body.as_full() {
+                        let _ = answer.send(Ok((parts, Err(whole.clone()))));
+                        return;
+                    }
+                    let (chunks, receiver) = tokio::sync::mpsc::channel(HANDED_CHUNKS);
+                    if answer.send(Ok((parts, Ok(receiver)))).is_ok() {
+                        send_chunks(body, chunks).await;
+                    }
+                });
+            }),
+        );
+        let (parts, body) = answered.await.map_err(|_| shard_gone())??;
+        let body = match body {
+            Err(whole) => Body::full(whole),
+            Ok(chunks) => Body::from_stream(Chunks(chunks)),
+        };
+        Ok(StreamResponse::from_parts(parts, body))
     }
 
     /// [`Gateway::call_failed`], but a call that failed because the client's body broke off
@@ -373,6 +458,67 @@ impl Gateway {
             "gateway: the object's call failed"
         );
         Error::Hidden { request_id }
+    }
+}
+
+/// A request let in by the gateway of the shard it came to: what another shard's gateway
+/// needs to serve it (all of it `Send`).
+struct Admitted {
+    parts: http::request::Parts,
+    body: Incoming,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    accept: Option<HeaderValue>,
+}
+
+/// Chunks of a response body handed back from another shard, at most this many in flight.
+const HANDED_CHUNKS: usize = 4;
+
+/// A response handed back by another shard: its head, and its whole body (`Err`) or the
+/// channel its chunks come through (a chunk's error as text).
+type HandedBack = Result<
+    (
+        http::response::Parts,
+        Result<tokio::sync::mpsc::Receiver<Result<Bytes, String>>, Bytes>,
+    ),
+    Error,
+>;
+
+/// The object's shard did not answer: it is shutting down.
+fn shard_gone() -> Error {
+    Error::Call(crate::error::Error::Disconnected(
+        "the object's shard is shutting down".into(),
+    ))
+}
+
+/// Sends `body` a chunk at a time, then ends; an error ends it as a broken body.
+async fn send_chunks(mut body: Body, chunks: tokio::sync::mpsc::Sender<Result<Bytes, String>>) {
+    while let Some(chunk) = body.chunk().await {
+        let chunk = chunk.map_err(|error| error.to_string());
+        let failed = chunk.is_err();
+        if chunks.send(chunk).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// A response body arriving from another shard.
+struct Chunks(tokio::sync::mpsc::Receiver<Result<Bytes, String>>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.get_mut().0.poll_recv(cx).map(|chunk| {
+            chunk.map(|chunk| {
+                chunk
+                    .map(http_body::Frame::data)
+                    .map_err(std::io::Error::other)
+            })
+        })
     }
 }
 

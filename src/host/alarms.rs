@@ -84,11 +84,17 @@ impl Window {
         (!self.complete && self.slots.len() <= WINDOW_MAX / 2).then_some(self.horizon)
     }
 
-    /// Adds index entries read after `horizon`; `asked` is how many were asked for.
-    pub(crate) fn refill(&mut self, entries: Vec<AlarmEntry>, asked: usize) {
+    /// Adds index entries read after `horizon`, those of objects that are `mine` (the host's
+    /// shard's: the index holds every shard's alarms); `asked` is how many were asked for.
+    pub(crate) fn refill(
+        &mut self,
+        entries: Vec<AlarmEntry>,
+        asked: usize,
+        mine: impl Fn(&ObjectKey) -> bool,
+    ) {
         self.complete = entries.len() < asked;
         for &(at_ms, object) in &entries {
-            if !self.at_of.contains_key(&object) {
+            if mine(&object) && !self.at_of.contains_key(&object) {
                 self.insert(at_ms, object, 0);
             }
         }
@@ -253,7 +259,11 @@ impl Scheduler {
             }
         };
         match host.storage.backend.next_alarms(after, asked) {
-            Ok(entries) => self.window.borrow_mut().refill(entries, asked),
+            Ok(entries) => {
+                let placement = host.placement;
+                let mine = |object: &ObjectKey| !placement.is_remote(&object.id);
+                self.window.borrow_mut().refill(entries, asked, mine);
+            }
             Err(error) => tracing::warn!(%error, "reading the alarm index"),
         }
     }
@@ -380,7 +390,7 @@ mod tests {
     #[test]
     fn due_alarms_go_in_time_order_once() {
         let mut w = Window::default();
-        w.refill(vec![(10, obj(1)), (20, obj(2)), (30, obj(3))], 8);
+        w.refill(vec![(10, obj(1)), (20, obj(2)), (30, obj(3))], 8, |_| true);
         assert_eq!(w.wants_refill(), None);
         assert_eq!(w.take_due(5), vec![]);
         assert_eq!(w.next_due(), Some(10));
@@ -395,7 +405,7 @@ mod tests {
     #[test]
     fn failures_retry_with_backoff_then_give_up() {
         let mut w = Window::default();
-        w.refill(vec![(10, obj(1))], 8);
+        w.refill(vec![(10, obj(1))], 8, |_| true);
         let mut now = 10;
         for n in 1..=RETRIES_MAX {
             assert_eq!(w.take_due(now), vec![(obj(1), 10, n - 1)]);
@@ -412,7 +422,7 @@ mod tests {
     #[test]
     fn a_change_during_delivery_replaces_the_alarm() {
         let mut w = Window::default();
-        w.refill(vec![(10, obj(1))], 8);
+        w.refill(vec![(10, obj(1))], 8, |_| true);
         assert_eq!(w.take_due(10).len(), 1);
         w.changed(obj(1), Some(50));
         assert_eq!(w.failed(obj(1), 10, 11, 0.0), Failure::Gone);
@@ -444,7 +454,7 @@ mod tests {
                 let start = after.map_or(0, |a| index.iter().position(|e| *e == a).unwrap() + 1);
                 let asked = w.refill_size();
                 let page = index[start..].iter().take(asked).copied().collect();
-                w.refill(page, asked);
+                w.refill(page, asked, |_| true);
             }
             assert!(w.slots.len() <= WINDOW_MAX);
             let due = w.take_due(u64::MAX);
@@ -461,7 +471,7 @@ mod tests {
         assert_eq!(fired, index.len());
         // A change past the horizon of an incomplete window waits for a refill.
         let mut w = Window::default();
-        w.refill(index[..4].to_vec(), 4);
+        w.refill(index[..4].to_vec(), 4, |_| true);
         w.changed(obj(9), Some(5000));
         assert!(!w.at_of.contains_key(&obj(9)));
         w.changed(obj(9), Some(1));

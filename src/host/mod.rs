@@ -15,6 +15,7 @@
 pub(crate) mod activation;
 mod alarms;
 pub(crate) mod class;
+pub(crate) mod shard;
 pub(crate) mod socket;
 pub(crate) mod state;
 #[cfg(test)]
@@ -35,6 +36,9 @@ use futures::future::Either;
 use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
+use shard::RemoteObject;
+pub(crate) use shard::VIRTUAL_SHARDS_DEFAULT;
+pub(crate) use shard::{Job, Peers, Placement};
 use socket::{ObjectSockets, SocketCore, SocketRegistry};
 pub use socket::{SocketLimits, SocketSink, WebSocket, WebSocketMessage};
 pub use state::State;
@@ -45,7 +49,8 @@ use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response, StreamRequest, StreamResponse};
 use crate::storage::{
-    self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterStats,
+    self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterHandle,
+    WriterStats,
 };
 use crate::wire::budget::Budget;
 
@@ -112,6 +117,10 @@ pub(crate) struct Config {
     pub(crate) storage_limits: Limits,
     /// The wall clock of alarms; `None`: the system's.
     pub(crate) clock: Option<Arc<dyn crate::clock::Clock>>,
+    /// The host's shard, when its server has several.
+    pub(crate) placement: Placement,
+    /// The writer the server's shards share; `None`: the host starts its own.
+    pub(crate) writer: Option<WriterHandle>,
 }
 
 /// Why a host could not start.
@@ -138,8 +147,12 @@ pub(crate) struct HostInner {
     active: Cell<usize>,
     /// Set when shutdown begins: new calls are refused.
     closing: Cell<bool>,
-    /// The writer thread; taken at shutdown.
+    /// The writer thread, when the host started its own; taken at shutdown.
     writer: RefCell<Option<Writer>>,
+    /// The objects this host serves: those of its shard.
+    placement: Placement,
+    /// The other shards, once the server linked them.
+    peers: RefCell<Option<Rc<dyn Peers>>>,
     /// Bytes in flight over every connection of the host (see `inflight_bytes_max`).
     budget: Rc<Budget>,
     /// The wall clock alarms fire by; objects read it through [`State::now_ms`], so that a
@@ -167,10 +180,17 @@ impl Host {
                 });
             }
         }
-        let writer = Writer::spawn(backend.clone())?;
+        let (writer, handle) = match &config.writer {
+            Some(shared) => (None, shared.clone()),
+            None => {
+                let writer = Writer::spawn(backend.clone())?;
+                let handle = writer.handle();
+                (Some(writer), handle)
+            }
+        };
         let shared = Rc::new(Shared::new(
             backend.clone(),
-            writer.handle(),
+            handle,
             config.storage_limits.clone(),
         ));
         let records = config
@@ -203,7 +223,9 @@ impl Host {
             limits: config.limits.clone(),
             active: Cell::new(0),
             closing: Cell::new(false),
-            writer: RefCell::new(Some(writer)),
+            writer: RefCell::new(writer),
+            placement: config.placement,
+            peers: RefCell::default(),
             budget: Budget::new(config.limits.inflight_bytes_max),
             clock: clock.clone(),
             extensions: RefCell::default(),
@@ -246,6 +268,29 @@ impl Host {
             .get(&TypeId::of::<T>())?
             .clone();
         value.downcast().ok()
+    }
+
+    /// The objects this host serves, among its server's shards.
+    pub(crate) fn placement(&self) -> Placement {
+        self.inner.placement
+    }
+
+    /// Links the host to the other shards of its server.
+    pub(crate) fn set_peers(&self, peers: Rc<dyn Peers>) {
+        *self.inner.peers.borrow_mut() = Some(peers);
+    }
+
+    /// The other shards of the server, once linked.
+    pub(crate) fn peers(&self) -> Option<Rc<dyn Peers>> {
+        self.inner.peers.borrow().clone()
+    }
+
+    /// The shard of `id` when it is not this host's.
+    pub(crate) fn remote_shard(&self, id: &ObjectId) -> Option<usize> {
+        let placement = self.inner.placement;
+        placement
+            .is_remote(id.bytes())
+            .then(|| placement.shard_of(id.bytes()))
     }
 
     /// The budget of bytes in flight that the host's connections share.
@@ -296,6 +341,10 @@ impl Host {
         for store in stores {
             store.wait_idle().await;
         }
+        // What the layers above keep with the host may hold the host (the gateway, the links
+        // to other shards): let go of it, so that the host and its storage are dropped.
+        self.inner.peers.borrow_mut().take();
+        std::mem::take(&mut *self.inner.extensions.borrow_mut());
         let writer = self.inner.writer.borrow_mut().take();
         if let Some(writer) = writer {
             tokio::task::spawn_blocking(move || writer.shutdown())
@@ -551,13 +600,37 @@ impl Namespace {
     /// A stub for the object `id`, activating it if needed.
     pub fn get(&self, id: &ObjectId) -> Result<Stub, Error> {
         let id = self.check_id(id.bytes(), id.name())?;
-        Ok(Stub::new(self.core.clone(), self.core.activation(id)?))
+        self.stub_of(id)
     }
 
     /// A stub for the object named `name`.
     pub fn get_by_name(&self, name: &str) -> Result<Stub, Error> {
         let id = self.id_from_name(name)?;
-        Ok(Stub::new(self.core.clone(), self.core.activation(id)?))
+        self.stub_of(id)
+    }
+
+    /// A stub for `id`: to its activation here, or through the peers when it is an object of
+    /// another shard (see [`shard`]).
+    fn stub_of(&self, id: ObjectId) -> Result<Stub, Error> {
+        let host = self
+            .core
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
+        if !host.placement.is_remote(id.bytes()) {
+            return Ok(Stub::new(self.core.clone(), self.core.activation(id)?));
+        }
+        if host.closing.get() {
+            return Err(activation::shutting_down());
+        }
+        let peers = host.peers.borrow().clone().ok_or_else(|| {
+            Error::Disconnected("the host is not linked to the other shards yet".into())
+        })?;
+        let shard = host.placement.shard_of(id.bytes());
+        let client = peers.stub(shard, &self.core.name, &id);
+        Ok(Stub {
+            target: Target::Remote(RemoteObject::new(id, client)),
+        })
     }
 
     /// Objects with stored data, in ID order, after `start_after`; and whether more remain.
@@ -607,40 +680,73 @@ impl Namespace {
 /// follows its object across evictions; it breaks (for good) when the object is reset.
 #[derive(Clone)]
 pub struct Stub {
-    namespace: Rc<NamespaceCore>,
-    /// The activation calls go to; replaced when the host evicted it while idle.
-    activation: Rc<RefCell<Rc<Activation>>>,
+    target: Target,
+}
+
+/// Where a stub's calls go.
+#[derive(Clone)]
+enum Target {
+    /// An object of this host.
+    Local {
+        namespace: Rc<NamespaceCore>,
+        /// The activation calls go to; replaced when the host evicted it while idle.
+        activation: Rc<RefCell<Rc<Activation>>>,
+    },
+    /// An object of another shard of the server.
+    Remote(Rc<RemoteObject>),
 }
 
 impl Stub {
     fn new(namespace: Rc<NamespaceCore>, activation: Rc<Activation>) -> Stub {
         Stub {
-            namespace,
-            activation: Rc::new(RefCell::new(activation)),
+            target: Target::Local {
+                namespace,
+                activation: Rc::new(RefCell::new(activation)),
+            },
         }
     }
 
     /// The object's ID.
     pub fn id(&self) -> ObjectId {
-        self.activation.borrow().id.clone()
+        match &self.target {
+            Target::Local { activation, .. } => activation.borrow().id.clone(),
+            Target::Remote(remote) => remote.id.clone(),
+        }
+    }
+
+    /// The capability to the object on its shard, when it is an object of another shard.
+    pub(crate) fn remote_client(&self) -> Option<&crate::wire::duro_capnp::durable_object::Client> {
+        match &self.target {
+            Target::Local { .. } => None,
+            Target::Remote(remote) => Some(&remote.client),
+        }
     }
 
     /// The live activation, building a new one if the last was evicted.
     fn current(&self) -> Result<Rc<Activation>, Error> {
-        let host = self
-            .namespace
+        let Target::Local {
+            namespace,
+            activation,
+        } = &self.target
+        else {
+            return Err(Error::Disconnected(
+                "the object lives on another shard: its stub is called through its capability"
+                    .into(),
+            ));
+        };
+        let host = namespace
             .host
             .upgrade()
             .ok_or_else(activation::shutting_down)?;
         if host.closing.get() {
             return Err(activation::shutting_down());
         }
-        let activation = self.activation.borrow().clone();
-        if !activation.is_evicted() {
-            return Ok(activation);
+        let current = activation.borrow().clone();
+        if !current.is_evicted() {
+            return Ok(current);
         }
-        let fresh = self.namespace.activation(activation.id.clone())?;
-        *self.activation.borrow_mut() = fresh.clone();
+        let fresh = namespace.activation(current.id.clone())?;
+        *activation.borrow_mut() = fresh.clone();
         Ok(fresh)
     }
 
@@ -667,27 +773,37 @@ impl Stub {
         &self,
         request: StreamRequest,
     ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
+        if let Target::Remote(remote) = &self.target {
+            return Either::Left(remote.fetch_stream(request));
+        }
         let call = self.start(request, false);
-        async move { Ok(call.await?.response) }
+        Either::Right(async move { Ok(call.await?.response) })
     }
 
     /// [`Stub::fetch_stream`] of a request that offers the object a WebSocket upgrade, for the
     /// transports that can complete one: the socket the object accepted comes back with the
-    /// response (a `101`).
+    /// response (a `101`). Only for objects of this host: a transport hands an upgrade for
+    /// another shard's object to that shard.
     pub(crate) fn fetch_upgrade(
         &self,
         request: StreamRequest,
     ) -> impl Future<Output = Result<(StreamResponse, Option<HostSocket>), Error>> + use<> {
         let call = self.start(request, true);
-        let namespace = self.namespace.clone();
+        let local = match &self.target {
+            Target::Local { namespace, .. } => Some(namespace.clone()),
+            Target::Remote(_) => None,
+        };
         let id = self.id();
         async move {
             let called = call.await?;
-            let socket = called.socket.map(|socket| HostSocket {
-                namespace,
-                id,
-                socket,
-            });
+            let socket = match (called.socket, local) {
+                (Some(socket), Some(namespace)) => Some(HostSocket {
+                    namespace,
+                    id,
+                    socket,
+                }),
+                _ => None,
+            };
             Ok((called.response, socket))
         }
     }
@@ -706,6 +822,8 @@ impl Stub {
     /// Delivers a call of the object's own interface (see [`DurableObject::interface`]),
     /// ordered as [`Stub::fetch`]: its place is taken now. `Ok` with what the object answered,
     /// its error included; `Err` when the host could not deliver it or the object was reset.
+    /// Only for objects of this host (the RPC layer calls another shard's object through its
+    /// capability).
     pub(crate) fn call_interface(
         &self,
         call: InterfaceCall,
@@ -718,12 +836,19 @@ impl Stub {
 
     /// Whether the stub is broken (its object was reset): get a new one.
     pub fn is_broken(&self) -> bool {
-        self.activation.borrow().is_broken()
+        match &self.target {
+            Target::Local { activation, .. } => activation.borrow().is_broken(),
+            Target::Remote(remote) => remote.is_broken(),
+        }
     }
 
-    /// Calls waiting for delivery to the object.
+    /// Calls waiting for delivery to the object (0 for an object of another shard: they wait
+    /// there).
     pub fn queued(&self) -> usize {
-        self.activation.borrow().queued()
+        match &self.target {
+            Target::Local { activation, .. } => activation.borrow().queued(),
+            Target::Remote(_) => 0,
+        }
     }
 
     /// The `State` of the object's live activation (built again if it was evicted): the

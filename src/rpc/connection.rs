@@ -18,6 +18,9 @@ pub const RESPONSE_BYTES_MAX: usize = MESSAGE_BYTES_MAX - (64 << 10);
 
 /// What the servers of one connection share.
 pub(crate) struct Connection {
+    /// Most calls in flight: [`CONNECTION_CALLS_MAX`], but none for a link between shards,
+    /// whose calls were admitted on the connections they came from.
+    calls_max: usize,
     /// Calls of this connection that have not answered yet.
     pub(super) in_flight: Cell<usize>,
     /// WebSockets started on this connection and not yet closed by the peer: a connection
@@ -40,8 +43,18 @@ impl Connection {
         Connection::with_budget(&Budget::new(usize::MAX))
     }
 
+    /// The bounds of a link from another shard of the server: none of its own.
+    pub(super) fn peer() -> Rc<Connection> {
+        let mut connection = Connection::with_budget(&Budget::new(usize::MAX));
+        if let Some(only) = Rc::get_mut(&mut connection) {
+            only.calls_max = usize::MAX;
+        }
+        connection
+    }
+
     fn with_budget(budget: &Rc<Budget>) -> Rc<Connection> {
         Rc::new(Connection {
+            calls_max: CONNECTION_CALLS_MAX,
             in_flight: Cell::new(0),
             sockets: Cell::new(0),
             account: Account::open(budget),
@@ -63,7 +76,7 @@ impl InFlight {
         bytes: usize,
     ) -> Result<InFlight, capnp::Error> {
         let count = connection.in_flight.get();
-        if count >= CONNECTION_CALLS_MAX {
+        if count >= connection.calls_max {
             return Err(capnp::Error::overloaded(format!(
                 "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
             )));

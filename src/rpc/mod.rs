@@ -152,6 +152,38 @@ where
     rpc_system_buffered(reader, writer, Side::Server, Some(bootstrap), buffers)
 }
 
+/// Serves a link from another shard of the server (an in-process pipe): the host's `Host`
+/// capability, without a token and without bounds of its own, as the calls that cross it were
+/// admitted on the connections they came from. No time bounds either: a link is idle while
+/// no object of this shard is called from the other.
+pub(crate) fn serve_peer_link<R, W>(
+    host: &Host,
+    reader: R,
+    writer: W,
+) -> impl Future<Output = Result<(), capnp::Error>> + 'static + use<R, W>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let bootstrap = bootstrap_of(host, &RpcOptions::default(), Connection::peer()).client;
+    crate::wire::rpc_system(reader, writer, Side::Server, Some(bootstrap))
+}
+
+/// The other end of [`serve_peer_link`]: the `Host` of the shard at the far end, and the RPC
+/// system to spawn on this shard's event loop.
+pub(crate) fn connect_peer_link<R, W>(
+    reader: R,
+    writer: W,
+) -> (host::Client, capnp_rpc::RpcSystem<Side>)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let mut system = crate::wire::rpc_system(reader, writer, Side::Client, None);
+    let host = system.bootstrap(Side::Server);
+    (host, system)
+}
+
 fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {
     reader
         .to_str()

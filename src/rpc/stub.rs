@@ -45,8 +45,85 @@ pub fn stub_capability(stub: Stub) -> durable_object::Client {
 
 /// The capability of `stub`, served within `connection`'s bounds.
 pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_object::Client {
+    if let Some(remote) = stub.remote_client() {
+        let target = remote.client.clone();
+        let client: capnp::capability::Client =
+            capnp_rpc::new_client(Bounded { target, connection });
+        return durable_object::Client { client };
+    }
     let client: capnp::capability::Client = capnp_rpc::new_client(StubServer { stub, connection });
     durable_object::Client { client }
+}
+
+/// An exception as it came back over the link between shards, made what it was there:
+/// capnp-rpc marks an exception that crossed a connection, and the caller's own connection
+/// will mark it once more.
+fn crossed(mut error: capnp::Error) -> capnp::Error {
+    if let Some(message) = error.extra.strip_prefix("remote exception: ") {
+        error.extra = message.to_owned();
+    }
+    error
+}
+
+/// A stub to an object of another shard, as one connection holds it: every call, of any
+/// interface, is admitted against the connection's bounds as the calls of a [`StubServer`]
+/// are, then passed on at once (in the order it arrived) to the object's capability on its
+/// shard, where the object's host keeps its order, gates and bounds. The parameters and
+/// results pass as they are, capabilities included.
+struct Bounded {
+    target: capnp::capability::Client,
+    connection: Rc<Connection>,
+}
+
+impl FromServer<Bounded> for capnp::capability::Client {
+    type Dispatch = BoundedDispatch;
+
+    fn from_server(server: Rc<Bounded>) -> BoundedDispatch {
+        BoundedDispatch { server }
+    }
+}
+
+#[derive(Clone)]
+struct BoundedDispatch {
+    server: Rc<Bounded>,
+}
+
+impl Deref for BoundedDispatch {
+    type Target = Bounded;
+
+    fn deref(&self) -> &Bounded {
+        &self.server
+    }
+}
+
+impl capnp::capability::Server for BoundedDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: Params<any_pointer::Owned>,
+        results: Results<any_pointer::Owned>,
+    ) -> DispatchCallResult {
+        let admitted = message_bytes(params.get())
+            .and_then(|bytes| InFlight::admit(&self.server.connection, bytes));
+        let call = match admitted {
+            Ok(in_flight) => {
+                let hook = &self.server.target.hook;
+                let answer = hook.call(interface_id, method_id, params.hook, results.hook);
+                Promise::from_future(async move {
+                    let answer = answer.await.map_err(crossed);
+                    drop(in_flight);
+                    answer
+                })
+            }
+            Err(error) => Promise::err(error),
+        };
+        DispatchCallResult::new(call, false)
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.server) as usize
+    }
 }
 
 /// A stub's server: `DurableObject`'s methods; [`StubDispatch`] sends it those calls, and

@@ -55,8 +55,8 @@ pub use options::{Limits, ListOptions};
 pub(crate) use store::{ObjectStore, Shared};
 pub(crate) use txn::Outcome;
 pub use txn::{ATTEMPTS_MAX, Transaction};
-pub(crate) use writer::Writer;
 pub use writer::WriterStats;
+pub(crate) use writer::{Writer, WriterHandle};
 
 use crate::gate::{self, InputGate};
 

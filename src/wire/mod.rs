@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod convert;
 pub mod frame;
+pub(crate) mod stream;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -90,6 +90,14 @@ struct ServeArgs {
     /// socket is closed with 1008.
     #[arg(long, default_value_t = 8 << 20)]
     ws_queue_max_bytes: usize,
+    /// Event-loop threads (shards), each the host of the objects whose IDs map to it; 0: one
+    /// per core.
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Each shard commits with a storage writer of its own (by default one writer folds every
+    /// shard's writes into its group commits). For measuring.
+    #[arg(long)]
+    writer_per_shard: bool,
     /// Sends the message of an object's error to HTTP clients in the 500's body. Without it the
     /// body carries a request ID, and the message is logged with that ID.
     #[arg(long)]
@@ -196,6 +204,8 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
         .listen(args.listen)
         .data_dir(args.data)
         .map_bytes(args.map_mib << 20)
+        .shards(args.shards)
+        .writer_per_shard(args.writer_per_shard)
         .gateway_options(GatewayOptions {
             body_bytes_max: args.http_body_max_bytes,
             expose_errors: args.expose_errors,

@@ -1,13 +1,14 @@
-//! Streamed requests and WebSockets of the Rust client: `DurableObject.request`, and the
-//! caller's side of it (the `ResponseContext`, the response body's `ByteStream`, the
-//! `downSocket`), served on the driver thread.
+//! The caller's side of `DurableObject.request`: a streamed request body written to the
+//! host's `ByteStream`, and the `ResponseContext`, the response body's `ByteStream` and the
+//! `downSocket` that answer it. The Rust client drives it on its driver thread; a shard of a
+//! host drives it on its own event loop for a stub to an object of another shard.
 //!
 //! A [`Body`] belongs to one thread (it is not `Send`), so a streamed request body is read on
-//! the caller's thread, by the future of [`RemoteStub::fetch_stream`](super::RemoteStub::fetch_stream)
-//! and then by the response's body, and crosses to the driver in a bounded channel; a response
+//! the caller's thread, by the future of [`fetch`] and then by the response's body, and
+//! crosses to the thread that issues the call ([`issue`]) in a bounded channel; a response
 //! body and a WebSocket's messages cross back the same way. Each channel holds a few chunks or
 //! messages: a side that does not read holds the other back, through capnp's flow control,
-//! down to the object.
+//! down to the object. Where caller and issuer are one thread, the channels cost a wake-up.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -42,7 +43,7 @@ const QUEUED_MAX: usize = 16;
 /// Dropping it without [`ClientWebSocket::close`] tells the object the peer went away
 /// (`web_socket_error`). It keeps the connection open while it lives.
 ///
-/// [`RemoteStub::web_socket`]: super::RemoteStub::web_socket
+/// [`RemoteStub::web_socket`]: crate::client::RemoteStub::web_socket
 pub struct ClientWebSocket {
     headers: http::HeaderMap,
     outgoing: mpsc::Sender<Outgoing>,
@@ -114,7 +115,7 @@ enum Outgoing {
 }
 
 /// What the driver tells the caller of a `request` call, in order.
-pub(super) enum Event {
+pub(crate) enum Event {
     /// The response's head, with its whole body unless one follows (`true`).
     Response(Response, bool),
     /// The object accepted the WebSocket.
@@ -129,7 +130,7 @@ pub(super) enum Event {
 }
 
 /// The caller's ends of a WebSocket's channels, as the driver hands them over.
-pub(super) struct SocketEnds {
+pub(crate) struct SocketEnds {
     headers: http::HeaderMap,
     outgoing: mpsc::Sender<Outgoing>,
     incoming: mpsc::Receiver<WebSocketEvent>,
@@ -137,14 +138,14 @@ pub(super) struct SocketEnds {
 }
 
 /// A piece of a request body on its way to the driver.
-pub(super) enum Upload {
+pub(crate) enum Upload {
     Chunk(Bytes),
     /// The body is complete; the channel closing without it means it broke off.
     End,
 }
 
 /// A `request` call, as the driver issues it.
-pub(super) struct RequestCommand {
+pub(crate) struct RequestCommand {
     /// The head, with the whole body unless `upload` brings it.
     request: Request,
     upload: Option<mpsc::Receiver<Upload>>,
@@ -153,14 +154,14 @@ pub(super) struct RequestCommand {
 
 impl RequestCommand {
     /// Tells the caller the call could not be issued.
-    pub(super) fn refuse(self, error: Error) {
+    pub(crate) fn refuse(self, error: Error) {
         // A fresh channel has room.
         let _ = self.events.try_send(Event::Failed(error));
     }
 }
 
 /// A `request` call sent: what the caller keeps of it. Dropping it cancels the call.
-pub(super) struct Call {
+pub(crate) struct Call {
     events: mpsc::Receiver<Event>,
     /// Keeps the connection open while the call lives.
     connection: Arc<dyn Send + Sync>,
@@ -168,7 +169,7 @@ pub(super) struct Call {
 
 /// A `request` call of `request`, whose body follows from `upload` if given: the command for
 /// the driver, and what the caller keeps. `connection` is kept open while the call lives.
-pub(super) fn call(
+pub(crate) fn call(
     request: Request,
     upload: Option<mpsc::Receiver<Upload>>,
     connection: Arc<dyn Send + Sync>,
@@ -187,13 +188,13 @@ pub(super) fn call(
 }
 
 /// Sends a `request` call now (see [`call`]), or says why it cannot.
-pub(super) type SendCall<'a> =
+pub(crate) type SendCall<'a> =
     dyn FnOnce(Request, Option<mpsc::Receiver<Upload>>) -> Result<Call, Error> + 'a;
 
-/// [`RemoteStub::fetch_stream`](super::RemoteStub::fetch_stream): a whole body of at most
+/// [`RemoteStub::fetch_stream`](crate::client::RemoteStub::fetch_stream): a whole body of at most
 /// `whole_bytes_max` (as `convert::request_bytes` counts the request) goes with the head, any
 /// other follows it.
-pub(super) fn fetch(
+pub(crate) fn fetch(
     request: StreamRequest,
     whole_bytes_max: usize,
     send: Box<SendCall<'_>>,
@@ -237,8 +238,8 @@ pub(super) fn fetch(
     }
 }
 
-/// [`RemoteStub::web_socket`](super::RemoteStub::web_socket).
-pub(super) fn web_socket(
+/// [`RemoteStub::web_socket`](crate::client::RemoteStub::web_socket).
+pub(crate) fn web_socket(
     mut request: Request,
     send: Box<SendCall<'_>>,
 ) -> impl Future<Output = Result<ClientWebSocket, Error>> + Send + use<> {
@@ -359,7 +360,7 @@ impl http_body::Body for Download {
 
 /// On the driver: issues the `request` call of `command` on `stub`, now; `held` (the call's
 /// place among the client's calls in flight) is dropped when the call returns.
-pub(super) fn issue<H: 'static>(stub: &durable_object::Client, command: RequestCommand, held: H) {
+pub(crate) fn issue<H: 'static>(stub: &durable_object::Client, command: RequestCommand, held: H) {
     let RequestCommand {
         request,
         upload,
