@@ -172,7 +172,7 @@ impl Host {
             backend.clone(),
             writer.handle(),
             config.storage_limits.clone(),
-        ));
+        )?);
         let records = config
             .bindings
             .iter()

@@ -9,6 +9,7 @@ use super::Error;
 use super::backend::{AlarmWrite, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, now_ms};
 use super::keys::range_is_empty;
 use super::lmdb::MAX_NAMESPACE_NAME;
+use super::shards::EPOCH_FIRST;
 
 pub(crate) fn obj(tag: u32, id_byte: u8) -> ObjectKey {
     ObjectKey {
@@ -24,6 +25,7 @@ pub(crate) fn batch(object: ObjectKey, mutations: Vec<(Vec<u8>, Option<Vec<u8>>)
         clear: false,
         mutations,
         alarm: AlarmWrite::Keep,
+        epoch: EPOCH_FIRST,
     }
 }
 
@@ -204,6 +206,7 @@ fn random_batch(rng: &mut Rng, objects: &[ObjectKey], model: &Model, seq: u64) -
         clear: rng.below(25) == 0,
         mutations,
         alarm: AlarmWrite::Keep,
+        epoch: EPOCH_FIRST,
     }
 }
 

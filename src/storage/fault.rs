@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::Error;
+use super::shards::ShardMap;
 use super::backend::{
     AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
 };
@@ -116,5 +117,13 @@ impl Backend for FaultyBackend {
 
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
         self.inner.namespace(name)
+    }
+
+    fn shard_map(&self) -> Result<ShardMap, Error> {
+        self.inner.shard_map()
+    }
+
+    fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, Error> {
+        self.inner.raise_epoch(virtual_shard)
     }
 }
