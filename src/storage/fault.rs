@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::Error;
-use super::shards::ShardMap;
 use super::backend::{
     AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
 };
+use super::shards::ShardMap;
 
 /// A backend that passes everything to another and fails commits on demand, to test what
 /// users see when the disk fails.

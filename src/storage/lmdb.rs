@@ -78,8 +78,7 @@ use super::backend::{
 };
 use super::keys::{range_is_empty, successor};
 use super::shards::{
-    EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count,
-    check_recorded, virtual_shard,
+    EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, check_recorded, virtual_shard,
 };
 use super::{Error, OpenError};
 
@@ -654,9 +653,9 @@ impl Backend for LmdbBackend {
             };
             let shard = decode_u32(shard).ok_or_else(|| Error::Corrupt(not_u32("epoch key")))?;
             let epoch = decode_u64(value).ok_or_else(|| Error::Corrupt(not_u64("epoch")))?;
-            let slot = epochs
-                .get_mut(shard as usize)
-                .ok_or_else(|| Error::Corrupt(format!("epoch of virtual shard {shard} past the count")))?;
+            let slot = epochs.get_mut(shard as usize).ok_or_else(|| {
+                Error::Corrupt(format!("epoch of virtual shard {shard} past the count"))
+            })?;
             *slot = epoch;
             entry = cursor_get(&cursor, None, MDB_NEXT).map_err(err)?;
         }
@@ -1115,6 +1114,7 @@ fn below(key: &[u8], end: Bound<&[u8]>) -> bool {
 mod tests {
     use super::*;
     use crate::storage::conformance::{self, all, batch, del, long_key, obj, put};
+    use crate::storage::shards::VIRTUAL_SHARDS_MAX;
 
     fn open(dir: &Path) -> LmdbBackend {
         LmdbBackend::open(dir, &LmdbOptions::default()).unwrap()
@@ -1381,5 +1381,106 @@ mod tests {
         let txn = b.env.begin_ro_txn().unwrap();
         let version = get_opt(&txn, b.meta, FORMAT_VERSION_KEY).unwrap().unwrap();
         assert_eq!(decode_u32(version), Some(FORMAT_VERSION));
+        // The upgrade recorded the default virtual shard count, every epoch at 1.
+        let map = b.shard_map().unwrap();
+        assert_eq!(map.count(), VIRTUAL_SHARDS_DEFAULT);
+        assert!(map.epochs().iter().all(|&e| e == EPOCH_FIRST));
+    }
+
+    #[test]
+    fn virtual_shard_mapping_is_stable() {
+        conformance::virtual_shard_mapping_is_stable();
+    }
+
+    fn with_shards(count: Option<u32>) -> LmdbOptions {
+        LmdbOptions {
+            virtual_shards: count,
+            ..LmdbOptions::default()
+        }
+    }
+
+    /// The count given at creation is recorded in the dir and read back by every later open,
+    /// with or without the count given again; the epochs survive a reopen too.
+    #[test]
+    fn virtual_shard_count_is_recorded_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&b, 16);
+        drop(b);
+        for count in [None, Some(16)] {
+            let b = LmdbBackend::open(dir.path(), &with_shards(count)).unwrap();
+            let map = b.shard_map().unwrap();
+            assert_eq!(map.count(), 16);
+            assert_eq!(map.epoch(15), Some(3));
+        }
+        // A dir created without a count has the default.
+        let other = tempfile::tempdir().unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&open(other.path()), 256);
+        assert_eq!(open(other.path()).shard_map().unwrap().count(), 256);
+    }
+
+    /// An existing dir keeps its count: another explicit count is refused, naming both, and
+    /// the dir is unchanged (it opens after with its own count and data).
+    #[test]
+    fn another_virtual_shard_count_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
+            .unwrap();
+        drop(b);
+        let refused = LmdbBackend::open(dir.path(), &with_shards(Some(32))).err();
+        assert_eq!(
+            refused,
+            Some(OpenError::VirtualShardsMismatch {
+                recorded: 16,
+                requested: 32
+            })
+        );
+        let b = open(dir.path());
+        assert_eq!(b.shard_map().unwrap().count(), 16);
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Counts outside 1..=65536 are refused before the dir is even created.
+    #[test]
+    fn virtual_shard_counts_out_of_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("never");
+        for count in [0, VIRTUAL_SHARDS_MAX + 1] {
+            assert_eq!(
+                LmdbBackend::open(&path, &with_shards(Some(count))).err(),
+                Some(OpenError::VirtualShardCount {
+                    count,
+                    max: VIRTUAL_SHARDS_MAX
+                })
+            );
+        }
+        assert!(!path.exists());
+        let b = LmdbBackend::open(&path, &with_shards(Some(VIRTUAL_SHARDS_MAX))).unwrap();
+        assert_eq!(b.shard_map().unwrap().count(), VIRTUAL_SHARDS_MAX);
+    }
+
+    #[test]
+    fn stale_epoch_is_fenced_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::stale_epoch_is_fenced_and_writes_nothing(&open(dir.path()));
+        // The raised epoch is durable: after a reopen the old epoch is still fenced.
+        let b = open(dir.path());
+        let x = ObjectKey {
+            tag: 1,
+            id: conformance::id_with_head([0, 0, 0, 7], 1),
+        };
+        assert!(matches!(
+            b.commit(&[batch(x, vec![put(b"k", b"again")])]),
+            Err(Error::Fenced { current: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn writer_commits_the_unfenced_batches_of_a_group() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::writer_commits_the_unfenced_batches_of_a_group(std::sync::Arc::new(open(
+            dir.path(),
+        )));
     }
 }

@@ -374,6 +374,8 @@ fn keys_bytes(keys: &Keys) -> usize {
 mod tests {
     use super::*;
     use crate::storage::conformance::{self, all, batch, del, obj, put};
+    use crate::storage::shards::VIRTUAL_SHARDS_MAX;
+    use std::sync::Arc;
 
     #[test]
     fn put_get_delete_round_trips() {
@@ -473,5 +475,40 @@ mod tests {
     #[test]
     fn alarms_set_replace_delete() {
         conformance::alarms_set_replace_delete(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn virtual_shard_mapping_is_stable() {
+        conformance::virtual_shard_mapping_is_stable();
+    }
+
+    #[test]
+    fn shard_map_starts_at_1_and_raises() {
+        conformance::shard_map_starts_at_1_and_raises(&MemoryBackend::new(), 256);
+        let b = MemoryBackend::with_virtual_shards(3).unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&b, 3);
+    }
+
+    #[test]
+    fn virtual_shard_counts_out_of_bounds_are_refused() {
+        for count in [0, VIRTUAL_SHARDS_MAX + 1] {
+            assert_eq!(
+                MemoryBackend::with_virtual_shards(count).err(),
+                Some(OpenError::VirtualShardCount {
+                    count,
+                    max: VIRTUAL_SHARDS_MAX
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn stale_epoch_is_fenced_and_writes_nothing() {
+        conformance::stale_epoch_is_fenced_and_writes_nothing(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn writer_commits_the_unfenced_batches_of_a_group() {
+        conformance::writer_commits_the_unfenced_batches_of_a_group(Arc::new(MemoryBackend::new()));
     }
 }

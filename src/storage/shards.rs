@@ -62,12 +62,10 @@ pub(crate) fn check_count(count: u32) -> Result<u32, OpenError> {
 /// (`None`: whatever the dir has).
 pub(crate) fn check_recorded(recorded: u32, requested: Option<u32>) -> Result<u32, OpenError> {
     match requested {
-        Some(requested) if requested != recorded => {
-            Err(OpenError::VirtualShardsMismatch {
-                recorded,
-                requested,
-            })
-        }
+        Some(requested) if requested != recorded => Err(OpenError::VirtualShardsMismatch {
+            recorded,
+            requested,
+        }),
         _ => Ok(recorded),
     }
 }
