@@ -21,9 +21,10 @@
 //!   [`Backend::namespace`]). `{name}` is the UTF-8 name, so a name is at most
 //!   [`MAX_NAMESPACE_NAME`] bytes (LMDB's key size limit).
 //! - `virtual_shards` → u32 (since version 3): how many virtual shards the dir has, in
-//!   `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). Written when the dir is created (or upgraded), from
-//!   [`LmdbOptions::virtual_shards`], and never changed: an object's virtual shard is
-//!   [`virtual_shard`]`(id, count)`, so changing the count would move objects.
+//!   `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). Written when the dir is
+//!   created (or upgraded), from [`LmdbOptions::virtual_shards`], and never changed: an
+//!   object's virtual shard is [`virtual_shard`]`(id, count)`, so another count would move
+//!   objects.
 //! - `epoch/` ‖ shard u32 → u64 (since version 3): the ownership epoch of a virtual shard,
 //!   absent = 1 (so a new dir writes none). Raised only by [`Backend::raise_epoch`]; every
 //!   commit reads the epoch of each batch's shard in its own write transaction and refuses a
@@ -139,7 +140,8 @@ pub struct LmdbOptions {
     /// Most read transactions open at once (LMDB reader-table slots). Default 1024.
     pub max_readers: u32,
     /// How many virtual shards a dir created by this open gets (`None`:
-    /// [`VIRTUAL_SHARDS_DEFAULT`]); bounded by `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). An existing dir
+    /// [`VIRTUAL_SHARDS_DEFAULT`]); bounded by
+    /// `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). An existing dir
     /// keeps the count it was created with: opening it with `Some` other count fails with
     /// [`OpenError::VirtualShardsMismatch`], `None` takes the dir's.
     pub virtual_shards: Option<u32>,

@@ -1,10 +1,11 @@
 //! An in-memory [`Backend`] that answers as [`LmdbBackend`] does, for unit tests of the
 //! layers above the engine (the cache, transactions, the writer, the host) without a disk.
 //!
-//! It keeps what LMDB keeps (every object's keys, the object registry, namespace records) in
-//! ordered maps behind one lock, with LMDB's semantics: keys in byte order, scans with the same
-//! bounds, direction and limit, a commit atomic over all its batches, the same registry rules
-//! and the same errors for names, tags and key sizes. It is not durable: dropping it loses
+//! It keeps what LMDB keeps (every object's keys, the object registry, namespace records, the
+//! virtual shard count and epochs) in ordered maps behind one lock, with LMDB's semantics: keys
+//! in byte order, scans with the same bounds, direction and limit, a commit atomic over all its
+//! batches and refused whole when one is fenced, the same registry rules and the same errors for
+//! names, tags and key sizes. It is not durable: dropping it loses
 //! everything. A byte budget stands in for LMDB's map size, so that a full disk is testable.
 //!
 //! The same checks run against both engines (`storage::conformance`).
