@@ -1485,4 +1485,27 @@ mod tests {
             dir.path(),
         )));
     }
+
+    /// A version-2 dir (no virtual shards recorded) is upgraded on open: it gets the count the
+    /// open asks for, every epoch at 1, and keeps it after.
+    #[test]
+    fn version_2_dir_records_its_count_on_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
+            .unwrap();
+        // Make it what a version-2 build left: no count, version 2.
+        let mut txn = b.env.begin_rw_txn().unwrap();
+        txn.del(b.meta, &VIRTUAL_SHARDS_KEY, None).unwrap();
+        let two = 2u32.to_be_bytes();
+        txn.put(b.meta, &FORMAT_VERSION_KEY, &two, WriteFlags::empty())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(b);
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        assert_eq!(b.shard_map().unwrap(), ShardMap::new(vec![1; 16]).unwrap());
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+        drop(b);
+        assert_eq!(open(dir.path()).shard_map().unwrap().count(), 16);
+    }
 }
