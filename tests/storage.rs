@@ -704,6 +704,90 @@ fn a_failed_commit_resets_the_object_and_keeps_nothing() {
     });
 }
 
+/// Once an object's virtual shard has its ownership epoch raised under a running host (as a
+/// node that lost the shard's lease would find), that object's next write is fenced: its stub
+/// breaks with `disconnected`, its storage reports `Fenced`, and nothing is stored. An object
+/// on another virtual shard keeps working.
+#[test]
+fn a_raised_epoch_fences_the_objects_of_that_shard_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let slot: Arc<Mutex<Option<Arc<dyn duro::storage::Backend>>>> = Arc::default();
+    let wrap_slot = slot.clone();
+    run_local(async {
+        let host = duro::builtin::register(probe_builder(dir.path()))
+            .wrap_backend(move |inner| {
+                *wrap_slot.lock().unwrap() = Some(inner.clone());
+                inner
+            })
+            .open_host()
+            .unwrap();
+        let backend = slot.lock().unwrap().clone().unwrap();
+        let count = backend.shard_map().unwrap().count();
+        let shard_of = |namespace: &str, name: &str| {
+            let id = host
+                .namespace(namespace)
+                .unwrap()
+                .id_from_name(name)
+                .unwrap();
+            duro::storage::virtual_shard(id.bytes(), count)
+        };
+        let fenced_shards = [shard_of("counter", "victim"), shard_of("probe", "p")];
+        let bystander = (0..)
+            .map(|i| format!("bystander{i}"))
+            .find(|name| !fenced_shards.contains(&shard_of("counter", name)))
+            .unwrap();
+        let counter = host.namespace("counter").unwrap();
+        let post = |name: &str| {
+            let stub = counter.get_by_name(name).unwrap();
+            async move { stub.fetch(request("POST", "/", b"")).await }
+        };
+        let body = |r: Result<Response, Error>| r.unwrap().body().to_vec();
+        assert_eq!(body(post("victim").await), b"1\n");
+        assert_eq!(body(post(&bystander).await), b"1\n");
+        let storage = probe(&host, "p");
+        storage.put("k", &1u32).await.unwrap();
+        storage.sync().await.unwrap();
+
+        for shard in fenced_shards {
+            // Both may share a shard: raise each shard once.
+            if backend.shard_map().unwrap().epoch(shard) == Some(1) {
+                assert_eq!(backend.raise_epoch(shard).unwrap(), 2);
+            }
+        }
+        let fenced = post("victim").await;
+        assert!(matches!(fenced, Err(Error::Disconnected(_))), "{fenced:?}");
+        storage.put("k", &2u32).await.unwrap();
+        let synced = storage.sync().await;
+        assert!(
+            matches!(
+                synced,
+                Err(StorageError::Fenced {
+                    epoch: 1,
+                    current: 2,
+                    ..
+                })
+            ),
+            "{synced:?}"
+        );
+        assert_eq!(body(post(&bystander).await), b"2\n");
+
+        // Nothing fenced was stored: the victim still counts 1, the probe's key is 1.
+        let victim = counter.id_from_name("victim").unwrap();
+        let key = duro::storage::ObjectKey {
+            tag: backend.namespace("counter").unwrap().tag,
+            id: *victim.bytes(),
+        };
+        let all = (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded);
+        let stored = backend.scan(&key, all.0, all.1, false, 10).unwrap();
+        let values: Vec<u64> = stored
+            .iter()
+            .map(|(_, v)| duro::storage::value::decode(v).unwrap())
+            .collect();
+        assert_eq!(values, [1]);
+        host.shutdown().await;
+    });
+}
+
 /// Writes of many objects waiting at once share one commit (and one fsync).
 #[test]
 fn many_objects_share_commits() {

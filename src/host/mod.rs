@@ -192,7 +192,7 @@ impl Host {
             backend.clone(),
             handle,
             config.storage_limits.clone(),
-        ));
+        )?);
         let records = config
             .bindings
             .iter()

@@ -7,6 +7,8 @@
 use std::ops::Bound;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::shards::ShardMap;
+
 /// Identifies one object's storage: the namespace's tag and the object's 32-byte ID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -28,6 +30,12 @@ pub struct ObjectBatch {
     pub mutations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// The change of the object's alarm, applied after `clear` (which deletes the alarm too).
     pub alarm: AlarmWrite,
+    /// The ownership epoch of the object's virtual shard that the writer believed it owned the
+    /// object under. [`Backend::commit`] refuses the batch with [`Error::Fenced`] unless it is
+    /// the shard's stored epoch (see `storage::shards`).
+    ///
+    /// [`Error::Fenced`]: super::Error::Fenced
+    pub epoch: u64,
 }
 
 /// What a batch does to its object's alarm (one alarm per object).
@@ -94,7 +102,10 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Entry>, super::Error>;
 
     /// Applies every batch in one transaction and makes it durable (fsync) before returning.
-    /// On error nothing of the transaction is visible. Also maintains the object registry: an
+    /// On error nothing of the transaction is visible. In that same transaction, every batch's
+    /// [`ObjectBatch::epoch`] must equal the stored epoch of its object's virtual shard, else
+    /// the commit fails with [`Error::Fenced`](super::Error::Fenced) (naming the first such
+    /// batch's shard) and writes nothing. Also maintains the object registry: an
     /// object is in it while it has a key or an alarm, and leaves it when it has neither.
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), super::Error>;
 
@@ -121,6 +132,15 @@ pub trait Backend: Send + Sync + 'static {
     /// The record of the namespace `name`, created (tag and a secret from the OS CSPRNG) and made
     /// durable on first use.
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, super::Error>;
+
+    /// The virtual shards: their count (fixed when the data dir was created) and each one's
+    /// ownership epoch as stored now.
+    fn shard_map(&self) -> Result<ShardMap, super::Error>;
+
+    /// Raises the ownership epoch of `virtual_shard` by one and makes it durable; returns the
+    /// new epoch. From then on a batch made under an older epoch of the shard is fenced. Fails
+    /// with [`Error::NoSuchShard`](super::Error::NoSuchShard) past the count, changing nothing.
+    fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, super::Error>;
 }
 
 /// Milliseconds since the Unix epoch: the clock of [`ObjectRecord::created_ms`].

@@ -17,14 +17,22 @@ pub enum OpenError {
     /// The data dir's own records do not decode.
     #[error("corrupt storage: {0}")]
     Corrupt(String),
+    /// A virtual shard count outside `1..=max` was asked for.
+    #[error("virtual shard count {count} is out of bounds: it must be from 1 to {max}")]
+    VirtualShardCount { count: u32, max: u32 },
+    /// The data dir was created with another virtual shard count, which it keeps forever.
+    #[error(
+        "the data dir has {recorded} virtual shards (fixed when it was created), not the {requested} asked for"
+    )]
+    VirtualShardsMismatch { recorded: u32, requested: u32 },
 }
 
 /// Errors of duro's storage operations.
 ///
 /// Kinds, so that a caller matches on what it must tell apart: the caller's mistakes (a limit
 /// or a bad argument, nothing was stored), the engine's failures (`Io`, `MapFull`, `Corrupt`),
-/// and the lifecycle of the object or the host (`Reset`, `Closed`, `TransactionEnded`,
-/// `Conflict`).
+/// the lifecycle of the object or the host (`Reset`, `Closed`, `TransactionEnded`,
+/// `Conflict`), and ownership (`Fenced`: the shard's epoch moved on).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {
@@ -75,6 +83,23 @@ pub enum Error {
     /// uncommitted writes were dropped.
     #[error("the object was reset: {0}")]
     Reset(String),
+    /// A batch was made under an ownership epoch of its virtual shard that is no longer the
+    /// shard's epoch: whoever made it lost the shard, and may never commit for it again. The
+    /// commit wrote nothing (see `storage::shards`).
+    #[error(
+        "fenced: virtual shard {virtual_shard} is at epoch {current}, the write was made under epoch {epoch}"
+    )]
+    Fenced {
+        virtual_shard: u32,
+        epoch: u64,
+        current: u64,
+    },
+    /// A virtual shard number past the data dir's count.
+    #[error("virtual shard {virtual_shard} does not exist: the data dir has {count}")]
+    NoSuchShard { virtual_shard: u32, count: u32 },
+    /// A virtual shard's epoch cannot be raised further.
+    #[error("virtual shard {virtual_shard}'s epoch is at its maximum")]
+    EpochsExhausted { virtual_shard: u32 },
     /// The storage writer has stopped (the host is shutting down).
     #[error("storage is shut down")]
     Closed,

@@ -10,6 +10,7 @@ use super::Error;
 use super::backend::{
     AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
 };
+use super::shards::ShardMap;
 
 /// A backend that passes everything to another and fails commits on demand, to test what
 /// users see when the disk fails.
@@ -116,5 +117,13 @@ impl Backend for FaultyBackend {
 
     fn namespace(&self, name: &str) -> Result<NamespaceRecord, Error> {
         self.inner.namespace(name)
+    }
+
+    fn shard_map(&self) -> Result<ShardMap, Error> {
+        self.inner.shard_map()
+    }
+
+    fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, Error> {
+        self.inner.raise_epoch(virtual_shard)
     }
 }

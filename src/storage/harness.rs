@@ -29,7 +29,7 @@ impl Harness {
         let memory = Arc::new(memory);
         let faulty = FaultyBackend::new(memory.clone());
         let writer = Writer::spawn(faulty.clone()).unwrap();
-        let shared = Rc::new(Shared::new(faulty.clone(), writer.handle(), limits));
+        let shared = Rc::new(Shared::new(faulty.clone(), writer.handle(), limits).unwrap());
         Harness {
             memory,
             faulty,

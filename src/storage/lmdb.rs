@@ -1,7 +1,7 @@
 //! The LMDB engine behind [`Backend`]: one memory-mapped, copy-on-write B+tree environment per
 //! data dir, whose committed write transactions are fsynced before [`Backend::commit`] returns.
 //!
-//! # On-disk layout (format version [`FORMAT_VERSION`] = 2)
+//! # On-disk layout (format version [`FORMAT_VERSION`] = 3)
 //!
 //! This layout is an API: a data dir written by one build must be readable by every later build
 //! that reports the same format version. Change it only together with [`FORMAT_VERSION`].
@@ -20,6 +20,15 @@
 //! - `ns/{name}` → tag u32 ‖ secret (32 bytes): a namespace's record (see
 //!   [`Backend::namespace`]). `{name}` is the UTF-8 name, so a name is at most
 //!   [`MAX_NAMESPACE_NAME`] bytes (LMDB's key size limit).
+//! - `virtual_shards` → u32 (since version 3): how many virtual shards the dir has, in
+//!   `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). Written when the dir is
+//!   created (or upgraded), from [`LmdbOptions::virtual_shards`], and never changed: an
+//!   object's virtual shard is [`virtual_shard`]`(id, count)`, so another count would move
+//!   objects.
+//! - `epoch/` ‖ shard u32 → u64 (since version 3): the ownership epoch of a virtual shard,
+//!   absent = 1 (so a new dir writes none). Raised only by [`Backend::raise_epoch`]; every
+//!   commit reads the epoch of each batch's shard in its own write transaction and refuses a
+//!   batch made under another (see `storage::shards`).
 //!
 //! Named database `objects` (the object registry): a row per object that has a key or an alarm.
 //! - tag u32 ‖ id (32 bytes) → created_ms u64 ‖ name (UTF-8, empty = reached by ID only).
@@ -29,9 +38,12 @@
 //! - `alarm_of`: tag u32 ‖ id (32 bytes) → at_ms u64 (ms since the Unix epoch).
 //! - `alarms`: at_ms u64 ‖ tag u32 ‖ id (32 bytes) → empty.
 //!
-//! Versions: 1 had no alarms. Opening a version-1 dir upgrades it in place: the two alarm
-//! databases are created (empty), then `format_version` becomes 2. Both steps are idempotent,
-//! so an upgrade cut short is finished by the next open. A newer version is refused.
+//! Versions: 1 had no alarms; 2 had no virtual shards. Opening a version-1 dir upgrades it in
+//! place: the two alarm databases are created (empty); then, as for a version-2 dir, the
+//! virtual shard count is recorded (every epoch is 1) and `format_version` becomes 3, in one
+//! transaction. Each step is idempotent, so an upgrade cut short is finished by the next open.
+//! A newer version is refused. (A version-2 build refuses a version-3 dir, so no build that
+//! ignores epochs can commit into a dir whose shards may be fenced.)
 //!
 //! Named database `kv` (every object's keys). Let *prefix* = tag u32 ‖ id (32 bytes), and
 //! P = [`LONG_KEY_SPLIT`] = 400. LMDB keys are limited to 511 bytes but user keys have no upper
@@ -66,10 +78,13 @@ use super::backend::{
     now_ms,
 };
 use super::keys::{range_is_empty, successor};
+use super::shards::{
+    EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, check_recorded, virtual_shard,
+};
 use super::{Error, OpenError};
 
 /// Layout version this build writes and reads (see the module docs).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest layout version this build opens, upgrading it to [`FORMAT_VERSION`] in place.
 pub const FORMAT_VERSION_OLDEST: u32 = 1;
@@ -93,6 +108,10 @@ const MAX_LMDB_KEY: usize = 511;
 const NS_PREFIX: &str = "ns/";
 const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 const NEXT_TAG_KEY: &[u8] = b"next_tag";
+const VIRTUAL_SHARDS_KEY: &[u8] = b"virtual_shards";
+/// Prefix of the `epoch/` ‖ shard keys of `meta`.
+const EPOCH_PREFIX: &[u8] = b"epoch/";
+const EPOCH_KEY_LEN: usize = 6 + 4;
 /// tag ‖ id: the part of every `kv` and `objects` key that names the object.
 const PREFIX_LEN: usize = 4 + 32;
 const HASH_LEN: usize = 16;
@@ -120,6 +139,12 @@ pub struct LmdbOptions {
     pub map_bytes: usize,
     /// Most read transactions open at once (LMDB reader-table slots). Default 1024.
     pub max_readers: u32,
+    /// How many virtual shards a dir created by this open gets (`None`:
+    /// [`VIRTUAL_SHARDS_DEFAULT`]); bounded by
+    /// `1..=`[`VIRTUAL_SHARDS_MAX`](super::shards::VIRTUAL_SHARDS_MAX). An existing dir
+    /// keeps the count it was created with: opening it with `Some` other count fails with
+    /// [`OpenError::VirtualShardsMismatch`], `None` takes the dir's.
+    pub virtual_shards: Option<u32>,
 }
 
 impl Default for LmdbOptions {
@@ -127,6 +152,7 @@ impl Default for LmdbOptions {
         LmdbOptions {
             map_bytes: 64 << 30,
             max_readers: 1024,
+            virtual_shards: None,
         }
     }
 }
@@ -147,6 +173,8 @@ pub struct LmdbBackend {
     /// The time-ordered alarm index: at_ms ‖ tag ‖ id → empty.
     alarms: Database,
     map_bytes: usize,
+    /// The dir's virtual shard count, read (or recorded) at open; it never changes.
+    virtual_shards: u32,
     dir: PathBuf,
     _lock: File,
 }
@@ -159,8 +187,13 @@ impl LmdbBackend {
     ///
     /// Fails with [`OpenError::Locked`] if another [`LmdbBackend`] (in this or another
     /// process) has the dir open, and with [`OpenError::FormatVersion`] if the dir was written
-    /// in another layout version.
+    /// in another layout version. A virtual shard count out of bounds, or other than the one an
+    /// existing dir recorded, fails with [`OpenError::VirtualShardCount`] or
+    /// [`OpenError::VirtualShardsMismatch`] and changes nothing.
     pub fn open(dir: &Path, options: &LmdbOptions) -> Result<LmdbBackend, OpenError> {
+        if let Some(count) = options.virtual_shards {
+            check_count(count)?;
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| OpenError::Io(format!("creating {}: {e}", dir.display())))?;
         // Lock before LMDB touches the files: two environments on one file in one process
@@ -191,7 +224,7 @@ impl LmdbBackend {
         let alarms = env
             .create_db(Some("alarms"), DatabaseFlags::empty())
             .map_err(open_error)?;
-        let backend = LmdbBackend {
+        let mut backend = LmdbBackend {
             env,
             meta,
             kv,
@@ -199,10 +232,11 @@ impl LmdbBackend {
             alarm_of,
             alarms,
             map_bytes,
+            virtual_shards: VIRTUAL_SHARDS_DEFAULT,
             dir: dir.to_path_buf(),
             _lock: lock,
         };
-        backend.check_format()?;
+        backend.virtual_shards = backend.check_format(options.virtual_shards)?;
         Ok(backend)
     }
 
@@ -223,33 +257,83 @@ impl LmdbBackend {
         lmdb_error(e, self.map_bytes)
     }
 
-    /// Writes the format version into a fresh env, or upgrades an older one in place now that
-    /// the databases of this version exist (version 1 → 2 only adds the empty alarm databases).
-    fn check_format(&self) -> Result<(), OpenError> {
+    /// Writes the format version and the virtual shard count (`requested`, or the default)
+    /// into a fresh env, or upgrades an older one in place now that the databases of this
+    /// version exist (1 → 2 adds the empty alarm databases, 2 → 3 records the count). Returns
+    /// the dir's virtual shard count; a `requested` count other than a recorded one is refused
+    /// before anything is written.
+    fn check_format(&self, requested: Option<u32>) -> Result<u32, OpenError> {
         let mut txn = self.env.begin_rw_txn().map_err(open_error)?;
-        if let Some(bytes) = get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(open_error)? {
-            if check_version(bytes)? == FORMAT_VERSION {
-                return Ok(());
-            }
-            tracing::info!(to = FORMAT_VERSION, "upgrading the data dir's format");
-        } else {
-            for db in [self.kv, self.objects, self.alarm_of, self.alarms] {
-                if txn.stat(db).map_err(open_error)?.entries() != 0 {
-                    return Err(OpenError::Corrupt(
-                        "data present but format_version missing".into(),
-                    ));
+        let version = match get_opt(&txn, self.meta, FORMAT_VERSION_KEY).map_err(open_error)? {
+            Some(bytes) => Some(check_version(bytes)?),
+            None => {
+                for db in [self.kv, self.objects, self.alarm_of, self.alarms] {
+                    if txn.stat(db).map_err(open_error)?.entries() != 0 {
+                        return Err(OpenError::Corrupt(
+                            "data present but format_version missing".into(),
+                        ));
+                    }
                 }
+                None
+            }
+        };
+        let recorded = match get_opt(&txn, self.meta, VIRTUAL_SHARDS_KEY).map_err(open_error)? {
+            Some(bytes) => Some(
+                decode_u32(bytes)
+                    .ok_or_else(|| OpenError::Corrupt(not_u32("virtual_shards")))
+                    .and_then(|count| {
+                        check_count(count).map_err(|e| OpenError::Corrupt(e.to_string()))
+                    })?,
+            ),
+            None => None,
+        };
+        match (version, recorded) {
+            (Some(FORMAT_VERSION), Some(recorded)) => return check_recorded(recorded, requested),
+            (Some(FORMAT_VERSION), None) => {
+                return Err(OpenError::Corrupt("virtual_shards missing".into()));
+            }
+            (Some(_), _) => tracing::info!(to = FORMAT_VERSION, "upgrading the data dir's format"),
+            (None, _) => {}
+        }
+        let count = match recorded {
+            // An upgrade cut short after recording the count (not possible today: both are
+            // written in one transaction, but cheap to honour).
+            Some(recorded) => check_recorded(recorded, requested)?,
+            None => requested.unwrap_or(VIRTUAL_SHARDS_DEFAULT),
+        };
+        let flags = WriteFlags::empty();
+        txn.put(self.meta, &VIRTUAL_SHARDS_KEY, &count.to_be_bytes(), flags)
+            .map_err(open_error)?;
+        let version = FORMAT_VERSION.to_be_bytes();
+        txn.put(self.meta, &FORMAT_VERSION_KEY, &version, flags)
+            .map_err(open_error)?;
+        txn.commit().map_err(open_error)?;
+        Ok(count)
+    }
+
+    /// The stored epoch of `virtual_shard` as `txn` sees it (absent = [`EPOCH_FIRST`]).
+    fn epoch_in<T: Transaction>(&self, txn: &T, virtual_shard: u32) -> Result<u64, Error> {
+        match get_opt(txn, self.meta, &epoch_key(virtual_shard)).map_err(|e| self.err(e))? {
+            Some(bytes) => decode_u64(bytes).ok_or_else(|| Error::Corrupt(not_u64("epoch"))),
+            None => Ok(EPOCH_FIRST),
+        }
+    }
+
+    /// Fails with [`Error::Fenced`] for the first batch whose epoch is not the one its
+    /// virtual shard has in `txn`.
+    fn check_epochs(&self, txn: &RwTransaction, batches: &[ObjectBatch]) -> Result<(), Error> {
+        for batch in batches {
+            let shard = virtual_shard(&batch.object.id, self.virtual_shards);
+            let current = self.epoch_in(txn, shard)?;
+            if batch.epoch != current {
+                return Err(Error::Fenced {
+                    virtual_shard: shard,
+                    epoch: batch.epoch,
+                    current,
+                });
             }
         }
-        let version = FORMAT_VERSION.to_be_bytes();
-        txn.put(
-            self.meta,
-            &FORMAT_VERSION_KEY,
-            &version,
-            WriteFlags::empty(),
-        )
-        .map_err(open_error)?;
-        txn.commit().map_err(open_error)
+        Ok(())
     }
 
     /// Applies one batch inside the group-commit transaction.
@@ -452,6 +536,9 @@ impl Backend for LmdbBackend {
 
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
         let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
+        // In the commit's own transaction: LMDB serializes write transactions, so no epoch
+        // can be raised between this check and the commit.
+        self.check_epochs(&txn, batches)?;
         let now = now_ms();
         for batch in batches {
             // On error `txn` drops, which aborts it: nothing of the commit becomes visible.
@@ -555,6 +642,58 @@ impl Backend for LmdbBackend {
         }
         self.namespace_create(&key)
     }
+
+    fn shard_map(&self) -> Result<ShardMap, Error> {
+        let err = |e| self.err(e);
+        let txn = self.env.begin_ro_txn().map_err(err)?;
+        let mut epochs = vec![EPOCH_FIRST; self.virtual_shards as usize];
+        let cursor = txn.open_ro_cursor(self.meta).map_err(err)?;
+        let mut entry = cursor_get(&cursor, Some(EPOCH_PREFIX), MDB_SET_RANGE).map_err(err)?;
+        while let Some((key, value)) = entry {
+            let Some(shard) = key.strip_prefix(EPOCH_PREFIX) else {
+                break;
+            };
+            let shard = decode_u32(shard).ok_or_else(|| Error::Corrupt(not_u32("epoch key")))?;
+            let epoch = decode_u64(value).ok_or_else(|| Error::Corrupt(not_u64("epoch")))?;
+            let slot = epochs.get_mut(shard as usize).ok_or_else(|| {
+                Error::Corrupt(format!("epoch of virtual shard {shard} past the count"))
+            })?;
+            *slot = epoch;
+            entry = cursor_get(&cursor, None, MDB_NEXT).map_err(err)?;
+        }
+        ShardMap::new(epochs).map_err(|e| Error::Corrupt(e.to_string()))
+    }
+
+    fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, Error> {
+        if virtual_shard >= self.virtual_shards {
+            return Err(Error::NoSuchShard {
+                virtual_shard,
+                count: self.virtual_shards,
+            });
+        }
+        let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
+        let epoch = self
+            .epoch_in(&txn, virtual_shard)?
+            .checked_add(1)
+            .ok_or(Error::EpochsExhausted { virtual_shard })?;
+        txn.put(
+            self.meta,
+            &epoch_key(virtual_shard),
+            &epoch.to_be_bytes(),
+            WriteFlags::empty(),
+        )
+        .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(epoch)
+    }
+}
+
+/// The `meta` key of a virtual shard's epoch: `epoch/` ‖ shard u32.
+fn epoch_key(virtual_shard: u32) -> [u8; EPOCH_KEY_LEN] {
+    let mut key = [0u8; EPOCH_KEY_LEN];
+    key[..EPOCH_PREFIX.len()].copy_from_slice(EPOCH_PREFIX);
+    key[EPOCH_PREFIX.len()..].copy_from_slice(&virtual_shard.to_be_bytes());
+    key
 }
 
 /// Steps a cursor through one object's `kv` entries in one direction, yielding "chunks": a
@@ -977,6 +1116,7 @@ fn below(key: &[u8], end: Bound<&[u8]>) -> bool {
 mod tests {
     use super::*;
     use crate::storage::conformance::{self, all, batch, del, long_key, obj, put};
+    use crate::storage::shards::VIRTUAL_SHARDS_MAX;
 
     fn open(dir: &Path) -> LmdbBackend {
         LmdbBackend::open(dir, &LmdbOptions::default()).unwrap()
@@ -1243,5 +1383,129 @@ mod tests {
         let txn = b.env.begin_ro_txn().unwrap();
         let version = get_opt(&txn, b.meta, FORMAT_VERSION_KEY).unwrap().unwrap();
         assert_eq!(decode_u32(version), Some(FORMAT_VERSION));
+        // The upgrade recorded the default virtual shard count, every epoch at 1.
+        let map = b.shard_map().unwrap();
+        assert_eq!(map.count(), VIRTUAL_SHARDS_DEFAULT);
+        assert!(map.epochs().iter().all(|&e| e == EPOCH_FIRST));
+    }
+
+    #[test]
+    fn virtual_shard_mapping_is_stable() {
+        conformance::virtual_shard_mapping_is_stable();
+    }
+
+    fn with_shards(count: Option<u32>) -> LmdbOptions {
+        LmdbOptions {
+            virtual_shards: count,
+            ..LmdbOptions::default()
+        }
+    }
+
+    /// The count given at creation is recorded in the dir and read back by every later open,
+    /// with or without the count given again; the epochs survive a reopen too.
+    #[test]
+    fn virtual_shard_count_is_recorded_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&b, 16);
+        drop(b);
+        for count in [None, Some(16)] {
+            let b = LmdbBackend::open(dir.path(), &with_shards(count)).unwrap();
+            let map = b.shard_map().unwrap();
+            assert_eq!(map.count(), 16);
+            assert_eq!(map.epoch(15), Some(3));
+        }
+        // A dir created without a count has the default.
+        let other = tempfile::tempdir().unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&open(other.path()), 256);
+        assert_eq!(open(other.path()).shard_map().unwrap().count(), 256);
+    }
+
+    /// An existing dir keeps its count: another explicit count is refused, naming both, and
+    /// the dir is unchanged (it opens after with its own count and data).
+    #[test]
+    fn another_virtual_shard_count_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
+            .unwrap();
+        drop(b);
+        let refused = LmdbBackend::open(dir.path(), &with_shards(Some(32))).err();
+        assert_eq!(
+            refused,
+            Some(OpenError::VirtualShardsMismatch {
+                recorded: 16,
+                requested: 32
+            })
+        );
+        let b = open(dir.path());
+        assert_eq!(b.shard_map().unwrap().count(), 16);
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Counts outside 1..=65536 are refused before the dir is even created.
+    #[test]
+    fn virtual_shard_counts_out_of_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("never");
+        for count in [0, VIRTUAL_SHARDS_MAX + 1] {
+            assert_eq!(
+                LmdbBackend::open(&path, &with_shards(Some(count))).err(),
+                Some(OpenError::VirtualShardCount {
+                    count,
+                    max: VIRTUAL_SHARDS_MAX
+                })
+            );
+        }
+        assert!(!path.exists());
+        let b = LmdbBackend::open(&path, &with_shards(Some(VIRTUAL_SHARDS_MAX))).unwrap();
+        assert_eq!(b.shard_map().unwrap().count(), VIRTUAL_SHARDS_MAX);
+    }
+
+    #[test]
+    fn stale_epoch_is_fenced_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::stale_epoch_is_fenced_and_writes_nothing(&open(dir.path()));
+        // The raised epoch is durable: after a reopen the old epoch is still fenced.
+        let b = open(dir.path());
+        let x = ObjectKey {
+            tag: 1,
+            id: conformance::id_with_head([0, 0, 0, 7], 1),
+        };
+        assert!(matches!(
+            b.commit(&[batch(x, vec![put(b"k", b"again")])]),
+            Err(Error::Fenced { current: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn writer_commits_the_unfenced_batches_of_a_group() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance::writer_commits_the_unfenced_batches_of_a_group(std::sync::Arc::new(open(
+            dir.path(),
+        )));
+    }
+
+    /// A version-2 dir (no virtual shards recorded) is upgraded on open: it gets the count the
+    /// open asks for, every epoch at 1, and keeps it after.
+    #[test]
+    fn version_2_dir_records_its_count_on_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        b.commit(&[batch(obj(1, 1), vec![put(b"k", b"v")])])
+            .unwrap();
+        // Make it what a version-2 build left: no count, version 2.
+        let mut txn = b.env.begin_rw_txn().unwrap();
+        txn.del(b.meta, &VIRTUAL_SHARDS_KEY, None).unwrap();
+        let two = 2u32.to_be_bytes();
+        txn.put(b.meta, &FORMAT_VERSION_KEY, &two, WriteFlags::empty())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(b);
+        let b = LmdbBackend::open(dir.path(), &with_shards(Some(16))).unwrap();
+        assert_eq!(b.shard_map().unwrap(), ShardMap::new(vec![1; 16]).unwrap());
+        assert_eq!(b.get(&obj(1, 1), b"k").unwrap(), Some(b"v".to_vec()));
+        drop(b);
+        assert_eq!(open(dir.path()).shard_map().unwrap().count(), 16);
     }
 }

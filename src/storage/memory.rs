@@ -1,10 +1,11 @@
 //! An in-memory [`Backend`] that answers as [`LmdbBackend`] does, for unit tests of the
 //! layers above the engine (the cache, transactions, the writer, the host) without a disk.
 //!
-//! It keeps what LMDB keeps (every object's keys, the object registry, namespace records) in
-//! ordered maps behind one lock, with LMDB's semantics: keys in byte order, scans with the same
-//! bounds, direction and limit, a commit atomic over all its batches, the same registry rules
-//! and the same errors for names, tags and key sizes. It is not durable: dropping it loses
+//! It keeps what LMDB keeps (every object's keys, the object registry, namespace records, the
+//! virtual shard count and epochs) in ordered maps behind one lock, with LMDB's semantics: keys
+//! in byte order, scans with the same bounds, direction and limit, a commit atomic over all its
+//! batches and refused whole when one is fenced, the same registry rules and the same errors for
+//! names, tags and key sizes. It is not durable: dropping it loses
 //! everything. A byte budget stands in for LMDB's map size, so that a full disk is testable.
 //!
 //! The same checks run against both engines (`storage::conformance`).
@@ -15,12 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::Error;
 use super::backend::{
     AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
 };
 use super::keys::range_is_empty;
 use super::lmdb::{MAX_KEY, MAX_NAMESPACE_NAME};
+use super::shards::{EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, virtual_shard};
+use super::{Error, OpenError};
 
 /// The keys of one object.
 type Keys = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -47,6 +49,9 @@ struct State {
     next_tag: u32,
     /// Bytes of every key and value held: what `map_bytes` bounds.
     stored_bytes: usize,
+    /// Each virtual shard's ownership epoch; the length is the count, fixed at construction
+    /// (LMDB's `virtual_shards` and `epoch/…` records).
+    epochs: Vec<u64>,
 }
 
 /// One object as a commit in progress sees it; swapped in when the whole commit applied.
@@ -57,7 +62,7 @@ struct Draft {
 }
 
 impl MemoryBackend {
-    /// An empty backend without a size limit.
+    /// An empty backend without a size limit, with [`VIRTUAL_SHARDS_DEFAULT`] virtual shards.
     pub fn new() -> MemoryBackend {
         MemoryBackend {
             state: Mutex::new(State {
@@ -68,6 +73,7 @@ impl MemoryBackend {
                 namespaces: HashMap::new(),
                 next_tag: 1,
                 stored_bytes: 0,
+                epochs: vec![EPOCH_FIRST; VIRTUAL_SHARDS_DEFAULT as usize],
             }),
             map_bytes: None,
         }
@@ -81,6 +87,18 @@ impl MemoryBackend {
             map_bytes: Some(map_bytes),
             ..MemoryBackend::new()
         }
+    }
+
+    /// An empty backend without a size limit, with `count` virtual shards, each at epoch 1.
+    /// Fails with [`OpenError::VirtualShardCount`] outside `1..=`[`VIRTUAL_SHARDS_MAX`], as
+    /// creating an LMDB data dir does.
+    ///
+    /// [`VIRTUAL_SHARDS_MAX`]: super::shards::VIRTUAL_SHARDS_MAX
+    pub fn with_virtual_shards(count: u32) -> Result<MemoryBackend, OpenError> {
+        let count = check_count(count)?;
+        let backend = MemoryBackend::new();
+        backend.lock().epochs = vec![EPOCH_FIRST; count as usize];
+        Ok(backend)
     }
 
     /// Bytes of the keys and values held (what [`MemoryBackend::with_map_bytes`] bounds).
@@ -160,6 +178,8 @@ impl Backend for MemoryBackend {
 
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
         let mut state = self.lock();
+        // Under the same lock as the writes: no epoch can be raised between check and apply.
+        check_epochs(&state.epochs, batches)?;
         let now = now_ms();
         // Apply to drafts of the objects touched; on error they are dropped, so nothing of
         // the commit is visible, as when LMDB aborts its transaction.
@@ -257,6 +277,44 @@ impl Backend for MemoryBackend {
         state.next_tag = next;
         Ok(record)
     }
+
+    fn shard_map(&self) -> Result<ShardMap, Error> {
+        let epochs = self.lock().epochs.clone();
+        ShardMap::new(epochs).map_err(|e| Error::Corrupt(e.to_string()))
+    }
+
+    fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, Error> {
+        let mut state = self.lock();
+        let count = state.epochs.len() as u32;
+        let epoch = state
+            .epochs
+            .get_mut(virtual_shard as usize)
+            .ok_or(Error::NoSuchShard {
+                virtual_shard,
+                count,
+            })?;
+        *epoch = epoch
+            .checked_add(1)
+            .ok_or(Error::EpochsExhausted { virtual_shard })?;
+        Ok(*epoch)
+    }
+}
+
+/// Fails with [`Error::Fenced`] for the first batch whose epoch is not its virtual shard's.
+fn check_epochs(epochs: &[u64], batches: &[ObjectBatch]) -> Result<(), Error> {
+    let count = epochs.len() as u32;
+    for batch in batches {
+        let shard = virtual_shard(&batch.object.id, count);
+        let current = epochs[shard as usize];
+        if batch.epoch != current {
+            return Err(Error::Fenced {
+                virtual_shard: shard,
+                epoch: batch.epoch,
+                current,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Applies one batch to a draft, as LMDB's `apply_batch` does inside its transaction.
@@ -317,6 +375,8 @@ fn keys_bytes(keys: &Keys) -> usize {
 mod tests {
     use super::*;
     use crate::storage::conformance::{self, all, batch, del, obj, put};
+    use crate::storage::shards::VIRTUAL_SHARDS_MAX;
+    use std::sync::Arc;
 
     #[test]
     fn put_get_delete_round_trips() {
@@ -416,5 +476,40 @@ mod tests {
     #[test]
     fn alarms_set_replace_delete() {
         conformance::alarms_set_replace_delete(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn virtual_shard_mapping_is_stable() {
+        conformance::virtual_shard_mapping_is_stable();
+    }
+
+    #[test]
+    fn shard_map_starts_at_1_and_raises() {
+        conformance::shard_map_starts_at_1_and_raises(&MemoryBackend::new(), 256);
+        let b = MemoryBackend::with_virtual_shards(3).unwrap();
+        conformance::shard_map_starts_at_1_and_raises(&b, 3);
+    }
+
+    #[test]
+    fn virtual_shard_counts_out_of_bounds_are_refused() {
+        for count in [0, VIRTUAL_SHARDS_MAX + 1] {
+            assert_eq!(
+                MemoryBackend::with_virtual_shards(count).err(),
+                Some(OpenError::VirtualShardCount {
+                    count,
+                    max: VIRTUAL_SHARDS_MAX
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn stale_epoch_is_fenced_and_writes_nothing() {
+        conformance::stale_epoch_is_fenced_and_writes_nothing(&MemoryBackend::new());
+    }
+
+    #[test]
+    fn writer_commits_the_unfenced_batches_of_a_group() {
+        conformance::writer_commits_the_unfenced_batches_of_a_group(Arc::new(MemoryBackend::new()));
     }
 }

@@ -16,6 +16,11 @@
 //!   (the input gate). The other calls never wait on I/O other than the memory-mapped read of a
 //!   key that is not cached, so nothing interleaves with them either.
 //!
+//! - Every object belongs to a virtual shard ([`virtual_shard`], a count fixed in the data dir),
+//!   and every batch carries the ownership epoch of its shard that the host opened with; a
+//!   commit refuses a batch whose shard's epoch moved on ([`Error::Fenced`]), and the object is
+//!   reset as after any failed commit (see [`shards`]).
+//!
 //! Layers, from the object down: [`Storage`] (the API and its limits) → `store` (cache, dirty
 //! writes, flushes) → `writer` (one thread, group commit) → [`Backend`] ([`LmdbBackend`];
 //! [`MemoryBackend`] for tests without a disk).
@@ -31,6 +36,7 @@ mod keys;
 mod lmdb;
 mod memory;
 mod options;
+pub mod shards;
 mod store;
 mod txn;
 pub mod value;
@@ -52,6 +58,7 @@ pub use fault::FaultyBackend;
 pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
 pub use memory::MemoryBackend;
 pub use options::{Limits, ListOptions};
+pub use shards::{ShardMap, VIRTUAL_SHARDS_DEFAULT, VIRTUAL_SHARDS_MAX, virtual_shard};
 pub(crate) use store::{ObjectStore, Shared};
 pub(crate) use txn::Outcome;
 pub use txn::{ATTEMPTS_MAX, Transaction};

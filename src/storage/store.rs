@@ -22,6 +22,7 @@ use super::Error;
 use super::backend::{AlarmWrite, Backend, ObjectBatch, ObjectKey};
 use super::keys::{as_ref, range_is_empty};
 use super::options::Limits;
+use super::shards::ShardMap;
 use super::writer::WriterHandle;
 
 /// How many entries a `list` reads from the backend at a time.
@@ -34,6 +35,10 @@ pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn Backend>,
     pub(crate) writer: WriterHandle,
     pub(crate) limits: Limits,
+    /// The virtual shards and the epoch of each this host writes under, read from the backend
+    /// when the host opened: every batch carries its shard's epoch from here, and the backend
+    /// refuses it once the shard's stored epoch moved on (see `storage::shards`).
+    pub(crate) shards: ShardMap,
     /// Objects with writes to flush at the end of this turn of the event loop; their batches
     /// go to the writer together, as one group (each batch answered on its own).
     pub(crate) pending: RefCell<Vec<Rc<ObjectStore>>>,
@@ -46,14 +51,21 @@ pub(crate) struct Shared {
 pub(crate) type AlarmListener = Rc<dyn Fn(ObjectKey, Option<u64>)>;
 
 impl Shared {
-    pub(crate) fn new(backend: Arc<dyn Backend>, writer: WriterHandle, limits: Limits) -> Shared {
-        Shared {
+    /// The shared state over `backend`, whose shard map it reads now.
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        writer: WriterHandle,
+        limits: Limits,
+    ) -> Result<Shared, Error> {
+        let shards = backend.shard_map()?;
+        Ok(Shared {
             backend,
             writer,
             limits,
+            shards,
             pending: RefCell::default(),
             on_alarm: RefCell::default(),
-        }
+        })
     }
 
     fn alarm_committed(&self, object: ObjectKey, alarm: Option<u64>) {
@@ -352,6 +364,7 @@ impl ObjectStore {
             name: self.name.clone(),
             clear: std::mem::take(&mut state.clear_pending),
             alarm: std::mem::take(&mut state.alarm_dirty),
+            epoch: self.shared.shards.epoch_of(&self.key.id),
             mutations: dirty
                 .into_iter()
                 .map(|(k, v)| (k, v.map(|v| v.to_vec())))

@@ -7,7 +7,9 @@
 //!
 //! Each batch gets its own answer. When a group fails because the disk is full, its batches are
 //! committed again apart (halving the group), so that only the objects whose writes cannot fit
-//! fail, not every object that happened to share the commit.
+//! fail, not every object that happened to share the commit. When a group fails because a batch
+//! was fenced (made under an ownership epoch its virtual shard no longer has), the fenced
+//! batches are answered [`Error::Fenced`] and the others committed again without them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +174,7 @@ fn commit_group(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterSt
     match attempt(backend, batches, stats) {
         Ok(()) => vec![Ok(()); batches.len()],
         Err(Error::MapFull { .. }) if batches.len() > 1 => commit_apart(backend, batches, stats),
+        Err(fenced @ Error::Fenced { .. }) => commit_unfenced(backend, batches, &fenced, stats),
         Err(error) => {
             tracing::error!(%error, batches = batches.len(), "commit failed");
             vec![Err(error); batches.len()]
@@ -206,6 +209,16 @@ fn commit_apart(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterSt
             Err(Error::MapFull { .. }) if live.len() > 1 => {
                 todo.extend(halves(live).into_iter().rev());
             }
+            Err(fenced @ Error::Fenced { .. }) => {
+                let part: Vec<ObjectBatch> = live.iter().map(|&i| batches[i].clone()).collect();
+                let answers = commit_unfenced(backend, &part, &fenced, stats);
+                for (i, answer) in live.into_iter().zip(answers) {
+                    if let Err(error) = &answer {
+                        failed.insert(batches[i].object, error.clone());
+                    }
+                    results[i] = Some(answer);
+                }
+            }
             Err(error) => {
                 tracing::error!(%error, batches = live.len(), "commit failed");
                 for i in live {
@@ -219,6 +232,69 @@ fn commit_apart(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterSt
     results
         .into_iter()
         .map(|result| result.unwrap_or(Err(Error::Closed)))
+        .collect()
+}
+
+/// Answers the fenced batches of a group whose commit failed with `fenced`, and commits the
+/// rest again (as a group of their own: a full disk or another fence is handled there too).
+///
+/// A batch is fenced when its epoch is not its virtual shard's epoch as the backend reads it
+/// now, or when it is the batch `fenced` names (so each round takes at least one batch out,
+/// and the retries end). Every batch of an object with a fenced batch is fenced too: an
+/// object's batches never commit after one of its earlier ones failed (see `store`).
+fn commit_unfenced(
+    backend: &dyn Backend,
+    batches: &[ObjectBatch],
+    fenced: &Error,
+    stats: &WriterStats,
+) -> Answers {
+    let map = match backend.shard_map() {
+        Ok(map) => map,
+        Err(error) => {
+            tracing::error!(%error, "reading the shard map after a fenced commit failed");
+            return vec![Err(error); batches.len()];
+        }
+    };
+    let named = match fenced {
+        Error::Fenced {
+            virtual_shard,
+            epoch,
+            ..
+        } => Some((*virtual_shard, *epoch)),
+        _ => None,
+    };
+    let mut lost: HashMap<ObjectKey, Error> = HashMap::new();
+    for batch in batches {
+        let shard = map.shard_of(&batch.object.id);
+        let current = map.epoch_of(&batch.object.id);
+        if batch.epoch != current || named == Some((shard, batch.epoch)) {
+            let error = Error::Fenced {
+                virtual_shard: shard,
+                epoch: batch.epoch,
+                current,
+            };
+            lost.entry(batch.object).or_insert(error);
+        }
+    }
+    tracing::warn!(objects = lost.len(), %fenced, "fenced batches refused");
+    let rest: Vec<ObjectBatch> = batches
+        .iter()
+        .filter(|b| !lost.contains_key(&b.object))
+        .cloned()
+        .collect();
+    let mut committed = if rest.is_empty() {
+        Vec::new()
+    } else {
+        commit_group(backend, &rest, stats)
+    }
+    .into_iter();
+    batches
+        .iter()
+        .map(|batch| match lost.get(&batch.object) {
+            Some(error) => Err(error.clone()),
+            // One answer per batch of `rest`, in order.
+            None => committed.next().unwrap_or(Err(Error::Closed)),
+        })
         .collect()
 }
 
