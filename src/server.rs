@@ -12,8 +12,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::gateway::{self, GatewayOptions};
 use crate::host::{
-    Config, DurableObject, Env, Host, HostLimits, Placement, StartError, State,
-    VIRTUAL_SHARDS_DEFAULT, factory,
+    Config, DurableObject, Env, Host, HostLimits, Placement, StartError, State, factory,
 };
 use crate::rpc::RpcOptions;
 use crate::rpc::external::External;
@@ -378,6 +377,8 @@ impl Builder {
             backend.namespace(name)?;
         }
         let shards = self.shards.max(1);
+        // Fixed when the data dir was made: the same objects map to the same shards.
+        let virtual_shards = backend.shard_map()?.count();
         let writer = Writer::spawn(backend.clone())?;
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
@@ -388,13 +389,14 @@ impl Builder {
                 placement: Placement {
                     shard,
                     shards,
-                    virtual_shards: VIRTUAL_SHARDS_DEFAULT,
+                    virtual_shards,
                 },
                 writer: (!self.writer_per_shard).then(|| writer.handle()),
-                // The host-wide bounds, shared out.
+                // Active objects are shared out; the budget of bytes in flight is each
+                // shard's, as each reads its own connections (so a server with N shards may
+                // hold N budgets).
                 limits: HostLimits {
                     activations_max: (self.config.limits.activations_max / shards).max(1),
-                    inflight_bytes_max: self.config.limits.inflight_bytes_max / shards,
                     ..self.config.limits.clone()
                 },
                 ..self.config.clone()

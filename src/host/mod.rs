@@ -37,7 +37,7 @@ use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
 use shard::RemoteObject;
-pub(crate) use shard::VIRTUAL_SHARDS_DEFAULT;
+
 pub(crate) use shard::{Job, Peers, Placement};
 use socket::{ObjectSockets, SocketCore, SocketRegistry};
 pub use socket::{SocketLimits, SocketSink, WebSocket, WebSocketMessage};

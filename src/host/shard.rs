@@ -23,14 +23,12 @@ use crate::error::Error;
 use crate::id::ObjectId;
 use crate::message::StreamRequest;
 use crate::message::StreamResponse;
+use crate::storage::{VIRTUAL_SHARDS_DEFAULT, virtual_shard};
 use crate::wire::duro_capnp::durable_object;
 use crate::wire::stream;
 
 /// Work handed to another shard's event loop; it runs there with that shard's host.
 pub type Job = Box<dyn FnOnce(&Host) + Send>;
-
-/// Virtual shards of a store whose data dir records none: the default of new data dirs.
-pub const VIRTUAL_SHARDS_DEFAULT: u32 = 256;
 
 /// Which objects a host serves: those of its shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,13 +62,6 @@ impl Placement {
     pub(crate) fn is_remote(&self, id: &[u8; 32]) -> bool {
         self.shards > 1 && self.shard_of(id) != self.shard
     }
-}
-
-/// The virtual shard of the object `id` among `count`: its first four bytes, big-endian,
-/// modulo `count`. IDs are uniform bytes (random for unique IDs, a keyed hash for names), so
-/// objects spread evenly; the formula is part of the data dir's format and never changes.
-pub fn virtual_shard(id: &[u8; 32], count: u32) -> u32 {
-    u32::from_be_bytes([id[0], id[1], id[2], id[3]]) % count.max(1)
 }
 
 /// The other shards of the server, as one shard sees them.
@@ -137,12 +128,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn virtual_shards_are_the_first_four_bytes_modulo_the_count() {
+    fn objects_go_to_the_shard_of_their_virtual_shard_in_turn() {
         let mut id = [0u8; 32];
         id[..4].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-        assert_eq!(virtual_shard(&id, 256), 0x04);
-        assert_eq!(virtual_shard(&id, 1000), 0x0102_0304 % 1000);
-        assert_eq!(virtual_shard(&id, 1), 0);
         let placement = Placement {
             shard: 1,
             shards: 3,

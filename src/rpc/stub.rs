@@ -108,11 +108,21 @@ impl capnp::capability::Server for BoundedDispatch {
             .and_then(|bytes| InFlight::admit(&self.server.connection, bytes));
         let call = match admitted {
             Ok(in_flight) => {
+                let bytes = Rc::new(Cell::new(0));
+                let results = Box::new(Measured {
+                    inner: Some(results.hook),
+                    bytes: bytes.clone(),
+                    pipeline: true,
+                });
                 let hook = &self.server.target.hook;
-                let answer = hook.call(interface_id, method_id, params.hook, results.hook);
+                let answer = hook.call(interface_id, method_id, params.hook, results);
+                let account = self.server.connection.account.clone();
                 Promise::from_future(async move {
                     let answer = answer.await.map_err(crossed);
                     drop(in_flight);
+                    // Owed until the writer has sent it: a peer that does not read its
+                    // answers stops being read.
+                    account.owe(bytes.get());
                     answer
                 })
             }
@@ -236,6 +246,7 @@ fn call_typed(
     let results = Results::new(Box::new(Measured {
         inner: Some(results.hook),
         bytes: results_bytes.clone(),
+        pipeline: false,
     }));
     let call = InterfaceCall {
         interface_id,
@@ -278,6 +289,9 @@ struct Measured {
     /// `None` once handed on for a tail call.
     inner: Option<Box<dyn ResultsHook>>,
     bytes: Rc<Cell<usize>>,
+    /// Whether `set_pipeline` is passed on: for calls passed on to another shard, whose host
+    /// holds the results at its own output gate.
+    pipeline: bool,
 }
 
 impl Measured {
@@ -294,7 +308,10 @@ impl ResultsHook for Measured {
     }
 
     fn set_pipeline(&mut self) -> capnp::Result<()> {
-        Ok(())
+        match self.pipeline {
+            true => self.inner()?.set_pipeline(),
+            false => Ok(()),
+        }
     }
 
     fn tail_call(mut self: Box<Self>, request: Box<dyn RequestHook>) -> Promise<(), capnp::Error> {
