@@ -35,6 +35,7 @@ use futures::future::Either;
 use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
+pub(crate) use socket::UpgradeToken;
 use socket::{ObjectSockets, SocketCore, SocketRegistry};
 pub use socket::{SocketLimits, SocketSink, WebSocket, WebSocketMessage};
 pub use state::State;

@@ -221,8 +221,12 @@ impl host::Server for HostServer {
             let registry = Registry::of(&self.host).ok_or_else(|| {
                 capnp::Error::failed(format!("the host has no external class '{class}'"))
             })?;
-            let registration =
-                registry.register(class, params.get_provider()?, &self.connection)?;
+            let registration = registry.register(
+                class,
+                params.get_provider()?,
+                params.get_uses_request(),
+                &self.connection,
+            )?;
             results.get().set_registration(registration);
             Ok(())
         })())

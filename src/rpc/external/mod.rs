@@ -16,6 +16,8 @@ mod context;
 mod env;
 mod proxy;
 pub(crate) mod registry;
+mod respond;
+mod sockets;
 mod turns;
 
 pub(crate) use proxy::External;
