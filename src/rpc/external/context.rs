@@ -1,5 +1,6 @@
 //! What an external instance is handed: its `ObjectContext`, with its ID, its `Storage` (and
-//! the `Transaction`s it begins) and its env.
+//! the `Transaction`s it begins), its env, and its WebSockets (`acceptWebSocket` for the
+//! upgrade offered by the event holding the gate, `getWebSockets`, the auto-response).
 //!
 //! Every server here reaches the object through a [`ContextCore`] that the proxy holds while
 //! its binding to the instance lasts, and the servers only weakly: once the object is evicted

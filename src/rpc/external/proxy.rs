@@ -9,9 +9,23 @@
 //! the instance made through its context included (see [`super::context`]); a reset drops
 //! the `External`, which releases the provider's instance and makes its context useless.
 //!
-//! A request reaches the instance's `fetch` with its whole body, read here up to its
-//! transport's bound; the answer is a whole response. Streamed bodies and WebSockets would go
-//! through `DurableObject.request`, which this proxy does not use yet.
+//! Requests: when the instance's provider registered with `usesRequest`, a request reaches the
+//! instance's `DurableObject.request` with a host-side `ResponseContext` ([`super::respond`]):
+//! its body is written to the instance's `requestBody` as it arrives, and `startResponse`
+//! becomes the [`StreamResponse`] handed to the host, whose body the instance streams. The
+//! event's turn ends when the head arrives, as a Rust class's handler ends when it returns the
+//! head: the body may go on streaming (both ways) while the next events are delivered. Else a
+//! request reaches `fetch` with its whole body, read here up to its transport's bound, and the
+//! answer is a whole response.
+//!
+//! WebSockets: a request that offers an upgrade (an [`UpgradeToken`] in its extensions) makes
+//! its token known to the context for its event ([`Core::offer`]), so that the instance's
+//! `acceptWebSocket` accepts it through [`State::accept_web_socket`]; the instance answers 101
+//! at `fetch` or `request`, and the activation hands the socket on as for a Rust class. The
+//! socket's events come back here as `web_socket_*`, each in its turn as `fetch` is, and reach
+//! the instance's `webSocketMessage`/`Close`/`Error` with an `ObjectSocket`
+//! ([`super::sockets`]). The sockets are the host's: an eviction leaves them open, and the
+//! next event binds a new instance; a reset (the provider went) closes them with 1011.
 //!
 //! Typed interfaces: the proxy exports a capability ([`Forwarder`]) that passes every call of
 //! an interface other than `DurableObject` on to the instance, by interface ID, each in its
