@@ -7,6 +7,17 @@ and `alarm` if the class sets alarms). The `context` gives the object's ID (`con
 its storage (`context.storage().storage`: get/put/delete, list, transactions, alarms, on raw
 bytes) and its env (`context.env().host`: the host's namespaces, to call other objects).
 
+WebSockets: while handling a request with `Upgrade: websocket` (`is_upgrade(request)`), an
+instance accepts it with `context.acceptWebSocket(tags=[...])` and answers with status 101.
+The host holds the socket from then on, also while the object is evicted, and calls the
+instance's `webSocketMessage(socket, message)`, `webSocketClose(socket, code, reason)` and
+`webSocketError(socket, error)`; `socket.sendText(text=...)` sends (once the writes made
+before are durable), `context.getWebSockets()` lists the object's sockets.
+
+Streamed bodies: an instance that implements `request` (the streaming form of `fetch`) is
+served with `uses_request=True`, and then gets every request there (see `ExternalObject` in
+schema/duro.capnp); by default every request reaches `fetch` with its whole body.
+
 The host keeps the guarantees of any Durable Object: one instance per object however many
 providers are connected, its events in order and one at a time (the next one arrives once the
 instance answered, or while it awaits a call on another object), and every answer held until
@@ -43,6 +54,14 @@ def load_schema():
 duro = load_schema()
 
 
+def is_upgrade(request):
+    """Whether the `HttpRequest` asks for a WebSocket (`Upgrade: websocket`)."""
+    return any(
+        header.name.lower() == "upgrade" and "websocket" in header.value.lower()
+        for header in request.headers
+    )
+
+
 def split_address(address):
     """'HOST:PORT' (or '[IPv6]:PORT') -> (host, port)."""
     host, _, port = address.rpartition(":")
@@ -73,7 +92,7 @@ class Fatal(Exception):
     """A refusal that connecting again would not change (a wrong token, an unknown class)."""
 
 
-async def serve_once(address, class_name, make_instance, token):
+async def serve_once(address, class_name, make_instance, token, uses_request=False):
     """Connects, registers, and serves until the connection is lost (raising then)."""
     host, port = split_address(address)
     connection = await capnp.AsyncIoStream.create_connection(host=host, port=port)
@@ -82,7 +101,9 @@ async def serve_once(address, class_name, make_instance, token):
     try:
         if token is not None:
             root = (await root.authenticate(token)).host
-        registered = await root.registerProvider(className=class_name, provider=Provider(make_instance))
+        registered = await root.registerProvider(
+            className=class_name, provider=Provider(make_instance), usesRequest=uses_request
+        )
     except capnp.KjException as error:
         if error.type == "DISCONNECTED":
             raise
@@ -96,13 +117,14 @@ async def serve_once(address, class_name, make_instance, token):
         await root.listNamespaces()
 
 
-async def serve(address, class_name, make_instance, token=None, reconnect=True):
+async def serve(address, class_name, make_instance, token=None, reconnect=True, uses_request=False):
     """Serves `class_name` on the host at `address`, reconnecting (unless `reconnect` is false)
-    when the connection is lost. Returns an exit status."""
+    when the connection is lost. With `uses_request`, the instances take their requests at
+    `request` (streamed bodies) instead of `fetch`. Returns an exit status."""
     wait = 0.1
     while True:
         try:
-            await serve_once(address, class_name, make_instance, token)
+            await serve_once(address, class_name, make_instance, token, uses_request)
         except Fatal as error:
             print(f"provider: {error}", file=sys.stderr)
             return 1
@@ -114,7 +136,7 @@ async def serve(address, class_name, make_instance, token=None, reconnect=True):
         wait = min(wait * 2, RECONNECT_SECONDS_MAX)
 
 
-def main(description, class_name, make_instance):
+def main(description, class_name, make_instance, uses_request=False):
     """The command line of a provider: `ADDRESS [--token-file PATH] [--class NAME] [--once]`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("address", nargs="?", default="127.0.0.1:7450", help="HOST:PORT of duro serve")
@@ -128,7 +150,9 @@ def main(description, class_name, make_instance):
             token = file.read().strip()
     try:
         return asyncio.run(
-            capnp.run(serve(args.address, args.class_name, make_instance, token, not args.once))
+            capnp.run(
+                serve(args.address, args.class_name, make_instance, token, not args.once, uses_request)
+            )
         )
     except KeyboardInterrupt:
         return 0

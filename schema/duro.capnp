@@ -27,7 +27,8 @@ interface Host {
   # working Host for the right token (a wrong one gets the same error, after a short delay).
   # Without a token, it returns the Host itself, whatever the token.
 
-  registerProvider @3 (className :Text, provider :ClassProvider) -> (registration :Registration);
+  registerProvider @3 (className :Text, provider :ClassProvider, usesRequest :Bool)
+                   -> (registration :Registration);
   # Offers `provider` (implemented by the caller, a provider process) to build the instances of
   # the external class `className`: a class that the host binds a namespace to with
   # `duro serve --external NAMESPACE=CLASS`; another name fails, naming the rule. Several
@@ -48,6 +49,11 @@ interface Host {
   # then (examples/duro_provider.py calls `listNamespaces` every second, which also tells it
   # soon that the connection was lost). So a provider that vanished without closing its
   # connection is unregistered at the latest then.
+  #
+  # `usesRequest`: the provider's instances implement `DurableObject.request`, and the host
+  # delivers every request to them there, with streamed bodies (see `ExternalObject`). False
+  # (the default, and what a provider written before it sends): every request goes to `fetch`
+  # with its whole body.
 }
 
 interface Registration {
@@ -82,6 +88,72 @@ interface ObjectContext {
   # The host's namespaces, to call other objects as any client does (`namespace`, `get`, ...).
   # A call the instance makes on a stub from here lets the object's other events in until it
   # returns, as an await on another object does for a Rust class (see `ExternalObject`).
+
+  acceptWebSocket @3 (tags :List(Text)) -> (socket :ObjectSocket);
+  # Accepts the WebSocket upgrade offered by the request the instance is handling now (its
+  # `fetch` or `request`, called for a request with `Upgrade: websocket` from the HTTP
+  # gateway or a capnp client's `request`), with `tags` (at most 10, each at most 256 bytes)
+  # to find the socket again by (`getWebSockets`). The instance then answers the request with
+  # status 101 (through `fetch`'s response or `startResponse`; any other status drops the
+  # socket and fails the request). From then on the host holds the socket, also while the
+  # object is evicted, and delivers its events to `ExternalObject.webSocketMessage`,
+  # `webSocketClose` and `webSocketError`, in order with the object's other events.
+  #
+  # "Now" is the event holding the object's input gate: call it while handling the upgrade,
+  # not while awaiting a call on another object (which lets other events in). Fails, naming
+  # the rule, when that event is not an upgrade, was accepted already, or when the object
+  # holds its most sockets (`overloaded`).
+
+  getWebSockets @4 (tag :Text) -> (sockets :List(ObjectSocket));
+  # The object's open WebSockets, those accepted with `tag` if it is set (not null), in the
+  # order they were accepted. Valid across evictions: the sockets are the host's.
+
+  setWebSocketAutoResponse @5 (request :Text, response :Text);
+  # A text message that the host answers on any of the object's sockets with `response`,
+  # without waking the object (a keep-alive "ping" -> "pong"); a null `request` removes it.
+}
+
+interface ObjectSocket {
+  # One of the object's WebSockets, as the instance sees it: implemented by the host, handed
+  # to the instance by `acceptWebSocket`, `getWebSockets` and the WebSocket events. Valid
+  # while the activation that handed it out lives (as its `ObjectContext`); the socket
+  # itself is the host's and outlives it: after an eviction, the next event hands the new
+  # instance a new capability to the same socket.
+
+  sendText @0 (text :Text);
+  sendData @1 (data :Data);
+  # Queues a message. It leaves once every write the object made before the call is durable
+  # (the output gate), after the messages sent before it. Fails when the socket is closing,
+  # or the message is over the host's bound (1 MiB by default). A peer that does not read
+  # fills the socket's queue, which closes the socket with 1008 past its bound (8 MiB).
+
+  close @2 (code :UInt16, reason :Text);
+  # Closes the socket with `code` (1000-1003, 1007-1014, or 3000-4999 for the application's
+  # own) and `reason` (cut to 123 bytes), after the messages sent before and once the writes
+  # before it are durable. The object gets no `webSocketClose` for a close of its own.
+  # Closing a closed socket does nothing.
+
+  tags @3 () -> (tags :List(Text));
+  # The tags the socket was accepted with.
+
+  setAttachment @4 (attachment :Data);
+  # Keeps `attachment` (at most 16 KiB) with the socket, replacing what was kept: it
+  # survives the object's eviction (not the host's restart), so an instance built again
+  # knows who is on the socket.
+
+  attachment @5 () -> (attachment :Data, found :Bool);
+  # What `setAttachment` kept; `found` false if nothing.
+
+  isClosed @6 () -> (closed :Bool);
+  # Whether the socket is closing or closed: sends fail.
+}
+
+struct SocketMessage {
+  # A WebSocket message: text or binary.
+  union {
+    text @0 :Text;
+    data @1 :Data;
+  }
 }
 
 interface Storage {
@@ -184,15 +256,49 @@ interface ExternalObject extends(DurableObject) {
   #   read-modify-write over `Storage`, whatever the latency between provider and host.
   # - Output gate: an answer is released only once the writes made before it are durable.
   #
-  # The host sends every request to `fetch`, with its whole body (read up to the transport's
-  # bound); `request` is not called. A failure of `fetch` reaches the caller as `failed`
-  # "remote: ..."; a `disconnected` one resets the object.
+  # Requests: when the provider registered with `usesRequest`, the host delivers every request
+  # to `request`, with a `ResponseContext` of its own: the request body streams in on
+  # `requestBody` as the caller sends it (written as it arrives; `end` after the last
+  # byte; released without `end` if the caller's body broke off), and the instance answers
+  # with `startResponse`, streaming a body of any size to the returned `ByteStream` (its
+  # writes wait while the caller is behind: flow control down to the instance). Releasing
+  # that stream without `end` breaks the response off: the caller's read of it fails.
+  # `startWebSocket` is refused: accept an upgrade with `ObjectContext.acceptWebSocket` and
+  # answer 101. The event's turn (the input gate) ends when `startResponse` arrives: the
+  # head is the handler's answer, held until the writes before it are durable, and the body
+  # may go on streaming while the next events are delivered, as for a Rust class; the
+  # instance's storage calls made after it are work outside any event (each its own turn).
+  # `request` returning (or failing) without `startResponse` ends the event with an error.
+  #
+  # Otherwise every request goes to `fetch`, with its whole body (read up to the transport's
+  # bound), and the answer is a whole response.
+  #
+  # A failure of `fetch` or `request` reaches the caller as `failed` "remote: ..."; a
+  # `disconnected` one resets the object. A reset (the provider went, among others) closes
+  # the object's WebSockets with 1011, as for a Rust class.
 
   alarm @0 (retryCount :UInt32);
   # The object's alarm fired (see `Storage.setAlarm`). `retryCount`: how many deliveries of it
   # failed before. Returning deletes the alarm, unless the instance set a new one; a failure
   # retries it after 2, 4, 8 ... s (at most 6 times). An instance that does not implement it
   # (`unimplemented`) has the alarm deleted as if it returned.
+
+  webSocketMessage @1 (socket :ObjectSocket, message :SocketMessage);
+  # A message from one of the object's WebSockets (see `ObjectContext.acceptWebSocket`),
+  # delivered as an event: in the order the socket received them, in order with the
+  # object's other events, through the input gate, building the instance again if the
+  # object was evicted. A failure is logged; the socket stays open.
+
+  webSocketClose @2 (socket :ObjectSocket, code :UInt16, reason :Text);
+  # The peer closed the socket, with its code (1005 when it sent none) and reason. The host
+  # answers the close once this returns, unless the instance closed the socket itself.
+
+  webSocketError @3 (socket :ObjectSocket, error :Text);
+  # The socket was lost without a close: the peer vanished, or it passed a bound (a message
+  # over the size bound; a queue it did not read). The socket is gone by then.
+  #
+  # The three are optional: an instance that does not implement one (`unimplemented`) has
+  # the event ignored, as a Rust class's default handlers do.
 }
 
 struct NamespaceInfo {

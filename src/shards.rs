@@ -102,6 +102,14 @@ impl Peers for Links {
     fn run_on(&self, shard: usize, job: Job) {
         let _ = self.queues[shard].send(job);
     }
+
+    fn count(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn host(&self, shard: usize) -> Option<host::Client> {
+        self.hosts.get(shard)?.clone()
+    }
 }
 
 /// Runs the jobs other shards send to this one, in order, until every sender is gone.

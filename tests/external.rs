@@ -11,10 +11,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use duro::client::{Client, WebSocketEvent};
 use duro::duro_capnp::{
-    class_provider, durable_object, external_object, host, object_context, registration, storage,
+    byte_stream, class_provider, durable_object, external_object, host, object_context,
+    object_socket, registration, response_context, socket_message, storage,
 };
 use duro::testing::{FaultyBackend, ManualClock, TestServer, fetch_by_name, run_local};
+use duro::{Body, BodySender, WebSocketMessage};
 use duro::{Error, HostLimits, Server};
 
 /// The typed counter's interface (examples/typed_counter.capnp), which the provider's
@@ -37,6 +41,10 @@ struct Log {
     alarms: Rc<RefCell<Vec<(String, u32)>>>,
     /// The storage capability of each object, as its instance got it.
     storages: Rc<RefCell<Vec<storage::Client>>>,
+    /// The WebSocket events the instances saw, in order: "close CODE REASON", "error".
+    socket_events: Rc<RefCell<Vec<String>>>,
+    /// Lets `/sse` write its second event.
+    release: Rc<tokio::sync::Notify>,
 }
 
 struct Provider {
@@ -102,6 +110,191 @@ impl durable_object::Server for Object {
             response.set_body(body.as_bytes());
             Ok(())
         }
+    }
+
+    fn request(
+        self: Rc<Self>,
+        params: durable_object::RequestParams,
+        mut results: durable_object::RequestResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let taken = (|| -> capnp::Result<_> {
+            let params = params.get()?;
+            let request = params.get_request()?;
+            let url = request.get_url()?.to_string()?;
+            let start = Bytes::copy_from_slice(request.get_body()?);
+            let body = if params.get_body_follows() {
+                let (mut sender, body) = Body::channel();
+                let _ = futures::FutureExt::now_or_never(sender.send(start));
+                let stream: byte_stream::Client =
+                    capnp_rpc::new_client(RequestBody(RefCell::new(Some(sender))));
+                results.get().set_request_body(stream);
+                results.set_pipeline()?;
+                body
+            } else {
+                Body::full(start)
+            };
+            Ok((url, params.get_context()?, body))
+        })();
+        async move {
+            let (url, context, body) = taken?;
+            self.stream(url, context, body).await
+        }
+    }
+}
+
+/// `request`'s requests by path (see [`Object::stream`]); each one not named there is
+/// answered by [`Object::handle`], whole, as `fetch` answers it.
+impl Object {
+    async fn stream(
+        self: Rc<Self>,
+        url: String,
+        context: response_context::Client,
+        body: Body,
+    ) -> capnp::Result<()> {
+        let path = url.split('?').next().unwrap_or("").to_owned();
+        let q = query(&url);
+        match path.as_str() {
+            // The body read as it arrives: its size and an order-sensitive checksum.
+            "/upload" => {
+                let seen = read_all(body).await?;
+                start(&context, 200, Some(seen.as_bytes()));
+                Ok(())
+            }
+            // The body written back as it arrives, streamed.
+            "/echo" => {
+                let stream = start(&context, 200, None).unwrap();
+                let mut body = body;
+                while let Some(chunk) = body.chunk().await {
+                    let chunk = chunk.map_err(|e| failed(e.to_string()))?;
+                    write(&stream, &chunk).await?;
+                }
+                stream.end_request().send().promise.await?;
+                Ok(())
+            }
+            "/download" => {
+                let bytes: usize = q.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
+                let stream = start(&context, 200, None).unwrap();
+                for at in (0..bytes).step_by(64 << 10) {
+                    write(&stream, &pattern(at, (64 << 10).min(bytes - at))).await?;
+                }
+                stream.end_request().send().promise.await?;
+                Ok(())
+            }
+            // An event, then the next once the test lets it go.
+            "/sse" => {
+                let stream = start(&context, 200, None).unwrap();
+                write(&stream, b"data: 1\n\n").await?;
+                self.log.release.notified().await;
+                write(&stream, b"data: 2\n\n").await?;
+                stream.end_request().send().promise.await?;
+                Ok(())
+            }
+            // Some bytes, then the stream released without `end`.
+            "/broken" => {
+                let stream = start(&context, 200, None).unwrap();
+                write(&stream, &pattern(0, 1000)).await?;
+                drop(stream);
+                Err(failed("broke off"))
+            }
+            "/ws" => {
+                let mut accept = self.context.accept_web_socket_request();
+                let tag = q.get("tag").cloned().unwrap_or_else(|| "all".into());
+                accept.get().init_tags(1).set(0, &tag);
+                let socket = accept.send().pipeline.get_socket();
+                let mut attach = socket.set_attachment_request();
+                attach.get().set_attachment(tag.as_bytes());
+                attach.send().promise.await?;
+                start(&context, 101, Some(b""));
+                Ok(())
+            }
+            _ => {
+                let answer = self.handle(&url).await?;
+                start(&context, 200, Some(answer.as_bytes()));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Calls `startResponse` with `status` and the whole `body`, or, with `None`, a body that
+/// follows on the returned stream (pipelined).
+fn start(
+    context: &response_context::Client,
+    status: u16,
+    body: Option<&[u8]>,
+) -> Option<byte_stream::Client> {
+    let mut call = context.start_response_request();
+    call.get().init_response().set_status(status);
+    if let Some(body) = body {
+        call.get().init_response().set_status(status);
+        call.get().get_response().unwrap().set_body(body);
+    }
+    call.get().set_body_follows(body.is_none());
+    let sent = call.send();
+    let stream = sent.pipeline.get_body();
+    tokio::task::spawn_local(async move { drop(sent.promise.await) });
+    body.is_none().then_some(stream)
+}
+
+async fn write(stream: &byte_stream::Client, bytes: &[u8]) -> capnp::Result<()> {
+    let mut call = stream.write_request();
+    call.get().set_bytes(bytes);
+    call.send().await
+}
+
+/// `bytes` bytes of a pattern that depends on each byte's place in the body (from `at`).
+fn pattern(at: usize, bytes: usize) -> Vec<u8> {
+    (at..at + bytes).map(|i| (i % 251) as u8).collect()
+}
+
+/// A body's size and FNV-1a checksum (sensitive to order), as "SIZE CHECKSUM".
+async fn read_all(mut body: Body) -> capnp::Result<String> {
+    let (mut size, mut sum) = (0usize, 0xcbf2_9ce4_8422_2325u64);
+    while let Some(chunk) = body.chunk().await {
+        let chunk = chunk.map_err(|e| failed(e.to_string()))?;
+        size += chunk.len();
+        sum = checksum(sum, &chunk);
+    }
+    Ok(format!("{size} {sum}"))
+}
+
+fn checksum(mut sum: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        sum = (sum ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
+    }
+    sum
+}
+
+/// A request body's `ByteStream`, as the instance implements it: into a [`Body::channel`].
+struct RequestBody(RefCell<Option<BodySender>>);
+
+impl byte_stream::Server for RequestBody {
+    fn write(
+        self: Rc<Self>,
+        params: byte_stream::WriteParams,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let chunk = params
+            .get()
+            .and_then(|p| Ok(Bytes::copy_from_slice(p.get_bytes()?)));
+        async move {
+            let mut sender = self.0.borrow_mut().take().ok_or_else(|| failed("ended"))?;
+            sender
+                .send(chunk?)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            *self.0.borrow_mut() = Some(sender);
+            Ok(())
+        }
+    }
+
+    async fn end(
+        self: Rc<Self>,
+        _: byte_stream::EndParams,
+        _: byte_stream::EndResults,
+    ) -> capnp::Result<()> {
+        let sender = self.0.borrow_mut().take().ok_or_else(|| failed("ended"))?;
+        sender.finish();
+        Ok(())
     }
 }
 
@@ -200,6 +393,78 @@ impl external_object::Server for Object {
             Ok(())
         }
     }
+
+    /// Echoes each text as "TAG: TEXT" to every socket of the object (the sender's tag from
+    /// its attachment, which survives evictions); "close" closes the sender with 4000, and
+    /// "count" answers the number of instances built so far.
+    async fn web_socket_message(
+        self: Rc<Self>,
+        params: external_object::WebSocketMessageParams,
+        _: external_object::WebSocketMessageResults,
+    ) -> capnp::Result<()> {
+        let params = params.get()?;
+        let socket = params.get_socket()?;
+        let socket_message::Which::Text(text) = params.get_message()?.which()? else {
+            return Err(failed("text only"));
+        };
+        let text = text?.to_string()?;
+        if text == "close" {
+            let mut close = socket.close_request();
+            close.get().set_code(4000);
+            close.get().set_reason("asked to");
+            close.send().promise.await?;
+            return Ok(());
+        }
+        if text == "count" {
+            let built = self.log.built.borrow().len();
+            send_text(&socket, &built.to_string()).await?;
+            return Ok(());
+        }
+        let attachment = socket.attachment_request().send().promise.await?;
+        let tag = attachment.get()?.get_attachment()?.to_vec();
+        let line = format!("{}: {text}", String::from_utf8_lossy(&tag));
+        let all = self
+            .context
+            .get_web_sockets_request()
+            .send()
+            .promise
+            .await?;
+        for other in all.get()?.get_sockets()? {
+            send_text(&other?, &line).await?;
+        }
+        Ok(())
+    }
+
+    async fn web_socket_close(
+        self: Rc<Self>,
+        params: external_object::WebSocketCloseParams,
+        _: external_object::WebSocketCloseResults,
+    ) -> capnp::Result<()> {
+        let params = params.get()?;
+        let event = format!(
+            "close {} {}",
+            params.get_code(),
+            params.get_reason()?.to_str()?
+        );
+        self.log.socket_events.borrow_mut().push(event);
+        Ok(())
+    }
+
+    async fn web_socket_error(
+        self: Rc<Self>,
+        _: external_object::WebSocketErrorParams,
+        _: external_object::WebSocketErrorResults,
+    ) -> capnp::Result<()> {
+        self.log.socket_events.borrow_mut().push("error".into());
+        Ok(())
+    }
+}
+
+async fn send_text(socket: &object_socket::Client, text: &str) -> capnp::Result<()> {
+    let mut send = socket.send_text_request();
+    send.get().set_text(text);
+    send.send().promise.await?;
+    Ok(())
 }
 
 /// The query of `url` as a map.
@@ -479,8 +744,20 @@ async fn register(
     name: &'static str,
     log: &Log,
 ) -> Result<registration::Client, Error> {
+    register_as(host, class, name, log, false).await
+}
+
+/// [`register`], with `uses_request`: requests then reach the instances' `request`.
+async fn register_as(
+    host: &host::Client,
+    class: &str,
+    name: &'static str,
+    log: &Log,
+    uses_request: bool,
+) -> Result<registration::Client, Error> {
     let mut call = host.register_provider_request();
     call.get().set_class_name(class);
+    call.get().set_uses_request(uses_request);
     let provider: class_provider::Client = capnp_rpc::new_client(Provider {
         name,
         log: log.clone(),
@@ -963,5 +1240,325 @@ fn typed_calls_reach_the_providers_instance_in_turn_with_fetch() {
         let read = typed.get_request().send().promise.await.unwrap();
         assert_eq!(read.get().unwrap().get_value(), 13);
         assert_eq!(log.built.borrow().len(), 1, "one instance");
+    });
+}
+
+/// A client of `server` with a provider `s` of `ext` registered whose instances take their
+/// requests at `request` (`usesRequest`).
+async fn with_streaming_provider(server: &TestServer) -> (host::Client, Log, registration::Client) {
+    let host = server.connect().await;
+    let log = Log::default();
+    let registration = register_as(&host, "ext", "s", &log, true).await.unwrap();
+    (host, log, registration)
+}
+
+/// [`builder`] with the HTTP gateway on loopback.
+fn gateway_builder() -> duro::Builder {
+    builder().http("127.0.0.1:0".parse().unwrap())
+}
+
+/// A streamed request of `method` to `path` whose body is `chunks` chunks of 64 KiB of
+/// [`pattern`], written by a task as the call reads it; with the body's "SIZE CHECKSUM".
+fn streamed(method: &str, path: &str, chunks: usize) -> (http::Request<Body>, String) {
+    let (mut sender, body) = Body::channel();
+    let mut sum = 0xcbf2_9ce4_8422_2325u64;
+    for k in 0..chunks {
+        sum = checksum(sum, &pattern(k * (64 << 10), 64 << 10));
+    }
+    tokio::task::spawn_local(async move {
+        for k in 0..chunks {
+            let chunk = Bytes::from(pattern(k * (64 << 10), 64 << 10));
+            if sender.send(chunk).await.is_err() {
+                return;
+            }
+        }
+        sender.finish();
+    });
+    let request = http::Request::builder().method(method).uri(path).body(body);
+    (request.unwrap(), format!("{} {sum}", chunks * (64 << 10)))
+}
+
+/// "SIZE CHECKSUM" of `bytes` bytes of [`pattern`].
+fn expected(bytes: usize) -> String {
+    format!(
+        "{bytes} {}",
+        checksum(0xcbf2_9ce4_8422_2325, &pattern(0, bytes))
+    )
+}
+
+#[test]
+fn a_streamed_request_body_reaches_the_instance_whole_and_in_order() {
+    let server = TestServer::start(builder());
+    run_local(async {
+        let (_host, _log, _registration) = with_streaming_provider(&server).await;
+        let client = Client::connect(server.addr()).await.unwrap();
+        let stub = client.namespace("ext").get_by_name("up");
+        // 3 MiB, streamed: read by the instance as it arrives.
+        let (request, sent) = streamed("PUT", "/upload", 48);
+        let response = stub.fetch_stream(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let seen = response.into_body().bytes().await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&seen), sent);
+        // Both ways at once: the instance writes the body back as it reads it.
+        let (request, sent) = streamed("PUT", "/echo", 48);
+        let response = stub.fetch_stream(request).await.unwrap();
+        let mut body = response.into_body();
+        let (mut size, mut sum, mut chunks) = (0, 0xcbf2_9ce4_8422_2325u64, 0);
+        while let Some(chunk) = body.chunk().await {
+            let chunk = chunk.unwrap();
+            size += chunk.len();
+            sum = checksum(sum, &chunk);
+            chunks += 1;
+        }
+        assert_eq!(format!("{size} {sum}"), sent);
+        assert!(chunks > 1, "the echo came in one piece");
+        // A small whole request travels in the call, and storage works from `request` too.
+        assert_eq!(
+            call(&client_host(&server).await, "up", "/incr")
+                .await
+                .unwrap(),
+            "1"
+        );
+    });
+}
+
+async fn client_host(server: &TestServer) -> host::Client {
+    server.connect().await
+}
+
+#[test]
+fn a_streamed_response_passes_through_capnp_and_the_gateway_as_it_is_written() {
+    let server = TestServer::start(gateway_builder());
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        let (_host, log, _registration) = with_streaming_provider(&server).await;
+        let client = Client::connect(server.addr()).await.unwrap();
+        let stub = client.namespace("ext").get_by_name("down");
+        const BYTES: usize = 5 << 20;
+        let request = http::Request::get(format!("/download?bytes={BYTES}")).body(Body::empty());
+        let response = stub.fetch_stream(request.unwrap()).await.unwrap();
+        let body = response.into_body().bytes().await.unwrap();
+        let sum = checksum(0xcbf2_9ce4_8422_2325, &body);
+        assert_eq!(format!("{} {sum}", body.len()), expected(BYTES));
+        // The first event arrives while the instance waits to write the second.
+        let request = http::Request::get("/sse").body(Body::empty());
+        let response = stub.fetch_stream(request.unwrap()).await.unwrap();
+        let mut body = response.into_body();
+        let first = tokio::time::timeout(Duration::from_secs(5), body.chunk()).await;
+        assert_eq!(first.unwrap().unwrap().unwrap(), "data: 1\n\n");
+        log.release.notify_one();
+        assert_eq!(body.bytes().await.unwrap(), "data: 2\n\n");
+
+        // The same through the gateway.
+        use http_body_util::BodyExt;
+        let mut sender = http_sender(addr).await;
+        let request = http::Request::get(format!("/ext/down/download?bytes={BYTES}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let sum = checksum(0xcbf2_9ce4_8422_2325, &body);
+        assert_eq!(format!("{} {sum}", body.len()), expected(BYTES));
+        let request = http::Request::get("/ext/down/sse")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let mut body = response.into_body();
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await;
+        let first = frame.unwrap().unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: 1\n\n");
+        log.release.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "data: 2\n\n");
+    });
+}
+
+#[test]
+fn a_response_body_the_instance_breaks_off_fails_the_callers_read() {
+    let server = TestServer::start(gateway_builder());
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        let (_host, _log, _registration) = with_streaming_provider(&server).await;
+        let client = Client::connect(server.addr()).await.unwrap();
+        let stub = client.namespace("ext").get_by_name("broken");
+        let request = http::Request::get("/broken").body(Body::empty());
+        let response = stub.fetch_stream(request.unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let read = response.into_body().bytes().await;
+        assert!(read.is_err(), "a broken body read as whole: {read:?}");
+        use http_body_util::BodyExt;
+        let mut sender = http_sender(addr).await;
+        let request = http::Request::get("/ext/broken/broken")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let read = response.into_body().collect().await;
+        assert!(
+            read.is_err(),
+            "a broken body read as whole through the gateway"
+        );
+        // The object lives on.
+        let request = http::Request::get("/incr").body(Body::empty());
+        let response = stub.fetch_stream(request.unwrap()).await.unwrap();
+        assert_eq!(response.into_body().bytes().await.unwrap(), "1");
+    });
+}
+
+/// An HTTP/1.1 client connection to `addr`, driven by a local task.
+async fn http_sender<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::task::spawn_local(connection);
+    sender
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to the object `name` of `ext` through the gateway, tagged `tag`.
+async fn join(addr: std::net::SocketAddr, name: &str, tag: &str) -> Socket {
+    let url = format!("ws://{addr}/ext/{name}/ws?tag={tag}");
+    let (socket, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    socket
+}
+
+/// The next text (skipping pings), or the close frame's code as `Err`.
+async fn next(socket: &mut Socket) -> Result<String, u16> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+        match message.expect("a message in time") {
+            Some(Ok(Message::Text(text))) => return Ok(text.as_str().to_owned()),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(1006),
+        }
+    }
+}
+
+async fn send(socket: &mut Socket, text: &str) {
+    use futures::SinkExt;
+    let message = tokio_tungstenite::tungstenite::Message::text(text);
+    socket.send(message).await.unwrap();
+}
+
+#[test]
+fn an_instance_accepts_web_sockets_and_talks_on_them_in_order() {
+    let server = TestServer::start(gateway_builder());
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        let (_host, log, _registration) = with_streaming_provider(&server).await;
+        let mut a = join(addr, "chat", "a").await;
+        let mut b = join(addr, "chat", "b").await;
+        send(&mut a, "hi").await;
+        assert_eq!(next(&mut a).await, Ok("a: hi".into()));
+        assert_eq!(next(&mut b).await, Ok("a: hi".into()));
+        for i in 0..50 {
+            send(&mut b, &format!("m{i}")).await;
+        }
+        for i in 0..50 {
+            assert_eq!(next(&mut a).await, Ok(format!("b: m{i}")));
+            assert_eq!(next(&mut b).await, Ok(format!("b: m{i}")));
+        }
+        // A capnp client's upgrade reaches the same room.
+        let client = Client::connect(server.addr()).await.unwrap();
+        let stub = client.namespace("ext").get_by_name("chat");
+        let upgrade = http::Request::get("/ws?tag=c").body(Bytes::new()).unwrap();
+        let mut c = stub.web_socket(upgrade).await.unwrap();
+        c.send("yo").await.unwrap();
+        let yo = Some(WebSocketEvent::Message(WebSocketMessage::Text(
+            "c: yo".into(),
+        )));
+        assert_eq!(c.recv().await, yo);
+        assert_eq!(next(&mut a).await, Ok("c: yo".into()));
+        assert_eq!(next(&mut b).await, Ok("c: yo".into()));
+        // The instance closes a socket with its code; a peer's close reaches the instance.
+        send(&mut a, "close").await;
+        assert_eq!(next(&mut a).await, Err(4000));
+        {
+            use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+            let frame = CloseFrame {
+                code: 1000.into(),
+                reason: "bye".into(),
+            };
+            b.close(Some(frame)).await.unwrap();
+        }
+        assert_eq!(next(&mut b).await, Err(1000));
+        until("the close event", || {
+            log.socket_events
+                .borrow()
+                .iter()
+                .any(|e| e == "close 1000 bye")
+        })
+        .await;
+        // A request that is not an upgrade cannot accept one.
+        let request = http::Request::get("/ws").body(Body::empty());
+        let refused = stub.fetch_stream(request.unwrap()).await.unwrap_err();
+        assert!(matches!(refused, Error::Remote(_)), "{refused:?}");
+    });
+}
+
+#[test]
+fn sockets_outlive_the_eviction_of_an_external_object_and_a_message_rebuilds_it() {
+    let limits = HostLimits {
+        idle_evict_ms: 100,
+        ..HostLimits::default()
+    };
+    let server = TestServer::start(gateway_builder().limits(limits));
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        let (_host, _log, _registration) = with_streaming_provider(&server).await;
+        let mut a = join(addr, "sleepy", "a").await;
+        let mut b = join(addr, "sleepy", "b").await;
+        send(&mut a, "count").await;
+        assert_eq!(next(&mut a).await, Ok("1".into()));
+        // Idle for several eviction periods: the instance is released, the sockets stay.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        send(&mut b, "after").await;
+        // A new instance finds both sockets, and the attachment kept with the sender's.
+        assert_eq!(next(&mut a).await, Ok("b: after".into()));
+        assert_eq!(next(&mut b).await, Ok("b: after".into()));
+        send(&mut a, "count").await;
+        assert_eq!(next(&mut a).await, Ok("2".into()), "rebuilt once");
+    });
+}
+
+#[test]
+fn a_provider_that_goes_closes_its_objects_sockets_with_1011() {
+    let server = TestServer::start(gateway_builder());
+    let addr = server.http_addr().unwrap();
+    run_local(async move {
+        let log = Log::default();
+        let (host, rpc) = duro::wire::connect(&duro::ListenAddr::Tcp(server.addr()))
+            .await
+            .unwrap();
+        let task = tokio::task::spawn_local(async move {
+            let _ = rpc.await;
+        });
+        let registration = register_as(&host, "ext", "gone", &log, true).await.unwrap();
+        let mut a = join(addr, "orphan", "a").await;
+        send(&mut a, "hi").await;
+        assert_eq!(next(&mut a).await, Ok("a: hi".into()));
+        task.abort();
+        drop(registration);
+        assert_eq!(next(&mut a).await, Err(1011));
+        // Another provider serves the object afresh.
+        let (_host, _log, _registration) = with_streaming_provider(&server).await;
+        let mut a = join(addr, "orphan", "a2").await;
+        send(&mut a, "again").await;
+        assert_eq!(next(&mut a).await, Ok("a2: again".into()));
     });
 }

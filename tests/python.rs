@@ -475,6 +475,84 @@ fn the_python_room_numbers_and_keeps_its_messages() {
     assert_eq!(body.trim(), "[]");
 }
 
+type Member =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Joins the Python room `room` through the gateway at `addr`.
+async fn join_room(addr: std::net::SocketAddr, room: &str) -> Member {
+    let url = format!("ws://{addr}/room_py/{room}/ws");
+    let (member, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    member
+}
+
+/// The next message of `member`, as JSON (a close frame or a silence of 10 s fails).
+async fn heard(member: &mut Member) -> serde_json::Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), member.next());
+        match next.await.expect("a message in time") {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(text.as_str()).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+async fn say(member: &mut Member, text: &str) {
+    use futures::SinkExt;
+    let message = tokio_tungstenite::tungstenite::Message::text(text);
+    member.send(message).await.unwrap();
+}
+
+#[test]
+fn the_python_room_talks_over_web_sockets() {
+    if !python_ready("the_python_room_talks_over_web_sockets") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let served = common::serve_with(data.path(), &["--external", "room_py=pyroom"]);
+    let _provider = PythonProvider::start(ROOM_PROVIDER, served.addr, &[]);
+    let http_addr = served.http.unwrap();
+    duro::testing::run_local(async move {
+        let mut ann = join_room(http_addr, "chat").await;
+        let mut bob = join_room(http_addr, "chat").await;
+        say(&mut ann, "hello bob").await;
+        for member in [&mut ann, &mut bob] {
+            let message = heard(member).await;
+            assert_eq!(
+                (message["seq"].as_u64(), message["text"].as_str()),
+                (Some(1), Some("hello bob"))
+            );
+        }
+        say(&mut bob, "hi ann").await;
+        for member in [&mut ann, &mut bob] {
+            let message = heard(member).await;
+            assert_eq!(
+                (message["seq"].as_u64(), message["text"].as_str()),
+                (Some(2), Some("hi ann"))
+            );
+        }
+        // A refused text: the sender alone hears why.
+        say(&mut ann, "").await;
+        assert!(heard(&mut ann).await["error"].is_string());
+        // A post over HTTP reaches the members; a late joiner gets the history first.
+        let (status, _) = http(http_addr, "POST", "/room_py/chat/messages", &[], "by http");
+        assert_eq!(status, 200);
+        for member in [&mut ann, &mut bob] {
+            assert_eq!(heard(member).await["text"], "by http");
+        }
+        let mut cat = join_room(http_addr, "chat").await;
+        for seq in 1..=3 {
+            assert_eq!(heard(&mut cat).await["seq"], seq);
+        }
+        let (_, body) = http(http_addr, "GET", "/room_py/chat/messages", &[], "");
+        let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(kept.len(), 3);
+    });
+}
+
 const TYPED_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/typed_client.py");
 
 /// Runs examples/typed_client.py against `server` with `args`: its status and its output

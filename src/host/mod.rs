@@ -37,8 +37,8 @@ use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
 use shard::RemoteObject;
-
 pub(crate) use shard::{Job, Peers, Placement};
+pub(crate) use socket::UpgradeToken;
 use socket::{ObjectSockets, SocketCore, SocketRegistry};
 pub use socket::{SocketLimits, SocketSink, WebSocket, WebSocketMessage};
 pub use state::State;

@@ -72,6 +72,12 @@ pub(crate) trait Peers {
 
     /// Runs `job` on `shard`'s event loop, with its host, after the jobs sent there before.
     fn run_on(&self, shard: usize, job: Job);
+
+    /// The server's shards, this one included.
+    fn count(&self) -> usize;
+
+    /// The `Host` of another shard, privileged (as a link from a shard is).
+    fn host(&self, shard: usize) -> Option<crate::wire::duro_capnp::host::Client>;
 }
 
 /// A stub to an object of another shard: the capability to it there.

@@ -588,6 +588,25 @@ impl WebSocket {
         Ok(())
     }
 
+    /// Keeps `bytes` as they are with the socket (at most 16 KiB): the attachment of a class
+    /// whose instance lives elsewhere (an external class's `ObjectSocket.setAttachment`).
+    pub(crate) fn set_attachment_bytes(&self, bytes: Bytes) -> Result<(), Error> {
+        if bytes.len() > ATTACHMENT_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "an attachment of {} bytes, over the limit of {ATTACHMENT_BYTES_MAX} \
+                 (ATTACHMENT_BYTES_MAX)",
+                bytes.len()
+            )));
+        }
+        *self.socket.attachment.borrow_mut() = Some(bytes);
+        Ok(())
+    }
+
+    /// The attachment's bytes as kept, if any.
+    pub(crate) fn attachment_bytes(&self) -> Option<Bytes> {
+        self.socket.attachment.borrow().clone()
+    }
+
     /// The value kept with [`WebSocket::serialize_attachment`], if any.
     pub fn deserialize_attachment<T: DeserializeOwned>(&self) -> Result<Option<T>, Error> {
         let attachment = self.socket.attachment.borrow().clone();

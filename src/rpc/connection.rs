@@ -21,6 +21,8 @@ pub(crate) struct Connection {
     /// Most calls in flight: [`CONNECTION_CALLS_MAX`], but none for a link between shards,
     /// whose calls were admitted on the connections they came from.
     calls_max: usize,
+    /// A link from another shard of the server.
+    pub(super) peer: bool,
     /// Calls of this connection that have not answered yet.
     pub(super) in_flight: Cell<usize>,
     /// WebSockets started on this connection and not yet closed by the peer: a connection
@@ -48,6 +50,7 @@ impl Connection {
         let mut connection = Connection::with_budget(&Budget::new(usize::MAX));
         if let Some(only) = Rc::get_mut(&mut connection) {
             only.calls_max = usize::MAX;
+            only.peer = true;
         }
         connection
     }
@@ -55,6 +58,7 @@ impl Connection {
     fn with_budget(budget: &Rc<Budget>) -> Rc<Connection> {
         Rc::new(Connection {
             calls_max: CONNECTION_CALLS_MAX,
+            peer: false,
             in_flight: Cell::new(0),
             sockets: Cell::new(0),
             account: Account::open(budget),

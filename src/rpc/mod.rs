@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::host::{Host, Namespace, Stub};
 use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
-use crate::wire::duro_capnp::{durable_object, host, namespace, object_id};
+use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, registration};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{Buffers, rpc_system_buffered};
 
@@ -253,13 +253,46 @@ impl host::Server for HostServer {
             let registry = Registry::of(&self.host).ok_or_else(|| {
                 capnp::Error::failed(format!("the host has no external class '{class}'"))
             })?;
+            let provider = params.get_provider()?;
+            let uses_request = params.get_uses_request();
             let registration =
-                registry.register(class, params.get_provider()?, &self.connection)?;
+                registry.register(class, provider.clone(), uses_request, &self.connection)?;
+            // The other shards' objects of the class need the provider too: it registers
+            // with each of them, over the links (not again from a link, which is one of them).
+            let mut elsewhere = Vec::new();
+            if let Some(peers) = self.host.peers().filter(|_| !self.connection.peer) {
+                let me = self.host.placement().shard;
+                for shard in (0..peers.count()).filter(|&shard| shard != me) {
+                    let Some(host) = peers.host(shard) else {
+                        continue;
+                    };
+                    let mut request = host.register_provider_request();
+                    request.get().set_class_name(class);
+                    request.get().set_provider(provider.clone());
+                    request.get().set_uses_request(uses_request);
+                    elsewhere.push(request.send().pipeline.get_registration());
+                }
+            }
+            let registration = match elsewhere.is_empty() {
+                true => registration,
+                false => capnp_rpc::new_client(Registrations {
+                    _here: registration,
+                    _elsewhere: elsewhere,
+                }),
+            };
             results.get().set_registration(registration);
             Ok(())
         })())
     }
 }
+
+/// A provider's registrations with every shard: released together.
+struct Registrations {
+    _here: registration::Client,
+    _elsewhere: Vec<registration::Client>,
+}
+
+impl registration::Server for Registrations {}
 
 struct NamespaceServer {
     namespace: Namespace,

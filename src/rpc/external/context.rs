@@ -1,5 +1,6 @@
 //! What an external instance is handed: its `ObjectContext`, with its ID, its `Storage` (and
-//! the `Transaction`s it begins) and its env.
+//! the `Transaction`s it begins), its env, and its WebSockets (`acceptWebSocket` for the
+//! upgrade offered by the event holding the gate, `getWebSockets`, the auto-response).
 //!
 //! Every server here reaches the object through a [`ContextCore`] that the proxy holds while
 //! its binding to the instance lasts, and the servers only weakly: once the object is evicted
@@ -13,14 +14,17 @@
 //! the object's writes (its `written_seq`) when the answer reaches the proxy, and the output
 //! gate waits for it.
 
+use std::cell::RefCell;
 use std::future::{Future, ready};
 use std::rc::{Rc, Weak};
 
 use bytes::Bytes;
 
 use super::env;
+use super::sockets::{self, Alive};
 use super::turns::Turns;
-use crate::host::{Env, State};
+use crate::gate::TaskId;
+use crate::host::{Env, State, UpgradeToken};
 use crate::rpc::connection::{Connection, InFlight, RESPONSE_BYTES_MAX};
 use crate::storage::{self, ListOptions, Outcome, Storage, value};
 use crate::wire::duro_capnp::storage as storage_capnp;
@@ -43,7 +47,16 @@ pub(super) struct ContextCore {
     pub(super) connection: Rc<Connection>,
     /// The host's namespaces, for the instance's env.
     pub(super) env: Env,
+    /// The WebSocket upgrades offered by the requests being delivered, by the task of their
+    /// event: `acceptWebSocket` accepts the one of the event holding the gate.
+    pub(super) upgrades: Rc<Upgrades>,
+    /// Held while the binding lasts: the sockets' capabilities handed out live as long.
+    pub(super) alive: Alive,
 }
+
+/// The WebSocket upgrades offered to an instance by the requests in delivery (see
+/// [`ContextCore::upgrades`]): few, one per request in progress.
+pub(super) type Upgrades = RefCell<Vec<(TaskId, UpgradeToken)>>;
 
 /// The `ObjectContext` of `core`'s instance.
 pub(super) fn client(core: &Rc<ContextCore>) -> object_context::Client {
@@ -121,6 +134,99 @@ impl object_context::Server for ContextServer {
             results.get().set_host(env);
             Ok(())
         })())
+    }
+
+    fn accept_web_socket(
+        self: capnp::capability::Rc<Self>,
+        params: object_context::AcceptWebSocketParams,
+        mut results: object_context::AcceptWebSocketResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let tags = params.get()?.get_tags()?;
+            let tags: Vec<&str> = tags
+                .iter()
+                .map(|tag| Ok(tag?.to_str()?))
+                .collect::<capnp::Result<_>>()?;
+            let socket = self.accept(&tags)?;
+            let core = live(&self.core)?;
+            results
+                .get()
+                .set_socket(sockets::client(socket, &core.alive, &core.turns));
+            Ok(())
+        })())
+    }
+
+    fn get_web_sockets(
+        self: capnp::capability::Rc<Self>,
+        params: object_context::GetWebSocketsParams,
+        mut results: object_context::GetWebSocketsResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let core = live(&self.core)?;
+            let params = params.get()?;
+            let tag = if params.has_tag() {
+                Some(params.get_tag()?.to_str()?)
+            } else {
+                None
+            };
+            let found = core.state.get_web_sockets(tag);
+            let mut list = results.get().init_sockets(found.len() as u32);
+            for (at, socket) in found.into_iter().enumerate() {
+                let client = sockets::client(socket, &core.alive, &core.turns);
+                list.set(at as u32, client.client.hook);
+            }
+            Ok(())
+        })())
+    }
+
+    fn set_web_socket_auto_response(
+        self: capnp::capability::Rc<Self>,
+        params: object_context::SetWebSocketAutoResponseParams,
+        _: object_context::SetWebSocketAutoResponseResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            let core = live(&self.core)?;
+            let params = params.get()?;
+            if !params.has_request() {
+                core.state.set_web_socket_auto_response(None);
+                return Ok(());
+            }
+            let request = params.get_request()?.to_str()?;
+            let response = params.get_response()?.to_str()?;
+            core.state
+                .set_web_socket_auto_response(Some((request, response)));
+            Ok(())
+        })())
+    }
+}
+
+impl ContextServer {
+    /// Accepts the upgrade of the event holding the gate (see `acceptWebSocket`).
+    fn accept(&self, tags: &[&str]) -> capnp::Result<crate::host::WebSocket> {
+        let core = live(&self.core)?;
+        let task = core.turns.holder().ok_or_else(|| {
+            capnp::Error::failed(
+                "acceptWebSocket is called while handling the upgrade request (the event \
+                 holding the object's input gate), and no event holds it now"
+                    .into(),
+            )
+        })?;
+        let token = core
+            .upgrades
+            .borrow()
+            .iter()
+            .find(|(holder, _)| *holder == task)
+            .map(|(_, token)| *token);
+        let token = token.ok_or_else(|| {
+            capnp::Error::failed(
+                "the request being handled is not a WebSocket upgrade (no Upgrade: websocket, \
+                 or its caller cannot complete one)"
+                    .into(),
+            )
+        })?;
+        let mut request = http::Request::new(());
+        request.extensions_mut().insert(token);
+        Ok(core.state.accept_web_socket(&request, tags)?)
     }
 }
 

@@ -8,14 +8,19 @@
 //! resets and bounds hold as they do for any class.
 //!
 //! Files, each depending only on those before it: `turns` (the order and the input gate of an
-//! instance's events) → `env` (the host's namespaces as an instance sees them) → `context`
-//! (the `ObjectContext` an instance is handed: its ID, its `Storage`, its env) → `registry`
-//! (the providers per class and their `Registration`s) → `proxy` ([`External`]).
+//! instance's events) → `env` (the host's namespaces as an instance sees them) → `sockets`
+//! (`ObjectSocket`: one of the object's WebSockets as an instance sees it) → `context` (the
+//! `ObjectContext` an instance is handed: its ID, its `Storage`, its env, its WebSockets) →
+//! `registry` (the providers per class and their `Registration`s) → `respond` (the host's
+//! side of `DurableObject.request`: the request body written to the instance, its
+//! `ResponseContext` and streamed response body) → `proxy` ([`External`]).
 
 mod context;
 mod env;
 mod proxy;
 pub(crate) mod registry;
+mod respond;
+mod sockets;
 mod turns;
 
 pub(crate) use proxy::External;

@@ -9,9 +9,23 @@
 //! the instance made through its context included (see [`super::context`]); a reset drops
 //! the `External`, which releases the provider's instance and makes its context useless.
 //!
-//! A request reaches the instance's `fetch` with its whole body, read here up to its
-//! transport's bound; the answer is a whole response. Streamed bodies and WebSockets would go
-//! through `DurableObject.request`, which this proxy does not use yet.
+//! Requests: when the instance's provider registered with `usesRequest`, a request reaches the
+//! instance's `DurableObject.request` with a host-side `ResponseContext` ([`super::respond`]):
+//! its body is written to the instance's `requestBody` as it arrives, and `startResponse`
+//! becomes the [`StreamResponse`] handed to the host, whose body the instance streams. The
+//! event's turn ends when the head arrives, as a Rust class's handler ends when it returns the
+//! head: the body may go on streaming (both ways) while the next events are delivered. Else a
+//! request reaches `fetch` with its whole body, read here up to its transport's bound, and the
+//! answer is a whole response.
+//!
+//! WebSockets: a request that offers an upgrade (an [`UpgradeToken`] in its extensions) makes
+//! its token known to the context for its event ([`Core::offer`]), so that the instance's
+//! `acceptWebSocket` accepts it through [`State::accept_web_socket`]; the instance answers 101
+//! at `fetch` or `request`, and the activation hands the socket on as for a Rust class. The
+//! socket's events come back here as `web_socket_*`, each in its turn as `fetch` is, and reach
+//! the instance's `webSocketMessage`/`Close`/`Error` with an `ObjectSocket`
+//! ([`super::sockets`]). The sockets are the host's: an eviction leaves them open, and the
+//! next event binds a new instance; a reset (the provider went) closes them with 1011.
 //!
 //! Typed interfaces: the proxy exports a capability ([`Forwarder`]) that passes every call of
 //! an interface other than `DurableObject` on to the instance, by interface ID, each in its
@@ -24,16 +38,22 @@ use std::rc::Rc;
 use capnp::ErrorKind;
 use tokio::time::Instant;
 
-use super::context::{self, ContextCore};
+use futures::future::LocalBoxFuture;
+
+use super::context::{self, ContextCore, Upgrades};
 use super::registry::{PROVIDER_WAIT, Provider, Registry, Served};
+use super::respond::{self, Unanswered};
+use super::sockets::{self, Alive};
 use super::turns::{Place, Turn, Turns, Turnstile};
 use crate::body::Body;
 use crate::error::{Error, KindKept};
-use crate::gate;
-use crate::host::{AlarmInfo, DurableObject, Env, State};
+use crate::gate::{self, TaskId};
+use crate::host::{
+    AlarmInfo, DurableObject, Env, State, UpgradeToken, WebSocket, WebSocketMessage,
+};
 use crate::message::{BoxError, Request, StreamRequest, StreamResponse};
-use crate::wire::convert;
-use crate::wire::duro_capnp::{durable_object, external_object};
+use crate::wire::duro_capnp::{durable_object, external_object, object_socket};
+use crate::wire::{STREAM_WRITE_BYTES, convert};
 
 /// The class of an external class's objects (see the module docs).
 pub(crate) struct External {
@@ -52,15 +72,22 @@ struct Core {
     turnstile: Rc<Turnstile>,
     /// The instance, once a provider was asked for it.
     bound: RefCell<Option<Bound>>,
+    /// The WebSocket upgrades offered by the requests in delivery, shared with the context
+    /// (see [`ContextCore::upgrades`]).
+    upgrades: Rc<Upgrades>,
 }
 
 /// The object's instance in a provider, and what it holds of the object.
 struct Bound {
     instance: external_object::Client,
-    /// As `fetch` is called: the `DurableObject` that `ExternalObject` extends.
+    /// As `fetch` and `request` are called: the `DurableObject` that `ExternalObject` extends.
     stub: durable_object::Client,
-    /// What its context serves from: dropped with the binding, which makes it useless.
-    _context: Rc<ContextCore>,
+    /// Whether requests go to `request` (streamed) rather than `fetch` (its provider's
+    /// `usesRequest`).
+    uses_request: bool,
+    /// What its context serves from: dropped with the binding, which makes it useless, and
+    /// the capabilities to sockets it handed out with it.
+    context: Rc<ContextCore>,
     /// Known to the provider's registration, which resets the object when the provider goes.
     _served: Rc<Served>,
 }
@@ -79,6 +106,7 @@ impl External {
                 turns,
                 turnstile: Rc::default(),
                 bound: RefCell::default(),
+                upgrades: Rc::default(),
             }),
         }
     }
@@ -96,13 +124,19 @@ impl DurableObject for External {
         // Taken at delivery, before any await: this keeps the events' order.
         let place = core.turnstile.take();
         let deadline = Instant::now() + PROVIDER_WAIT;
+        let upgrade = request.extensions().get::<UpgradeToken>().copied();
+        if core.instance(deadline).await?.uses_request {
+            return core.request(place, deadline, request, upgrade).await;
+        }
         let (parts, body) = request.into_parts();
         let request = Request::from_parts(parts, body.bytes().await?);
         let (bound, turn) = core.turn(place, deadline).await?;
+        let offered = core.offer(&turn, upgrade);
         let mut call = bound.stub.fetch_request();
         convert::request_to_capnp(&request, call.get().init_request());
         let reply = call.send().promise.await.map_err(|e| core.failed(e))?;
         let response = convert::response_from_capnp(reply.get()?.get_response()?)?;
+        drop(offered);
         drop(turn);
         Ok(response.map(Body::from))
     }
@@ -122,6 +156,56 @@ impl DurableObject for External {
             Err(error) if error.kind == ErrorKind::Unimplemented => Ok(()),
             Err(error) => Err(core.failed(error)),
         }
+    }
+
+    async fn web_socket_message(
+        &self,
+        socket: WebSocket,
+        message: WebSocketMessage,
+    ) -> Result<(), BoxError> {
+        self.core
+            .socket_event(socket, move |instance, socket| {
+                let mut call = instance.web_socket_message_request();
+                call.get().set_socket(socket);
+                let mut builder = call.get().init_message();
+                match &message {
+                    WebSocketMessage::Text(text) => builder.set_text(text),
+                    WebSocketMessage::Binary(data) => builder.set_data(data),
+                }
+                let sent = call.send().promise;
+                Box::pin(async move { sent.await.map(drop) })
+            })
+            .await
+    }
+
+    async fn web_socket_close(
+        &self,
+        socket: WebSocket,
+        code: u16,
+        reason: String,
+    ) -> Result<(), BoxError> {
+        self.core
+            .socket_event(socket, move |instance, socket| {
+                let mut call = instance.web_socket_close_request();
+                call.get().set_socket(socket);
+                call.get().set_code(code);
+                call.get().set_reason(&reason);
+                let sent = call.send().promise;
+                Box::pin(async move { sent.await.map(drop) })
+            })
+            .await
+    }
+
+    async fn web_socket_error(&self, socket: WebSocket, error: String) -> Result<(), BoxError> {
+        self.core
+            .socket_event(socket, move |instance, socket| {
+                let mut call = instance.web_socket_error_request();
+                call.get().set_socket(socket);
+                call.get().set_error(&error);
+                let sent = call.send().promise;
+                Box::pin(async move { sent.await.map(drop) })
+            })
+            .await
     }
 }
 
@@ -199,6 +283,24 @@ impl capnp::capability::Server for ForwarderDispatch {
 struct Instance {
     instance: external_object::Client,
     stub: durable_object::Client,
+    uses_request: bool,
+    /// The binding's [`Alive`], for the socket capabilities handed out in the event.
+    alive: Alive,
+}
+
+/// A WebSocket upgrade offered to the instance by the request of one event, known to its
+/// context until the event ends (see [`Core::offer`]).
+struct Offered {
+    upgrades: Rc<Upgrades>,
+    task: Option<TaskId>,
+}
+
+impl Drop for Offered {
+    fn drop(&mut self) {
+        if let Some(task) = self.task {
+            self.upgrades.borrow_mut().retain(|(t, _)| *t != task);
+        }
+    }
 }
 
 impl Core {
@@ -231,6 +333,8 @@ impl Core {
                 return Ok(Instance {
                     instance: bound.instance.clone(),
                     stub: bound.stub.clone(),
+                    uses_request: bound.uses_request,
+                    alive: bound.context.alive.clone(),
                 });
             }
             let Some(arrived) = registry.arrivals(&self.class) else {
@@ -265,6 +369,8 @@ impl Core {
             turns: self.turns.clone(),
             connection: provider.connection.clone(),
             env: self.env.clone(),
+            upgrades: self.upgrades.clone(),
+            alive: Alive::default(),
         });
         let mut request = provider.client.new_instance_request();
         request.get().set_context(context::client(&context));
@@ -288,10 +394,90 @@ impl Core {
         *self.bound.borrow_mut() = Some(Bound {
             instance,
             stub,
-            _context: context,
+            uses_request: provider.uses_request,
+            context,
             _served: served,
         });
         Ok(())
+    }
+
+    /// Makes the upgrade a request offers (its `upgrade` token) known to the context for the
+    /// event of `turn`, until the returned guard is dropped: `acceptWebSocket` takes it.
+    fn offer(&self, turn: &Turn, upgrade: Option<UpgradeToken>) -> Offered {
+        let task = upgrade.map(|token| {
+            self.upgrades.borrow_mut().push((turn.task(), token));
+            turn.task()
+        });
+        Offered {
+            upgrades: self.upgrades.clone(),
+            task,
+        }
+    }
+
+    /// Delivers `request` to the instance's `request` (see the module docs): the head in the
+    /// call, the body written to `requestBody` as it arrives, and the answer from the host's
+    /// `ResponseContext`. The event's turn ends when the response head arrives.
+    async fn request(
+        self: &Rc<Self>,
+        place: Place,
+        deadline: Instant,
+        request: StreamRequest,
+        upgrade: Option<UpgradeToken>,
+    ) -> Result<StreamResponse, BoxError> {
+        let (bound, turn) = self.turn(place, deadline).await?;
+        let offered = self.offer(&turn, upgrade);
+        let (context, head) = respond::context();
+        let (parts, body) = request.into_parts();
+        // A whole body that fits in one write travels in the call; else it follows.
+        let whole = body
+            .as_full()
+            .filter(|bytes| bytes.len() <= STREAM_WRITE_BYTES)
+            .cloned();
+        let mut call = bound.stub.request_request();
+        let head_only = Request::from_parts(parts, whole.clone().unwrap_or_default());
+        convert::request_to_capnp(&head_only, call.get().init_request());
+        call.get().set_context(context);
+        call.get().set_body_follows(whole.is_none());
+        let sent = call.send();
+        let upload: LocalBoxFuture<'static, ()> = match whole {
+            Some(_) => Box::pin(std::future::ready(())),
+            None => Box::pin(respond::upload(body, sent.pipeline.get_request_body())),
+        };
+        let reply = sent.promise;
+        let reply = Box::pin(async move { reply.await.map(drop) });
+        let answered = respond::answer(reply, upload, head).await;
+        drop(offered);
+        drop(turn);
+        match answered {
+            Ok(response) => Ok(response),
+            Err(Unanswered::Failed(error)) => Err(self.failed(error)),
+            Err(Unanswered::Returned) => Err(KindKept(Error::Remote(
+                "the instance returned from `request` without calling startResponse".into(),
+            ))
+            .into()),
+        }
+    }
+
+    /// Delivers a WebSocket event: `make` calls the instance's handler with the socket's
+    /// capability. An instance that does not implement it ignores the event.
+    async fn socket_event<F>(self: &Rc<Self>, socket: WebSocket, make: F) -> Result<(), BoxError>
+    where
+        F: FnOnce(
+            &external_object::Client,
+            object_socket::Client,
+        ) -> LocalBoxFuture<'static, capnp::Result<()>>,
+    {
+        let place = self.turnstile.take();
+        let deadline = Instant::now() + PROVIDER_WAIT;
+        let (bound, turn) = self.turn(place, deadline).await?;
+        let socket = sockets::client(socket, &bound.alive, &self.turns);
+        let reply = make(&bound.instance, socket).await;
+        drop(turn);
+        match reply {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind == ErrorKind::Unimplemented => Ok(()),
+            Err(error) => Err(self.failed(error)),
+        }
     }
 
     /// What a failed call of the instance ends the event with. A lost instance (its provider

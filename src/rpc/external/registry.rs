@@ -44,6 +44,9 @@ pub(super) struct Provider {
     /// The provider's connection: the calls of the instances it serves count against its
     /// bounds.
     pub(super) connection: Rc<Connection>,
+    /// Whether its instances implement `DurableObject.request` (`registerProvider`'s
+    /// `usesRequest`): requests then reach them there, with streamed bodies; else at `fetch`.
+    pub(super) uses_request: bool,
     /// The objects whose instances it built, reset when it goes. Weak: an object evicted or
     /// reset meanwhile is gone from here by itself.
     objects: RefCell<Vec<Weak<Served>>>,
@@ -84,11 +87,13 @@ impl Registry {
     }
 
     /// Registers `client` as a provider of `class`, serving over `connection`; the
-    /// `Registration` that keeps it registered.
+    /// `Registration` that keeps it registered. With `uses_request`, its instances get requests
+    /// at `request` (see [`Provider::uses_request`]).
     pub(crate) fn register(
         self: &Rc<Self>,
         class: &str,
         client: class_provider::Client,
+        uses_request: bool,
         connection: &Rc<Connection>,
     ) -> capnp::Result<registration::Client> {
         let mut classes = self.classes.borrow_mut();
@@ -108,6 +113,7 @@ impl Registry {
             class: class.to_owned(),
             client,
             connection: connection.clone(),
+            uses_request,
             objects: RefCell::default(),
         });
         entry.providers.push(provider.clone());

@@ -125,6 +125,11 @@ impl Turns {
         }
     }
 
+    /// The task of the event holding the gate, if one does.
+    pub(super) fn holder(&self) -> Option<TaskId> {
+        self.holder.borrow().as_ref().map(|(task, _)| *task)
+    }
+
     /// Whether an event holds the gate: a call of the instance arriving now is that event's.
     pub(super) fn is_held(&self) -> bool {
         self.holder.borrow().is_some()
@@ -178,6 +183,13 @@ impl Turns {
 pub(super) struct Turn {
     turns: Rc<Turns>,
     task: TaskId,
+}
+
+impl Turn {
+    /// The task the event runs as: [`Turns::holder`] while it holds the gate.
+    pub(super) fn task(&self) -> TaskId {
+        self.task
+    }
 }
 
 impl Drop for Turn {
