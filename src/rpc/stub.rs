@@ -55,6 +55,35 @@ pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_obj
     durable_object::Client { client }
 }
 
+/// Passes a `request` call on to `target`, publishing its request body's stream in `results`
+/// now; resolves when the far call returns.
+fn forward_request(
+    target: &capnp::capability::Client,
+    params: Params<any_pointer::Owned>,
+    mut results: Results<any_pointer::Owned>,
+) -> capnp::Result<
+    impl Future<
+        Output = capnp::Result<capnp::capability::Response<durable_object::request_results::Owned>>,
+    > + use<>,
+> {
+    let target = durable_object::Client {
+        client: target.clone(),
+    };
+    let mut call = target.request_request();
+    let mut untyped = call.hook.get();
+    untyped.set_as(params.get()?)?;
+    let sent = call.send();
+    results
+        .get()
+        .init_as::<durable_object::request_results::Builder<'_>>()
+        .set_request_body(sent.pipeline.get_request_body());
+    results.set_pipeline()?;
+    Ok(sent.promise)
+}
+
+/// The ordinal of `DurableObject.request`.
+const REQUEST_METHOD: u16 = 1;
+
 /// An exception as it came back over the link between shards, made what it was there:
 /// capnp-rpc marks an exception that crossed a connection, and the caller's own connection
 /// will mark it once more.
@@ -107,6 +136,24 @@ impl capnp::capability::Server for BoundedDispatch {
         let admitted = message_bytes(params.get())
             .and_then(|bytes| InFlight::admit(&self.server.connection, bytes));
         let call = match admitted {
+            // `request`: its results (the request body's stream) are published at once, as the
+            // far shard's host publishes them, so that the writes the caller pipelines on them
+            // flow before it returns, as they must (the object may read the whole body before
+            // it answers). Its answer travels as calls on the caller's `ResponseContext`, with
+            // their own flow control.
+            Ok(in_flight)
+                if interface_id == durable_object::Client::TYPE_ID
+                    && method_id == REQUEST_METHOD =>
+            {
+                match forward_request(&self.server.target, params, results) {
+                    Ok(answer) => Promise::from_future(async move {
+                        let answer = answer.await.map(drop).map_err(crossed);
+                        drop(in_flight);
+                        answer
+                    }),
+                    Err(error) => Promise::err(error),
+                }
+            }
             Ok(in_flight) => {
                 let bytes = Rc::new(Cell::new(0));
                 let results = Box::new(Measured {
