@@ -76,6 +76,7 @@ pub struct HostLimits {
     /// requests of calls not answered, responses not yet written. Each connection gets a fair
     /// share (never less than one message of the largest size); over it the connection is not
     /// read until it drains, and calls past the share or the budget fail with `overloaded`.
+    /// Each shard of a server has this budget for the connections it serves.
     pub inflight_bytes_max: usize,
     /// The bounds on objects' WebSockets: message size, sockets per object, bytes queued.
     pub web_sockets: SocketLimits,

@@ -90,6 +90,11 @@ pub fn start_duro_with(data_dir: &Path, http: bool, flags: &[&str]) -> Result<Du
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data_dir)
         .args(flags);
+    // One shard unless the workload says otherwise: the figures of one event loop, comparable
+    // from run to run and machine to machine (the `shards` workload measures more).
+    if !flags.contains(&"--shards") {
+        command.args(["--shards", "1"]);
+    }
     // The gateway is on by default (on 7451): a bench child takes a port of its own, or none.
     command.args(["--http", if http { "127.0.0.1:0" } else { "off" }]);
     command.env("RUST_LOG", "warn");

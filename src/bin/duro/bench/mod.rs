@@ -24,6 +24,7 @@ mod peer;
 mod report;
 mod room;
 mod rpc_group;
+mod shards;
 mod typed;
 
 use std::path::PathBuf;
@@ -49,6 +50,7 @@ pub const WORKLOADS: &[&str] = &[
     "workerd",
     "room",
     "external",
+    "shards",
 ];
 
 /// Arguments of `duro bench`.
@@ -258,6 +260,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("external") {
         step("external", &|| external::run(settings));
+    }
+    if selection.has("shards") {
+        step("shards", &|| shards::run(settings));
     }
     series
 }

@@ -7,12 +7,13 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::Settings;
-use super::durable::{FSYNC, HOT, SPREAD};
+use super::durable::{HOT, SPREAD};
 use super::external;
 use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
 use super::room;
 use super::rpc_group::SHAPES;
+use super::shards;
 use super::typed;
 
 #[derive(Serialize)]
@@ -93,6 +94,14 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 echo,
             ));
         }
+    }
+    let rpc = SHAPES[1].name();
+    if let (Some(incr), Some(noop)) = (find(series, "incr", SPREAD), find(series, "noop", &rpc)) {
+        ratios.extend(ops_ratio(
+            format!("incr, {SPREAD} / noop, {rpc}"),
+            incr,
+            noop,
+        ));
     }
     let lmdb = series
         .iter()
@@ -181,49 +190,74 @@ fn at_least(name: &str, ratio: Option<&Ratio>, min: f64, missing: &str) -> Targe
     }
 }
 
+fn skip_target(name: &str, why: &str) -> Target {
+    Target {
+        name: name.into(),
+        verdict: Verdict::Skip,
+        detail: why.into(),
+    }
+}
+
 fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
     let rpc = &SHAPES[1].name();
     let mut targets = vec![at_least(
-        "noop ≥ 0.9 × echo-baseline (64 in flight)",
+        "noop ≥ 0.95 × echo-baseline (64 in flight)",
         ratio_of(ratios, &format!("noop / echo-baseline, {rpc}")),
-        0.9,
+        0.95,
         "noop or echo-baseline did not run",
     )];
     targets.push(at_least(
-        "incr over 1000 objects ≥ 20 × lmdb-baseline",
-        ratio_of(ratios, &format!("incr / lmdb-baseline, {SPREAD}")),
-        20.0,
-        "incr or lmdb-baseline did not run",
+        "incr over 1000 objects ≥ 0.6 × noop (64 in flight)",
+        ratio_of(ratios, &format!("incr, {SPREAD} / noop, {rpc}")),
+        0.6,
+        "incr or noop did not run",
     ));
-    targets.push(
-        match (
-            find(series, "incr", SPREAD).and_then(Series::p99_us),
-            series
-                .iter()
-                .find(|s| s.workload == FSYNC && !s.runs.is_empty())
-                .and_then(Series::p99_us),
-        ) {
-            (Some(incr), Some(fsync)) => Target {
-                name: "incr over 1000 objects p99 ≤ 3 × fsync p99".into(),
-                verdict: if incr <= 3.0 * fsync {
+    targets.push(match find(series, "incr", SPREAD) {
+        Some(incr) => match (incr.p50_us(), incr.p99_us()) {
+            (Some(p50), Some(p99)) => Target {
+                name: "incr over 1000 objects p99 ≤ 2 × its p50 (64 in flight)".into(),
+                verdict: if p99 <= 2.0 * p50 {
                     Verdict::Pass
                 } else {
                     Verdict::Fail
                 },
                 detail: format!(
-                    "p99 {} vs fsync p99 {} ({:.1}×), need ≤ 3×",
-                    fmt_us(incr),
-                    fmt_us(fsync),
-                    incr / fsync
+                    "p99 {} vs p50 {} ({:.2}×), need ≤ 2×",
+                    fmt_us(p99),
+                    fmt_us(p50),
+                    p99 / p50
                 ),
             },
-            _ => Target {
-                name: "incr over 1000 objects p99 ≤ 3 × fsync p99".into(),
-                verdict: Verdict::Skip,
-                detail: "incr or the fsync probe did not run".into(),
-            },
+            _ => skip_target("incr over 1000 objects p99 ≤ 2 × its p50", "no latencies"),
         },
-    );
+        None => skip_target(
+            "incr over 1000 objects p99 ≤ 2 × its p50 (64 in flight)",
+            "incr did not run",
+        ),
+    });
+    let counts = shards::counts();
+    let most = *counts.last().unwrap_or(&1);
+    let cpu_of = |n: usize| {
+        find(series, shards::WORKLOAD, &shards::shape("noop", n))
+            .and_then(Series::server_cpu_us_per_op)
+    };
+    let name = format!("server CPU per noop call, {most} shards ≤ 1.1 × 1 shard");
+    targets.push(match (cpu_of(1), cpu_of(most)) {
+        (Some(one), Some(many)) if most > 1 => Target {
+            name,
+            verdict: if many <= 1.1 * one {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            },
+            detail: format!(
+                "{many:.1} µs vs {one:.1} µs ({:.2}×), need ≤ 1.1×",
+                many / one
+            ),
+        },
+        (Some(_), Some(_)) => skip_target(&name, "this machine has one core"),
+        _ => skip_target(&name, "shards did not run"),
+    });
     let activate = series
         .iter()
         .find(|s| s.workload == "activate" && !s.runs.is_empty());
@@ -251,9 +285,9 @@ fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
         },
     };
     targets.push(limit(
-        "activate ≤ 20 µs host CPU per object",
+        "activate ≤ 15 µs host CPU per object",
         "cpu_per_activation",
-        20.0,
+        15.0,
         "µs",
         1.0,
     ));
