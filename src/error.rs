@@ -46,16 +46,23 @@ impl From<Error> for capnp::Error {
     }
 }
 
+/// The message of an exception without the marks capnp-rpc puts on one for each connection
+/// it crossed (a call to an object of another shard, or to a provider's instance, crosses
+/// more than one).
+pub(crate) fn uncrossed(message: &str) -> &str {
+    let mut message = message;
+    while let Some(rest) = message.strip_prefix("remote exception: ") {
+        message = rest;
+    }
+    message
+}
+
 impl From<capnp::Error> for Error {
     /// Maps by exception type; only `failed` needs its message, to tell the object's own errors
     /// (sent with the `remote: ` prefix) from refused arguments.
     fn from(error: capnp::Error) -> Error {
         use capnp::ErrorKind;
-        // capnp-rpc marks exceptions that crossed the wire with this prefix.
-        let message = error
-            .extra
-            .strip_prefix("remote exception: ")
-            .unwrap_or(&error.extra);
+        let message = uncrossed(&error.extra);
         match error.kind {
             // A connection that broke off inside a message is as lost as one reset: e.g. a
             // TLS listener's alert to a client that spoke plain capnp.

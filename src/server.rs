@@ -270,6 +270,7 @@ impl Builder {
     }
 
     /// The shards it will serve with.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn shard_count(&self) -> usize {
         self.shards
     }

@@ -935,8 +935,10 @@ fn providers_share_the_activations_round_robin() {
         }
         let built = log.built.borrow().clone();
         assert_eq!(built.len(), 10);
+        // Round robin on each shard: both providers take about half (exactly half with one
+        // shard).
         let on_one = built.iter().filter(|(_, p)| *p == "one").count();
-        assert_eq!(on_one, 5, "{built:?}");
+        assert!((3..=7).contains(&on_one), "{built:?}");
     });
 }
 

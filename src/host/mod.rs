@@ -342,6 +342,12 @@ impl Host {
         for store in stores {
             store.wait_idle().await;
         }
+        // The sockets' close frames go out before the event loop stops (bounded: a peer that
+        // does not read holds its pump no longer than this).
+        let deadline = tokio::time::Instant::now() + SOCKETS_CLOSE_GRACE;
+        while socket::pumps_running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         // What the layers above keep with the host may hold the host (the gateway, the links
         // to other shards): let go of it, so that the host and its storage are dropped.
         self.inner.peers.borrow_mut().take();
@@ -354,6 +360,9 @@ impl Host {
         }
     }
 }
+
+/// How long a graceful shutdown waits for WebSockets to send their close frames.
+const SOCKETS_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a graceful shutdown waits for running calls.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

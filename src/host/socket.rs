@@ -278,8 +278,36 @@ impl SocketCore {
     }
 }
 
+thread_local! {
+    /// Pumps running on this thread's event loop: a shutdown lets them hand their close
+    /// frames to their transports before the event loop stops.
+    static PUMPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Pumps running on this thread (see `PUMPS`).
+pub(crate) fn pumps_running() -> usize {
+    PUMPS.with(std::cell::Cell::get)
+}
+
+/// Counts a pump while it runs.
+struct Pumping;
+
+impl Pumping {
+    fn start() -> Pumping {
+        PUMPS.with(|pumps| pumps.set(pumps.get() + 1));
+        Pumping
+    }
+}
+
+impl Drop for Pumping {
+    fn drop(&mut self) {
+        PUMPS.with(|pumps| pumps.set(pumps.get() - 1));
+    }
+}
+
 /// Sends the socket's queued frames to `sink`, each once the write before it is durable.
 async fn pump(socket: Rc<SocketCore>, mut sink: Box<dyn SocketSink>) {
+    let _pumping = Pumping::start();
     loop {
         let next = socket.queue.borrow_mut().pop_front();
         let Some(outbound) = next else {

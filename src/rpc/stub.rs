@@ -88,9 +88,7 @@ const REQUEST_METHOD: u16 = 1;
 /// capnp-rpc marks an exception that crossed a connection, and the caller's own connection
 /// will mark it once more.
 fn crossed(mut error: capnp::Error) -> capnp::Error {
-    if let Some(message) = error.extra.strip_prefix("remote exception: ") {
-        error.extra = message.to_owned();
-    }
+    error.extra = crate::error::uncrossed(&error.extra).to_owned();
     error
 }
 

@@ -484,8 +484,7 @@ impl Core {
     /// went, or it answered `disconnected`) resets the object: every stub to it breaks, and
     /// the next `get` asks a provider again.
     fn failed(&self, error: capnp::Error) -> BoxError {
-        let message = error.extra.strip_prefix("remote exception: ");
-        let message = message.unwrap_or(&error.extra).to_owned();
+        let message = crate::error::uncrossed(&error.extra).to_owned();
         let kept = match error.kind {
             ErrorKind::Disconnected | ErrorKind::PrematureEndOfFile => {
                 let reason = format!("the instance of class '{}' was lost: {message}", self.class);
