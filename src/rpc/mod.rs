@@ -23,6 +23,7 @@ use crate::wire::{Buffers, rpc_system_buffered};
 
 mod connection;
 pub(crate) mod external;
+mod relay;
 mod stream;
 mod stub;
 
@@ -268,7 +269,9 @@ impl host::Server for HostServer {
                     };
                     let mut request = host.register_provider_request();
                     request.get().set_class_name(class);
-                    request.get().set_provider(provider.clone());
+                    request
+                        .get()
+                        .set_provider(relay::relay_provider(provider.clone()));
                     request.get().set_uses_request(uses_request);
                     elsewhere.push(request.send().pipeline.get_registration());
                 }

@@ -23,6 +23,7 @@ use capnp::private::capability::{PipelineHook, RequestHook, ResultsHook};
 use capnp::traits::HasTypeId;
 
 use super::connection::{Connection, InFlight, RESPONSE_BYTES_MAX};
+use super::relay;
 use super::stream;
 use crate::error::Error;
 use crate::host::{InterfaceCall, Stub};
@@ -46,139 +47,11 @@ pub fn stub_capability(stub: Stub) -> durable_object::Client {
 /// The capability of `stub`, served within `connection`'s bounds.
 pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_object::Client {
     if let Some(remote) = stub.remote_client() {
-        let target = remote.client.clone();
-        let client: capnp::capability::Client =
-            capnp_rpc::new_client(Bounded { target, connection });
+        let client = relay::relay(remote.client.clone(), Some(connection));
         return durable_object::Client { client };
     }
     let client: capnp::capability::Client = capnp_rpc::new_client(StubServer { stub, connection });
     durable_object::Client { client }
-}
-
-/// Passes a `request` call on to `target`, publishing its request body's stream in `results`
-/// now; resolves when the far call returns.
-fn forward_request(
-    target: &capnp::capability::Client,
-    params: Params<any_pointer::Owned>,
-    mut results: Results<any_pointer::Owned>,
-) -> capnp::Result<
-    impl Future<
-        Output = capnp::Result<capnp::capability::Response<durable_object::request_results::Owned>>,
-    > + use<>,
-> {
-    let target = durable_object::Client {
-        client: target.clone(),
-    };
-    let mut call = target.request_request();
-    let mut untyped = call.hook.get();
-    untyped.set_as(params.get()?)?;
-    let sent = call.send();
-    results
-        .get()
-        .init_as::<durable_object::request_results::Builder<'_>>()
-        .set_request_body(sent.pipeline.get_request_body());
-    results.set_pipeline()?;
-    Ok(sent.promise)
-}
-
-/// The ordinal of `DurableObject.request`.
-const REQUEST_METHOD: u16 = 1;
-
-/// An exception as it came back over the link between shards, made what it was there:
-/// capnp-rpc marks an exception that crossed a connection, and the caller's own connection
-/// will mark it once more.
-fn crossed(mut error: capnp::Error) -> capnp::Error {
-    error.extra = crate::error::uncrossed(&error.extra).to_owned();
-    error
-}
-
-/// A stub to an object of another shard, as one connection holds it: every call, of any
-/// interface, is admitted against the connection's bounds as the calls of a [`StubServer`]
-/// are, then passed on at once (in the order it arrived) to the object's capability on its
-/// shard, where the object's host keeps its order, gates and bounds. The parameters and
-/// results pass as they are, capabilities included.
-struct Bounded {
-    target: capnp::capability::Client,
-    connection: Rc<Connection>,
-}
-
-impl FromServer<Bounded> for capnp::capability::Client {
-    type Dispatch = BoundedDispatch;
-
-    fn from_server(server: Rc<Bounded>) -> BoundedDispatch {
-        BoundedDispatch { server }
-    }
-}
-
-#[derive(Clone)]
-struct BoundedDispatch {
-    server: Rc<Bounded>,
-}
-
-impl Deref for BoundedDispatch {
-    type Target = Bounded;
-
-    fn deref(&self) -> &Bounded {
-        &self.server
-    }
-}
-
-impl capnp::capability::Server for BoundedDispatch {
-    fn dispatch_call(
-        self,
-        interface_id: u64,
-        method_id: u16,
-        params: Params<any_pointer::Owned>,
-        results: Results<any_pointer::Owned>,
-    ) -> DispatchCallResult {
-        let admitted = message_bytes(params.get())
-            .and_then(|bytes| InFlight::admit(&self.server.connection, bytes));
-        let call = match admitted {
-            // `request`: its results (the request body's stream) are published at once, as the
-            // far shard's host publishes them, so that the writes the caller pipelines on them
-            // flow before it returns, as they must (the object may read the whole body before
-            // it answers). Its answer travels as calls on the caller's `ResponseContext`, with
-            // their own flow control.
-            Ok(in_flight)
-                if interface_id == durable_object::Client::TYPE_ID
-                    && method_id == REQUEST_METHOD =>
-            {
-                match forward_request(&self.server.target, params, results) {
-                    Ok(answer) => Promise::from_future(async move {
-                        let answer = answer.await.map(drop).map_err(crossed);
-                        drop(in_flight);
-                        answer
-                    }),
-                    Err(error) => Promise::err(error),
-                }
-            }
-            Ok(in_flight) => {
-                let bytes = Rc::new(Cell::new(0));
-                let results = Box::new(Measured {
-                    inner: Some(results.hook),
-                    bytes: bytes.clone(),
-                    pipeline: true,
-                });
-                let hook = &self.server.target.hook;
-                let answer = hook.call(interface_id, method_id, params.hook, results);
-                let account = self.server.connection.account.clone();
-                Promise::from_future(async move {
-                    let answer = answer.await.map_err(crossed);
-                    drop(in_flight);
-                    // Owed until the writer has sent it: a peer that does not read its
-                    // answers stops being read.
-                    account.owe(bytes.get());
-                    answer
-                })
-            }
-            Err(error) => Promise::err(error),
-        };
-        DispatchCallResult::new(call, false)
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.server) as usize
-    }
 }
 
 /// A stub's server: `DurableObject`'s methods; [`StubDispatch`] sends it those calls, and
@@ -322,7 +195,7 @@ fn call_typed(
 
 /// The size of the message under `root`, as its words count it: never above what the
 /// message carrying it takes on the wire.
-fn message_bytes(root: capnp::Result<any_pointer::Reader<'_>>) -> capnp::Result<usize> {
+pub(super) fn message_bytes(root: capnp::Result<any_pointer::Reader<'_>>) -> capnp::Result<usize> {
     Ok(root?.target_size()?.word_count as usize * 8)
 }
 
@@ -330,13 +203,13 @@ fn message_bytes(root: capnp::Result<any_pointer::Reader<'_>>) -> capnp::Result<
 /// once the method is done with them (when it drops them), for the bounds on what the
 /// connection sends. `set_pipeline` is not passed on: calls the caller pipelined on the
 /// capabilities in the results wait for the results, which wait for the output gate.
-struct Measured {
+pub(super) struct Measured {
     /// `None` once handed on for a tail call.
-    inner: Option<Box<dyn ResultsHook>>,
-    bytes: Rc<Cell<usize>>,
+    pub(super) inner: Option<Box<dyn ResultsHook>>,
+    pub(super) bytes: Rc<Cell<usize>>,
     /// Whether `set_pipeline` is passed on: for calls passed on to another shard, whose host
     /// holds the results at its own output gate.
-    pipeline: bool,
+    pub(super) pipeline: bool,
 }
 
 impl Measured {
