@@ -94,6 +94,9 @@ pub(super) async fn run<Slot: 'static>(upgrade: OnUpgrade, socket: HostSocket, s
         };
         let outcome = match next {
             None => {
+                // After a close the host queued (a message too big, say), the peer's stream
+                // may end before the close frame left: it leaves first.
+                let _ = tokio::time::timeout(CLOSE_WAIT, socket.until_close_sent()).await;
                 let _ = socket.failed("the client went away".into()).await;
                 break;
             }

@@ -943,6 +943,14 @@ impl HostSocket {
         self.socket.until_closing().await;
     }
 
+    /// Resolves once a close frame the host queued was sent (or can no longer be), when one
+    /// was queued; at once otherwise.
+    pub(crate) async fn until_close_sent(&self) {
+        if self.socket.close_queued() {
+            self.socket.until_pumped().await;
+        }
+    }
+
     /// The peer broke a rule of the socket (a message over the size bound: 1009): the host
     /// closes it with `code`, and the object hears of it as an error.
     pub(crate) async fn refuse(&self, code: u16, why: String) -> Result<(), Error> {

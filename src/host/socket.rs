@@ -133,6 +133,10 @@ pub struct SocketCore {
     /// Wakes the transport's reader when the socket starts closing, so that it stops waiting
     /// for a peer that never answers the close.
     closing: tokio::sync::Notify,
+    /// Set when the pump ended: what it was to send is sent (or cannot be).
+    pump_ended: Cell<bool>,
+    /// Wakes who waits for the pump to end.
+    pumped: tokio::sync::Notify,
     /// The object's sockets, to leave them at the close. Weak: they own this socket.
     owner: Weak<ObjectSockets>,
     limits: SocketLimits,
@@ -203,6 +207,18 @@ impl SocketCore {
     /// Whether the peer is gone (see [`SocketCore::lost`]).
     pub fn is_lost(&self) -> bool {
         self.lost.get()
+    }
+
+    /// Resolves once the pump has sent what was queued, the close frame included, or stopped:
+    /// a transport whose peer's stream ended waits for it before it lets the connection go.
+    pub async fn until_pumped(&self) {
+        loop {
+            let pumped = self.pumped.notified();
+            if self.pump_ended.get() || !self.pumping.get() {
+                return;
+            }
+            pumped.await;
+        }
     }
 
     /// Whether the socket ended with a close frame queued (rather than being lost).
@@ -289,25 +305,27 @@ pub(crate) fn pumps_running() -> usize {
     PUMPS.with(std::cell::Cell::get)
 }
 
-/// Counts a pump while it runs.
-struct Pumping;
+/// Counts a pump while it runs, and says when it ended.
+struct Pumping(Rc<SocketCore>);
 
 impl Pumping {
-    fn start() -> Pumping {
+    fn start(socket: &Rc<SocketCore>) -> Pumping {
         PUMPS.with(|pumps| pumps.set(pumps.get() + 1));
-        Pumping
+        Pumping(socket.clone())
     }
 }
 
 impl Drop for Pumping {
     fn drop(&mut self) {
         PUMPS.with(|pumps| pumps.set(pumps.get() - 1));
+        self.0.pump_ended.set(true);
+        self.0.pumped.notify_waiters();
     }
 }
 
 /// Sends the socket's queued frames to `sink`, each once the write before it is durable.
 async fn pump(socket: Rc<SocketCore>, mut sink: Box<dyn SocketSink>) {
-    let _pumping = Pumping::start();
+    let _pumping = Pumping::start(&socket);
     loop {
         let next = socket.queue.borrow_mut().pop_front();
         let Some(outbound) = next else {
@@ -461,6 +479,8 @@ impl ObjectSockets {
             close_queued: Cell::new(false),
             untold: RefCell::default(),
             closing: tokio::sync::Notify::new(),
+            pump_ended: Cell::new(false),
+            pumped: tokio::sync::Notify::new(),
             owner: Rc::downgrade(self),
             limits: self.limits,
         });

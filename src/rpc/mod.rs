@@ -23,6 +23,7 @@ use crate::wire::{Buffers, rpc_system_buffered};
 
 mod connection;
 pub(crate) mod external;
+mod measured;
 mod relay;
 mod stream;
 mod stub;

@@ -24,7 +24,7 @@ use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results
 use capnp::traits::HasTypeId;
 
 use super::connection::{Connection, InFlight};
-use super::stub::{Measured, message_bytes};
+use super::measured::{Measured, message_bytes};
 use crate::wire::duro_capnp::{class_provider, durable_object, external_object};
 
 /// The ordinal of `DurableObject.request`.

@@ -74,12 +74,27 @@ async fn stubs(
 
 async fn run_group(settings: &Settings) -> Vec<Series> {
     let mut all = Vec::new();
-    for shards in counts() {
-        let mut noop = Series::new(WORKLOAD, &shape("noop", shards));
-        let mut incr = Series::new(WORKLOAD, &shape("incr 1000 objects", shards));
+    let most = counts().last().copied().unwrap_or(1);
+    // Each count with the one writer the shards share; the most also with a writer per shard.
+    let plans = counts()
+        .into_iter()
+        .map(|n| (n, false))
+        .chain((most > 1).then_some((most, true)));
+    for (shards, own_writers) in plans {
+        let suffix = if own_writers {
+            ", a writer per shard"
+        } else {
+            ""
+        };
+        let mut noop = Series::new(WORKLOAD, &(shape("noop", shards) + suffix));
+        let mut incr = Series::new(WORKLOAD, &(shape("incr 1000 objects", shards) + suffix));
         let dir = settings.fresh_dir("shards");
         let count = shards.to_string();
-        let duro = match child::start_duro_with(&dir, false, &["--shards", &count]) {
+        let mut flags = vec!["--shards", &count];
+        if own_writers {
+            flags.push("--writer-per-shard");
+        }
+        let duro = match child::start_duro_with(&dir, false, &flags) {
             Ok(duro) => duro,
             Err(e) => {
                 noop.fail(&e);
