@@ -1,0 +1,246 @@
+//! A server with two shards, with the objects placed on purpose: each test picks names whose
+//! IDs map to the shard it wants (through the data dir's virtual shards), and knows which shard
+//! serves each connection (they are handed to the shards in turn, the first to shard 0). So
+//! every call below that crosses shards does cross them, whatever the random secrets.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use duro::duro_capnp::{durable_object, host, namespace};
+use duro::storage::{VIRTUAL_SHARDS_DEFAULT, virtual_shard};
+use duro::testing::{TestServer, fetch, fetch_call, request, run_local};
+use duro::{BoxError, DurableObject, Env, Error, Request, Response, Server, State};
+
+const SHARDS: usize = 2;
+
+/// Numbers the calls it gets, in order; `/panic` panics (a reset); `/call/NAME` calls the probe
+/// `NAME` through its env, twice, and answers what the second call answered.
+struct Probe {
+    seen: RefCell<Vec<String>>,
+    env: Env,
+}
+
+impl DurableObject for Probe {
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let path = request.uri().path().to_owned();
+        if path == "/panic" {
+            panic!("a reset on purpose");
+        }
+        if let Some(name) = path.strip_prefix("/call/") {
+            let probes = self.env.namespace("probe").ok_or("no probe namespace")?;
+            let stub = probes.get_by_name(name)?;
+            stub.fetch(request_of("POST", "/from-env")).await?;
+            let second = stub.fetch(request_of("POST", "/from-env")).await?;
+            return Ok(Response::new(second.into_body()));
+        }
+        self.seen.borrow_mut().push(path);
+        Ok(Response::new(self.seen.borrow().len().to_string().into()))
+    }
+}
+
+fn request_of(method: &str, path: &str) -> Request {
+    request(method, path, b"")
+}
+
+/// A server with [`SHARDS`] shards and the probe class; how many probes were built.
+fn server() -> (TestServer, Arc<AtomicUsize>) {
+    let built = Arc::new(AtomicUsize::new(0));
+    let counter = built.clone();
+    let builder = duro::builtin::register(Server::builder())
+        .class("probe", move |_state: State, env| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Probe {
+                seen: RefCell::default(),
+                env,
+            }
+        })
+        .namespace("probe", "probe")
+        .shards(SHARDS)
+        .http("127.0.0.1:0".parse().unwrap());
+    (TestServer::start(builder), built)
+}
+
+fn probes(host: &host::Client) -> namespace::Client {
+    let mut ns = host.namespace_request();
+    ns.get().set_name("probe");
+    ns.send().pipeline.get_namespace()
+}
+
+fn stub(namespace: &namespace::Client, name: &str) -> durable_object::Client {
+    let mut get = namespace.get_by_name_request();
+    get.get().set_name(name);
+    get.send().pipeline.get_stub()
+}
+
+/// A name whose object lives on `shard`, different from `other` names.
+async fn name_on(namespace: &namespace::Client, shard: usize, prefix: &str) -> String {
+    for i in 0..1000 {
+        let name = format!("{prefix}{i}");
+        let mut call = namespace.id_from_name_request();
+        call.get().set_name(&name);
+        let reply = call.send().promise.await.unwrap();
+        let bytes: [u8; 32] = reply
+            .get()
+            .unwrap()
+            .get_id()
+            .unwrap()
+            .get_bytes()
+            .unwrap()
+            .try_into()
+            .unwrap();
+        if virtual_shard(&bytes, VIRTUAL_SHARDS_DEFAULT) as usize % SHARDS == shard {
+            return name;
+        }
+    }
+    panic!("no name maps to shard {shard}");
+}
+
+async fn body(stub: &durable_object::Client, method: &str, path: &str) -> Result<String, Error> {
+    let response = fetch(stub, request_of(method, path)).await?;
+    Ok(String::from_utf8_lossy(response.body()).into_owned())
+}
+
+#[test]
+fn calls_from_one_shard_reach_the_one_instance_on_another_in_order() {
+    let (server, built) = server();
+    run_local(async {
+        // The first connection is served by shard 0, the second by shard 1.
+        let first = server.connect().await;
+        let second = server.connect().await;
+        let namespace = probes(&first);
+        let far = name_on(&namespace, 1, "far").await;
+        let near_stub = stub(&namespace, &far);
+        // 200 calls pipelined on one stub, from shard 0 to an object of shard 1, each sent
+        // before the first answer: they arrive in the order made.
+        let calls: Vec<_> = (0..200)
+            .map(|i| fetch_call(&near_stub, &request_of("POST", &format!("/{i}"))))
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            let reply = call.promise.await.unwrap();
+            let response = reply.get().unwrap().get_response().unwrap();
+            assert_eq!(response.get_body().unwrap(), (i + 1).to_string().as_bytes());
+        }
+        // The connection of shard 1 reaches the same instance.
+        let local_stub = stub(&probes(&second), &far);
+        assert_eq!(body(&local_stub, "POST", "/x").await.unwrap(), "201");
+        assert_eq!(built.load(Ordering::SeqCst), 1, "one instance");
+    });
+}
+
+#[test]
+fn a_reset_on_the_objects_shard_breaks_the_stub_held_on_another() {
+    let (server, built) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let namespace = probes(&host);
+        let far = name_on(&namespace, 1, "reset").await;
+        let held = stub(&namespace, &far);
+        assert_eq!(body(&held, "POST", "/a").await.unwrap(), "1");
+        let panicked = body(&held, "POST", "/panic").await.unwrap_err();
+        assert!(matches!(panicked, Error::Disconnected(_)), "{panicked:?}");
+        let after = body(&held, "POST", "/b").await.unwrap_err();
+        assert!(matches!(after, Error::Disconnected(_)), "{after:?}");
+        // A new stub reaches a new instance.
+        let fresh = stub(&namespace, &far);
+        assert_eq!(body(&fresh, "POST", "/c").await.unwrap(), "1");
+        assert_eq!(built.load(Ordering::SeqCst), 2);
+    });
+}
+
+#[test]
+fn objects_call_objects_of_other_shards_through_their_env() {
+    let (server, built) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let namespace = probes(&host);
+        let caller = name_on(&namespace, 0, "caller").await;
+        let callee = name_on(&namespace, 1, "callee").await;
+        let caller_stub = stub(&namespace, &caller);
+        assert_eq!(
+            body(&caller_stub, "POST", &format!("/call/{callee}"))
+                .await
+                .unwrap(),
+            "2"
+        );
+        assert_eq!(
+            body(&caller_stub, "POST", &format!("/call/{callee}"))
+                .await
+                .unwrap(),
+            "4"
+        );
+        let callee_stub = stub(&namespace, &callee);
+        assert_eq!(body(&callee_stub, "POST", "/direct").await.unwrap(), "5");
+        assert_eq!(built.load(Ordering::SeqCst), 2);
+    });
+}
+
+#[test]
+fn the_gateway_serves_the_objects_of_every_shard_as_their_own() {
+    let (server, built) = server();
+    let http = server.http_addr().unwrap();
+    run_local(async {
+        let host = server.connect().await;
+        let namespace = probes(&host);
+        let names = [
+            name_on(&namespace, 0, "web").await,
+            name_on(&namespace, 1, "web").await,
+        ];
+        // Four HTTP connections, served by the shards in turn: every object is reached both
+        // from its own shard and from the other.
+        for round in 1..=4 {
+            let client = http_connection(http);
+            for name in &names {
+                let answer = client.post(&format!("/probe/{name}/hit")).await;
+                assert_eq!(answer, round.to_string(), "{name}, round {round}");
+            }
+        }
+        for name in &names {
+            assert_eq!(
+                body(&stub(&namespace, name), "POST", "/x").await.unwrap(),
+                "5"
+            );
+        }
+        assert_eq!(built.load(Ordering::SeqCst), 2);
+    });
+}
+
+/// A plain HTTP/1.1 client of one connection, enough for the gateway's answers.
+fn http_connection(addr: std::net::SocketAddr) -> HttpConnection {
+    HttpConnection {
+        addr,
+        stream: RefCell::new(None),
+    }
+}
+
+struct HttpConnection {
+    addr: std::net::SocketAddr,
+    stream: RefCell<Option<std::net::TcpStream>>,
+}
+
+impl HttpConnection {
+    async fn post(&self, path: &str) -> String {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let addr = self.addr;
+        let mut slot = self.stream.borrow_mut();
+        let stream = slot.get_or_insert_with(|| std::net::TcpStream::connect(addr).unwrap());
+        let head = format!("POST {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        String::from_utf8(body).unwrap()
+    }
+}
