@@ -403,17 +403,24 @@ async fn write_body(mut upload: mpsc::Receiver<Upload>, stream: byte_stream::Cli
             let _ = stream.end_request().send().promise.await;
             return;
         };
-        for at in (0..chunk.len()).step_by(STREAM_WRITE_BYTES) {
-            let mut write = stream.write_request();
-            write
-                .get()
-                .set_bytes(&chunk[at..chunk.len().min(at + STREAM_WRITE_BYTES)]);
-            if write.send().await.is_err() {
-                // The host refused the body (the object stopped reading it): stop reading it.
-                return;
-            }
+        if !write_chunk(&stream, &chunk).await {
+            // The host refused the body (the object stopped reading it): stop reading it.
+            return;
         }
     }
+}
+
+/// Writes `chunk` to `stream` in writes of at most [`STREAM_WRITE_BYTES`], each waiting for
+/// capnp's flow control; whether every write was taken (a refused one ends the body).
+pub(crate) async fn write_chunk(stream: &byte_stream::Client, chunk: &[u8]) -> bool {
+    for piece in chunk.chunks(STREAM_WRITE_BYTES) {
+        let mut write = stream.write_request();
+        write.get().set_bytes(piece);
+        if write.send().await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn reader_gone() -> capnp::Error {

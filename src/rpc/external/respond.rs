@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use crate::body::{Body, BodySender};
 use crate::message::StreamResponse;
+use crate::wire::convert;
 use crate::wire::duro_capnp::{byte_stream, response_context};
-use crate::wire::{STREAM_WRITE_BYTES, convert};
 
 /// A host-side `ResponseContext` for one request, and where its response head arrives.
 pub(super) fn context() -> (response_context::Client, oneshot::Receiver<StreamResponse>) {
@@ -41,14 +41,8 @@ pub(super) async fn upload(mut body: Body, stream: byte_stream::Client) {
         let Ok(chunk) = chunk else {
             return;
         };
-        for at in (0..chunk.len()).step_by(STREAM_WRITE_BYTES) {
-            let mut write = stream.write_request();
-            write
-                .get()
-                .set_bytes(&chunk[at..chunk.len().min(at + STREAM_WRITE_BYTES)]);
-            if write.send().await.is_err() {
-                return;
-            }
+        if !crate::wire::stream::write_chunk(&stream, &chunk).await {
+            return;
         }
     }
     let _ = stream.end_request().send().promise.await;
