@@ -86,6 +86,13 @@ pub struct BenchArgs {
     /// Seconds per measured run (default 0.4 with --quick, else 2).
     #[arg(long, value_name = "SECONDS")]
     pub run_secs: Option<f64>,
+    /// `shards` only: load a server already running at ADDR (e.g. on a larger machine, with the
+    /// generator here or on another one) instead of starting its own at 1, 2 and N shards.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: Option<std::net::SocketAddr>,
+    /// With --connect: the server's PID, to read its CPU per call from /proc (same machine).
+    #[arg(long, value_name = "PID", requires = "connect")]
+    pub server_pid: Option<u32>,
     /// Internal: serves the typed counter with this data dir, as the `typed` workload's
     /// child process.
     #[arg(long, hide = true, value_name = "DIR")]
@@ -107,6 +114,8 @@ pub(crate) struct Settings {
     /// Longest a setup phase (filling, touching objects) may take before it stops short.
     pub setup_time_max: Duration,
     pub workerd: Option<PathBuf>,
+    /// A running server for `shards` to load, and its PID if known.
+    pub connect: Option<(std::net::SocketAddr, Option<u32>)>,
     /// Holds every data dir; removed at the end.
     pub root: tempfile::TempDir,
 }
@@ -139,6 +148,7 @@ impl Settings {
             list_keys: if quick { 100_000 } else { 1_000_000 },
             setup_time_max: Duration::from_secs(if quick { 30 } else { 180 }),
             workerd: args.workerd.clone(),
+            connect: args.connect.map(|addr| (addr, args.server_pid)),
             root,
         })
     }

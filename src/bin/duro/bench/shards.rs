@@ -73,6 +73,16 @@ async fn stubs(
 }
 
 async fn run_group(settings: &Settings) -> Vec<Series> {
+    if let Some((addr, pid)) = settings.connect {
+        let mut noop = Series::new(WORKLOAD, &format!("noop, the server at {addr}"));
+        let mut incr = Series::new(
+            WORKLOAD,
+            &format!("incr 1000 objects, the server at {addr}"),
+        );
+        let cpu = move || pid.and_then(child::process_cpu);
+        measure(settings, addr, &mut noop, &mut incr, &cpu).await;
+        return vec![noop, incr];
+    }
     let mut all = Vec::new();
     let most = counts().last().copied().unwrap_or(1);
     // Each count with the one writer the shards share; the most also with a writer per shard.
@@ -105,35 +115,46 @@ async fn run_group(settings: &Settings) -> Vec<Series> {
         };
         let pid = duro.child.pid();
         let cpu = move || child::process_cpu(pid);
-        let calls = match (
-            stubs(duro.addr, NOOP_OBJECTS).await,
-            stubs(duro.addr, INCR_OBJECTS).await,
-        ) {
-            (Ok(noop_stubs), Ok(incr_stubs)) => {
-                Some((spread(noop_stubs, "GET"), spread(incr_stubs, "POST")))
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                noop.fail(&e);
-                incr.fail(e);
-                None
-            }
-        };
-        if let Some((noop_call, incr_call)) = &calls {
-            for (series, call) in [(&mut noop, noop_call), (&mut incr, incr_call)] {
-                if let Err(e) = run_shape(SHAPE, settings.warmup_budget(), call, &|| None).await {
-                    series.fail(e);
-                }
-            }
-            for _ in 0..settings.runs {
-                for (series, call) in [(&mut noop, noop_call), (&mut incr, incr_call)] {
-                    if !series.failed() {
-                        series.push(run_shape(SHAPE, settings.run_budget(), call, &cpu).await);
-                    }
-                }
-            }
-        }
+        measure(settings, duro.addr, &mut noop, &mut incr, &cpu).await;
         drop(duro);
         all.extend([noop, incr]);
     }
     all
+}
+
+/// The noop and incr series against the server at `addr`, its CPU read by `cpu`.
+async fn measure(
+    settings: &Settings,
+    addr: std::net::SocketAddr,
+    noop: &mut Series,
+    incr: &mut Series,
+    cpu: &dyn Fn() -> Option<std::time::Duration>,
+) {
+    let calls = match (
+        stubs(addr, NOOP_OBJECTS).await,
+        stubs(addr, INCR_OBJECTS).await,
+    ) {
+        (Ok(noop_stubs), Ok(incr_stubs)) => {
+            Some((spread(noop_stubs, "GET"), spread(incr_stubs, "POST")))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            noop.fail(&e);
+            incr.fail(e);
+            None
+        }
+    };
+    if let Some((noop_call, incr_call)) = &calls {
+        for (series, call) in [(&mut *noop, noop_call), (&mut *incr, incr_call)] {
+            if let Err(e) = run_shape(SHAPE, settings.warmup_budget(), call, &|| None).await {
+                series.fail(e);
+            }
+        }
+        for _ in 0..settings.runs {
+            for (series, call) in [(&mut *noop, noop_call), (&mut *incr, incr_call)] {
+                if !series.failed() {
+                    series.push(run_shape(SHAPE, settings.run_budget(), call, cpu).await);
+                }
+            }
+        }
+    }
 }
