@@ -755,7 +755,10 @@ fn a_raised_epoch_fences_the_objects_of_that_shard_only() {
             }
         }
         let fenced = post("victim").await;
-        assert!(matches!(fenced, Err(Error::Disconnected(_))), "{fenced:?}");
+        assert!(
+            matches!(&fenced, Err(Error::Disconnected(why)) if why.contains("fenced")),
+            "the caller is told why: {fenced:?}"
+        );
         storage.put("k", &2u32).await.unwrap();
         let synced = storage.sync().await;
         assert!(

@@ -46,6 +46,8 @@ pub(crate) struct Activation {
     state: State,
     /// Set at the reset: every call of this activation ends with `disconnected`.
     broken: Cell<bool>,
+    /// Why it was reset, which the calls it ends are told.
+    reset_reason: RefCell<Option<String>>,
     /// The tasks of the calls in progress, aborted at a reset (their callers then get
     /// `disconnected`). A slot per call, reused.
     calls: RefCell<Calls>,
@@ -100,6 +102,7 @@ impl Activation {
             gate,
             store: store.clone(),
             broken: Cell::new(false),
+            reset_reason: RefCell::default(),
             calls: RefCell::default(),
             evicted: Cell::new(false),
             running: Cell::new(0),
@@ -216,6 +219,7 @@ impl Activation {
             tracing::warn!(id = %self.id, reason, "object reset");
         }
         self.broken.set(true);
+        *self.reset_reason.borrow_mut() = Some(reason.to_owned());
         let calls = std::mem::take(&mut self.calls.borrow_mut().slots);
         for call in calls.into_iter().flatten() {
             call.abort();
@@ -336,7 +340,7 @@ impl Activation {
         H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
     {
         let admitted = if self.is_broken() || self.evicted.get() {
-            Err(disconnected())
+            Err(self.disconnected())
         } else if self.running.get() >= self.queue_max {
             Err(self.overloaded())
         } else {
@@ -359,10 +363,11 @@ impl Activation {
             self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
             AbortOnDrop(handle)
         });
+        let activation = self.clone();
         async move {
             match task?.await {
                 Ok(result) => result,
-                Err(_) => Err(disconnected()),
+                Err(_) => Err(activation.disconnected()),
             }
         }
     }
@@ -577,7 +582,7 @@ async fn run<T>(
         .instance
         .borrow()
         .clone()
-        .ok_or_else(disconnected)?;
+        .ok_or_else(|| activation.disconnected())?;
     let store = activation.store.clone();
     let handler = AssertUnwindSafe(handler(instance, store)).catch_unwind();
     let outcome = Gated::new(handler, activation.gate.clone(), gate::next_task_id()).await;
@@ -585,7 +590,7 @@ async fn run<T>(
         Ok(result) => result,
         Err(panic) => {
             activation.reset(&format!("panic: {}", panic_message(&*panic)));
-            return Err(disconnected());
+            return Err(activation.disconnected());
         }
     };
     // The output gate: nothing leaves before the writes made so far are durable.
@@ -617,6 +622,19 @@ fn hold_gate_until_idle(gate: &Rc<InputGate>, predecessor: Rc<ObjectStore>) {
 
 pub(crate) fn disconnected() -> Error {
     Error::Disconnected("the object was reset or the host is shutting down; get a new stub".into())
+}
+
+impl Activation {
+    /// The answer of a call this activation cannot deliver: why it was reset, when it was.
+    fn disconnected(&self) -> Error {
+        match &*self.reset_reason.borrow() {
+            Some(reason) if reason == SHUTTING_DOWN => shutting_down(),
+            Some(reason) => {
+                Error::Disconnected(format!("the object was reset ({reason}); get a new stub"))
+            }
+            None => disconnected(),
+        }
+    }
 }
 
 /// The reason of the resets of a shutdown, which are expected and so not worth a warning.
