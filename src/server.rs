@@ -410,6 +410,9 @@ impl Builder {
             queues: queues.clone(),
         };
         let (opened_tx, opened) = std::sync::mpsc::channel::<Result<(), String>>();
+        // Shards leave together: a connection's socket is registered with the event loop
+        // that accepted it, and another shard may still be writing to it (a WebSocket's close).
+        let leaving = Arc::new(tokio::sync::Barrier::new(shards));
         let mut others = Vec::new();
         let mut receivers = receivers.into_iter();
         let jobs = receivers.next().expect("the first shard's jobs");
@@ -417,9 +420,10 @@ impl Builder {
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let shard = plan(index);
             let opened_tx = opened_tx.clone();
+            let leaving = leaving.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("duro-shard-{index}"))
-                .spawn(move || run_shard(shard, jobs, opened_tx, stop_rx))?;
+                .spawn(move || run_shard(shard, jobs, opened_tx, stop_rx, leaving))?;
             others.push((stop_tx, thread));
         }
         drop(opened_tx);
@@ -475,6 +479,7 @@ impl Builder {
                 })
                 .collect();
             host.shutdown().await;
+            leave_together(&leaving).await;
             Ok(stopped)
         });
         let result = match served {
@@ -527,6 +532,7 @@ fn run_shard(
     jobs: tokio::sync::mpsc::UnboundedReceiver<crate::host::Job>,
     opened: std::sync::mpsc::Sender<Result<(), String>>,
     stop: oneshot::Receiver<()>,
+    leaving: Arc<tokio::sync::Barrier>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -545,8 +551,18 @@ fn run_shard(
         let _ = opened.send(Ok(()));
         let _ = stop.await;
         host.shutdown().await;
+        leave_together(&leaving).await;
     });
 }
+
+/// Waits, with its event loop running, until every shard has shut its host down; bounded, for
+/// a server whose start failed halfway.
+async fn leave_together(leaving: &tokio::sync::Barrier) {
+    let _ = tokio::time::timeout(SHARDS_LEAVE_WAIT, leaving.wait()).await;
+}
+
+/// How long a shard that shut down waits for the others before its event loop stops.
+const SHARDS_LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Hands accepted connections to the shards in turn.
 struct Dispatch {
