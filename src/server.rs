@@ -380,7 +380,11 @@ impl Builder {
         let shards = self.shards.max(1);
         // Fixed when the data dir was made: the same objects map to the same shards.
         let virtual_shards = backend.shard_map()?.count();
-        let writer = Writer::spawn(backend.clone())?;
+        // One writer for every shard, unless each starts its own.
+        let writer = match self.writer_per_shard {
+            true => None,
+            false => Some(Writer::spawn(backend.clone())?),
+        };
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
             .unzip();
@@ -392,7 +396,7 @@ impl Builder {
                     shards,
                     virtual_shards,
                 },
-                writer: (!self.writer_per_shard).then(|| writer.handle()),
+                writer: writer.as_ref().map(Writer::handle),
                 // Active objects are shared out; the budget of bytes in flight is each
                 // shard's, as each reads its own connections (so a server with N shards may
                 // hold N budgets).
@@ -494,7 +498,9 @@ impl Builder {
         };
         drop(local);
         drop(runtime);
-        writer.shutdown();
+        if let Some(writer) = writer {
+            writer.shutdown();
+        }
         result
     }
 }

@@ -7,10 +7,16 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use duro::duro_capnp::{durable_object, host, namespace};
+use std::time::Duration;
+
+use duro::duro_capnp::{durable_object, host, namespace, response_context};
+use duro::rpc::CONNECTION_CALLS_MAX;
 use duro::storage::{VIRTUAL_SHARDS_DEFAULT, virtual_shard};
 use duro::testing::{TestServer, fetch, fetch_call, request, run_local};
-use duro::{BoxError, DurableObject, Env, Error, Request, Response, Server, State};
+use duro::{
+    BoxError, DurableObject, Env, Error, Request, Response, Server, State, StreamRequest,
+    StreamResponse,
+};
 
 const SHARDS: usize = 2;
 
@@ -39,6 +45,20 @@ impl DurableObject for Probe {
     }
 }
 
+/// Never reads its request body, never answers.
+struct Stall;
+
+impl DurableObject for Stall {
+    async fn fetch_stream(&self, _request: StreamRequest) -> Result<StreamResponse, BoxError> {
+        std::future::pending().await
+    }
+}
+
+/// A response context that is never called (the stall never answers).
+struct NoAnswer;
+
+impl response_context::Server for NoAnswer {}
+
 fn request_of(method: &str, path: &str) -> Request {
     request(method, path, b"")
 }
@@ -56,14 +76,20 @@ fn server() -> (TestServer, Arc<AtomicUsize>) {
             }
         })
         .namespace("probe", "probe")
+        .class("stall", |_state, _env| Stall)
+        .namespace("stall", "stall")
         .shards(SHARDS)
         .http("127.0.0.1:0".parse().unwrap());
     (TestServer::start(builder), built)
 }
 
 fn probes(host: &host::Client) -> namespace::Client {
+    named(host, "probe")
+}
+
+fn named(host: &host::Client, name: &str) -> namespace::Client {
     let mut ns = host.namespace_request();
-    ns.get().set_name("probe");
+    ns.get().set_name(name);
     ns.send().pipeline.get_namespace()
 }
 
@@ -173,6 +199,66 @@ fn objects_call_objects_of_other_shards_through_their_env() {
         assert_eq!(body(&callee_stub, "POST", "/direct").await.unwrap(), "5");
         assert_eq!(built.load(Ordering::SeqCst), 2);
     });
+}
+
+#[test]
+fn body_writes_relayed_past_the_connections_bound_are_refused_and_break_the_body_off() {
+    let (server, _) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let stalls = named(&host, "stall");
+        let far = name_on(&stalls, 1, "stall").await;
+        let mut call = stub(&stalls, &far).request_request();
+        duro::wire::convert::request_to_capnp(&request_of("PUT", "/"), call.get().init_request());
+        call.get().set_body_follows(true);
+        call.get().set_context(capnp_rpc::new_client(NoAnswer));
+        let call = call.send();
+        let body = call.pipeline.get_request_body();
+        // Every write leaves at once; the object on the other shard reads none of them.
+        for _ in 0..CONNECTION_CALLS_MAX + 1000 {
+            let mut write = body.write_request();
+            write.get().set_bytes(&[0; 1024]);
+            drop(write.send());
+        }
+        let refused = async {
+            loop {
+                let mut write = body.write_request();
+                write.get().set_bytes(b"x");
+                match write.send().await {
+                    Err(error) => break error,
+                    Ok(()) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        let error = tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .expect("no write was refused: the relay took the flood in");
+        assert_eq!(error.kind, capnp::ErrorKind::Overloaded, "{error}");
+        // Once one is refused, the body is broken off: later writes fail too.
+        let mut later = body.write_request();
+        later.get().set_bytes(b"y");
+        assert!(
+            later.send().await.is_err(),
+            "a write after the refusal went through"
+        );
+        // Let go: the connection serves again.
+        drop((call, body));
+        let namespace = probes(&host);
+        let probe = stub(&namespace, &name_on(&namespace, 1, "after").await);
+        let mut answered = false;
+        for _ in 0..500 {
+            if body_of(&probe).await.is_ok() {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(answered, "the connection did not serve again");
+    });
+}
+
+async fn body_of(stub: &durable_object::Client) -> Result<String, Error> {
+    body(stub, "POST", "/after").await
 }
 
 #[test]

@@ -317,21 +317,26 @@ impl Gateway {
         let upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         self.authorize(&mut parts.headers).await?;
-        let route = Route::parse(&parts.uri)?;
+        // Taken out of `parts`, so the route can borrow it while `parts` becomes the request.
+        let uri = std::mem::take(&mut parts.uri);
+        let route = Route::parse(&uri)?;
         let namespace = self
             .host
             .namespace(&route.namespace)
             .ok_or_else(|| Error::UnknownNamespace(route.namespace.to_string()))?;
         let id = namespace
             .id_from_name(&route.name)
-            .map_err(|error| self.call_failed(&route, error))?;
+            .map_err(|error| self.call_failed(namespace.name(), &route.name, error))?;
+        parts.uri = route.object_uri()?;
         let admitted = Admitted {
-            parts: parts.clone(),
+            parts,
             body,
             upgrade,
             accept,
+            namespace: namespace.name().to_owned(),
+            id,
         };
-        match self.host.remote_shard(&id) {
+        match self.host.remote_shard(&admitted.id) {
             Some(shard) => self.hand_over(shard, admitted).await,
             None => self.serve_here(admitted).await,
         }
@@ -340,22 +345,21 @@ impl Gateway {
     /// Serves a request admitted (on this shard or another) for an object of this shard.
     async fn serve_here(&self, admitted: Admitted) -> Result<StreamResponse, Error> {
         let Admitted {
-            mut parts,
+            parts,
             body,
             upgrade,
             accept,
+            namespace,
+            id,
         } = admitted;
-        // Taken out of `parts`, so the route can borrow it while `parts` becomes the request.
-        let uri = std::mem::take(&mut parts.uri);
-        let route = Route::parse(&uri)?;
-        let namespace = self
+        let name = id.name().unwrap_or_default().to_owned();
+        let failed = |error| self.call_failed(&namespace, &name, error);
+        let stub = self
             .host
-            .namespace(&route.namespace)
-            .ok_or_else(|| Error::UnknownNamespace(route.namespace.to_string()))?;
-        parts.uri = route.object_uri()?;
-        let stub = namespace
-            .get_by_name(&route.name)
-            .map_err(|error| self.call_failed(&route, error))?;
+            .namespace(&namespace)
+            .ok_or_else(|| Error::UnknownNamespace(namespace.clone()))?
+            .stub_of(id)
+            .map_err(failed)?;
         let broken = Rc::new(Cell::new(false));
         let body = Body::from_stream(Watched {
             body,
@@ -365,14 +369,11 @@ impl Gateway {
         let request = StreamRequest::from_parts(parts, body);
         let (Some(accept), Some(upgrade)) = (accept, upgrade) else {
             let response = stub.fetch_stream(request).await;
-            return response.map_err(|error| self.body_failed(&broken, &route, error));
+            return response.map_err(|error| self.body_failed(&broken, failed, error));
         };
         let slot = ConnectionSlot::take_within(&self.web_sockets, WEB_SOCKETS_MAX)
             .ok_or(Error::TooManyWebSockets)?;
-        let (mut response, socket) = stub
-            .fetch_upgrade(request)
-            .await
-            .map_err(|error| self.call_failed(&route, error))?;
+        let (mut response, socket) = stub.fetch_upgrade(request).await.map_err(failed)?;
         if let Some(socket) = socket {
             let headers = response.headers_mut();
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -426,7 +427,7 @@ impl Gateway {
     fn body_failed(
         &self,
         broken: &Cell<bool>,
-        route: &Route<'_>,
+        call_failed: impl FnOnce(crate::error::Error) -> Error,
         error: crate::error::Error,
     ) -> Error {
         if broken.get() {
@@ -437,14 +438,14 @@ impl Gateway {
                 max: self.options.body_bytes_max,
             };
         }
-        self.call_failed(route, error)
+        call_failed(error)
     }
 
     /// The error to answer a failed call with. A failure of the object's code (its constructor
     /// too) is the object's text: unless errors are exposed, it goes to the log with a request
     /// ID and the client gets the ID. The other kinds carry the host's text; they go back as
     /// they are.
-    fn call_failed(&self, route: &Route<'_>, error: crate::error::Error) -> Error {
+    fn call_failed(&self, namespace: &str, name: &str, error: crate::error::Error) -> Error {
         let error = Error::Call(error);
         if self.options.expose_errors || error.status() != StatusCode::INTERNAL_SERVER_ERROR {
             return error;
@@ -452,8 +453,8 @@ impl Gateway {
         let request_id = new_request_id();
         tracing::warn!(
             %request_id,
-            namespace = ?route.namespace,
-            name = ?route.name,
+            namespace = ?namespace,
+            name = ?name,
             %error,
             "gateway: the object's call failed"
         );
@@ -468,6 +469,9 @@ struct Admitted {
     body: Incoming,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     accept: Option<HeaderValue>,
+    /// The object's namespace, and its ID (minted from its name here, once).
+    namespace: String,
+    id: crate::id::ObjectId,
 }
 
 /// Chunks of a response body handed back from another shard, at most this many in flight.

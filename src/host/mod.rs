@@ -289,9 +289,8 @@ impl Host {
     /// The shard of `id` when it is not this host's.
     pub(crate) fn remote_shard(&self, id: &ObjectId) -> Option<usize> {
         let placement = self.inner.placement;
-        placement
-            .is_remote(id.bytes())
-            .then(|| placement.shard_of(id.bytes()))
+        let shard = placement.shard_of(id.bytes());
+        (shard != placement.shard).then_some(shard)
     }
 
     /// The budget of bytes in flight that the host's connections share.
@@ -619,15 +618,17 @@ impl Namespace {
         self.stub_of(id)
     }
 
-    /// A stub for `id`: to its activation here, or through the peers when it is an object of
-    /// another shard (see [`shard`]).
-    fn stub_of(&self, id: ObjectId) -> Result<Stub, Error> {
+    /// A stub for `id`, an ID this namespace minted or checked already (no check again): to
+    /// its activation here, or through the peers when it is an object of another shard (see
+    /// [`shard`]).
+    pub(crate) fn stub_of(&self, id: ObjectId) -> Result<Stub, Error> {
         let host = self
             .core
             .host
             .upgrade()
             .ok_or_else(activation::shutting_down)?;
-        if !host.placement.is_remote(id.bytes()) {
+        let shard = host.placement.shard_of(id.bytes());
+        if shard == host.placement.shard {
             return Ok(Stub::new(self.core.clone(), self.core.activation(id)?));
         }
         if host.closing.get() {
@@ -636,7 +637,6 @@ impl Namespace {
         let peers = host.peers.borrow().clone().ok_or_else(|| {
             Error::Disconnected("the host is not linked to the other shards yet".into())
         })?;
-        let shard = host.placement.shard_of(id.bytes());
         let client = peers.stub(shard, &self.core.name, &id);
         Ok(Stub {
             target: Target::Remote(RemoteObject::new(id, client)),

@@ -34,7 +34,7 @@ pub(crate) struct Connection {
 
 impl Connection {
     pub(super) fn open(host: &Host) -> Rc<Connection> {
-        Connection::with_budget(host.budget())
+        Connection::with_budget(host.budget(), CONNECTION_CALLS_MAX, false)
     }
 
     /// The bounds of a capability that belongs to no connection (a stub an object made into
@@ -42,23 +42,18 @@ impl Connection {
     /// are counted in a budget of its own, outside the host's, which bounds what peers make
     /// the host hold, not what its objects hold already.
     pub(super) fn detached() -> Rc<Connection> {
-        Connection::with_budget(&Budget::new(usize::MAX))
+        Connection::with_budget(&Budget::new(usize::MAX), CONNECTION_CALLS_MAX, false)
     }
 
     /// The bounds of a link from another shard of the server: none of its own.
     pub(super) fn peer() -> Rc<Connection> {
-        let mut connection = Connection::with_budget(&Budget::new(usize::MAX));
-        if let Some(only) = Rc::get_mut(&mut connection) {
-            only.calls_max = usize::MAX;
-            only.peer = true;
-        }
-        connection
+        Connection::with_budget(&Budget::new(usize::MAX), usize::MAX, true)
     }
 
-    fn with_budget(budget: &Rc<Budget>) -> Rc<Connection> {
+    fn with_budget(budget: &Rc<Budget>, calls_max: usize, peer: bool) -> Rc<Connection> {
         Rc::new(Connection {
-            calls_max: CONNECTION_CALLS_MAX,
-            peer: false,
+            calls_max,
+            peer,
             in_flight: Cell::new(0),
             sockets: Cell::new(0),
             account: Account::open(budget),
