@@ -48,6 +48,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response, StreamRequest, StreamResponse};
+use crate::metrics::{Bound, Metrics, NamespaceMetrics};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterHandle,
     WriterStats,
@@ -122,6 +123,8 @@ pub(crate) struct Config {
     pub(crate) placement: Placement,
     /// The writer the server's shards share; `None`: the host starts its own.
     pub(crate) writer: Option<WriterHandle>,
+    /// The server's metrics, which its shards share; `None`: the host keeps its own.
+    pub(crate) metrics: Option<Arc<Metrics>>,
 }
 
 /// Why a host could not start.
@@ -162,6 +165,8 @@ pub(crate) struct HostInner {
     /// What the layers above keep per host, one value per type: the RPC layer's registry of
     /// the providers of external classes, which its classes and its servers both reach.
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
+    /// The server's metrics (shared with the other shards).
+    metrics: Arc<Metrics>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -181,10 +186,11 @@ impl Host {
                 });
             }
         }
+        let metrics = config.metrics.clone().unwrap_or_else(Metrics::new);
         let (writer, handle) = match &config.writer {
             Some(shared) => (None, shared.clone()),
             None => {
-                let writer = Writer::spawn(backend.clone())?;
+                let writer = Writer::spawn_measured(backend.clone(), metrics.storage().clone())?;
                 let handle = writer.handle();
                 (Some(writer), handle)
             }
@@ -216,6 +222,7 @@ impl Host {
                         activations: RefCell::default(),
                         sockets: Rc::default(),
                         host: host.clone(),
+                        metrics: metrics.namespace(&name),
                     };
                     (name, Rc::new(core))
                 })
@@ -230,6 +237,7 @@ impl Host {
             budget: Budget::new(config.limits.inflight_bytes_max),
             clock: clock.clone(),
             extensions: RefCell::default(),
+            metrics,
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         alarms::Scheduler::start(&inner, clock);
@@ -252,6 +260,11 @@ impl Host {
     /// Counters of the storage writer.
     pub fn writer_stats(&self) -> Arc<WriterStats> {
         self.inner.storage.writer.stats.clone()
+    }
+
+    /// The server's metrics.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Keeps `value` with the host, as the one value of its type (see `HostInner::extensions`).
@@ -333,6 +346,7 @@ impl Host {
             self.inner
                 .active
                 .set(self.inner.active.get() - activations.len());
+            namespace.metrics.add_active(-(activations.len() as i64));
             for activation in activations.into_values() {
                 stores.push(activation.store.clone());
                 activation.reset(activation::SHUTTING_DOWN);
@@ -405,7 +419,9 @@ impl HostInner {
             if activation.is_broken() || activation.mark_evicted() {
                 registry.remove(&id);
                 self.active.set(self.active.get() - 1);
+                namespace.metrics.add_active(-1);
                 if !activation.is_broken() {
+                    namespace.metrics.evicted();
                     evicted.push(activation);
                 }
             }
@@ -447,6 +463,8 @@ pub(crate) struct NamespaceCore {
     /// The objects that hold WebSockets, also while evicted (hibernation).
     sockets: Rc<SocketRegistry>,
     pub(crate) host: Weak<HostInner>,
+    /// The namespace's series of the server's metrics, resolved once.
+    pub(crate) metrics: NamespaceMetrics,
 }
 
 impl NamespaceCore {
@@ -479,7 +497,8 @@ impl NamespaceCore {
             id.name().map(Into::into),
         ));
         let queue_max = host.limits.object_queue_max;
-        let sockets = ObjectSockets::of(&self.sockets, *id.bytes(), host.limits.web_sockets);
+        let limits = host.limits.web_sockets;
+        let sockets = ObjectSockets::of(&self.sockets, *id.bytes(), limits, &self.metrics);
         let activation = Activation::new(
             id.clone(),
             store,
@@ -487,13 +506,16 @@ impl NamespaceCore {
             queue_max,
             predecessor,
             sockets,
+            self.metrics.clone(),
         );
+        self.metrics.activated();
         let replaced = self
             .activations
             .borrow_mut()
             .insert(*id.bytes(), activation.clone());
         if replaced.is_none() {
             host.active.set(host.active.get() + 1);
+            self.metrics.add_active(1);
         }
         let state = activation.state().clone();
         let env = Env {
@@ -525,6 +547,7 @@ impl NamespaceCore {
                 registry.remove(&key);
                 if let Some(host) = self.host.upgrade() {
                     host.active.set(host.active.get() - 1);
+                    self.metrics.add_active(-1);
                 }
             }
         }
@@ -538,6 +561,7 @@ impl NamespaceCore {
         }
         host.evict(|_| true, (max / 10).max(1));
         if host.active.get() >= max {
+            host.metrics.refused(Bound::activations);
             return Err(Error::Overloaded(format!(
                 "the host has {max} active objects and none is idle (activations_max)"
             )));
