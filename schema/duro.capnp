@@ -54,6 +54,98 @@ interface Host {
   # delivers every request to them there, with streamed bodies (see `ExternalObject`). False
   # (the default, and what a provider written before it sends): every request goes to `fetch`
   # with its whole body.
+
+  admin @4 () -> (admin :Admin);
+  # The operator's capability: read an object's storage, export, import, back up (see
+  # `Admin`). With a token (`--token-file`), only the Host that `authenticate` returned gives
+  # it. An object's `ObjectContext.env` Host does not (`unimplemented`): exports carry the
+  # namespaces' secrets.
+}
+
+interface Admin {
+  # What an operator needs to see inside a host and to take its data out and put it back,
+  # without writing code. Nothing here activates an object or waits on its gates: reads see
+  # durable storage (what has committed), not writes in flight.
+
+  readStorage @0 (namespace :Text, id :ObjectId, options :ReadOptions) -> (page :StoragePage);
+  # One page of the object's stored keys, in key byte order, and its alarm. The ID is checked
+  # as in `Namespace.get`. An object without data answers an empty page.
+
+  export @1 (namespaces :List(Text)) -> (stream :ChunkStream);
+  # Every object of `namespaces` (empty: of every namespace the host serves) with its keys,
+  # values, name, creation time and alarm, from one consistent snapshot of durable storage
+  # taken when the call arrives, as JSON Lines (the format is in the README, "Export and
+  # import"). The host keeps serving and committing meanwhile. The snapshot lives until the
+  # stream is read to its end or released. The lines include each namespace's secret, which
+  # mints and checks its IDs: keep an export as safe as the data dir.
+
+  import @2 (overwrite :Bool) -> (sink :ImportSink);
+  # Writes into the host what `export` wrote: the bytes of an export go to `sink.write`, in
+  # order, and `sink.finish` applies them all in one transaction, or nothing (a malformed line,
+  # an ID its namespace's secret does not check, a conflict: the error names the line). An
+  # object that already has data is a conflict, unless `overwrite`: then its data is replaced
+  # by the imported object's. A namespace whose secret differs from the import's takes the
+  # imported secret if it has no objects (IDs it minted before no longer check), else the
+  # import is refused: two secrets cannot serve one namespace. Namespaces the host does not
+  # serve are refused. Live instances of the imported objects are reset (their stubs break).
+
+  backup @3 () -> (stream :ChunkStream);
+  # A consistent, compacted copy of the whole store, taken while the host serves (LMDB's
+  # copy: one read snapshot, writers are not stopped): the bytes of an LMDB `data.mdb`. Put
+  # them in an empty dir as `data.mdb`, and `duro serve --data DIR` serves the copy. A host
+  # whose storage is not LMDB fails with a message saying so.
+}
+
+struct ReadOptions {
+  # The range of `Admin.readStorage`: keys that begin with `prefix`, from `start` (included)
+  # or after `startAfter` (excluded; for the next page, pass the last key of this one).
+
+  prefix @0 :Data;
+  start @1 :Data;
+  startAfter @2 :Data;
+  # Not together with `start`.
+  limit @3 :UInt32;
+  # At most this many entries, 1 to 1000; 0 means 100. A page also ends early once its values
+  # pass 4 MiB (`more` is then true).
+}
+
+struct StoragePage {
+  entries @0 :List(StoredEntry);
+  more @1 :Bool;
+  # Whether keys remain in the range after this page.
+  hasAlarm @2 :Bool;
+  alarmMs @3 :UInt64;
+  # The object's alarm, in milliseconds since the Unix epoch, when `hasAlarm`.
+}
+
+struct StoredEntry {
+  key @0 :Data;
+  value @1 :Data;
+  # The value as stored, without its encoding mark: CBOR when `encoding` is `cbor`.
+  encoding @2 :ValueEncoding;
+}
+
+enum ValueEncoding {
+  raw @0;
+  # Bytes stored as given (`put_bytes`, and every value an external class stores).
+  cbor @1;
+  # A typed value of a Rust class (serde), as CBOR (RFC 8949).
+}
+
+interface ChunkStream {
+  # A stream of bytes the caller pulls.
+
+  next @0 () -> (chunk :Data, done :Bool);
+  # The next bytes (at most 1 MiB; never empty unless `done`), or `done` at the end. Call it
+  # again only after it answered. An error ends the stream.
+}
+
+interface ImportSink {
+  write @0 (bytes :Data) -> stream;
+  # The next bytes of the export, in order (any split; lines may cross calls).
+
+  finish @1 () -> (namespaces :UInt32, objects :UInt64, keys :UInt64);
+  # Applies what was written; see `Admin.import`. What it answers: how many of each it wrote.
 }
 
 interface Registration {

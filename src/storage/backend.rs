@@ -86,6 +86,33 @@ pub struct NamespaceRecord {
 /// One key and its stored value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// One item of a dump of storage: what [`Backend::export`] reads and [`Backend::import`]
+/// writes, in dump order: a namespace, then each of its objects, each followed by its keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DumpItem {
+    /// A namespace: its name and the secret that mints and checks its IDs.
+    Namespace { name: String, secret: [u8; 32] },
+    /// An object of the last namespace: its registry row and its alarm.
+    Object {
+        record: ObjectRecord,
+        alarm_ms: Option<u64>,
+    },
+    /// A key of the last object, with its value as stored (see `storage::value`).
+    Key { key: Vec<u8>, value: Vec<u8> },
+}
+
+/// What [`Backend::import`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    pub namespaces: u32,
+    pub objects: u64,
+    pub keys: u64,
+    /// The namespaces whose secret the import replaced (they had no objects).
+    pub new_secrets: Vec<String>,
+    /// Every object the import wrote: (namespace, ID).
+    pub written: Vec<(String, [u8; 32])>,
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// The value stored under `key`, if any.
     fn get(&self, object: &ObjectKey, key: &[u8]) -> Result<Option<Vec<u8>>, super::Error>;
@@ -141,6 +168,37 @@ pub trait Backend: Send + Sync + 'static {
     /// new epoch. From then on a batch made under an older epoch of the shard is fenced. Fails
     /// with [`Error::NoSuchShard`](super::Error::NoSuchShard) past the count, changing nothing.
     fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, super::Error>;
+
+    /// Reads the namespaces `namespaces` (those not recorded are skipped), their objects in ID
+    /// order and each object's keys in key order, from one consistent snapshot, and hands
+    /// each item to `visit` in dump order (see [`DumpItem`]) until it answers false. Commits
+    /// go on meanwhile and are not seen.
+    fn export(
+        &self,
+        namespaces: &[String],
+        visit: &mut dyn FnMut(DumpItem) -> bool,
+    ) -> Result<(), super::Error>;
+
+    /// Writes the items of a dump in one transaction and makes it durable, or writes nothing
+    /// when an item is an error or breaks a rule (see `storage::dump`): an object that has
+    /// data is a conflict unless `overwrite`, which replaces its data; a namespace recorded
+    /// with another secret takes the dump's only if it has no objects.
+    fn import(
+        &self,
+        items: &mut dyn Iterator<Item = Result<DumpItem, super::Error>>,
+        overwrite: bool,
+    ) -> Result<ImportReport, super::Error>;
+
+    /// Writes a consistent, compacted copy of the whole store to `out`, in the engine's own
+    /// format, while commits go on. Engines that cannot answer [`Error::Unsupported`].
+    ///
+    /// [`Error::Unsupported`]: super::Error::Unsupported
+    fn backup(&self, out: std::fs::File) -> Result<(), super::Error> {
+        drop(out);
+        Err(super::Error::Unsupported(
+            "this storage engine has no backup of its own".into(),
+        ))
+    }
 }
 
 /// Milliseconds since the Unix epoch: the clock of [`ObjectRecord::created_ms`].

@@ -688,3 +688,112 @@ pub(crate) fn writer_commits_the_unfenced_batches_of_a_group(b: Arc<dyn Backend>
     assert_eq!(b.get(&z, b"k").unwrap(), Some(b"z".to_vec()));
     assert_eq!(all_keys(&*b, &stale), 0);
 }
+
+fn dump(b: &dyn Backend, namespaces: &[&str]) -> Vec<super::backend::DumpItem> {
+    let names: Vec<String> = namespaces.iter().map(|n| n.to_string()).collect();
+    let mut items = Vec::new();
+    b.export(&names, &mut |item| {
+        items.push(item);
+        true
+    })
+    .unwrap();
+    items
+}
+
+/// An export read back by an import into another engine gives the same dump: keys (long ones
+/// too), values, names, creation times and alarms; a conflict or a bad order writes nothing;
+/// `overwrite` replaces an object whole; a namespace takes the dump's secret only while empty.
+pub(crate) fn dumps_round_trip(source: &dyn Backend, target: &dyn Backend) {
+    use super::backend::DumpItem;
+    let ns = source.namespace("a").unwrap();
+    source.namespace("empty").unwrap();
+    let (one, two) = (obj(ns.tag, 1), obj(ns.tag, 2));
+    let long = long_key(b'k', 1000, b"tail");
+    let mut named = batch(
+        one,
+        vec![put(b"x", b"1"), put(&long, b"long"), put(b"", b"")],
+    );
+    named.name = Some("first \u{1F600} \"q\"\n".into());
+    let alarm_only = with_alarm(two, AlarmWrite::Set(12_345));
+    source.commit(&[named, alarm_only]).unwrap();
+    let exported = dump(source, &["a", "empty", "unknown"]);
+    assert_eq!(exported.len(), 2 + 1 + 3 + 1, "{exported:?}");
+
+    // Into a target whose namespace "a" has another secret but no objects: it takes the dump's.
+    let other = target.namespace("a").unwrap();
+    assert_ne!(other.secret, ns.secret);
+    let mut items = exported.clone().into_iter().map(Ok);
+    let report = target.import(&mut items, false).unwrap();
+    assert_eq!((report.namespaces, report.objects, report.keys), (2, 2, 3));
+    assert_eq!(report.new_secrets, vec!["a".to_string()]);
+    assert_eq!(target.namespace("a").unwrap().secret, ns.secret);
+    assert_eq!(dump(target, &["a", "empty"]), exported);
+    let tag = target.namespace("a").unwrap().tag;
+    assert_eq!(target.alarm(&obj(tag, 2)).unwrap(), Some(12_345));
+    assert_eq!(
+        target.next_alarms(None, 10).unwrap(),
+        vec![(12_345, obj(tag, 2))]
+    );
+
+    // Again: every object conflicts, and nothing changes.
+    let mut changed = exported.clone();
+    changed.push(DumpItem::Key {
+        key: b"new".to_vec(),
+        value: b"v".to_vec(),
+    });
+    let mut items = changed.clone().into_iter().map(Ok);
+    let error = target.import(&mut items, false).unwrap_err();
+    assert!(matches!(error, Error::ImportConflict(_)), "{error}");
+    assert_eq!(dump(target, &["a", "empty"]), exported);
+
+    // An item that fails midway writes nothing either.
+    let mut items = changed
+        .clone()
+        .into_iter()
+        .take(3)
+        .map(Ok)
+        .chain([Err(Error::InvalidImport("line 4: not JSON".into()))]);
+    let error = target.import(&mut items, true).unwrap_err();
+    assert!(matches!(error, Error::InvalidImport(_)), "{error}");
+    assert_eq!(dump(target, &["a", "empty"]), exported);
+
+    // Overwrite: object 1 becomes exactly what the dump says (its "x" is gone).
+    let mut only_one: Vec<_> = exported[..2].to_vec();
+    only_one.push(DumpItem::Key {
+        key: b"y".to_vec(),
+        value: b"2".to_vec(),
+    });
+    let mut items = only_one.into_iter().map(Ok);
+    target.import(&mut items, true).unwrap();
+    assert_eq!(
+        all(target, &obj(tag, 1)),
+        vec![(b"y".to_vec(), b"2".to_vec())]
+    );
+    assert_eq!(target.alarm(&obj(tag, 2)).unwrap(), Some(12_345));
+
+    // A namespace with objects under another secret refuses the dump whole.
+    let mut foreign = exported.clone();
+    foreign[0] = DumpItem::Namespace {
+        name: "a".into(),
+        secret: [9; 32],
+    };
+    let mut items = foreign.into_iter().map(Ok);
+    let error = target.import(&mut items, true).unwrap_err();
+    assert!(matches!(error, Error::ImportConflict(_)), "{error}");
+    assert_eq!(target.namespace("a").unwrap().secret, ns.secret);
+
+    // Order rules.
+    let key_first = vec![Ok(DumpItem::Key {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+    })];
+    let error = target
+        .import(&mut key_first.into_iter(), false)
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidImport(_)), "{error}");
+    let twice = [exported[0].clone(), exported[0].clone()];
+    let error = target
+        .import(&mut twice.into_iter().map(Ok), false)
+        .unwrap_err();
+    assert!(matches!(error, Error::InvalidImport(_)), "{error}");
+}

@@ -100,6 +100,16 @@ pub enum Error {
     /// A virtual shard's epoch cannot be raised further.
     #[error("virtual shard {virtual_shard}'s epoch is at its maximum")]
     EpochsExhausted { virtual_shard: u32 },
+    /// An import would write over data it was not allowed to: an object that has data
+    /// (without `overwrite`), or a namespace that has objects under another secret.
+    #[error("import conflict: {0}")]
+    ImportConflict(String),
+    /// An import's items break the dump's rules (order, duplicates).
+    #[error("invalid import: {0}")]
+    InvalidImport(String),
+    /// The storage engine cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(String),
     /// The storage writer has stopped (the host is shutting down).
     #[error("storage is shut down")]
     Closed,

@@ -8,7 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::Error;
 use super::backend::{
-    AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
+    AlarmEntry, Backend, DumpItem, Entry, ImportReport, NamespaceRecord, ObjectBatch, ObjectKey,
+    ObjectRecord,
 };
 use super::shards::ShardMap;
 
@@ -125,5 +126,25 @@ impl Backend for FaultyBackend {
 
     fn raise_epoch(&self, virtual_shard: u32) -> Result<u64, Error> {
         self.inner.raise_epoch(virtual_shard)
+    }
+
+    fn export(
+        &self,
+        namespaces: &[String],
+        visit: &mut dyn FnMut(DumpItem) -> bool,
+    ) -> Result<(), Error> {
+        self.inner.export(namespaces, visit)
+    }
+
+    fn import(
+        &self,
+        items: &mut dyn Iterator<Item = Result<DumpItem, Error>>,
+        overwrite: bool,
+    ) -> Result<ImportReport, Error> {
+        self.inner.import(items, overwrite)
+    }
+
+    fn backup(&self, out: std::fs::File) -> Result<(), Error> {
+        self.inner.backup(out)
     }
 }

@@ -17,8 +17,10 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::backend::{
-    AlarmEntry, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord, now_ms,
+    AlarmEntry, Backend, DumpItem, Entry, ImportReport, NamespaceRecord, ObjectBatch, ObjectKey,
+    ObjectRecord, now_ms,
 };
+use super::dump::{ImportTarget, Importer};
 use super::keys::range_is_empty;
 use super::lmdb::{MAX_KEY, MAX_NAMESPACE_NAME};
 use super::shards::{EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, virtual_shard};
@@ -35,6 +37,7 @@ pub struct MemoryBackend {
     map_bytes: Option<usize>,
 }
 
+#[derive(Clone)]
 struct State {
     /// Every object's keys; an object with no keys has no entry.
     kv: BTreeMap<ObjectKey, Keys>,
@@ -298,6 +301,148 @@ impl Backend for MemoryBackend {
             .ok_or(Error::EpochsExhausted { virtual_shard })?;
         Ok(*epoch)
     }
+
+    fn export(
+        &self,
+        namespaces: &[String],
+        visit: &mut dyn FnMut(DumpItem) -> bool,
+    ) -> Result<(), Error> {
+        // A snapshot: the state as it is now, read without holding the lock.
+        let state = self.lock().clone();
+        for name in namespaces {
+            let Some(record) = state.namespaces.get(name) else {
+                continue;
+            };
+            let item = DumpItem::Namespace {
+                name: name.clone(),
+                secret: record.secret,
+            };
+            if !visit(item) {
+                return Ok(());
+            }
+            let tag = record.tag;
+            let first = ObjectKey { tag, id: [0; 32] };
+            let last = ObjectKey {
+                tag,
+                id: [0xff; 32],
+            };
+            for (object, row) in state.objects.range(first..=last) {
+                let alarm_ms = state.alarm_of.get(object).copied();
+                if !visit(DumpItem::Object {
+                    record: row.clone(),
+                    alarm_ms,
+                }) {
+                    return Ok(());
+                }
+                for (key, value) in state.kv.get(object).into_iter().flatten() {
+                    let (key, value) = (key.clone(), value.clone());
+                    if !visit(DumpItem::Key { key, value }) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn import(
+        &self,
+        items: &mut dyn Iterator<Item = Result<DumpItem, Error>>,
+        overwrite: bool,
+    ) -> Result<ImportReport, Error> {
+        let mut state = self.lock();
+        // Applied to a copy, swapped in whole: an import that fails leaves nothing.
+        let mut draft = state.clone();
+        let report = Importer::new(overwrite).run(&mut draft, items)?;
+        draft.stored_bytes = draft.kv.values().map(keys_bytes).sum();
+        if let Some(map_bytes) = self.map_bytes
+            && draft.stored_bytes > map_bytes
+        {
+            return Err(Error::MapFull { map_bytes });
+        }
+        *state = draft;
+        Ok(report)
+    }
+}
+
+impl ImportTarget for State {
+    fn namespace(&mut self, name: &str) -> Result<Option<(u32, [u8; 32])>, Error> {
+        if name.len() > MAX_NAMESPACE_NAME {
+            return Err(Error::NamespaceNameTooLong {
+                len: name.len(),
+                max: MAX_NAMESPACE_NAME,
+            });
+        }
+        Ok(self.namespaces.get(name).map(|r| (r.tag, r.secret)))
+    }
+
+    fn create_namespace(&mut self, name: &str, secret: &[u8; 32]) -> Result<u32, Error> {
+        let tag = self.next_tag;
+        self.next_tag = tag.checked_add(1).ok_or(Error::NamespaceTagsExhausted)?;
+        self.set_secret(name, tag, secret)?;
+        Ok(tag)
+    }
+
+    fn set_secret(&mut self, name: &str, tag: u32, secret: &[u8; 32]) -> Result<(), Error> {
+        let record = NamespaceRecord {
+            tag,
+            secret: *secret,
+        };
+        self.namespaces.insert(name.to_owned(), record);
+        Ok(())
+    }
+
+    fn has_objects(&mut self, tag: u32) -> Result<bool, Error> {
+        let first = ObjectKey { tag, id: [0; 32] };
+        let last = ObjectKey {
+            tag,
+            id: [0xff; 32],
+        };
+        Ok(self.objects.range(first..=last).next().is_some())
+    }
+
+    fn has_object(&mut self, object: &ObjectKey) -> Result<bool, Error> {
+        Ok(self.objects.contains_key(object))
+    }
+
+    fn clear_object(&mut self, object: &ObjectKey) -> Result<(), Error> {
+        self.kv.remove(object);
+        self.set_alarm(*object, None);
+        self.objects.remove(object);
+        Ok(())
+    }
+
+    fn put_row(&mut self, object: &ObjectKey, created_ms: u64, name: &str) -> Result<(), Error> {
+        let record = ObjectRecord {
+            id: object.id,
+            name: (!name.is_empty()).then(|| name.to_owned()),
+            created_ms,
+        };
+        self.objects.insert(*object, record);
+        Ok(())
+    }
+
+    fn delete_row(&mut self, object: &ObjectKey) -> Result<(), Error> {
+        self.objects.remove(object);
+        Ok(())
+    }
+
+    fn put_alarm(&mut self, object: &ObjectKey, at_ms: u64) -> Result<(), Error> {
+        self.set_alarm(*object, Some(at_ms));
+        Ok(())
+    }
+
+    fn put_key(&mut self, object: &ObjectKey, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        if key.len() > MAX_KEY {
+            return Err(Error::EngineKeyTooLarge {
+                len: key.len(),
+                max: MAX_KEY,
+            });
+        }
+        let keys = self.kv.entry(*object).or_default();
+        keys.insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
 }
 
 /// Fails with [`Error::Fenced`] for the first batch whose epoch is not its virtual shard's.
@@ -511,5 +656,10 @@ mod tests {
     #[test]
     fn writer_commits_the_unfenced_batches_of_a_group() {
         conformance::writer_commits_the_unfenced_batches_of_a_group(Arc::new(MemoryBackend::new()));
+    }
+
+    #[test]
+    fn dumps_round_trip() {
+        conformance::dumps_round_trip(&MemoryBackend::new(), &MemoryBackend::new());
     }
 }

@@ -28,6 +28,7 @@
 mod backend;
 #[cfg(test)]
 mod conformance;
+mod dump;
 mod error;
 mod fault;
 #[cfg(test)]
@@ -51,7 +52,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use backend::{
-    AlarmEntry, AlarmWrite, Backend, Entry, NamespaceRecord, ObjectBatch, ObjectKey, ObjectRecord,
+    AlarmEntry, AlarmWrite, Backend, DumpItem, Entry, ImportReport, NamespaceRecord, ObjectBatch,
+    ObjectKey, ObjectRecord,
 };
 pub use error::{Error, OpenError};
 pub use fault::FaultyBackend;
