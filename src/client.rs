@@ -767,6 +767,8 @@ enum Command {
         command: Box<stream::RequestCommand>,
         slot: Slot,
     },
+    /// Calls made on the host's capability by the operator's side (`client::admin`).
+    Admin(Box<dyn FnOnce(&host::Client) + Send>),
     Release {
         handle: u64,
     },
@@ -833,6 +835,8 @@ fn read_info_page(
 }
 
 /// The driver thread: the connection, its RPC system and every capability of the client.
+pub mod admin;
+
 mod driver {
     use super::*;
 
@@ -929,6 +933,7 @@ mod driver {
                     self.capabilities
                         .insert(handle, Capability::Namespace(namespace));
                 }
+                Command::Admin(call) => call(&self.host),
                 Command::ListNamespaces(reply) => {
                     let promise = self.host.list_namespaces_request().send().promise;
                     answer(reply, promise, |r| {

@@ -94,6 +94,8 @@ fn shell_snippets_run_against_a_live_server() {
                 Some(rest) => format!("{duro} {rest}"),
                 None => command,
             };
+            // `duro` further along a pipeline, too.
+            let command = command.replace("| duro ", &format!("| {duro} "));
             let output = Command::new("bash")
                 .args(["-c", &format!("set -e; {command}")])
                 // The commands' default server, as a user's shell would set it.

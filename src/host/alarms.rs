@@ -364,7 +364,7 @@ async fn deliver(
         .find(|ns| ns.tag == object.tag)
         .cloned()
         .ok_or_else(|| crate::Error::InvalidArgument("no namespace of the alarm's tag".into()))?;
-    let id = namespace.minter.check(&object.id, None)?;
+    let id = namespace.minter.borrow().check(&object.id, None)?;
     let activation = namespace.activation(id)?;
     activation.alarm(at_ms, AlarmInfo::new(retries)).await
 }
@@ -374,7 +374,7 @@ fn delete_if_unchanged(host: &Rc<HostInner>, object: ObjectKey, at_ms: u64) {
     let Some(namespace) = host.namespaces.values().find(|ns| ns.tag == object.tag) else {
         return;
     };
-    let Ok(id) = namespace.minter.check(&object.id, None) else {
+    let Ok(id) = namespace.minter.borrow().check(&object.id, None) else {
         return;
     };
     let Ok(activation) = namespace.activation(id) else {

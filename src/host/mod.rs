@@ -15,6 +15,7 @@
 pub(crate) mod activation;
 mod alarms;
 pub(crate) mod class;
+pub(crate) mod operations;
 pub(crate) mod shard;
 pub(crate) mod socket;
 pub(crate) mod state;
@@ -167,6 +168,8 @@ pub(crate) struct HostInner {
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
     /// The server's metrics (shared with the other shards).
     metrics: Arc<Metrics>,
+    /// Exports and backups running (see [`operations::DUMPS_MAX`]).
+    dumps: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -214,7 +217,7 @@ impl Host {
                 .into_iter()
                 .map(|(name, class, record)| {
                     let core = NamespaceCore {
-                        minter: IdMinter::new(&name, &record.secret),
+                        minter: RefCell::new(IdMinter::new(&name, &record.secret)),
                         tag: record.tag,
                         factory: config.classes[&class].clone(),
                         name: name.clone(),
@@ -238,6 +241,7 @@ impl Host {
             clock: clock.clone(),
             extensions: RefCell::default(),
             metrics,
+            dumps: Arc::new(tokio::sync::Semaphore::new(operations::DUMPS_MAX)),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         alarms::Scheduler::start(&inner, clock);
@@ -454,7 +458,8 @@ pub(crate) struct NamespaceCore {
     pub(crate) name: String,
     pub(crate) class_name: String,
     pub(crate) factory: Factory,
-    pub(crate) minter: IdMinter,
+    /// Replaced when an import gives the namespace the secret of its source.
+    pub(crate) minter: RefCell<IdMinter>,
     /// The namespace's prefix in storage.
     pub(crate) tag: u32,
     /// The registry: at most one live activation per ID. A reset activation stays until the
@@ -608,18 +613,18 @@ impl Namespace {
 
     /// A fresh random ID.
     pub fn new_unique_id(&self) -> ObjectId {
-        self.core.minter.new_unique()
+        self.core.minter.borrow().new_unique()
     }
 
     /// The ID of `name`.
     pub fn id_from_name(&self, name: &str) -> Result<ObjectId, Error> {
         self.check_name(name)?;
-        Ok(self.core.minter.from_name(name))
+        Ok(self.core.minter.borrow().from_name(name))
     }
 
     /// Parses and checks the text form of an ID of this namespace.
     pub fn id_from_string(&self, text: &str) -> Result<ObjectId, Error> {
-        Ok(self.core.minter.parse(text)?)
+        Ok(self.core.minter.borrow().parse(text)?)
     }
 
     /// Checks raw ID bytes (and the name sent with them) as an ID of this namespace.
@@ -627,7 +632,7 @@ impl Namespace {
         if let Some(name) = name {
             self.check_name(name)?;
         }
-        Ok(self.core.minter.check(bytes, name)?)
+        Ok(self.core.minter.borrow().check(bytes, name)?)
     }
 
     /// A stub for the object `id`, activating it if needed.

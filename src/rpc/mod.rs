@@ -21,6 +21,7 @@ use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, regist
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{Buffers, rpc_system_buffered};
 
+mod admin;
 mod connection;
 pub(crate) mod external;
 mod measured;
@@ -80,6 +81,14 @@ fn unauthenticated() -> capnp::Error {
 }
 
 impl host::Server for GuardServer {
+    fn admin(
+        self: Rc<Self>,
+        _: host::AdminParams,
+        _: host::AdminResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
     fn namespace(
         self: Rc<Self>,
         _: host::NamespaceParams,
@@ -205,6 +214,18 @@ struct HostServer {
 }
 
 impl host::Server for HostServer {
+    fn admin(
+        self: Rc<Self>,
+        _: host::AdminParams,
+        mut results: host::AdminResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let admin = admin::AdminServer {
+            host: self.host.clone(),
+        };
+        results.get().set_admin(capnp_rpc::new_client(admin));
+        ready(Ok(()))
+    }
+
     fn authenticate(
         self: Rc<Self>,
         _: host::AuthenticateParams,

@@ -34,6 +34,7 @@ mod fault;
 #[cfg(test)]
 mod harness;
 mod keys;
+pub mod lines;
 mod lmdb;
 mod memory;
 mod options;
@@ -57,6 +58,7 @@ pub use backend::{
 };
 pub use error::{Error, OpenError};
 pub use fault::FaultyBackend;
+pub(crate) use keys::successor;
 pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
 pub use memory::MemoryBackend;
 pub use options::{Limits, ListOptions};

@@ -68,7 +68,7 @@ impl Shared {
         })
     }
 
-    fn alarm_committed(&self, object: ObjectKey, alarm: Option<u64>) {
+    pub(crate) fn alarm_committed(&self, object: ObjectKey, alarm: Option<u64>) {
         let listener = self.on_alarm.borrow().clone();
         if let Some(listener) = listener {
             listener(object, alarm);

@@ -66,6 +66,59 @@ pub fn decode_raw(stored: &Bytes) -> Result<Bytes, Error> {
     }
 }
 
+/// A CBOR payload (a typed value's, without its tag byte) as JSON, for people to read: maps
+/// and arrays as such, byte strings as `{"bytes_b64": "..."}`, integers past what JSON
+/// numbers carry exactly and floats that are not finite as strings, map keys that are not
+/// text as their JSON, CBOR tags as the value they tag. Not a round trip: exports carry the
+/// CBOR itself.
+pub fn cbor_to_json(payload: &[u8]) -> Result<serde_json::Value, Error> {
+    let value: ciborium::Value =
+        ciborium::from_reader(payload).map_err(|e| Error::Decode(e.to_string()))?;
+    Ok(json_of(value))
+}
+
+fn json_of(value: ciborium::Value) -> serde_json::Value {
+    use base64::Engine;
+    use ciborium::Value as Cbor;
+    use serde_json::Value as Json;
+    match value {
+        Cbor::Integer(n) => {
+            let n = i128::from(n);
+            match (i64::try_from(n), u64::try_from(n)) {
+                (Ok(n), _) => Json::from(n),
+                (_, Ok(n)) => Json::from(n),
+                _ => Json::String(n.to_string()),
+            }
+        }
+        Cbor::Bytes(bytes) => {
+            let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+            serde_json::json!({ "bytes_b64": text })
+        }
+        Cbor::Float(f) => serde_json::Number::from_f64(f)
+            .map(Json::Number)
+            .unwrap_or_else(|| Json::String(f.to_string())),
+        Cbor::Text(text) => Json::String(text),
+        Cbor::Bool(b) => Json::Bool(b),
+        Cbor::Null => Json::Null,
+        Cbor::Tag(_, inner) => json_of(*inner),
+        Cbor::Array(items) => Json::Array(items.into_iter().map(json_of).collect()),
+        Cbor::Map(pairs) => Json::Object(
+            pairs
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = match json_of(k) {
+                        Json::String(text) => text,
+                        other => other.to_string(),
+                    };
+                    (key, json_of(v))
+                })
+                .collect(),
+        ),
+        // `ciborium::Value` is non-exhaustive; what it may add is shown, not dropped.
+        other => Json::String(format!("{other:?}")),
+    }
+}
+
 /// Length of the payload of an encoded value.
 pub fn payload_len(stored: &[u8]) -> usize {
     stored.len().saturating_sub(1)
@@ -93,6 +146,29 @@ mod tests {
         // Tag 1, then CBOR unsigned 42 (0x18 0x2a). A change here breaks existing data.
         assert_eq!(&encode(&42u64).unwrap()[..], &[0x01, 0x18, 0x2a]);
         assert_eq!(&encode_raw(b"ab")[..], &[0x00, b'a', b'b']);
+    }
+
+    #[test]
+    fn typed_values_read_as_json() {
+        let value = serde_json::json!({"n": -3, "list": [1.5, "x", null, true], "big": u64::MAX});
+        let stored = encode(&value).unwrap();
+        assert_eq!(cbor_to_json(&stored[1..]).unwrap(), value);
+        let bytes = encode(&serde_bytes_like(b"\x00\xff")).unwrap();
+        assert_eq!(
+            cbor_to_json(&bytes[1..]).unwrap(),
+            serde_json::json!({"bytes_b64": "AP8="})
+        );
+        let map: BTreeMap<u32, &str> = [(7, "seven")].into();
+        assert_eq!(
+            cbor_to_json(&encode(&map).unwrap()[1..]).unwrap(),
+            serde_json::json!({"7": "seven"})
+        );
+        assert!(cbor_to_json(&[0xff, 0x00]).is_err());
+    }
+
+    /// A CBOR byte string (serde serializes `&[u8]` as an array of numbers).
+    fn serde_bytes_like(bytes: &[u8]) -> ciborium::Value {
+        ciborium::Value::Bytes(bytes.to_vec())
     }
 
     #[test]

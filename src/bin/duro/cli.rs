@@ -335,7 +335,7 @@ fn format_objects(page: &ObjectInfoPage) -> String {
 /// `2026-11-29T20:40:00.000Z`. By hand (the civil-from-days conversion of Howard Hinnant's
 /// date algorithms) rather than a date crate: it is the command's only date, and these dozen
 /// lines cost less than a dependency.
-fn format_rfc3339_ms(ms: u64) -> String {
+pub(crate) fn format_rfc3339_ms(ms: u64) -> String {
     let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
     // Days since 0000-03-01, in 400-year eras of 146,097 days; years begin in March.
     let z = days + 719_468;
@@ -366,7 +366,7 @@ fn next_page_hint(connect: &Connect, args: &LsArgs, namespace: &str, next: &str)
 }
 
 /// Connects, runs `body` with the client, and turns the outcome into an exit status.
-fn with_client<F, Fut>(connect: &Connect, body: F) -> ExitCode
+pub(crate) fn with_client<F, Fut>(connect: &Connect, body: F) -> ExitCode
 where
     F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<(), Error>>,
@@ -392,7 +392,7 @@ where
 }
 
 /// Prints `error` on stderr; the exit status tells a refused argument from other failures.
-fn report(error: &Error) -> ExitCode {
+pub(crate) fn report(error: &Error) -> ExitCode {
     eprintln!("duro: {error}");
     match error {
         Error::InvalidArgument(_) => ExitCode::from(EXIT_REFUSED),
@@ -401,7 +401,7 @@ fn report(error: &Error) -> ExitCode {
 }
 
 /// Writes to stdout; a closed stdout (`duro ls | head`) is not an error of the command.
-fn write_stdout(bytes: &[u8]) {
+pub(crate) fn write_stdout(bytes: &[u8]) {
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
 }

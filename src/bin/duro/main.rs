@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod ops;
 
 // Generated code names its types from the crate's root (the bench's typed counter).
 use bench::typed_counter_capnp;
@@ -55,6 +56,35 @@ enum Command {
         connect: Connect,
         #[command(flatten)]
         args: LsArgs,
+    },
+    /// Shows an object's stored keys and values, and its alarm, without activating it.
+    Inspect {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: ops::InspectArgs,
+    },
+    /// Writes namespaces' objects (keys, values, names, alarms) as JSON Lines, from one
+    /// consistent snapshot of a running host.
+    Export {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: ops::ExportArgs,
+    },
+    /// Writes an export into a running host, all or nothing.
+    Import {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: ops::ImportArgs,
+    },
+    /// Copies a running host's store (or, --offline, a data dir) into a new data dir.
+    Backup {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(flatten)]
+        args: ops::BackupArgs,
     },
     /// Measures duro against its limits and against workerd (see the README's Benchmarks section).
     Bench(bench::BenchArgs),
@@ -298,6 +328,10 @@ fn main() -> ExitCode {
         Command::Fetch { connect, args } => cli::fetch(&connect, &args),
         Command::Ids { connect, args } => cli::ids(&connect, &args),
         Command::Ls { connect, args } => cli::ls(&connect, &args),
+        Command::Inspect { connect, args } => ops::inspect(&connect, &args),
+        Command::Export { connect, args } => ops::export(&connect, &args),
+        Command::Import { connect, args } => ops::import(&connect, &args),
+        Command::Backup { connect, args } => ops::backup(&connect, &args),
         Command::Bench(args) => bench::run(&args),
     }
 }
