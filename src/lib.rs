@@ -21,6 +21,7 @@ mod error;
 mod gate;
 pub mod id;
 mod message;
+mod metrics;
 pub mod response;
 pub mod tls;
 pub mod wire;
@@ -28,6 +29,7 @@ pub mod wire;
 mod host;
 pub mod storage;
 // The faces of the host, and what assembles them.
+mod admin;
 pub mod gateway;
 pub mod rpc;
 mod server;
@@ -48,7 +50,9 @@ pub use host::{
 };
 pub use id::ObjectId;
 pub use message::{BoxError, Request, Response, StreamRequest, StreamResponse};
-pub use server::{Builder, CONNECTIONS_MAX, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle};
+pub use server::{
+    Builder, CONNECTIONS_MAX, DEFAULT_ADMIN, DEFAULT_HTTP, DEFAULT_LISTEN, Server, ServerHandle,
+};
 pub use storage::{ListOptions, Storage, Transaction};
 pub use wire::frame::FrameLimits;
 pub use wire::{ListenAddr, duro_capnp};

@@ -10,10 +10,12 @@ use std::thread::JoinHandle;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, oneshot};
 
+use crate::admin::{self, AdminContext};
 use crate::gateway::{self, GatewayOptions};
 use crate::host::{
     Config, DurableObject, Env, Host, HostLimits, Placement, StartError, State, factory,
 };
+use crate::metrics::Metrics;
 use crate::rpc::RpcOptions;
 use crate::rpc::external::External;
 use crate::rpc::external::registry::Registry;
@@ -34,10 +36,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 struct Ready {
     addr: ListenAddr,
     http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
 }
 
 /// The default address of the HTTP gateway of `duro serve`: loopback.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7451";
+
+/// The default address of the admin server of `duro serve` (`/metrics`, the console):
+/// loopback.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7452";
 
 /// A duro server: a host reachable over the network.
 pub struct Server;
@@ -47,7 +54,10 @@ impl Server {
     /// LMDB under `./duro-data`.
     pub fn builder() -> Builder {
         Builder {
-            config: Config::default(),
+            config: Config {
+                metrics: Some(Metrics::new()),
+                ..Config::default()
+            },
             storage: StorageChoice::Lmdb {
                 data_dir: PathBuf::from("duro-data"),
                 options: LmdbOptions::default(),
@@ -56,6 +66,7 @@ impl Server {
             rpc: RpcOptions::default(),
             listen: DEFAULT_LISTEN.parse().expect("the default address parses"),
             http: None,
+            admin: None,
             gateway: GatewayOptions::default(),
             tls: None,
             external: std::collections::BTreeSet::new(),
@@ -97,6 +108,8 @@ pub struct Builder {
     listen: ListenAddr,
     /// The HTTP gateway's address, if it is on.
     http: Option<SocketAddr>,
+    /// The admin server's address, if it is on.
+    admin: Option<SocketAddr>,
     gateway: GatewayOptions,
     /// TLS on the TCP listener and the gateway, if it is on.
     tls: Option<TlsChoice>,
@@ -176,6 +189,14 @@ impl Builder {
     /// goes to `getByName(name).fetch` with the path `/{rest}`.
     pub fn http(mut self, addr: SocketAddr) -> Builder {
         self.http = Some(addr);
+        self
+    }
+
+    /// Serves the admin server on `addr`, or not at all with `None` (the default): `GET
+    /// /metrics` answers the server's metrics as Prometheus text, and the console the other
+    /// paths. It takes the server's token as the gateway does ([`Builder::token`]).
+    pub fn admin(mut self, addr: Option<SocketAddr>) -> Builder {
+        self.admin = addr;
         self
     }
 
@@ -332,6 +353,7 @@ impl Builder {
             Ok(Ok(ready)) => Ok(ServerHandle {
                 addr: ready.addr,
                 http: ready.http,
+                admin: ready.admin,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -347,7 +369,8 @@ impl Builder {
 
     /// Serves on the current thread until Ctrl-C or SIGTERM, then shuts down gracefully. Once
     /// listening, prints `duro listening on ADDR` on stdout (with the port given for port 0),
-    /// and `duro http gateway on ADDR` when the gateway is on.
+    /// then `duro http gateway on ADDR` when the gateway is on, and `duro admin on ADDR` when
+    /// the admin server is.
     pub fn run(self) -> Result<(), StartError> {
         // Said once, on stdout, where scripts read it; the log stays for what goes wrong.
         let on_ready = |ready: Ready| {
@@ -356,6 +379,9 @@ impl Builder {
             let _ = writeln!(stdout, "duro listening on {}", ready.addr);
             if let Some(http) = ready.http {
                 let _ = writeln!(stdout, "duro http gateway on {http}");
+            }
+            if let Some(admin) = ready.admin {
+                let _ = writeln!(stdout, "duro admin on {admin}");
             }
             let _ = stdout.flush();
         };
@@ -383,7 +409,10 @@ impl Builder {
         // One writer for every shard, unless each starts its own.
         let writer = match self.writer_per_shard {
             true => None,
-            false => Some(Writer::spawn(backend.clone())?),
+            false => Some(Writer::spawn_measured(
+                backend.clone(),
+                self.metrics().storage().clone(),
+            )?),
         };
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
@@ -458,10 +487,25 @@ impl Builder {
                 http_addr = Some(listener.local_addr()?);
                 http = Some(listener);
             }
+            warn_if_admin_open(self.admin, self.rpc.token.is_some());
+            let (admin, admin_addr) = match self.admin {
+                Some(addr) => {
+                    let (listener, addr) = bind_admin(addr).await?;
+                    (Some(listener), Some(addr))
+                }
+                None => (None, None),
+            };
             on_ready(Ready {
                 addr: listener.local_addr()?,
                 http: http_addr,
+                admin: admin_addr,
             });
+            let admin = async {
+                match admin {
+                    Some(listener) => admin::serve(listener, self.admin_context(&backend)).await,
+                    None => std::future::pending().await,
+                }
+            };
             let gateway = async {
                 match &http {
                     Some(listener) => gateway_loop(&host, listener, tls.as_ref(), &dispatch).await,
@@ -471,6 +515,7 @@ impl Builder {
             tokio::select! {
                 _ = accept_loop(&host, &self.rpc, &listener, tls.as_ref(), &dispatch) => {}
                 _ = gateway => {}
+                _ = admin => {}
                 _ = stop => {}
             }
             tracing::info!("shutting down");
@@ -502,6 +547,35 @@ impl Builder {
             writer.shutdown();
         }
         result
+    }
+}
+
+/// Binds the admin server's listener; a failure names the admin address.
+async fn bind_admin(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bound = TcpListener::bind(addr).await.and_then(|listener| {
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    });
+    bound.map_err(|error| {
+        let message = format!("binding the admin address {addr} (--admin): {error}");
+        StartError::Io(std::io::Error::new(error.kind(), message))
+    })
+}
+
+impl Builder {
+    /// The server's metrics, which every shard shares.
+    fn metrics(&self) -> Arc<Metrics> {
+        self.config.metrics.clone().unwrap_or_else(Metrics::new)
+    }
+
+    /// What the admin server's handlers may use.
+    fn admin_context(&self, backend: &Arc<dyn Backend>) -> AdminContext {
+        AdminContext::new(
+            backend.clone(),
+            self.config.bindings.clone(),
+            self.metrics(),
+            self.rpc.token.clone(),
+        )
     }
 }
 
@@ -609,6 +683,23 @@ fn warn_if_open(listen: &ListenAddr, http: Option<SocketAddr>, has_token: bool) 
         && !has_token
     {
         tracing::warn!(%addr, "the HTTP gateway listens beyond loopback without a token: anyone who can reach it can use every object (see --token-file)");
+    }
+}
+
+/// Warns when the admin server is reachable beyond this machine: it has no TLS, and without a
+/// token anyone who reaches it reads the metrics and the console.
+fn warn_if_admin_open(admin: Option<SocketAddr>, has_token: bool) {
+    let Some(addr) = admin else { return };
+    if addr.ip().is_loopback() {
+        return;
+    }
+    match has_token {
+        false => {
+            tracing::warn!(%addr, "the admin server listens beyond loopback without a token: anyone who can reach it can read it (see --token-file)")
+        }
+        true => {
+            tracing::warn!(%addr, "the admin server listens beyond loopback without TLS: its token crosses the network in clear text")
+        }
     }
 }
 
@@ -890,6 +981,7 @@ fn take_slot(slots: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit
 pub struct ServerHandle {
     addr: ListenAddr,
     http: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -903,6 +995,11 @@ impl ServerHandle {
     /// The address of the HTTP gateway, when it is on.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http
+    }
+
+    /// The address of the admin server, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// Shuts the server down gracefully and waits until it has.

@@ -88,6 +88,12 @@ impl TestServer {
         self.handle.as_ref().and_then(ServerHandle::http_addr)
     }
 
+    /// The admin server's address, when the builder turned it on (`Builder::admin`; the
+    /// harness leaves it off otherwise).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.handle.as_ref().and_then(ServerHandle::admin_addr)
+    }
+
     /// The data dir.
     pub fn data_dir(&self) -> &Path {
         self.dir.path()

@@ -70,39 +70,65 @@ fn post(addr: &str, path: &str) -> String {
     answer
 }
 
+/// `GET path` over HTTP/1.1 to `addr`; the whole answer.
+fn get(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+// The only test here that takes the default ports (7451, 7452): the others turn both off.
 #[test]
-fn with_no_http_flag_the_gateway_listens_on_7451_and_each_address_is_said_once() {
+fn with_no_flags_the_gateway_listens_on_7451_the_admin_server_on_7452_each_said_once() {
     let mut serve = Serve::start(&[]);
     assert!(serve.line().starts_with("duro listening on 127.0.0.1:"));
     assert_eq!(
         serve.line(),
         format!("duro http gateway on {}\n", duro::DEFAULT_HTTP)
     );
+    assert_eq!(
+        serve.line(),
+        format!("duro admin on {}\n", duro::DEFAULT_ADMIN)
+    );
     let answer = post(duro::DEFAULT_HTTP, "/counter/visits");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("\r\n\r\n1\n"), "{answer}");
+    let metrics = get(duro::DEFAULT_ADMIN, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let call = r#"duro_calls_total{namespace="counter",method="fetch",outcome="ok"} 1"#;
+    assert!(metrics.contains(call), "{metrics}");
     let (rest, stderr) = serve.stop();
     assert_eq!(rest, "", "nothing more on stdout");
     // The addresses are said on stdout only, not again in the log.
     assert!(!stderr.contains("listening"), "{stderr}");
     assert!(!stderr.contains("gateway on"), "{stderr}");
+    assert!(!stderr.contains("admin on"), "{stderr}");
 }
 
 #[test]
-fn http_off_serves_no_gateway() {
-    let mut serve = Serve::start(&["--http", "off"]);
+fn http_off_and_admin_off_serve_no_gateway_and_no_admin_server() {
+    let mut serve = Serve::start(&["--http", "off", "--admin", "off"]);
     assert!(serve.line().starts_with("duro listening on 127.0.0.1:"));
     let (rest, _) = serve.stop();
-    assert_eq!(rest, "", "no gateway line");
+    assert_eq!(rest, "", "no gateway line, no admin line");
 }
 
 #[test]
-fn a_bad_http_address_is_refused_with_the_rule() {
-    let output = Command::new(env!("CARGO_BIN_EXE_duro"))
-        .args(["serve", "--http", "nowhere"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("expected HOST:PORT or off"), "{stderr}");
+fn a_bad_http_or_admin_address_is_refused_with_the_rule() {
+    for flag in ["--http", "--admin"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_duro"))
+            .args(["serve", flag, "nowhere"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("expected HOST:PORT or off"),
+            "{flag}: {stderr}"
+        );
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
 }

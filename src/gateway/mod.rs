@@ -78,6 +78,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::body::Body;
 use crate::host::Host;
 use crate::message::{StreamRequest, StreamResponse};
+use crate::metrics::{Bound, Transport};
 use crate::tls::ServerTls;
 
 /// Most gateway connections open at once. Each costs a task, hyper's buffers (up to
@@ -273,9 +274,11 @@ impl Gateway {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(request).await) }
         });
+        let metrics = self.host.metrics().connections(Transport::http);
+        let _open = metrics.opened();
         let connection = self
             .http
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(metrics.count(stream)), service)
             .with_upgrades();
         if let Err(error) = connection.await {
             tracing::debug!(%error, "gateway connection ended");
@@ -296,11 +299,12 @@ impl Gateway {
         let Some(token) = &self.token else {
             return Ok(());
         };
-        let sent = bearer_token(headers).ok_or(Error::NoBearerToken)?;
-        if !crate::auth::constant_time_eq(sent, token.as_bytes()) {
-            tokio::time::sleep(WRONG_TOKEN_DELAY).await;
-            return Err(Error::WrongToken);
-        }
+        crate::auth::check_bearer(headers, token)
+            .await
+            .map_err(|refused| match refused {
+                crate::auth::Refused::NoBearerToken => Error::NoBearerToken,
+                crate::auth::Refused::WrongToken => Error::WrongToken,
+            })?;
         headers.remove(header::AUTHORIZATION);
         Ok(())
     }
@@ -371,8 +375,11 @@ impl Gateway {
             let response = stub.fetch_stream(request).await;
             return response.map_err(|error| self.body_failed(&broken, failed, error));
         };
-        let slot = ConnectionSlot::take_within(&self.web_sockets, WEB_SOCKETS_MAX)
-            .ok_or(Error::TooManyWebSockets)?;
+        let slot =
+            ConnectionSlot::take_within(&self.web_sockets, WEB_SOCKETS_MAX).ok_or_else(|| {
+                self.host.metrics().refused(Bound::web_sockets);
+                Error::TooManyWebSockets
+            })?;
         let (mut response, socket) = stub.fetch_upgrade(request).await.map_err(failed)?;
         if let Some(socket) = socket {
             let headers = response.headers_mut();
@@ -524,20 +531,6 @@ impl http_body::Body for Chunks {
             })
         })
     }
-}
-
-/// The token of an `Authorization: Bearer <token>` header (the scheme's case does not
-/// matter); none when the header is missing, repeated, of another scheme, or has no token.
-fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let value = values.next()?.as_bytes();
-    if values.next().is_some() {
-        return None;
-    }
-    let space = value.iter().position(|&byte| byte == b' ')?;
-    let (scheme, token) = value.split_at(space);
-    let token = token.trim_ascii();
-    (scheme.eq_ignore_ascii_case(b"bearer") && !token.is_empty()).then_some(token)
 }
 
 /// A new request ID: 16 hex digits, random, so that IDs neither collide across restarts nor
@@ -726,12 +719,18 @@ impl Error {
             }
             // RFC 6750: the scheme to use, and why the token sent was refused.
             Error::NoBearerToken => {
-                let challenge = HeaderValue::from_static("Bearer");
-                headers.insert(header::WWW_AUTHENTICATE, challenge);
+                let challenge = crate::auth::Refused::NoBearerToken.challenge();
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
             }
             Error::WrongToken => {
-                let challenge = HeaderValue::from_static(r#"Bearer error="invalid_token""#);
-                headers.insert(header::WWW_AUTHENTICATE, challenge);
+                let challenge = crate::auth::Refused::WrongToken.challenge();
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
             }
             Error::Hidden { request_id } => {
                 // Hex digits only: always a valid header value.
@@ -820,35 +819,6 @@ mod tests {
         let hidden = Error::Hidden { request_id }.response();
         assert_eq!(hidden.status(), 500);
         assert_eq!(hidden.headers()[REQUEST_ID].len(), 16);
-    }
-
-    #[test]
-    fn bearer_tokens_are_read_from_one_authorization_header() {
-        let token = |values: &[&'static str]| {
-            let mut headers = HeaderMap::new();
-            for value in values {
-                headers.append(header::AUTHORIZATION, HeaderValue::from_static(value));
-            }
-            bearer_token(&headers).map(<[u8]>::to_vec)
-        };
-        assert_eq!(token(&["Bearer s3cret"]), Some(b"s3cret".to_vec()));
-        assert_eq!(token(&["bearer  s3cret "]), Some(b"s3cret".to_vec()));
-        assert_eq!(
-            token(&["Bearer a b"]),
-            Some(b"a b".to_vec()),
-            "tokens may hold spaces"
-        );
-        for refused in [
-            &[][..],
-            &["Basic czNjcmV0"],
-            &["Bearer"],
-            &["Bearer "],
-            &["Bearers3cret"],
-            &["s3cret"],
-            &["Bearer s3cret", "Bearer s3cret"],
-        ] {
-            assert_eq!(token(refused), None, "{refused:?}");
-        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::error::{Error, KindKept};
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
 use crate::message::{BoxError, StreamRequest, StreamResponse};
+use crate::metrics::{Method, NamespaceMetrics, Outcome};
 
 /// The handler of one event, run on the instance.
 type Handler<T> = LocalBoxFuture<'static, Result<T, BoxError>>;
@@ -68,6 +69,8 @@ pub(crate) struct Activation {
     /// a constructor can get a stub to its own object, but it must not be evicted before it has
     /// an instance.
     constructing: Cell<bool>,
+    /// The namespace's metrics: every call delivered is counted here, once.
+    metrics: NamespaceMetrics,
 }
 
 impl Activation {
@@ -81,6 +84,7 @@ impl Activation {
         queue_max: usize,
         predecessor: Option<Rc<ObjectStore>>,
         sockets: Rc<ObjectSockets>,
+        metrics: NamespaceMetrics,
     ) -> Rc<Activation> {
         let gate = Rc::new(InputGate::default());
         if let Some(predecessor) = predecessor {
@@ -110,6 +114,7 @@ impl Activation {
             last_used: Cell::new(std::time::Instant::now()),
             queue_max,
             constructing: Cell::new(true),
+            metrics,
         });
         let weak = Rc::downgrade(&activation);
         store.set_on_failure(Box::new(move |error| {
@@ -160,6 +165,7 @@ impl Activation {
     }
 
     fn overloaded(&self) -> Error {
+        self.metrics.queue_refused();
         Error::Overloaded(format!(
             "object {} has {} requests in progress (object_queue_max)",
             self.id, self.queue_max
@@ -217,6 +223,7 @@ impl Activation {
             tracing::debug!(id = %self.id, reason, "object reset");
         } else {
             tracing::warn!(id = %self.id, reason, "object reset");
+            self.metrics.reset();
         }
         self.broken.set(true);
         *self.reset_reason.borrow_mut() = Some(reason.to_owned());
@@ -249,7 +256,7 @@ impl Activation {
     ) -> impl Future<Output = Result<Called, Error>> + use<> {
         let sockets = self.sockets.clone();
         let activation = Rc::downgrade(self);
-        self.deliver(true, move |instance, _| {
+        self.deliver(Method::fetch, true, move |instance, _| {
             Box::pin(async move {
                 let offer = upgrade.then(|| Offered::new(&sockets, &mut request));
                 let response = instance.fetch_stream(request).await?;
@@ -279,7 +286,7 @@ impl Activation {
         socket: Rc<SocketCore>,
         event: SocketEvent,
     ) -> impl Future<Output = Result<(), Error>> + use<> {
-        self.deliver(false, move |instance, store| {
+        self.deliver(Method::websocket, false, move |instance, store| {
             instance.web_socket_event(WebSocket::new(socket, store), event)
         })
     }
@@ -292,7 +299,7 @@ impl Activation {
         at_ms: u64,
         info: AlarmInfo,
     ) -> impl Future<Output = Result<(), Error>> + use<> {
-        self.deliver(true, move |instance, store| {
+        self.deliver(Method::alarm, true, move |instance, store| {
             Box::pin(async move {
                 store.begin_alarm(at_ms);
                 let result = instance.alarm(info).await;
@@ -318,7 +325,7 @@ impl Activation {
         call: InterfaceCall,
     ) -> impl Future<Output = Result<InterfaceAnswer, Error>> + use<> {
         let activation = Rc::downgrade(self);
-        self.deliver(true, move |_, _| {
+        self.deliver(Method::interface, true, move |_, _| {
             Box::pin(async move {
                 let interface = activation
                     .upgrade()
@@ -329,16 +336,25 @@ impl Activation {
     }
 
     /// Delivers one event, which `handler` runs on the instance (see [`Activation::call`]).
-    /// With `durable`, its result is held until the writes made before it are durable.
+    /// With `durable`, its result is held until the writes made before it are durable. The
+    /// call is counted in the namespace's metrics as a `method` once it ends (a call dropped
+    /// before it ended counts as disconnected: its caller went away).
     fn deliver<T, H>(
         self: &Rc<Self>,
+        method: Method,
         durable: bool,
         handler: H,
     ) -> impl Future<Output = Result<T, Error>> + use<T, H>
     where
-        T: 'static,
+        T: Answer + 'static,
         H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
     {
+        let mut counted = Counted {
+            activation: self.clone(),
+            method,
+            started: std::time::Instant::now(),
+            outcome: Outcome::disconnected,
+        };
         let admitted = if self.is_broken() || self.evicted.get() {
             Err(self.disconnected())
         } else if self.running.get() >= self.queue_max {
@@ -363,13 +379,65 @@ impl Activation {
             self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
             AbortOnDrop(handle)
         });
-        let activation = self.clone();
         async move {
-            match task?.await {
-                Ok(result) => result,
-                Err(_) => Err(activation.disconnected()),
-            }
+            let result = match task {
+                Ok(task) => match task.await {
+                    Ok(result) => result,
+                    Err(_) => Err(counted.activation.disconnected()),
+                },
+                Err(error) => Err(error),
+            };
+            counted.end(match &result {
+                Ok(answer) => answer.outcome(),
+                Err(error) => Outcome::of(error),
+            });
+            result
         }
+    }
+}
+
+/// What a delivered event answers, as far as the call's outcome goes.
+pub(crate) trait Answer {
+    fn outcome(&self) -> Outcome {
+        Outcome::ok
+    }
+}
+
+impl Answer for () {}
+
+impl Answer for Called {}
+
+impl Answer for InterfaceAnswer {
+    /// The object's method returned an error: the caller gets it as `failed` (see the RPC
+    /// layer), or as `unimplemented`, which is the caller's error too.
+    fn outcome(&self) -> Outcome {
+        match self {
+            Ok(()) => Outcome::ok,
+            Err(_) => Outcome::failed,
+        }
+    }
+}
+
+/// A call being delivered, counted in the metrics when it is dropped: when it ended, or when
+/// its caller dropped it.
+struct Counted {
+    activation: Rc<Activation>,
+    method: Method,
+    started: std::time::Instant,
+    outcome: Outcome,
+}
+
+impl Counted {
+    fn end(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let metrics = &self.activation.metrics;
+        metrics.call(self.method, self.outcome, elapsed);
     }
 }
 

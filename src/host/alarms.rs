@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use super::HostInner;
 use super::class::AlarmInfo;
 use crate::clock::Clock;
+use crate::metrics::AlarmMetrics;
 use crate::storage::{AlarmEntry, ObjectKey};
 
 /// Most alarms the scheduler keeps in memory: the next ones by time. It refills from the index
@@ -228,6 +229,8 @@ pub(crate) struct Scheduler {
     /// Woken by alarm changes and finished deliveries.
     wake: Notify,
     host: Weak<HostInner>,
+    /// The server's counts of alarms.
+    metrics: AlarmMetrics,
 }
 
 impl Scheduler {
@@ -238,10 +241,14 @@ impl Scheduler {
             clock,
             wake: Notify::new(),
             host: Rc::downgrade(host),
+            metrics: host.metrics.alarms().clone(),
         });
         let hooked = Rc::downgrade(&scheduler);
         *host.storage.on_alarm.borrow_mut() = Some(Rc::new(move |object, alarm| {
             if let Some(scheduler) = hooked.upgrade() {
+                if alarm.is_some() {
+                    scheduler.metrics.set.inc();
+                }
                 scheduler.window.borrow_mut().changed(object, alarm);
                 scheduler.wake.notify_one();
             }
@@ -270,13 +277,21 @@ impl Scheduler {
 
     /// Delivers `object`'s alarm, then settles the outcome.
     async fn deliver(self: Rc<Self>, object: ObjectKey, at_ms: u64, retries: u32) {
+        if retries == 0 {
+            let late_ms = self.clock.now_ms().saturating_sub(at_ms);
+            let late = std::time::Duration::from_millis(late_ms);
+            self.metrics.late_seconds.observe_duration(late);
+        }
         let outcome = match self.host.upgrade() {
             Some(host) => deliver(&host, object, at_ms, retries).await,
             None => return,
         };
         let now_ms = self.clock.now_ms();
         match outcome {
-            Ok(()) => self.window.borrow_mut().succeeded(object),
+            Ok(()) => {
+                self.metrics.fired.inc();
+                self.window.borrow_mut().succeeded(object);
+            }
             Err(error) => {
                 let failure =
                     self.window
@@ -291,9 +306,11 @@ impl Scheduler {
     fn failed(&self, object: ObjectKey, at_ms: u64, failure: Failure, error: &crate::Error) {
         match failure {
             Failure::Retry { due_ms } => {
+                self.metrics.retried.inc();
                 tracing::debug!(?object, at_ms, due_ms, %error, "alarm failed; retrying");
             }
             Failure::GiveUp => {
+                self.metrics.given_up.inc();
                 tracing::warn!(?object, at_ms, %error, "alarm failed {RETRIES_MAX} retries; dropped");
                 if let Some(host) = self.host.upgrade() {
                     delete_if_unchanged(&host, object, at_ms);

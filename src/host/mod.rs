@@ -49,6 +49,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response, StreamRequest, StreamResponse};
+use crate::metrics::{Bound, Metrics, NamespaceMetrics};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterHandle,
     WriterStats,
@@ -123,6 +124,8 @@ pub(crate) struct Config {
     pub(crate) placement: Placement,
     /// The writer the server's shards share; `None`: the host starts its own.
     pub(crate) writer: Option<WriterHandle>,
+    /// The server's metrics, which its shards share; `None`: the host keeps its own.
+    pub(crate) metrics: Option<Arc<Metrics>>,
 }
 
 /// Why a host could not start.
@@ -163,6 +166,8 @@ pub(crate) struct HostInner {
     /// What the layers above keep per host, one value per type: the RPC layer's registry of
     /// the providers of external classes, which its classes and its servers both reach.
     extensions: RefCell<HashMap<TypeId, Rc<dyn Any>>>,
+    /// The server's metrics (shared with the other shards).
+    metrics: Arc<Metrics>,
     /// Exports and backups running (see [`operations::DUMPS_MAX`]).
     dumps: Arc<tokio::sync::Semaphore>,
 }
@@ -184,10 +189,11 @@ impl Host {
                 });
             }
         }
+        let metrics = config.metrics.clone().unwrap_or_else(Metrics::new);
         let (writer, handle) = match &config.writer {
             Some(shared) => (None, shared.clone()),
             None => {
-                let writer = Writer::spawn(backend.clone())?;
+                let writer = Writer::spawn_measured(backend.clone(), metrics.storage().clone())?;
                 let handle = writer.handle();
                 (Some(writer), handle)
             }
@@ -219,6 +225,7 @@ impl Host {
                         activations: RefCell::default(),
                         sockets: Rc::default(),
                         host: host.clone(),
+                        metrics: metrics.namespace(&name),
                     };
                     (name, Rc::new(core))
                 })
@@ -233,6 +240,7 @@ impl Host {
             budget: Budget::new(config.limits.inflight_bytes_max),
             clock: clock.clone(),
             extensions: RefCell::default(),
+            metrics,
             dumps: Arc::new(tokio::sync::Semaphore::new(operations::DUMPS_MAX)),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
@@ -256,6 +264,11 @@ impl Host {
     /// Counters of the storage writer.
     pub fn writer_stats(&self) -> Arc<WriterStats> {
         self.inner.storage.writer.stats.clone()
+    }
+
+    /// The server's metrics.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Keeps `value` with the host, as the one value of its type (see `HostInner::extensions`).
@@ -337,6 +350,7 @@ impl Host {
             self.inner
                 .active
                 .set(self.inner.active.get() - activations.len());
+            namespace.metrics.add_active(-(activations.len() as i64));
             for activation in activations.into_values() {
                 stores.push(activation.store.clone());
                 activation.reset(activation::SHUTTING_DOWN);
@@ -409,7 +423,9 @@ impl HostInner {
             if activation.is_broken() || activation.mark_evicted() {
                 registry.remove(&id);
                 self.active.set(self.active.get() - 1);
+                namespace.metrics.add_active(-1);
                 if !activation.is_broken() {
+                    namespace.metrics.evicted();
                     evicted.push(activation);
                 }
             }
@@ -452,6 +468,8 @@ pub(crate) struct NamespaceCore {
     /// The objects that hold WebSockets, also while evicted (hibernation).
     sockets: Rc<SocketRegistry>,
     pub(crate) host: Weak<HostInner>,
+    /// The namespace's series of the server's metrics, resolved once.
+    pub(crate) metrics: NamespaceMetrics,
 }
 
 impl NamespaceCore {
@@ -484,7 +502,8 @@ impl NamespaceCore {
             id.name().map(Into::into),
         ));
         let queue_max = host.limits.object_queue_max;
-        let sockets = ObjectSockets::of(&self.sockets, *id.bytes(), host.limits.web_sockets);
+        let limits = host.limits.web_sockets;
+        let sockets = ObjectSockets::of(&self.sockets, *id.bytes(), limits, &self.metrics);
         let activation = Activation::new(
             id.clone(),
             store,
@@ -492,13 +511,16 @@ impl NamespaceCore {
             queue_max,
             predecessor,
             sockets,
+            self.metrics.clone(),
         );
+        self.metrics.activated();
         let replaced = self
             .activations
             .borrow_mut()
             .insert(*id.bytes(), activation.clone());
         if replaced.is_none() {
             host.active.set(host.active.get() + 1);
+            self.metrics.add_active(1);
         }
         let state = activation.state().clone();
         let env = Env {
@@ -530,6 +552,7 @@ impl NamespaceCore {
                 registry.remove(&key);
                 if let Some(host) = self.host.upgrade() {
                     host.active.set(host.active.get() - 1);
+                    self.metrics.add_active(-1);
                 }
             }
         }
@@ -543,6 +566,7 @@ impl NamespaceCore {
         }
         host.evict(|_| true, (max / 10).max(1));
         if host.active.get() >= max {
+            host.metrics.refused(Bound::activations);
             return Err(Error::Overloaded(format!(
                 "the host has {max} active objects and none is idle (activations_max)"
             )));

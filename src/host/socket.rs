@@ -23,6 +23,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 pub use crate::message::WebSocketMessage;
+use crate::metrics::NamespaceMetrics;
 use crate::storage::{ObjectStore, value};
 
 /// Close code: normal closure.
@@ -388,6 +389,8 @@ pub struct ObjectSockets {
     /// the namespace outlives it.
     registry: Weak<SocketRegistry>,
     key: [u8; 32],
+    /// The namespace's metrics: the sockets held, and the refusals.
+    metrics: NamespaceMetrics,
 }
 
 /// A namespace's objects that hold sockets, by ID.
@@ -420,7 +423,12 @@ fn next_serial() -> u64 {
 
 impl ObjectSockets {
     /// The sockets of the object `key`: those registered, or a new empty set.
-    pub fn of(registry: &Rc<SocketRegistry>, key: [u8; 32], limits: SocketLimits) -> Rc<Self> {
+    pub fn of(
+        registry: &Rc<SocketRegistry>,
+        key: [u8; 32],
+        limits: SocketLimits,
+        metrics: &NamespaceMetrics,
+    ) -> Rc<Self> {
         if let Some(sockets) = registry.borrow().get(&key) {
             return sockets.clone();
         }
@@ -431,6 +439,7 @@ impl ObjectSockets {
             limits,
             registry: Rc::downgrade(registry),
             key,
+            metrics: metrics.clone(),
         })
     }
 
@@ -462,6 +471,7 @@ impl ObjectSockets {
         })?;
         let count = self.sockets.borrow().len();
         if count >= self.limits.sockets_per_object_max {
+            self.metrics.web_socket_refused();
             return Err(Error::Overloaded(format!(
                 "the object holds {count} WebSockets (sockets_per_object_max)"
             )));
@@ -485,6 +495,7 @@ impl ObjectSockets {
             limits: self.limits,
         });
         self.sockets.borrow_mut().push(socket.clone());
+        self.metrics.add_web_sockets(1);
         if count == 0
             && let Some(registry) = self.registry.upgrade()
         {
@@ -519,7 +530,10 @@ impl ObjectSockets {
     fn remove(&self, serial: u64) {
         let empty = {
             let mut sockets = self.sockets.borrow_mut();
+            let before = sockets.len();
             sockets.retain(|s| s.serial != serial);
+            self.metrics
+                .add_web_sockets(sockets.len() as i64 - before as i64);
             sockets.is_empty()
         };
         if empty && let Some(registry) = self.registry.upgrade() {

@@ -2,8 +2,10 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::host::Host;
+use crate::metrics::{Bound, Metrics};
 use crate::wire::MESSAGE_BYTES_MAX;
 use crate::wire::budget::{Account, Budget};
 
@@ -30,11 +32,15 @@ pub(crate) struct Connection {
     pub(super) sockets: Cell<usize>,
     /// The connection's bytes in flight, in the host's budget.
     pub(super) account: Rc<Account>,
+    /// The server's metrics, where refusals are counted: `None` for what is no client's
+    /// connection (a link between shards, a stub made a capability).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Connection {
     pub(super) fn open(host: &Host) -> Rc<Connection> {
-        Connection::with_budget(host.budget(), CONNECTION_CALLS_MAX, false)
+        let metrics = Some(host.metrics().clone());
+        Connection::with_budget(host.budget(), CONNECTION_CALLS_MAX, false, metrics)
     }
 
     /// The bounds of a capability that belongs to no connection (a stub an object made into
@@ -42,21 +48,27 @@ impl Connection {
     /// are counted in a budget of its own, outside the host's, which bounds what peers make
     /// the host hold, not what its objects hold already.
     pub(super) fn detached() -> Rc<Connection> {
-        Connection::with_budget(&Budget::new(usize::MAX), CONNECTION_CALLS_MAX, false)
+        Connection::with_budget(&Budget::new(usize::MAX), CONNECTION_CALLS_MAX, false, None)
     }
 
     /// The bounds of a link from another shard of the server: none of its own.
     pub(super) fn peer() -> Rc<Connection> {
-        Connection::with_budget(&Budget::new(usize::MAX), usize::MAX, true)
+        Connection::with_budget(&Budget::new(usize::MAX), usize::MAX, true, None)
     }
 
-    fn with_budget(budget: &Rc<Budget>, calls_max: usize, peer: bool) -> Rc<Connection> {
+    fn with_budget(
+        budget: &Rc<Budget>,
+        calls_max: usize,
+        peer: bool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Rc<Connection> {
         Rc::new(Connection {
             calls_max,
             peer,
             in_flight: Cell::new(0),
             sockets: Cell::new(0),
             account: Account::open(budget),
+            metrics,
         })
     }
 }
@@ -76,11 +88,13 @@ impl InFlight {
     ) -> Result<InFlight, capnp::Error> {
         let count = connection.in_flight.get();
         if count >= connection.calls_max {
+            connection.refused(Bound::connection_calls);
             return Err(capnp::Error::overloaded(format!(
                 "the connection has {count} calls in flight (CONNECTION_CALLS_MAX)"
             )));
         }
         if !connection.account.try_hold(bytes) {
+            connection.refused(Bound::inflight_bytes);
             return Err(capnp::Error::overloaded(format!(
                 "the connection has {} bytes in flight, and a call of {bytes} more would pass its \
                  share of the host's budget (inflight_bytes_max)",
@@ -92,6 +106,14 @@ impl InFlight {
             connection: connection.clone(),
             bytes,
         })
+    }
+}
+
+impl Connection {
+    fn refused(&self, bound: Bound) {
+        if let Some(metrics) = &self.metrics {
+            metrics.refused(bound);
+        }
     }
 }
 

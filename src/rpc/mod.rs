@@ -152,6 +152,9 @@ where
     let account = connection.account.clone();
     let calls = connection.clone();
     let busy: Busy = std::rc::Rc::new(move || calls.in_flight.get() > 0 || calls.sockets.get() > 0);
+    let metrics = host.metrics().connections(crate::metrics::Transport::capnp);
+    let open = metrics.opened();
+    let (reader, writer) = (metrics.count(reader), metrics.count(writer));
     let reader = FramedReader::new(reader, account.clone(), options.frame, busy);
     let writer = CountedWriter::new(writer, account);
     let bootstrap = bootstrap_of(host, options, connection).client;
@@ -160,7 +163,11 @@ where
         read_bytes: 0,
         ..Buffers::default()
     };
-    rpc_system_buffered(reader, writer, Side::Server, Some(bootstrap), buffers)
+    let system = rpc_system_buffered(reader, writer, Side::Server, Some(bootstrap), buffers);
+    async move {
+        let _open = open;
+        system.await
+    }
 }
 
 /// Serves a link from another shard of the server (an in-process pipe): the host's `Host`

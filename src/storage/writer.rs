@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::Error;
 use super::backend::{Backend, ObjectBatch, ObjectKey};
+use crate::metrics::StorageMetrics;
 
 /// Most batches in one commit: bounds the time one commit takes, and so the latency of the
 /// batches behind it.
@@ -65,13 +66,26 @@ pub(crate) struct WriterHandle {
 }
 
 impl Writer {
+    /// A writer whose metrics count into no registry.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn spawn(backend: Arc<dyn Backend>) -> std::io::Result<Writer> {
+        Writer::spawn_measured(backend, StorageMetrics::detached())
+    }
+
+    /// A writer that counts its commits in `metrics`.
+    pub(crate) fn spawn_measured(
+        backend: Arc<dyn Backend>,
+        metrics: StorageMetrics,
+    ) -> std::io::Result<Writer> {
         let (sender, receiver) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
-        let thread_stats = stats.clone();
+        let tally = Tally {
+            stats: stats.clone(),
+            metrics,
+        };
         let thread = std::thread::Builder::new()
             .name("duro-writer".into())
-            .spawn(move || run(&*backend, &receiver, &thread_stats))?;
+            .spawn(move || run(&*backend, &receiver, &tally))?;
         let handle = WriterHandle {
             sender: Arc::new(Mutex::new(Some(sender))),
             stats,
@@ -132,7 +146,7 @@ impl WriterHandle {
     }
 }
 
-fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &WriterStats) {
+fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &Tally) {
     while let Ok(first) = receiver.recv() {
         let mut batches = first.batches.len();
         let mut mutations = mutations_of(&first);
@@ -155,7 +169,7 @@ fn mutations_of(job: &Job) -> usize {
     job.batches.iter().map(|b| b.mutations.len()).sum()
 }
 
-fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &WriterStats) {
+fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &Tally) {
     let mut batches = Vec::new();
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -170,7 +184,7 @@ fn commit(backend: &dyn Backend, jobs: Vec<Job>, stats: &WriterStats) {
 
 /// Commits `batches` in one transaction; if the disk is full, commits them apart. One result
 /// per batch.
-fn commit_group(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterStats) -> Answers {
+fn commit_group(backend: &dyn Backend, batches: &[ObjectBatch], stats: &Tally) -> Answers {
     match attempt(backend, batches, stats) {
         Ok(()) => vec![Ok(()); batches.len()],
         Err(Error::MapFull { .. }) if batches.len() > 1 => commit_apart(backend, batches, stats),
@@ -188,7 +202,7 @@ fn commit_group(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterSt
 /// here fails without being committed: an object's batches never commit after one of its
 /// earlier ones failed (see `store`). At most 2n - 1 transactions for n batches, and n is
 /// bounded by [`COMMIT_BATCHES_MAX`]; one bad batch among n costs about 2 log2(n).
-fn commit_apart(backend: &dyn Backend, batches: &[ObjectBatch], stats: &WriterStats) -> Answers {
+fn commit_apart(backend: &dyn Backend, batches: &[ObjectBatch], stats: &Tally) -> Answers {
     let mut results: Vec<Option<Result<(), Error>>> = vec![None; batches.len()];
     let mut failed: HashMap<ObjectKey, Error> = HashMap::new();
     let all: Vec<usize> = (0..batches.len()).collect();
@@ -246,7 +260,7 @@ fn commit_unfenced(
     backend: &dyn Backend,
     batches: &[ObjectBatch],
     fenced: &Error,
-    stats: &WriterStats,
+    stats: &Tally,
 ) -> Answers {
     let map = match backend.shard_map() {
         Ok(map) => map,
@@ -303,7 +317,7 @@ fn attempt_part(
     backend: &dyn Backend,
     batches: &[ObjectBatch],
     indices: &[usize],
-    stats: &WriterStats,
+    stats: &Tally,
 ) -> Result<(), Error> {
     if let (Some(&first), Some(&last)) = (indices.first(), indices.last())
         && last - first + 1 == indices.len()
@@ -315,16 +329,37 @@ fn attempt_part(
     attempt(backend, &part, stats)
 }
 
-fn attempt(
-    backend: &dyn Backend,
-    batches: &[ObjectBatch],
-    stats: &WriterStats,
-) -> Result<(), Error> {
+fn attempt(backend: &dyn Backend, batches: &[ObjectBatch], tally: &Tally) -> Result<(), Error> {
+    let stats = &tally.stats;
     stats.commits.fetch_add(1, Ordering::Relaxed);
     stats
         .batches
         .fetch_add(batches.len() as u64, Ordering::Relaxed);
-    backend.commit(batches)
+    let started = std::time::Instant::now();
+    let committed = backend.commit(batches);
+    let metrics = &tally.metrics;
+    metrics.commit_seconds.observe_duration(started.elapsed());
+    metrics.commits.inc();
+    if committed.is_err() {
+        metrics.commit_failures.inc();
+    }
+    metrics.commit_objects.observe(batches.len() as u64);
+    metrics.commit_bytes.observe(bytes_of(batches));
+    committed
+}
+
+/// The bytes of the keys and values `batches` write.
+fn bytes_of(batches: &[ObjectBatch]) -> u64 {
+    let mutations = batches.iter().flat_map(|batch| &batch.mutations);
+    let bytes = mutations.map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len));
+    bytes.sum::<usize>() as u64
+}
+
+/// What the writer thread counts its work in: the stats of the tests and the bench, and the
+/// server's metrics.
+struct Tally {
+    stats: Arc<WriterStats>,
+    metrics: StorageMetrics,
 }
 
 /// `indices` split into a first and a second half.

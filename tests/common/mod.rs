@@ -14,6 +14,8 @@ pub struct Served {
     pub addr: SocketAddr,
     /// The HTTP gateway's address, when it was asked for.
     pub http: Option<SocketAddr>,
+    /// The admin server's address, when it was asked for (`--admin ADDR`).
+    pub admin: Option<SocketAddr>,
 }
 
 impl Drop for Served {
@@ -30,18 +32,26 @@ pub fn serve(data: &std::path::Path) -> Served {
 }
 
 /// `serve` with more flags. The gateway listens on a port of its own unless `flags` say where
-/// (`--http ADDR`, or `--http off`); its address is read when it listens.
+/// (`--http ADDR`, or `--http off`); its address is read when it listens. The admin server is
+/// off unless `flags` say where (`--admin ADDR`): tests run side by side, and its default
+/// port is one for all.
 pub fn serve_with(data: &std::path::Path, flags: &[&str]) -> Served {
     let http_flags: &[&str] = if flags.contains(&"--http") {
         &[]
     } else {
         &["--http", "127.0.0.1:0"]
     };
+    let admin_flags: &[&str] = if flags.contains(&"--admin") {
+        &[]
+    } else {
+        &["--admin", "off"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_duro"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .args(flags)
         .args(http_flags)
+        .args(admin_flags)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -60,7 +70,14 @@ pub fn serve_with(data: &std::path::Path, flags: &[&str]) -> Served {
     let addr = read_addr("duro listening on ");
     let http_off = flags.windows(2).any(|pair| pair == ["--http", "off"]);
     let http = (!http_off).then(|| read_addr("duro http gateway on "));
-    Served { child, addr, http }
+    let admin_on = flags.contains(&"--admin") && !flags.windows(2).any(|p| p == ["--admin", "off"]);
+    let admin = admin_on.then(|| read_addr("duro admin on "));
+    Served {
+        child,
+        addr,
+        http,
+        admin,
+    }
 }
 
 /// The resident memory of a process, in KiB, from /proc.

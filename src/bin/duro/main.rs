@@ -105,6 +105,11 @@ struct ServeArgs {
     /// `name`, with the path /{rest}.
     #[arg(long, default_value = duro::DEFAULT_HTTP, value_name = "HOST:PORT|off")]
     http: HttpListen,
+    /// Where the admin server listens, or `off`: GET /metrics answers the server's metrics
+    /// (Prometheus text); the console is served there too. It takes --token-file's token as
+    /// the gateway does.
+    #[arg(long, default_value = duro::DEFAULT_ADMIN, value_name = "HOST:PORT|off")]
+    admin: HttpListen,
     /// The largest request body an object reads whole through the HTTP gateway; larger ones
     /// get 413. Bodies that objects stream are not bounded.
     #[arg(long, default_value_t = 1 << 20)]
@@ -192,7 +197,7 @@ impl FromStr for ExternalBinding {
     }
 }
 
-/// The gateway's address, or none.
+/// The address of the gateway or of the admin server, or none.
 #[derive(Clone, Debug)]
 struct HttpListen(Option<SocketAddr>);
 
@@ -243,6 +248,7 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     if let Some(http) = args.http.0 {
         builder = builder.http(http);
     }
+    builder = builder.admin(args.admin.0);
     if let Some(token) = token {
         builder = builder.token(token);
     }

@@ -350,6 +350,7 @@ impl Core {
                 continue;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                registry.refused();
                 return Err(KindKept(Error::Overloaded(format!(
                     "no provider of class '{}' is connected: waited {PROVIDER_WAIT:?} \
                      (PROVIDER_WAIT)",

@@ -27,6 +27,8 @@ pub const PROVIDERS_PER_CLASS_MAX: usize = 64;
 pub(crate) struct Registry {
     /// The host's external classes: only these take providers.
     classes: RefCell<HashMap<String, Class>>,
+    /// The server's metrics, where refusals for want of a provider are counted.
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 struct Class {
@@ -77,8 +79,14 @@ impl Registry {
         });
         let registry = Registry {
             classes: RefCell::new(classes.collect()),
+            metrics: host.metrics().clone(),
         };
         host.set_extension(Rc::new(registry));
+    }
+
+    /// Notes a call refused for want of a provider.
+    pub(super) fn refused(&self) {
+        self.metrics.refused(crate::metrics::Bound::providers);
     }
 
     /// The registry of `host`.
@@ -104,6 +112,7 @@ impl Registry {
             )));
         };
         if entry.providers.len() >= PROVIDERS_PER_CLASS_MAX {
+            self.metrics.refused(crate::metrics::Bound::providers);
             return Err(capnp::Error::overloaded(format!(
                 "class '{class}' has {PROVIDERS_PER_CLASS_MAX} providers \
                  (PROVIDERS_PER_CLASS_MAX)"

@@ -97,6 +97,11 @@ pub fn start_duro_with(data_dir: &Path, http: bool, flags: &[&str]) -> Result<Du
     }
     // The gateway is on by default (on 7451): a bench child takes a port of its own, or none.
     command.args(["--http", if http { "127.0.0.1:0" } else { "off" }]);
+    // The admin server is on by default (on 7452), which children running side by side
+    // would fight over.
+    if !flags.contains(&"--admin") {
+        command.args(["--admin", "off"]);
+    }
     command.env("RUST_LOG", "warn");
     let log = data_dir.with_extension("log");
     let mut child = spawn(command, &log)?;
