@@ -638,16 +638,27 @@ async fn the_page_lists_namespaces_objects_and_storage_and_charts_live_metrics()
     let served = serve(dir.path(), true, None);
     let (admin, http) = (served.admin.unwrap(), served.http.unwrap());
     import(served.addr, dir.path(), "kv", &odd_seeds());
+    // More than a page (100) of objects, and of keys.
+    let many_objects: Vec<Seed> = (0..120)
+        .map(|i| Seed {
+            name: format!("room {i:03}"),
+            alarm_ms: None,
+            keys: text_key("v"),
+        })
+        .collect();
+    import(served.addr, dir.path(), "room", &many_objects);
+    let many_keys = Seed {
+        name: "many".into(),
+        alarm_ms: None,
+        keys: (0..150)
+            .map(|i| json!({ "key": format!("k{i:03}"), "text": "v" }))
+            .collect(),
+    };
+    import(served.addr, dir.path(), "timer", &[many_keys]);
 
     // Calls all along, for the charts; two counters with names.
-    let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
-    let driver = {
-        let (stop, calls) = (stop.clone(), calls.clone());
-        let names = vec!["alpha".to_owned(), "beta".to_owned()];
-        std::thread::spawn(move || drive_counters(http, names, stop, calls))
-    };
-    let _stop = StopOnDrop(stop.clone());
+    let driver = Driver::start(http, vec!["alpha".into(), "beta".into()], calls.clone());
 
     let page = browser.open(&format!("http://{admin}/")).await;
     page.wait_loaded().await.unwrap();
@@ -716,6 +727,58 @@ async fn the_page_lists_namespaces_objects_and_storage_and_charts_live_metrics()
         "plain"
     );
 
+    // Pages of objects, and of keys, by cursor.
+    page.eval("location.hash = '#/ns/room'").await;
+    wait(
+        &page,
+        "document.querySelectorAll('#objects tbody tr').length === 100",
+    )
+    .await;
+    page.eval("document.getElementById('next-page').click()")
+        .await;
+    wait(
+        &page,
+        "document.querySelectorAll('#objects tbody tr').length === 20",
+    )
+    .await;
+    assert_eq!(
+        page.eval("!!document.getElementById('next-page')").await,
+        false
+    );
+    page.eval("location.hash = '#/ns/timer'").await;
+    wait(
+        &page,
+        "document.querySelectorAll('#objects tbody tr a').length === 1",
+    )
+    .await;
+    page.eval("document.querySelector('#objects tbody tr a').click()")
+        .await;
+    wait(
+        &page,
+        "document.querySelectorAll('#entries td.key').length === 100",
+    )
+    .await;
+    page.eval("document.getElementById('next-keys').click()")
+        .await;
+    wait(
+        &page,
+        "document.querySelectorAll('#entries td.key').length === 50",
+    )
+    .await;
+    let first = "document.querySelector('#entries td.key').textContent";
+    assert_eq!(page.eval(first).await, "k100");
+    assert_eq!(
+        page.eval("!!document.getElementById('next-keys')").await,
+        false
+    );
+    page.eval("document.getElementById('prefix').value = 'k14'; document.querySelector('#object form button').click()").await;
+    wait(
+        &page,
+        "document.querySelectorAll('#entries td.key').length === 10",
+    )
+    .await;
+    assert_eq!(page.eval(first).await, "k140");
+
     // The jump box finds an object by its name.
     page.eval("location.hash = '#/ns/counter'").await;
     wait(&page, "!!document.getElementById('jump')").await;
@@ -749,8 +812,7 @@ async fn the_page_lists_namespaces_objects_and_storage_and_charts_live_metrics()
     ] {
         wait(&page, &format!("{} > 10", pixels_of(canvas, rgb))).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    driver.join().expect("the calls went through");
+    driver.finish();
     assert!(calls.load(Ordering::Relaxed) > 0);
 }
 
@@ -812,11 +874,39 @@ async fn with_a_token_the_page_asks_for_it_once_and_sends_it() {
     wait(&page, "duroConsole.series('objects').length >= 2").await;
 }
 
-/// Stops the calls of a test that fails before it stops them itself.
-struct StopOnDrop(Arc<AtomicBool>);
+/// The thread of [`drive_counters`]. Dropped (when a test fails early), it stops the calls
+/// and waits for the thread, so that the server is not killed under a call in progress.
+struct Driver {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
-impl Drop for StopOnDrop {
+impl Driver {
+    fn start(http: SocketAddr, names: Vec<String>, calls: Arc<AtomicU64>) -> Driver {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || drive_counters(http, names, stop, calls))
+        };
+        Driver {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the calls; a panic if one of them failed.
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("a thread");
+        thread.join().expect("every call went through");
+    }
+}
+
+impl Drop for Driver {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -241,9 +241,11 @@
       const rows = page.entries.map(entryRow);
       if (!rows.length) rows.push(el("tr", {}, el("td", { class: "empty", colspan: "3", text: "no keys" + (prefix ? " with this prefix" : "") })));
       body.replaceChildren(...rows);
-      pager.replaceChildren(
-        after !== null ? el("button", { type: "button", text: "« first page", onclick: () => load(null) }) : null,
-        page.more ? el("button", { type: "button", id: "next-keys", text: "next page »", onclick: () => load(page.next_b64) }) : null);
+      const buttons = [
+        after !== null && el("button", { type: "button", text: "« first page", onclick: () => load(null) }),
+        page.more && el("button", { type: "button", id: "next-keys", text: "next page »", onclick: () => load(page.next_b64) }),
+      ];
+      pager.replaceChildren(...buttons.filter(Boolean));
     };
     const load = async (cursor) => {
       const mine = generation;
