@@ -1,7 +1,9 @@
 //! The console's JSON API, under `/api/`: read-only views of the namespaces, their objects and
 //! an object's storage, as stored. Every answer is one bounded page, read from the engine on
 //! a blocking thread (so a slow store never stalls the shard whose event loop serves the
-//! admin server), and no object is activated.
+//! admin server; a connection asks one thing at a time, so at most
+//! [`CONNECTIONS_MAX`](crate::admin::CONNECTIONS_MAX) such reads run at once), and no object
+//! is activated.
 //!
 //! - `namespaces` → `[{"name", "class"}]`
 //! - `objects?namespace=NS&after=HEX&limit=N` → `{"objects": [{"id", "name", "created_ms",
