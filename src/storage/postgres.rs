@@ -135,7 +135,10 @@ impl Drop for PostgresBackend {
     fn drop(&mut self) {
         // Let go of the store at once: the server would notice the closed connection only a
         // little later, and a host started right after would find the store locked.
-        let _ = block_on(self._owner.execute("SELECT pg_advisory_unlock($1)", &[&OWNER_LOCK]));
+        let _ = block_on(
+            self._owner
+                .execute("SELECT pg_advisory_unlock($1)", &[&OWNER_LOCK]),
+        );
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -726,6 +729,15 @@ impl Backend for PostgresBackend {
         block_on(target.txn.commit()).map_err(pg_error)?;
         Ok(report)
     }
+
+    fn backup(&self, out: std::fs::File) -> Result<(), Error> {
+        drop(out);
+        Err(Error::Unsupported(
+            "a PostgreSQL store is backed up with PostgreSQL's own tools (pg_dump, base \
+             backups), or exported with `duro export`"
+                .into(),
+        ))
+    }
 }
 
 async fn namespace_in<C: tokio_postgres::GenericClient>(
@@ -1152,7 +1164,10 @@ pub(crate) struct TestDatabase {
 #[cfg(test)]
 impl TestDatabase {
     pub(crate) fn create() -> Option<TestDatabase> {
-        let Ok(admin) = std::env::var("DURO_TEST_PG") else {
+        let Some(admin) = std::env::var("DURO_TEST_PG")
+            .ok()
+            .filter(|url| !url.is_empty())
+        else {
             assert!(
                 std::env::var("DURO_REQUIRE_PG").is_err(),
                 "DURO_REQUIRE_PG is set but DURO_TEST_PG is not (see .ci/postgres)"
