@@ -83,6 +83,11 @@ enum StorageChoice {
         data_dir: PathBuf,
         options: LmdbOptions,
     },
+    /// A PostgreSQL store, opened when the host starts.
+    Postgres {
+        url: String,
+        options: crate::storage::PostgresOptions,
+    },
     /// A backend the caller opened.
     Given(Arc<dyn Backend>),
 }
@@ -163,13 +168,30 @@ impl Builder {
     pub fn data_dir(mut self, path: impl AsRef<Path>) -> Builder {
         let options = match self.storage {
             StorageChoice::Lmdb { options, .. } => options,
-            StorageChoice::Given(_) => LmdbOptions::default(),
+            StorageChoice::Postgres { .. } | StorageChoice::Given(_) => LmdbOptions::default(),
         };
         self.storage = StorageChoice::Lmdb {
             data_dir: path.as_ref().to_owned(),
             options,
         };
         self
+    }
+
+    /// Keeps the data in the PostgreSQL database at `url` (`postgresql://USER@HOST:PORT/DB`)
+    /// instead of LMDB in a data dir: duro creates its tables there. One host at a time may
+    /// use a store.
+    pub fn store(mut self, url: impl Into<String>) -> Builder {
+        self.storage = StorageChoice::Postgres {
+            url: url.into(),
+            options: crate::storage::PostgresOptions::default(),
+        };
+        self
+    }
+
+    /// Whether the data goes to a data dir (LMDB), as it does unless [`Builder::store`] or
+    /// [`Builder::backend`] said otherwise.
+    pub fn uses_data_dir(&self) -> bool {
+        matches!(self.storage, StorageChoice::Lmdb { .. })
     }
 
     /// Keeps the data in `backend` instead of LMDB in a data dir: e.g. a
@@ -316,6 +338,9 @@ impl Builder {
         let backend: Arc<dyn Backend> = match &self.storage {
             StorageChoice::Lmdb { data_dir, options } => {
                 Arc::new(LmdbBackend::open(data_dir, options)?)
+            }
+            StorageChoice::Postgres { url, options } => {
+                Arc::new(crate::storage::PostgresBackend::open(url, options)?)
             }
             StorageChoice::Given(backend) => backend.clone(),
         };

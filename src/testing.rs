@@ -44,6 +44,64 @@ fn test_shards() -> Option<usize> {
     std::env::var("DURO_TEST_SHARDS").ok()?.parse().ok()
 }
 
+/// The PostgreSQL store of the test server whose data dir is `dir`, when `DURO_TEST_STORE`
+/// names a PostgreSQL server (`postgresql://USER@HOST:PORT/DB`, a user who may create
+/// databases): the suite runs on that engine too. Each data dir gets a database of its own,
+/// named in the dir, so that a server restarted on the dir finds its data again.
+/// `builder` with the data dir `dir`; or, when `DURO_TEST_STORE` is set (see `test_store`),
+/// with the PostgreSQL store that belongs to `dir`. For tests that open hosts themselves.
+pub fn data_dir(builder: Builder, dir: &Path) -> Builder {
+    let builder = builder.data_dir(dir);
+    match test_store(dir) {
+        Some(url) => builder.store(url),
+        None => builder,
+    }
+}
+
+fn test_store(dir: &Path) -> Option<String> {
+    let admin = std::env::var("DURO_TEST_STORE")
+        .ok()
+        .filter(|url| !url.is_empty())?;
+    let marker = dir.join("postgres-database");
+    let name = match std::fs::read_to_string(&marker) {
+        Ok(name) => name,
+        Err(_) => {
+            let mut suffix = [0u8; 8];
+            getrandom::fill(&mut suffix).expect("the OS random source");
+            let name = format!("duro_test_{}", crate::id::to_hex(&suffix));
+            create_database(&admin, &name);
+            std::fs::write(&marker, &name).expect("writing the test database's name");
+            name
+        }
+    };
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
+/// Creates the database `name`, on a thread of its own: the caller may be inside a runtime.
+fn create_database(admin: &str, name: &str) {
+    let (admin, sql) = (admin.to_owned(), format!("CREATE DATABASE {name}"));
+    let creating = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("connecting to DURO_TEST_STORE");
+            tokio::spawn(connection);
+            client
+                .batch_execute(&sql)
+                .await
+                .expect("creating a test database");
+        });
+    });
+    creating.join().expect("creating a test database");
+}
+
 /// A server on 127.0.0.1 with a port of its own and a temporary data dir (removed on drop).
 pub struct TestServer {
     handle: Option<ServerHandle>,
@@ -64,8 +122,7 @@ impl TestServer {
             Some(shards) if builder.shard_count() == 1 => builder.shards(shards),
             _ => builder,
         };
-        let handle = builder
-            .data_dir(dir.path())
+        let handle = data_dir(builder, dir.path())
             .listen(listen)
             .start()
             .expect("starting duro");

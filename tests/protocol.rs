@@ -461,8 +461,8 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
 #[test]
 fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let (server, _) = server();
-    let second = duro::builtin::register(Server::builder())
-        .data_dir(server.data_dir())
+    let builder = duro::builtin::register(Server::builder());
+    let second = duro::testing::data_dir(builder, server.data_dir())
         .listen("127.0.0.1:0".parse().unwrap())
         .start();
     let message = second

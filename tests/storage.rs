@@ -23,10 +23,10 @@ impl DurableObject for Probe {
 }
 
 fn probe_builder(dir: &std::path::Path) -> duro::Builder {
-    Server::builder()
+    let builder = Server::builder()
         .class("probe", |_state, _env| Probe)
-        .namespace("probe", "probe")
-        .data_dir(dir)
+        .namespace("probe", "probe");
+    duro::testing::data_dir(builder, dir)
 }
 
 /// The storage of the probe object `name`, as the object itself sees it.
@@ -564,13 +564,13 @@ fn gate_keeps_other_requests_out(holding: &str, then_fail: bool) {
     run_local(async {
         thread_local! { static LOG: RefCell<Option<Rc<RefCell<Vec<String>>>>> = const { RefCell::new(None) }; }
         LOG.with(|l| *l.borrow_mut() = Some(log.clone()));
-        let host = Server::builder()
+        let builder = Server::builder()
             .class("gate", |state, _env| Gatekeeper {
                 state,
                 log: LOG.with(|l| l.borrow().clone().unwrap()),
             })
-            .namespace("gate", "gate")
-            .data_dir(dir.path())
+            .namespace("gate", "gate");
+        let host = duro::testing::data_dir(builder, dir.path())
             .open_host()
             .unwrap();
         let stub = host.namespace("gate").unwrap().get_by_name("g").unwrap();
@@ -798,8 +798,8 @@ fn many_objects_share_commits() {
     let slot: Arc<Mutex<Option<Arc<FaultyBackend>>>> = Arc::default();
     let wrap_slot = slot.clone();
     run_local(async {
-        let host = duro::builtin::register(Server::builder())
-            .data_dir(dir.path())
+        let builder = duro::builtin::register(Server::builder());
+        let host = duro::testing::data_dir(builder, dir.path())
             .wrap_backend(move |inner| {
                 let faulty = FaultyBackend::new(inner);
                 *wrap_slot.lock().unwrap() = Some(faulty.clone());

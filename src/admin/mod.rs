@@ -3,10 +3,10 @@
 //! text format; every other path goes to the console ([`console::route`]).
 //!
 //! It runs on the first shard's event loop, one local task per connection, at most
-//! [`CONNECTIONS_MAX`] at once. With a token ([`crate::Builder::token`]) every request must
-//! carry it as `Authorization: Bearer <token>`, checked as the gateway checks it; a request
-//! without it, or with a wrong one, is answered 401 with `WWW-Authenticate: Bearer` and goes
-//! nowhere.
+//! [`CONNECTIONS_MAX`] at once. With a token ([`crate::Builder::token`]) every request but
+//! those of the console's static files (which hold no data) must carry it as
+//! `Authorization: Bearer <token>`, checked as the gateway checks it; a request without it, or
+//! with a wrong one, is answered 401 with `WWW-Authenticate: Bearer` and goes nowhere.
 
 pub(crate) mod console;
 
@@ -47,8 +47,6 @@ pub type AdminResponse = hyper::Response<AdminBody>;
 
 /// What a handler of the admin server (`/metrics`, the console) may use. Shared by every
 /// connection; it holds nothing of a shard, so it reads storage without activating objects.
-// The storage and the bindings are the console's, which does not read them yet.
-#[allow(dead_code)]
 pub struct AdminContext {
     /// The server's storage, shared with the shards: reads see what is committed.
     pub backend: Arc<dyn Backend>,
@@ -127,7 +125,9 @@ impl Drop for Slot {
 
 /// Answers one request: the token first, then the route.
 async fn handle(context: &AdminContext, request: hyper::Request<Incoming>) -> AdminResponse {
+    // The console's static files hold no data: the page must load to ask for the token.
     if let Some(token) = &context.token
+        && !console::is_public(request.uri().path())
         && let Err(refused) = crate::auth::check_bearer(request.headers(), token).await
     {
         let mut response = text(

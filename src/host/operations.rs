@@ -174,60 +174,11 @@ impl Host {
             .namespace(namespace)
             .ok_or_else(|| unknown(namespace))?;
         let id = ns.check_id(id, name)?;
-        let limit = match options.limit {
-            0 => READ_LIMIT_DEFAULT,
-            n if n <= READ_LIMIT_MAX => n,
-            n => {
-                return Err(Error::InvalidArgument(format!(
-                    "limit must be at most {READ_LIMIT_MAX}, got {n}"
-                )));
-            }
-        } as usize;
-        let start = match (&options.start, &options.start_after) {
-            (Some(_), Some(_)) => {
-                let message = "start and startAfter cannot be given together";
-                return Err(Error::InvalidArgument(message.into()));
-            }
-            (Some(start), None) => {
-                Bound::Included(std::cmp::max(start, &options.prefix).as_slice())
-            }
-            (None, Some(after)) if after.as_slice() >= options.prefix.as_slice() => {
-                Bound::Excluded(after.as_slice())
-            }
-            _ => Bound::Included(options.prefix.as_slice()),
-        };
-        let end = storage::successor(&options.prefix);
-        let end = end
-            .as_ref()
-            .map_or(Bound::Unbounded, |e| Bound::Excluded(e.as_slice()));
         let object = ObjectKey {
             tag: ns.core.tag,
             id: *id.bytes(),
         };
-        let backend = &self.inner.storage.backend;
-        // One more than asked says whether more remain.
-        let mut entries = backend
-            .scan(&object, start, end, false, limit + 1)
-            .map_err(|e| storage_error(&e.to_string()))?;
-        let mut more = entries.len() > limit;
-        entries.truncate(limit);
-        let mut bytes = 0;
-        if let Some(cut) = entries.iter().position(|(k, v)| {
-            bytes += k.len() + v.len();
-            bytes > PAGE_BYTES_MAX
-        }) {
-            // Always at least one entry, so that paging moves on.
-            entries.truncate(cut.max(1));
-            more = true;
-        }
-        let alarm_ms = backend
-            .alarm(&object)
-            .map_err(|e| storage_error(&e.to_string()))?;
-        Ok(StoragePage {
-            entries,
-            more,
-            alarm_ms,
-        })
+        read_page(self.inner.storage.backend.as_ref(), &object, options)
     }
 
     /// An export of `namespaces` (every namespace of the host when empty) as JSON Lines
@@ -348,6 +299,63 @@ impl Host {
             }
         }
     }
+}
+
+/// One page of the durable storage of `object`, and its alarm: what `Admin.readStorage` and
+/// the console show. A read of the engine only, on the caller's thread; no object is
+/// activated.
+pub(crate) fn read_page(
+    backend: &dyn Backend,
+    object: &ObjectKey,
+    options: &ReadOptions,
+) -> Result<StoragePage, Error> {
+    let limit = match options.limit {
+        0 => READ_LIMIT_DEFAULT,
+        n if n <= READ_LIMIT_MAX => n,
+        n => {
+            return Err(Error::InvalidArgument(format!(
+                "limit must be at most {READ_LIMIT_MAX}, got {n}"
+            )));
+        }
+    } as usize;
+    let start = match (&options.start, &options.start_after) {
+        (Some(_), Some(_)) => {
+            let message = "start and startAfter cannot be given together";
+            return Err(Error::InvalidArgument(message.into()));
+        }
+        (Some(start), None) => Bound::Included(std::cmp::max(start, &options.prefix).as_slice()),
+        (None, Some(after)) if after.as_slice() >= options.prefix.as_slice() => {
+            Bound::Excluded(after.as_slice())
+        }
+        _ => Bound::Included(options.prefix.as_slice()),
+    };
+    let end = storage::successor(&options.prefix);
+    let end = end
+        .as_ref()
+        .map_or(Bound::Unbounded, |e| Bound::Excluded(e.as_slice()));
+    // One more than asked says whether more remain.
+    let mut entries = backend
+        .scan(object, start, end, false, limit + 1)
+        .map_err(|e| storage_error(&e.to_string()))?;
+    let mut more = entries.len() > limit;
+    entries.truncate(limit);
+    let mut bytes = 0;
+    if let Some(cut) = entries.iter().position(|(k, v)| {
+        bytes += k.len() + v.len();
+        bytes > PAGE_BYTES_MAX
+    }) {
+        // Always at least one entry, so that paging moves on.
+        entries.truncate(cut.max(1));
+        more = true;
+    }
+    let alarm_ms = backend
+        .alarm(object)
+        .map_err(|e| storage_error(&e.to_string()))?;
+    Ok(StoragePage {
+        entries,
+        more,
+        alarm_ms,
+    })
 }
 
 /// Brings every shard up to date after an import, and waits until each has.

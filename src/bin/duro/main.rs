@@ -98,6 +98,11 @@ struct ServeArgs {
     /// The data dir (created if missing). One server at a time may use it.
     #[arg(long, default_value = "./duro-data")]
     data: PathBuf,
+    /// Keep the data in this PostgreSQL database instead of the data dir's LMDB:
+    /// postgresql://USER@HOST:PORT/DB (duro creates and migrates its tables there). One host
+    /// at a time may use a store.
+    #[arg(long, value_name = "URL", env = "DURO_STORE")]
+    store: Option<String>,
     /// The LMDB map size in MiB: the most the data file may grow to.
     #[arg(long, default_value_t = 64 * 1024)]
     map_mib: usize,
@@ -276,6 +281,9 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     builder = builder.admin(args.admin.0);
     if let Some(token) = token {
         builder = builder.token(token);
+    }
+    if let Some(url) = &args.store {
+        builder = builder.store(url);
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_pem(cert, key);
