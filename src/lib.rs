@@ -24,6 +24,7 @@ mod message;
 mod metrics;
 pub mod response;
 pub mod tls;
+mod trace;
 pub mod wire;
 // Storage, then the host on top of it.
 mod host;

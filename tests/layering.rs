@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &[
         "auth", "body", "clock", "error", "gate", "id", "message", "metrics", "response", "tls",
-        "wire",
+        "trace", "wire",
     ],
     &["storage"],
     &["host"],

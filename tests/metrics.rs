@@ -288,6 +288,11 @@ fn the_counters_move_by_exactly_what_the_clients_did() {
         delta("duro_storage_commit_seconds_count{}")
     );
     assert!(delta("duro_storage_commit_bytes_sum{}") >= 1.0);
+    // LMDB tells its sync apart: one per transaction.
+    assert_eq!(
+        delta("duro_storage_sync_seconds_count{}"),
+        delta("duro_storage_commits_total{}")
+    );
     assert!(delta("duro_received_bytes_total{transport=capnp}") > 0.0);
     assert!(delta("duro_sent_bytes_total{transport=capnp}") > 0.0);
     assert!(delta("duro_received_bytes_total{transport=http}") > 0.0);

@@ -35,7 +35,10 @@
 //! message of an object's error is the object's own text, which may tell more than its clients
 //! should know: the 500 carries `internal error (request id ID)` and the header `x-request-id:
 //! ID` instead, and the server logs the message with that ID (at warn). With
-//! [`GatewayOptions::expose_errors`] the body carries the message.
+//! [`GatewayOptions::expose_errors`] the body carries the message. Every answer of a failed
+//! call (400 for a bad argument, 500, 502, 503 of the object) carries its request ID in
+//! `x-request-id`; the request's tracing span (at debug) carries it with the namespace and the
+//! object's ID.
 //!
 //! A body over the limit is refused before it is read whole: at once when its `Content-Length`
 //! is over, and as soon as a chunked body passes the limit. The rest of such a body is never
@@ -63,7 +66,6 @@ use std::cell::Cell;
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -80,6 +82,8 @@ use crate::host::Host;
 use crate::message::{StreamRequest, StreamResponse};
 use crate::metrics::{Bound, Transport};
 use crate::tls::ServerTls;
+use crate::trace::RequestId;
+use tracing::Instrument;
 
 /// Most gateway connections open at once. Each costs a task, hyper's buffers (up to
 /// `max_buf_size`) and an FD; past the bound new connections are closed at once, so a flood of
@@ -286,10 +290,22 @@ impl Gateway {
     }
 
     /// Answers one request: the object's response, or the refusal's.
+    /// The answer to a failed call carries the call's request ID (`x-request-id`), which the
+    /// server's log of the call carries too.
     async fn handle(&self, request: hyper::Request<Incoming>) -> HttpResponse {
-        match self.forward(request).await {
+        let request_id = RequestId::next();
+        match self.forward(request, request_id).await {
             Ok(response) => response.map(OutBody),
-            Err(error) => error.response(),
+            Err(error) => {
+                let mut response = error.response();
+                if let Error::Call(_) | Error::Hidden { .. } = error {
+                    // Hex digits only: always a valid header value.
+                    if let Ok(id) = HeaderValue::from_str(&request_id.to_string()) {
+                        response.headers_mut().insert(REQUEST_ID, id);
+                    }
+                }
+                response
+            }
         }
     }
 
@@ -315,6 +331,7 @@ impl Gateway {
     async fn forward(
         &self,
         mut request: hyper::Request<Incoming>,
+        request_id: RequestId,
     ) -> Result<StreamResponse, Error> {
         let accept = web_socket::accept_key(request.method(), request.headers());
         // Taken before the request is given away: hyper hands the connection over through it.
@@ -330,7 +347,7 @@ impl Gateway {
             .ok_or_else(|| Error::UnknownNamespace(route.namespace.to_string()))?;
         let id = namespace
             .id_from_name(&route.name)
-            .map_err(|error| self.call_failed(namespace.name(), &route.name, error))?;
+            .map_err(|error| self.call_failed(namespace.name(), &route.name, request_id, error))?;
         parts.uri = route.object_uri()?;
         let admitted = Admitted {
             parts,
@@ -339,6 +356,7 @@ impl Gateway {
             accept,
             namespace: namespace.name().to_owned(),
             id,
+            request_id,
         };
         match self.host.remote_shard(&admitted.id) {
             Some(shard) => self.hand_over(shard, admitted).await,
@@ -347,7 +365,18 @@ impl Gateway {
     }
 
     /// Serves a request admitted (on this shard or another) for an object of this shard.
+    /// In the call's span (see [`crate::trace`]).
     async fn serve_here(&self, admitted: Admitted) -> Result<StreamResponse, Error> {
+        let span = tracing::debug_span!(
+            "request",
+            namespace = admitted.namespace,
+            id = %admitted.id,
+            request_id = %admitted.request_id,
+        );
+        self.serve_in_span(admitted).instrument(span).await
+    }
+
+    async fn serve_in_span(&self, admitted: Admitted) -> Result<StreamResponse, Error> {
         let Admitted {
             parts,
             body,
@@ -355,9 +384,10 @@ impl Gateway {
             accept,
             namespace,
             id,
+            request_id,
         } = admitted;
         let name = id.name().unwrap_or_default().to_owned();
-        let failed = |error| self.call_failed(&namespace, &name, error);
+        let failed = |error| self.call_failed(&namespace, &name, request_id, error);
         let stub = self
             .host
             .namespace(&namespace)
@@ -452,12 +482,18 @@ impl Gateway {
     /// too) is the object's text: unless errors are exposed, it goes to the log with a request
     /// ID and the client gets the ID. The other kinds carry the host's text; they go back as
     /// they are.
-    fn call_failed(&self, namespace: &str, name: &str, error: crate::error::Error) -> Error {
+    fn call_failed(
+        &self,
+        namespace: &str,
+        name: &str,
+        request_id: RequestId,
+        error: crate::error::Error,
+    ) -> Error {
         let error = Error::Call(error);
         if self.options.expose_errors || error.status() != StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::debug!(%request_id, namespace, name, %error, "gateway: the call failed");
             return error;
         }
-        let request_id = new_request_id();
         tracing::warn!(
             %request_id,
             namespace = ?namespace,
@@ -479,6 +515,7 @@ struct Admitted {
     /// The object's namespace, and its ID (minted from its name here, once).
     namespace: String,
     id: crate::id::ObjectId,
+    request_id: RequestId,
 }
 
 /// Chunks of a response body handed back from another shard, at most this many in flight.
@@ -531,19 +568,6 @@ impl http_body::Body for Chunks {
             })
         })
     }
-}
-
-/// A new request ID: 16 hex digits, random, so that IDs neither collide across restarts nor
-/// tell how many requests the server has seen.
-fn new_request_id() -> String {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // The OS random source failed, which it all but never does: a counter still tells the
-        // requests apart, which is what the ID is for.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        bytes = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-    }
-    crate::id::to_hex(&bytes)
 }
 
 pin_project_lite::pin_project! {
@@ -677,7 +701,7 @@ enum Error {
     Call(#[from] crate::error::Error),
     /// A failure of the object whose message went to the log under `request_id`.
     #[error("internal error (request id {request_id})")]
-    Hidden { request_id: String },
+    Hidden { request_id: RequestId },
 }
 
 impl Error {
@@ -731,12 +755,6 @@ impl Error {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(challenge),
                 );
-            }
-            Error::Hidden { request_id } => {
-                // Hex digits only: always a valid header value.
-                if let Ok(id) = HeaderValue::from_str(request_id) {
-                    headers.insert(REQUEST_ID, id);
-                }
             }
             _ => {}
         }
@@ -815,17 +833,10 @@ mod tests {
         assert_eq!(wrong.status(), 401);
         let challenge = r#"Bearer error="invalid_token""#;
         assert_eq!(wrong.headers()[header::WWW_AUTHENTICATE], challenge);
-        let request_id = new_request_id();
+        let request_id = RequestId::next();
         let hidden = Error::Hidden { request_id }.response();
         assert_eq!(hidden.status(), 500);
-        assert_eq!(hidden.headers()[REQUEST_ID].len(), 16);
-    }
-
-    #[test]
-    fn request_ids_are_16_hex_digits_and_differ() {
-        let (a, b) = (new_request_id(), new_request_id());
-        assert_eq!(a.len(), 16);
-        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()), "{a}");
-        assert_ne!(a, b);
+        let body = format!("internal error (request id {request_id})\n");
+        assert_eq!(hidden.body().0.as_full().unwrap(), body.as_bytes());
     }
 }

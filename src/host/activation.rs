@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use futures::future::LocalBoxFuture;
 
@@ -371,10 +372,13 @@ impl Activation {
             self.last_used.set(std::time::Instant::now());
             let running = Running::new(self.clone());
             let slot = running.slot;
-            let handle = tokio::task::spawn_local(async move {
+            // In the span of the call that delivers it, when spans are recorded: what the
+            // object logs is then tied to the call's request ID.
+            let call = async move {
                 let running = running;
                 run(&running.activation, ticket, durable, handler).await
-            });
+            };
+            let handle = tokio::task::spawn_local(call.instrument(crate::trace::call_span()));
             // The task has not run yet (it runs when this one yields), so its slot is still its.
             self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
             AbortOnDrop(handle)

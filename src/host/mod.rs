@@ -753,6 +753,14 @@ impl Stub {
         }
     }
 
+    /// The name of the object's namespace; `None` for an object of another shard.
+    pub(crate) fn namespace_name(&self) -> Option<&str> {
+        match &self.target {
+            Target::Local { namespace, .. } => Some(&namespace.name),
+            Target::Remote(_) => None,
+        }
+    }
+
     /// The capability to the object on its shard, when it is an object of another shard.
     pub(crate) fn remote_client(&self) -> Option<&crate::wire::duro_capnp::durable_object::Client> {
         match &self.target {

@@ -27,8 +27,10 @@ use super::relay;
 use super::stream;
 use crate::error::Error;
 use crate::host::{InterfaceCall, Stub};
+use crate::trace::RequestId;
 use crate::wire::convert;
 use crate::wire::duro_capnp::durable_object;
+use tracing::Instrument;
 
 /// A host [`Stub`] as a capability: the `DurableObject` interface (`fetch`, `request`) and the
 /// interface the object's class exports, which a caller reaches by casting the capability to
@@ -67,14 +69,15 @@ impl durable_object::Server for StubServer {
         params: durable_object::FetchParams,
         mut results: durable_object::FetchResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let traced = Traced::start(&self.stub);
         // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
-        let call = (|| -> capnp::Result<_> {
+        let call = traced.span.in_scope(|| -> capnp::Result<_> {
             let request = convert::request_from_capnp(params.get()?.get_request()?)?;
             let in_flight = InFlight::admit(&self.connection, convert::request_bytes(&request))?;
             Ok((in_flight, self.stub.fetch(request)))
-        })();
+        });
         let account = self.connection.account.clone();
-        async move {
+        traced.run(async move {
             let (_in_flight, call) = call?;
             let response = call.await?;
             let len = convert::response_bytes(&response);
@@ -88,7 +91,7 @@ impl durable_object::Server for StubServer {
             account.owe(convert::response_payload_bytes(&response));
             convert::response_to_capnp(&response, results.get().init_response());
             Ok(())
-        }
+        })
     }
 
     fn request(
@@ -96,7 +99,11 @@ impl durable_object::Server for StubServer {
         params: durable_object::RequestParams,
         results: durable_object::RequestResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        stream::request(&self.stub, &self.connection, params, results)
+        let traced = Traced::start(&self.stub);
+        let call = traced
+            .span
+            .in_scope(|| stream::request(&self.stub, &self.connection, params, results));
+        traced.run(call)
     }
 }
 
@@ -141,12 +148,60 @@ impl capnp::capability::Server for StubDispatch {
         }
         // Not streaming, whatever the method: the object's own capability keeps `-> stream`
         // calls in order behind one another, and the stub's queue keeps the order of all.
-        let call = call_typed(&self, interface_id, method_id, params, results);
-        DispatchCallResult::new(Promise::from_future(call), false)
+        let traced = Traced::start(&self.stub);
+        let call = traced
+            .span
+            .in_scope(|| call_typed(&self, interface_id, method_id, params, results));
+        DispatchCallResult::new(Promise::from_future(traced.run(call)), false)
     }
 
     fn as_ptr(&self) -> usize {
         Rc::as_ptr(&self.server) as usize
+    }
+}
+
+/// A call of a stub in its span: the namespace, the object's ID and the call's request ID,
+/// which the errors the host answers it with carry (see [`crate::trace`]).
+struct Traced {
+    stub: Stub,
+    request_id: RequestId,
+    span: tracing::Span,
+}
+
+impl Traced {
+    fn start(stub: &Stub) -> Traced {
+        let request_id = RequestId::next();
+        // The fields are computed only when the span is recorded.
+        let span = tracing::debug_span!(
+            "call",
+            namespace = stub.namespace_name().unwrap_or_default(),
+            id = %stub.id(),
+            %request_id,
+        );
+        Traced {
+            stub: stub.clone(),
+            request_id,
+            span,
+        }
+    }
+
+    /// Runs `call` in the span; its error names the request ID.
+    fn run(
+        self,
+        call: impl Future<Output = capnp::Result<()>> + 'static,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let Traced {
+            stub,
+            request_id,
+            span,
+        } = self;
+        let call = async move {
+            call.await.map_err(|error| {
+                let namespace = stub.namespace_name().unwrap_or_default();
+                crate::trace::answer_error(error, request_id, namespace, &stub.id())
+            })
+        };
+        call.instrument(span)
     }
 }
 

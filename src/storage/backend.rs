@@ -136,6 +136,16 @@ pub trait Backend: Send + Sync + 'static {
     /// object is in it while it has a key or an alarm, and leaves it when it has neither.
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), super::Error>;
 
+    /// [`Backend::commit`], and how long making the writes durable took (the engine's commit
+    /// and fsync, apart from applying the batches), for the storage metrics; `None` when the
+    /// engine does not tell the two apart.
+    fn commit_timed(
+        &self,
+        batches: &[ObjectBatch],
+    ) -> Result<Option<std::time::Duration>, super::Error> {
+        self.commit(batches).map(|()| None)
+    }
+
     /// Objects of the namespace `tag` that have stored data, in ID byte order, after
     /// `start_after`; at most `limit`, and whether more remain.
     fn list_objects(

@@ -5,6 +5,7 @@
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::Error;
 use super::backend::{
@@ -76,6 +77,10 @@ impl Backend for FaultyBackend {
     }
 
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
+        self.commit_timed(batches).map(drop)
+    }
+
+    fn commit_timed(&self, batches: &[ObjectBatch]) -> Result<Option<Duration>, Error> {
         self.commits.fetch_add(1, Ordering::SeqCst);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         while *held {
@@ -92,7 +97,7 @@ impl Backend for FaultyBackend {
             return Err(error);
         }
         drop(fault);
-        self.inner.commit(batches)
+        self.inner.commit_timed(batches)
     }
 
     fn list_objects(

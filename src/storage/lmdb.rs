@@ -537,6 +537,10 @@ impl Backend for LmdbBackend {
     }
 
     fn commit(&self, batches: &[ObjectBatch]) -> Result<(), Error> {
+        self.commit_timed(batches).map(drop)
+    }
+
+    fn commit_timed(&self, batches: &[ObjectBatch]) -> Result<Option<std::time::Duration>, Error> {
         let mut txn = self.env.begin_rw_txn().map_err(|e| self.err(e))?;
         // In the commit's own transaction: LMDB serializes write transactions, so no epoch
         // can be raised between this check and the commit.
@@ -546,8 +550,11 @@ impl Backend for LmdbBackend {
             // On error `txn` drops, which aborts it: nothing of the commit becomes visible.
             self.apply_batch(&mut txn, batch, now)?;
         }
-        // LMDB's commit fsyncs (the env has neither NO_SYNC nor NO_META_SYNC).
-        txn.commit().map_err(|e| self.err(e))
+        // LMDB's commit writes the dirty pages and fsyncs (the env has neither NO_SYNC nor
+        // NO_META_SYNC): the durable part of the commit.
+        let syncing = std::time::Instant::now();
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(Some(syncing.elapsed()))
     }
 
     fn list_objects(

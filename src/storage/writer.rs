@@ -336,16 +336,20 @@ fn attempt(backend: &dyn Backend, batches: &[ObjectBatch], tally: &Tally) -> Res
         .batches
         .fetch_add(batches.len() as u64, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let committed = backend.commit(batches);
+    let committed = backend.commit_timed(batches);
     let metrics = &tally.metrics;
     metrics.commit_seconds.observe_duration(started.elapsed());
     metrics.commits.inc();
-    if committed.is_err() {
-        metrics.commit_failures.inc();
+    match &committed {
+        Ok(Some(sync)) => metrics.sync_seconds.observe_duration(*sync),
+        Ok(None) => {}
+        Err(_) => {
+            metrics.commit_failures.inc();
+        }
     }
     metrics.commit_objects.observe(batches.len() as u64);
     metrics.commit_bytes.observe(bytes_of(batches));
-    committed
+    committed.map(drop)
 }
 
 /// The bytes of the keys and values `batches` write.

@@ -175,6 +175,31 @@ struct ServeArgs {
     /// objects wait up to 5 s for one, then fail with `overloaded`.
     #[arg(long, value_name = "NAMESPACE=CLASS")]
     external: Vec<ExternalBinding>,
+    /// How log lines are written to stderr: `text` for people, `json` for log collectors
+    /// (one object a line, with the fields of the event and of its spans, e.g. a call's
+    /// request_id). `RUST_LOG` chooses what is logged (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The format of the log (`duro serve --log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr in `format`, what `RUST_LOG` asks for (default: info).
+fn init_log(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => log.init(),
+        LogFormat::Json => log.json().init(),
+    }
 }
 
 /// A namespace bound to an external class: `NAMESPACE=CLASS`.
@@ -318,14 +343,12 @@ fn read_token(path: &std::path::Path) -> Result<String, duro::StartError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_log(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    });
+    match cli.command {
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
