@@ -31,7 +31,7 @@ use crate::metrics::{Method, NamespaceMetrics, Outcome};
 
 /// The handler of one event, run on the instance.
 type Handler<T> = LocalBoxFuture<'static, Result<T, BoxError>>;
-use crate::storage::{ObjectStore, Storage};
+use crate::storage::{ObjectStore, PRELOAD_KEYS_MAX, Storage};
 
 pub(crate) struct Activation {
     pub(crate) id: ObjectId,
@@ -88,8 +88,9 @@ impl Activation {
         metrics: NamespaceMetrics,
     ) -> Rc<Activation> {
         let gate = Rc::new(InputGate::default());
-        if let Some(predecessor) = predecessor {
-            hold_gate_until_idle(&gate, predecessor);
+        let preload = store.shared.backend.remote_reads();
+        if predecessor.is_some() || preload {
+            hold_gate_until_ready(&gate, predecessor, preload.then(|| store.clone()));
         }
         let activation = Rc::new_cyclic(|weak: &std::rc::Weak<Activation>| Activation {
             state: State::new(
@@ -682,12 +683,37 @@ async fn run<T>(
     })
 }
 
-/// Closes `gate` until `predecessor` has no commit in flight.
-fn hold_gate_until_idle(gate: &Rc<InputGate>, predecessor: Rc<ObjectStore>) {
+/// Closes `gate` until `predecessor` has no commit in flight, then, for an engine whose reads
+/// are remote, until `preload`'s keys are in its cache: they are read on a blocking thread,
+/// so the event loop never waits for the engine on the object's behalf.
+fn hold_gate_until_ready(
+    gate: &Rc<InputGate>,
+    predecessor: Option<Rc<ObjectStore>>,
+    preload: Option<Rc<ObjectStore>>,
+) {
     let mut lock = gate.lock(gate::next_task_id());
     lock.try_now();
     tokio::task::spawn_local(async move {
-        predecessor.wait_idle().await;
+        if let Some(predecessor) = predecessor {
+            predecessor.wait_idle().await;
+        }
+        if let Some(store) = preload {
+            let (backend, key) = (store.shared.backend.clone(), store.key);
+            let read = tokio::task::spawn_blocking(move || {
+                let (all, none) = (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded);
+                let entries = backend.scan(&key, all, none, false, PRELOAD_KEYS_MAX + 1)?;
+                Ok::<_, crate::storage::Error>((entries, backend.alarm(&key)?))
+            })
+            .await;
+            match read {
+                Ok(Ok((entries, alarm))) if entries.len() <= PRELOAD_KEYS_MAX => {
+                    store.preload(entries, alarm);
+                }
+                // Too big to load whole, or the read failed: the object reads what it misses
+                // as it goes (and meets the error there, if it lasts).
+                Ok(_) | Err(_) => {}
+            }
+        }
         drop(lock);
     });
 }

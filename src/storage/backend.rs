@@ -199,6 +199,14 @@ pub trait Backend: Send + Sync + 'static {
         overwrite: bool,
     ) -> Result<ImportReport, super::Error>;
 
+    /// Whether a read costs a round trip to another process (a database server) rather than a
+    /// memory-mapped lookup. The host then loads an object's storage into its cache when it
+    /// activates, off the event loop, so that the object's reads do not wait on the engine
+    /// there (see `ObjectStore::preload`).
+    fn remote_reads(&self) -> bool {
+        false
+    }
+
     /// Writes a consistent, compacted copy of the whole store to `out`, in the engine's own
     /// format, while commits go on. Engines that cannot answer [`Error::Unsupported`].
     ///

@@ -152,4 +152,8 @@ impl Backend for FaultyBackend {
     fn backup(&self, out: std::fs::File) -> Result<(), Error> {
         self.inner.backup(out)
     }
+
+    fn remote_reads(&self) -> bool {
+        self.inner.remote_reads()
+    }
 }

@@ -65,7 +65,7 @@ pub use memory::MemoryBackend;
 pub use options::{Limits, ListOptions};
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use shards::{ShardMap, VIRTUAL_SHARDS_DEFAULT, VIRTUAL_SHARDS_MAX, virtual_shard};
-pub(crate) use store::{ObjectStore, Shared};
+pub(crate) use store::{ObjectStore, PRELOAD_KEYS_MAX, Shared};
 pub(crate) use txn::Outcome;
 pub use txn::{ATTEMPTS_MAX, Transaction};
 pub use writer::WriterStats;

@@ -730,6 +730,10 @@ impl Backend for PostgresBackend {
         Ok(report)
     }
 
+    fn remote_reads(&self) -> bool {
+        true
+    }
+
     fn backup(&self, out: std::fs::File) -> Result<(), Error> {
         drop(out);
         Err(Error::Unsupported(

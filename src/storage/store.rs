@@ -25,6 +25,10 @@ use super::options::Limits;
 use super::shards::ShardMap;
 use super::writer::WriterHandle;
 
+/// Most keys an object may have for [`ObjectStore::preload`] to load it whole; a larger one
+/// reads what it misses from the backend, as with LMDB.
+pub(crate) const PRELOAD_KEYS_MAX: usize = 10_000;
+
 /// How many entries a `list` reads from the backend at a time.
 const SCAN_CHUNK: usize = 256;
 /// Bookkeeping bytes counted per cache entry besides key and value.
@@ -152,6 +156,9 @@ struct State {
     flushing: bool,
     /// Set when a commit failed or the object was reset; every later call fails with it.
     failed: Option<Error>,
+    /// The cache holds every key of the object (it was preloaded and nothing was evicted
+    /// since): a key not in it is absent, and no read goes to the backend.
+    complete: bool,
     durable_waiters: Vec<Waker>,
     idle_waiters: Vec<Waker>,
 }
@@ -224,7 +231,7 @@ impl ObjectStore {
         if let Some(cached) = state.cache.get(key) {
             return Ok(cached.value.clone());
         }
-        let value = if state.clear_seq > state.durable_seq {
+        let value = if state.clear_seq > state.durable_seq || state.complete {
             None
         } else {
             self.shared.backend.get(&self.key, key)?.map(Bytes::from)
@@ -457,7 +464,36 @@ impl ObjectStore {
             freed += entry_bytes(key, &cached.value);
             false
         });
+        if freed > 0 {
+            // Keys left the cache: misses must ask the backend again.
+            state.complete = false;
+        }
         state.cached_bytes -= freed;
+    }
+
+    /// Loads the object's keys and alarm into the cache, from a read made off the event loop
+    /// (`(entries, alarm)` as the backend had them, `entries` ordered and complete), so that
+    /// its reads are answered without the backend. Ignored once the object wrote (the read
+    /// may predate its writes), or when the keys would not fit the cache.
+    pub(crate) fn preload(&self, entries: Vec<(Vec<u8>, Vec<u8>)>, alarm: Option<u64>) {
+        let mut state = self.state.borrow_mut();
+        if state.written_seq > 0 || state.failed.is_some() {
+            return;
+        }
+        let bytes: usize = entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + CACHE_ENTRY_OVERHEAD)
+            .sum();
+        if bytes > self.shared.limits.cache_bytes_max {
+            return;
+        }
+        for (key, value) in entries {
+            insert_cached(&mut state, key, Some(Bytes::from(value)), 0);
+        }
+        if state.alarm.is_none() {
+            state.alarm = Some(alarm);
+        }
+        state.complete = true;
     }
 
     /// Entries in the range, in key order (descending when `reverse`), at most `limit`: the
@@ -471,7 +507,7 @@ impl ObjectStore {
     ) -> Result<Vec<(Vec<u8>, Bytes)>, Error> {
         self.check_live()?;
         let state = self.state.borrow();
-        let backend_live = state.clear_seq <= state.durable_seq;
+        let backend_live = state.clear_seq <= state.durable_seq && !state.complete;
         let scan = |from: &Bound<Vec<u8>>, to: &Bound<Vec<u8>>, n: usize| {
             if !backend_live {
                 return Ok(Vec::new());
@@ -643,6 +679,68 @@ mod tests {
     fn all(store: &ObjectStore, reverse: bool, limit: usize) -> Vec<(Vec<u8>, Bytes)> {
         let (start, end) = (Bound::Unbounded, Bound::Unbounded);
         store.range(start, end, reverse, limit).unwrap()
+    }
+
+    /// A preloaded store answers every read from its cache: what the backend holds besides
+    /// is not consulted, until an eviction makes the cache partial again.
+    #[test]
+    fn a_preloaded_store_reads_nothing_from_the_backend() {
+        let h = Harness::new(
+            MemoryBackend::new(),
+            Limits {
+                cache_bytes_max: 4096,
+                ..Limits::default()
+            },
+        );
+        run(async {
+            let s = h.store(1);
+            let loaded = vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+            ];
+            s.preload(loaded, Some(77));
+            // Written behind the store's back: a preloaded store does not see it.
+            h.memory
+                .commit(&[batch(object(1), vec![put(b"hidden", b"x")])])
+                .unwrap();
+            assert_eq!(s.get(b"a").unwrap(), Some(Bytes::from_static(b"1")));
+            assert_eq!(s.get(b"hidden").unwrap(), None);
+            let keys: Vec<Vec<u8>> = all(&s, false, 10).into_iter().map(|(k, _)| k).collect();
+            assert_eq!(keys, [b"a".to_vec(), b"b".to_vec()]);
+            assert_eq!(s.alarm().unwrap(), Some(77));
+            // Its own writes go through as ever.
+            s.write(vec![set(b"c", b"3")]).unwrap();
+            durable(&s).await.unwrap();
+            assert_eq!(all(&s, false, 10).len(), 3);
+            // Past the cache bound, clean keys leave it: the backend is read again.
+            let big = vec![b'v'; 1500];
+            for key in [b"d", b"e", b"f"] {
+                s.write(vec![(key.to_vec(), Some(Bytes::from(big.clone())))])
+                    .unwrap();
+                durable(&s).await.unwrap();
+            }
+            h.memory
+                .commit(&[batch(object(1), vec![put(b"later", b"y")])])
+                .unwrap();
+            assert_eq!(s.get(b"later").unwrap(), Some(Bytes::from_static(b"y")));
+        });
+    }
+
+    /// A store that wrote before its preload arrived keeps reading the backend: the preload
+    /// may predate its writes.
+    #[test]
+    fn a_late_preload_is_ignored() {
+        let h = harness();
+        run(async {
+            let s = h.store(1);
+            s.write(vec![set(b"k", b"mine")]).unwrap();
+            s.preload(vec![(b"k".to_vec(), b"old".to_vec())], None);
+            assert_eq!(s.get(b"k").unwrap(), Some(Bytes::from_static(b"mine")));
+            h.memory
+                .commit(&[batch(object(1), vec![put(b"other", b"y")])])
+                .unwrap();
+            assert_eq!(s.get(b"other").unwrap(), Some(Bytes::from_static(b"y")));
+        });
     }
 
     #[test]
