@@ -503,10 +503,9 @@ impl Backend for PostgresBackend {
             let txn = client.transaction().await.map_err(pg_error)?;
             check_epochs(&txn, statements, batches, self.virtual_shards).await?;
             let now = now_ms() as i64;
-            for batch in batches {
-                // On error `txn` drops, which rolls it back: nothing becomes visible.
-                apply_batch(&txn, statements, batch, now).await?;
-            }
+            let prepared = CommitStatements::prepare(&txn, statements).await?;
+            // On error `txn` drops, which rolls it back: nothing becomes visible.
+            apply_batches(&txn, &prepared, batches, now).await?;
             txn.commit().await.map_err(pg_error)
         })
     }
@@ -813,152 +812,180 @@ async fn check_epochs(
     Ok(())
 }
 
+/// The statements of a group commit, prepared (once per connection) before its batches run,
+/// so that the batches of different objects can run at once on the connection.
+struct CommitStatements {
+    clear: Statement,
+    put: Statement,
+    delete: Statement,
+    alarm_set: Statement,
+    alarm_delete: Statement,
+    probe: Statement,
+    row_delete: Statement,
+    row_insert: Statement,
+    row_name: Statement,
+}
+
+impl CommitStatements {
+    async fn prepare(
+        txn: &tokio_postgres::Transaction<'_>,
+        cache: &mut Statements,
+    ) -> Result<CommitStatements, Error> {
+        Ok(CommitStatements {
+            clear: cache
+                .get(txn, "DELETE FROM duro_kv WHERE tag = $1 AND id = $2")
+                .await?,
+            put: cache
+                .get(
+                    txn,
+                    "INSERT INTO duro_kv (tag, id, key, value) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (tag, id, key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?,
+            delete: cache
+                .get(
+                    txn,
+                    "DELETE FROM duro_kv WHERE tag = $1 AND id = $2 AND key = $3",
+                )
+                .await?,
+            alarm_set: cache
+                .get(
+                    txn,
+                    "INSERT INTO duro_alarms (tag, id, at_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tag, id) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                )
+                .await?,
+            alarm_delete: cache
+                .get(txn, "DELETE FROM duro_alarms WHERE tag = $1 AND id = $2")
+                .await?,
+            probe: cache
+                .get(
+                    txn,
+                    "SELECT EXISTS (SELECT 1 FROM duro_kv WHERE tag = $1 AND id = $2) \
+                         OR EXISTS (SELECT 1 FROM duro_alarms WHERE tag = $1 AND id = $2), \
+                     (SELECT name FROM duro_objects WHERE tag = $1 AND id = $2)",
+                )
+                .await?,
+            row_delete: cache
+                .get(txn, "DELETE FROM duro_objects WHERE tag = $1 AND id = $2")
+                .await?,
+            row_insert: cache
+                .get(
+                    txn,
+                    "INSERT INTO duro_objects (tag, id, created_ms, name) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .await?,
+            row_name: cache
+                .get(
+                    txn,
+                    "UPDATE duro_objects SET name = $3 WHERE tag = $1 AND id = $2",
+                )
+                .await?,
+        })
+    }
+}
+
+/// Applies the batches of a group commit: each object's in order, different objects at once
+/// (tokio-postgres pipelines the statements of concurrent calls on one connection, so a group
+/// costs a few round trips, not a few per object).
+async fn apply_batches(
+    txn: &tokio_postgres::Transaction<'_>,
+    statements: &CommitStatements,
+    batches: &[ObjectBatch],
+    now: i64,
+) -> Result<(), Error> {
+    let mut by_object: std::collections::BTreeMap<ObjectKey, Vec<&ObjectBatch>> =
+        Default::default();
+    for batch in batches {
+        by_object.entry(batch.object).or_default().push(batch);
+    }
+    let chains = by_object.into_values().map(|chain| async move {
+        for batch in chain {
+            apply_batch(txn, statements, batch, now).await?;
+        }
+        Ok::<(), Error>(())
+    });
+    for result in futures::future::join_all(chains).await {
+        result?;
+    }
+    Ok(())
+}
+
 /// Applies one batch inside the group commit's transaction, as LMDB's `apply_batch` does.
 async fn apply_batch(
     txn: &tokio_postgres::Transaction<'_>,
-    cache: &mut Statements,
+    statements: &CommitStatements,
     batch: &ObjectBatch,
     now: i64,
 ) -> Result<(), Error> {
     let (tag, id) = (tag(&batch.object), &batch.object.id[..]);
     if batch.clear {
-        let statement = cache
-            .get(txn, "DELETE FROM duro_kv WHERE tag = $1 AND id = $2")
-            .await?;
-        txn.execute(&statement, &[&tag, &id])
+        txn.execute(&statements.clear, &[&tag, &id])
             .await
             .map_err(pg_error)?;
     }
     if batch.clear || batch.alarm != AlarmWrite::Keep {
-        write_alarm(txn, cache, tag, id, batch.alarm).await?;
+        match batch.alarm {
+            AlarmWrite::Set(at_ms) => {
+                txn.execute(&statements.alarm_set, &[&tag, &id, &(at_ms as i64)])
+                    .await
+                    .map_err(pg_error)?;
+            }
+            AlarmWrite::Delete | AlarmWrite::Keep => {
+                txn.execute(&statements.alarm_delete, &[&tag, &id])
+                    .await
+                    .map_err(pg_error)?;
+            }
+        }
     }
     // Only the last write of each key counts; the rest run together.
     let mut last: std::collections::BTreeMap<&[u8], Option<&[u8]>> = Default::default();
     for (key, value) in &batch.mutations {
         last.insert(key, value.as_deref());
     }
-    let put = cache
-        .get(
-            txn,
-            "INSERT INTO duro_kv (tag, id, key, value) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (tag, id, key) DO UPDATE SET value = EXCLUDED.value",
-        )
-        .await?;
-    let delete = cache
-        .get(
-            txn,
-            "DELETE FROM duro_kv WHERE tag = $1 AND id = $2 AND key = $3",
-        )
-        .await?;
-    let writes = last.iter().map(|(key, value)| {
-        let (put, delete) = (&put, &delete);
-        async move {
-            match value {
-                Some(value) => txn.execute(put, &[&tag, &id, key, value]).await,
-                None => txn.execute(delete, &[&tag, &id, key]).await,
-            }
+    let writes = last.iter().map(|(key, value)| async move {
+        match value {
+            Some(value) => txn.execute(&statements.put, &[&tag, &id, key, value]).await,
+            None => txn.execute(&statements.delete, &[&tag, &id, key]).await,
         }
     });
     for result in futures::future::join_all(writes).await {
         result.map_err(pg_error)?;
     }
-    update_registry(txn, cache, tag, id, batch.name.as_deref(), now).await
-}
-
-async fn write_alarm(
-    txn: &tokio_postgres::Transaction<'_>,
-    cache: &mut Statements,
-    tag: i64,
-    id: &[u8],
-    write: AlarmWrite,
-) -> Result<(), Error> {
-    match write {
-        AlarmWrite::Set(at_ms) => {
-            let statement = cache
-                .get(
-                    txn,
-                    "INSERT INTO duro_alarms (tag, id, at_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (tag, id) DO UPDATE SET at_ms = EXCLUDED.at_ms",
-                )
-                .await?;
-            txn.execute(&statement, &[&tag, &id, &(at_ms as i64)])
-                .await
-                .map_err(pg_error)?;
-        }
-        AlarmWrite::Delete | AlarmWrite::Keep => {
-            let statement = cache
-                .get(txn, "DELETE FROM duro_alarms WHERE tag = $1 AND id = $2")
-                .await?;
-            txn.execute(&statement, &[&tag, &id])
-                .await
-                .map_err(pg_error)?;
-        }
-    }
-    Ok(())
+    update_registry(txn, statements, tag, id, batch.name.as_deref(), now).await
 }
 
 /// Adds, names or removes the object's registry row to match whether it has keys or an alarm
 /// (the rules of LMDB's `update_registry`).
 async fn update_registry(
     txn: &tokio_postgres::Transaction<'_>,
-    cache: &mut Statements,
+    statements: &CommitStatements,
     tag: i64,
     id: &[u8],
     name: Option<&str>,
     now: i64,
 ) -> Result<(), Error> {
-    let statement = cache
-        .get(
-            txn,
-            "SELECT EXISTS (SELECT 1 FROM duro_kv WHERE tag = $1 AND id = $2) \
-             OR EXISTS (SELECT 1 FROM duro_alarms WHERE tag = $1 AND id = $2), \
-         (SELECT name FROM duro_objects WHERE tag = $1 AND id = $2)",
-        )
-        .await?;
     let row = txn
-        .query_one(&statement, &[&tag, &id])
+        .query_one(&statements.probe, &[&tag, &id])
         .await
         .map_err(pg_error)?;
     let has_data: bool = row.get(0);
     let existing: Option<String> = row.get(1);
     let name = name.unwrap_or("");
-    match (has_data, existing) {
-        (false, None) => Ok(()),
-        (false, Some(_)) => {
-            let statement = cache
-                .get(txn, "DELETE FROM duro_objects WHERE tag = $1 AND id = $2")
-                .await?;
-            txn.execute(&statement, &[&tag, &id])
-                .await
-                .map_err(pg_error)?;
-            Ok(())
-        }
+    let done = match (has_data, existing) {
+        (false, None) => return Ok(()),
+        (false, Some(_)) => txn.execute(&statements.row_delete, &[&tag, &id]).await,
         (true, None) => {
-            let statement = cache
-                .get(
-                    txn,
-                    "INSERT INTO duro_objects (tag, id, created_ms, name) VALUES ($1, $2, $3, $4)",
-                )
-                .await?;
-            txn.execute(&statement, &[&tag, &id, &now, &name])
+            txn.execute(&statements.row_insert, &[&tag, &id, &now, &name])
                 .await
-                .map_err(pg_error)?;
-            Ok(())
         }
         (true, Some(stored)) if stored.is_empty() && !name.is_empty() => {
-            let statement = cache
-                .get(
-                    txn,
-                    "UPDATE duro_objects SET name = $3 WHERE tag = $1 AND id = $2",
-                )
-                .await?;
-            txn.execute(&statement, &[&tag, &id, &name])
-                .await
-                .map_err(pg_error)?;
-            Ok(())
+            txn.execute(&statements.row_name, &[&tag, &id, &name]).await
         }
-        (true, Some(_)) => Ok(()),
-    }
+        (true, Some(_)) => return Ok(()),
+    };
+    done.map(drop).map_err(pg_error)
 }
 
 /// The objects of the namespace `tag` and their keys, page by page; false when `visit` asked
