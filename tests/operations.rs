@@ -231,7 +231,10 @@ fn inspect_shows_keys_values_and_alarms_and_refuses_bad_arguments() {
 
     refused(at(served.addr, &["inspect", "counter"]), "NAME or its --id");
     refused(at(served.addr, &["inspect", "nosuch", "x"]), "nosuch");
-    refused(at(served.addr, &["inspect", "counter", "--id", "zz"]), "");
+    refused(
+        at(served.addr, &["inspect", "counter", "--id", "zz"]),
+        "must be 64 hex digits",
+    );
     let forged = "ab".repeat(32);
     refused(
         at(served.addr, &["inspect", "counter", "--id", &forged]),
@@ -571,4 +574,70 @@ fn backup_commands_write_a_servable_data_dir() {
         let served = common::serve_with(&copy, &["--http", "off"]);
         assert_eq!(counter_value(served.addr, &["saved"]), "1");
     }
+}
+
+/// A page of big values ends at 4 MiB (the host's bound), not at the keys asked for, and says
+/// more follow; an export or backup past the 4 running per shard is refused with `overloaded`.
+#[test]
+fn pages_and_dumps_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = common::serve_with(dir.path(), &["--http", "off", "--shards", "1"]);
+    let secret_line = ok(at(served.addr, &["export", "kv"]));
+    let secret_line = secret_line.lines().nth(1).unwrap().to_owned();
+    let id = ok(at(served.addr, &["ids", "kv", "--name", "wide"]))
+        .trim()
+        .to_owned();
+    let mut text = format!("{{\"duro_export\":1}}\n{secret_line}\n");
+    text.push_str(&format!(
+        "{{\"object\":\"{id}\",\"created_ms\":1,\"name\":\"wide\"}}\n"
+    ));
+    let value = "v".repeat(32 * 1024);
+    for i in 0..300 {
+        text.push_str(&format!("{{\"key\":\"k{i:03}\",\"text\":\"{value}\"}}\n"));
+    }
+    let file = dir.path().join("wide.jsonl");
+    std::fs::write(&file, text).unwrap();
+    ok(at(served.addr, &["import", "-i", file.to_str().unwrap()]));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(served.addr).await.unwrap();
+        let id = client.namespace("kv").id_from_name("wide").await.unwrap();
+        let most = ReadOptions {
+            limit: 1000,
+            ..ReadOptions::default()
+        };
+        let page = client.admin().read_storage("kv", &id, most).await.unwrap();
+        let bytes: usize = page.entries.iter().map(|(k, v, _)| k.len() + v.len()).sum();
+        assert!(page.more, "300 keys of 32 KiB do not fit one page");
+        assert!(
+            page.entries.len() < 300 && bytes <= 4 << 20 && bytes > 3 << 20,
+            "{bytes}"
+        );
+
+        // Four exports held unread keep their snapshots (and threads); a fifth is refused.
+        let admin = client.admin();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut chunks = admin.export(&[]);
+            assert!(chunks.next().await.unwrap().is_some());
+            held.push(chunks);
+        }
+        let error = admin.export(&[]).next().await.unwrap_err();
+        assert!(matches!(error, duro::Error::Overloaded(_)), "{error}");
+        let error = admin.backup().next().await.unwrap_err();
+        assert!(matches!(error, duro::Error::Overloaded(_)), "{error}");
+        // Released, they make room again.
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match admin.export(&["kv".to_string()]).next().await {
+                Ok(Some(_)) => break,
+                Err(duro::Error::Overloaded(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    });
 }

@@ -9,6 +9,7 @@
 //! shard then takes the namespaces' new secrets, resets the live instances of the imported
 //! objects (their caches knew the old data) and tells its alarm scheduler of their alarms.
 
+use std::future::Future;
 use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::ops::Bound;
 use std::sync::Arc;
@@ -163,22 +164,34 @@ impl Import {
 impl Host {
     /// One page of the durable storage of the object `id` (checked by its namespace, with
     /// `name` if given), and its alarm.
+    ///
+    /// The ID is checked at once; the page is read on a blocking thread when the engine's
+    /// reads are remote (`Backend::remote_reads`), so the event loop never waits on it.
     pub fn read_storage(
         &self,
         namespace: &str,
         id: &[u8],
         name: Option<&str>,
-        options: &ReadOptions,
-    ) -> Result<StoragePage, Error> {
-        let ns = self
+        options: ReadOptions,
+    ) -> impl Future<Output = Result<StoragePage, Error>> + use<> {
+        let checked = self
             .namespace(namespace)
-            .ok_or_else(|| unknown(namespace))?;
-        let id = ns.check_id(id, name)?;
-        let object = ObjectKey {
-            tag: ns.core.tag,
-            id: *id.bytes(),
-        };
-        read_page(self.inner.storage.backend.as_ref(), &object, options)
+            .ok_or_else(|| unknown(namespace))
+            .and_then(|ns| Ok((ns.core.tag, ns.check_id(id, name)?)));
+        let backend = self.inner.storage.backend.clone();
+        async move {
+            let (tag, id) = checked?;
+            let object = ObjectKey {
+                tag,
+                id: *id.bytes(),
+            };
+            if !backend.remote_reads() {
+                return read_page(backend.as_ref(), &object, &options);
+            }
+            tokio::task::spawn_blocking(move || read_page(backend.as_ref(), &object, &options))
+                .await
+                .map_err(|_| storage_error("the read's thread died"))?
+        }
     }
 
     /// An export of `namespaces` (every namespace of the host when empty) as JSON Lines

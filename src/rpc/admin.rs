@@ -9,7 +9,7 @@ use capnp::capability::Rc;
 use super::text;
 use crate::error::Error;
 use crate::host::Host;
-use crate::host::operations::{Chunks, Import, ReadOptions};
+use crate::host::operations::{Chunks, Import, ReadOptions, StoragePage};
 use crate::storage::value::{TAG_CBOR, TAG_RAW};
 use crate::wire::duro_capnp::{ValueEncoding, admin, chunk_stream, import_sink};
 
@@ -23,7 +23,7 @@ impl admin::Server for AdminServer {
         params: admin::ReadStorageParams,
         mut results: admin::ReadStorageResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        ready((|| {
+        let read = (|| {
             let params = params.get()?;
             let namespace = text(params.get_namespace()?)?;
             let id = params.get_id()?;
@@ -39,34 +39,15 @@ impl admin::Server for AdminServer {
                 start_after: optional(options.has_start_after(), options.get_start_after())?,
                 limit: options.get_limit(),
             };
-            let page = self
-                .host
-                .read_storage(namespace, id.get_bytes()?, name, &options)?;
-            let mut out = results.get().init_page();
-            out.set_more(page.more);
-            if let Some(at_ms) = page.alarm_ms {
-                out.set_has_alarm(true);
-                out.set_alarm_ms(at_ms);
-            }
-            let mut entries = out.init_entries(page.entries.len() as u32);
-            for (i, (key, stored)) in page.entries.iter().enumerate() {
-                let mut entry = entries.reborrow().get(i as u32);
-                entry.set_key(key);
-                let (encoding, payload) = match stored.split_first() {
-                    Some((&TAG_CBOR, payload)) => (ValueEncoding::Cbor, payload),
-                    Some((&TAG_RAW, payload)) => (ValueEncoding::Raw, payload),
-                    _ => {
-                        return Err(capnp::Error::failed(format!(
-                            "corrupt storage: the value of key {} has an unknown encoding",
-                            String::from_utf8_lossy(key)
-                        )));
-                    }
-                };
-                entry.set_encoding(encoding);
-                entry.set_value(payload);
-            }
-            Ok(())
-        })())
+            Ok::<_, capnp::Error>(
+                self.host
+                    .read_storage(namespace, id.get_bytes()?, name, options),
+            )
+        })();
+        async move {
+            let page = read?.await?;
+            write_page(results.get().init_page(), &page)
+        }
     }
 
     fn export(
@@ -111,6 +92,36 @@ impl admin::Server for AdminServer {
             Ok(())
         })())
     }
+}
+
+/// Writes a page of stored entries: each value without its encoding mark, and the encoding.
+fn write_page(
+    mut out: crate::wire::duro_capnp::storage_page::Builder<'_>,
+    page: &StoragePage,
+) -> capnp::Result<()> {
+    out.set_more(page.more);
+    if let Some(at_ms) = page.alarm_ms {
+        out.set_has_alarm(true);
+        out.set_alarm_ms(at_ms);
+    }
+    let mut entries = out.init_entries(page.entries.len() as u32);
+    for (i, (key, stored)) in page.entries.iter().enumerate() {
+        let mut entry = entries.reborrow().get(i as u32);
+        entry.set_key(key);
+        let (encoding, payload) = match stored.split_first() {
+            Some((&TAG_CBOR, payload)) => (ValueEncoding::Cbor, payload),
+            Some((&TAG_RAW, payload)) => (ValueEncoding::Raw, payload),
+            _ => {
+                return Err(capnp::Error::failed(format!(
+                    "corrupt storage: the value of key {} has an unknown encoding",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+        };
+        entry.set_encoding(encoding);
+        entry.set_value(payload);
+    }
+    Ok(())
 }
 
 fn stream_client(chunks: Chunks) -> chunk_stream::Client {

@@ -153,11 +153,23 @@ fn open_error(error: tokio_postgres::Error) -> OpenError {
     OpenError::Io(format!("PostgreSQL: {error}"))
 }
 
+/// Why a connection could not be made: the server's answer, or the engine's runtime gone.
+enum ConnectError {
+    Postgres(tokio_postgres::Error),
+    Stopped,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Postgres(error) => write!(f, "PostgreSQL: {error}"),
+            ConnectError::Stopped => f.write_str("the PostgreSQL engine is shutting down"),
+        }
+    }
+}
+
 /// Connects on `runtime`, whose thread then carries the connection's I/O.
-fn connect(
-    runtime: &tokio::runtime::Handle,
-    config: &Config,
-) -> Result<Client, tokio_postgres::Error> {
+fn connect(runtime: &tokio::runtime::Handle, config: &Config) -> Result<Client, ConnectError> {
     let config = config.clone();
     let handle = runtime.clone();
     let connecting = runtime.spawn(async move {
@@ -170,8 +182,8 @@ fn connect(
         Ok(client)
     });
     match block_on(connecting) {
-        Ok(result) => result,
-        Err(_) => panic!("the PostgreSQL runtime stopped"),
+        Ok(result) => result.map_err(ConnectError::Postgres),
+        Err(_) => Err(ConnectError::Stopped),
     }
 }
 
@@ -198,7 +210,7 @@ impl PostgresBackend {
             .build()
             .map_err(|e| OpenError::Io(format!("starting the PostgreSQL runtime: {e}")))?;
         let handle = runtime.handle().clone();
-        let owner = connect(&handle, &config).map_err(open_error)?;
+        let owner = connect(&handle, &config).map_err(|e| OpenError::Io(e.to_string()))?;
         let locked: bool =
             block_on(owner.query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK]))
                 .map_err(open_error)?
@@ -206,14 +218,14 @@ impl PostgresBackend {
         if !locked {
             return Err(OpenError::Locked(format!("PostgreSQL store {describe}")));
         }
-        let mut setup = connect(&handle, &config).map_err(open_error)?;
+        let mut setup = connect(&handle, &config).map_err(|e| OpenError::Io(e.to_string()))?;
         let virtual_shards = block_on(migrate(&mut setup, options.virtual_shards))?;
         let mut pool = vec![Conn {
             client: setup,
             statements: Statements::default(),
         }];
         for _ in 1..POOL_SIZE {
-            let client = connect(&handle, &config).map_err(open_error)?;
+            let client = connect(&handle, &config).map_err(|e| OpenError::Io(e.to_string()))?;
             pool.push(Conn {
                 client,
                 statements: Statements::default(),
@@ -256,7 +268,7 @@ impl PostgresBackend {
                     // Give the broken one back, so the pool keeps its size; the next taker
                     // tries again.
                     self.give_back(client);
-                    return Err(pg_error(error));
+                    return Err(Error::Io(error.to_string()));
                 }
             }
         } else {
@@ -1004,6 +1016,12 @@ async fn export_objects(
          WHERE o.tag = $1 AND o.id > $2 ORDER BY o.id LIMIT $3",
         )
         .await?;
+    let first_keys = cache
+        .get(
+            txn,
+            "SELECT key, value FROM duro_kv WHERE tag = $1 AND id = $2 ORDER BY key LIMIT $3",
+        )
+        .await?;
     let keys = cache
         .get(
             txn,
@@ -1025,33 +1043,24 @@ async fn export_objects(
             if !visit(DumpItem::Object { record, alarm_ms }) {
                 return Ok(false);
             }
-            // Keys from the empty key on: `key > ''` would skip it, so the first page asks
-            // for it alone.
-            let first = txn
-                .query_opt(
-                    "SELECT value FROM duro_kv WHERE tag = $1 AND id = $2 AND key = ''::bytea",
-                    &[&tag, &&id[..]],
-                )
-                .await
-                .map_err(pg_error)?;
-            if let Some(first) = first {
-                let value = first.get::<_, Vec<u8>>(0);
-                if !visit(DumpItem::Key {
-                    key: Vec::new(),
-                    value,
-                }) {
-                    return Ok(false);
-                }
-            }
-            let mut key_after: Vec<u8> = Vec::new();
+            // The first page from the first key (the empty key included), the next ones after
+            // the last key read.
+            let mut key_after: Option<Vec<u8>> = None;
             loop {
-                let page = txn
-                    .query(&keys, &[&tag, &&id[..], &key_after, &EXPORT_PAGE])
-                    .await
-                    .map_err(pg_error)?;
+                let page = match &key_after {
+                    None => {
+                        txn.query(&first_keys, &[&tag, &&id[..], &EXPORT_PAGE])
+                            .await
+                    }
+                    Some(after) => {
+                        txn.query(&keys, &[&tag, &&id[..], after, &EXPORT_PAGE])
+                            .await
+                    }
+                }
+                .map_err(pg_error)?;
                 for row in &page {
                     let key: Vec<u8> = row.get(0);
-                    key_after.clone_from(&key);
+                    key_after = Some(key.clone());
                     if !visit(DumpItem::Key {
                         key,
                         value: row.get(1),
