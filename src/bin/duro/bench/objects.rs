@@ -115,7 +115,12 @@ async fn activate_once(settings: &Settings, path: FirstCall) -> Result<(Run, f64
             Either::Left(capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200]))
         }
         FirstCall::ByName => Either::Right(capnp_load::fetch_by_name(
-            &namespace, &name, "GET", "/", PAYLOAD, &[200],
+            &namespace,
+            &name,
+            "GET",
+            "/",
+            PAYLOAD,
+            &[200],
         )),
     };
     // Warm the connection and the code paths on objects that are not counted.

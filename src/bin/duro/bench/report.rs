@@ -261,9 +261,9 @@ fn targets(series: &[Series], ratios: &[Ratio]) -> Vec<Target> {
     // The path a client that makes one call on a new object takes; the figures of
     // `getByName + fetch` stay in the table beside it.
     let by_name = super::objects::FirstCall::ByName.label();
-    let activate = series.iter().find(|s| {
-        s.workload == "activate" && s.shape.contains(by_name) && !s.runs.is_empty()
-    });
+    let activate = series
+        .iter()
+        .find(|s| s.workload == "activate" && s.shape.contains(by_name) && !s.runs.is_empty());
     let limit = |name: &str, extra: &str, max: f64, unit: &str, scale: f64| match activate
         .and_then(|a| a.extra(extra))
     {
