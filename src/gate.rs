@@ -82,6 +82,15 @@ impl InputGate {
         self.parked.borrow().len()
     }
 
+    /// Gives back the memory of an empty delivery queue, for an object gone idle.
+    pub(crate) fn trim(&self) {
+        if let Ok(mut queue) = self.queue.try_borrow_mut()
+            && queue.is_empty()
+        {
+            *queue = VecDeque::new();
+        }
+    }
+
     fn is_open_for(&self, task: Option<TaskId>) -> bool {
         match self.holder.get() {
             None => true,

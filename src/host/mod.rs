@@ -536,7 +536,7 @@ impl NamespaceCore {
     /// Takes an activation whose constructor failed out of the registry, so the next `get`
     /// builds again; the reset one it replaced goes back, as the next one must wait on it.
     fn unregister(&self, activation: &Rc<Activation>, replaced: Option<Rc<Activation>>) {
-        let key = *activation.id.bytes();
+        let key = *activation.id().bytes();
         let mut registry = self.activations.borrow_mut();
         let ours = registry
             .get(&key)
@@ -748,7 +748,7 @@ impl Stub {
     /// The object's ID.
     pub fn id(&self) -> ObjectId {
         match &self.target {
-            Target::Local { activation, .. } => activation.borrow().id.clone(),
+            Target::Local { activation, .. } => activation.borrow().id().clone(),
             Target::Remote(remote) => remote.id.clone(),
         }
     }
@@ -792,7 +792,7 @@ impl Stub {
         if !current.is_evicted() {
             return Ok(current);
         }
-        let fresh = namespace.activation(current.id.clone())?;
+        let fresh = namespace.activation(current.id().clone())?;
         *activation.borrow_mut() = fresh.clone();
         Ok(fresh)
     }
