@@ -355,10 +355,12 @@ impl Activation {
         T: Answer + 'static,
         H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
     {
+        // One reading of the clock for the call's latency and the object's last use.
+        let now = std::time::Instant::now();
         let mut counted = Counted {
             activation: self.clone(),
             method,
-            started: std::time::Instant::now(),
+            started: now,
             outcome: Outcome::disconnected,
         };
         let admitted = if self.is_broken() || self.evicted.get() {
@@ -374,7 +376,7 @@ impl Activation {
         // A task of its own, so the call progresses whoever awaits it (an object awaiting
         // another object's call must not stall that object's handler while its gate is shut).
         let task = admitted.map(|ticket| {
-            self.last_used.set(std::time::Instant::now());
+            self.last_used.set(now);
             let running = Running::new(self.clone());
             let slot = running.slot;
             // In the span of the call that delivers it, when spans are recorded: what the
