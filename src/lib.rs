@@ -33,6 +33,7 @@ pub mod storage;
 mod admin;
 pub mod gateway;
 pub mod rpc;
+pub mod cluster;
 mod server;
 mod shards;
 // Above the server: the built-in classes and their registration, the client, the test harness.

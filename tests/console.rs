@@ -283,7 +283,7 @@ fn the_api_lists_namespaces_and_pages_objects_with_their_names() {
         .iter()
         .map(|ns| ns["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["counter", "echo", "kv", "room", "timer"]);
+    assert_eq!(names, ["counter", "echo", "kv", "room", "tally", "timer"]);
     assert!(
         namespaces
             .as_array()
