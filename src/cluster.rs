@@ -135,7 +135,10 @@ impl State {
         first: tokio::sync::oneshot::Sender<Result<(), String>>,
     ) {
         let node = &self.options.node;
-        if let Err(error) = self.backend.join(node, &self.options.advertise) {
+        if let Err(error) = self
+            .backend
+            .join(node, &self.options.advertise, self.lease_ms())
+        {
             let _ = first.send(Err(format!("joining the cluster as '{node}': {error}")));
             return;
         }
@@ -164,27 +167,27 @@ impl State {
     fn round(&self) {
         let sent = Instant::now();
         let node = &self.options.node;
-        let view = match self.backend.heartbeat(
-            node,
-            &self.options.advertise,
-            self.lease_ms(),
-            false,
-        ) {
-            Ok(view) => view,
-            Err(error) => {
-                tracing::warn!(%error, "the cluster's heartbeat failed");
-                if !self.ownership.leases_hold() {
-                    // Cut off from the store past the leases: serve nothing of them. Their
-                    // objects are reset; the shards are taken again once the store answers.
-                    let lost: Vec<u32> = self.ownership.owned().iter().map(|&(s, _)| s).collect();
-                    if !lost.is_empty() {
-                        tracing::warn!(shards = lost.len(), "leases lapsed: serving none");
-                        self.drop_shards(&lost, false);
+        let view =
+            match self
+                .backend
+                .heartbeat(node, &self.options.advertise, self.lease_ms(), false)
+            {
+                Ok(view) => view,
+                Err(error) => {
+                    tracing::warn!(%error, "the cluster's heartbeat failed");
+                    if !self.ownership.leases_hold() {
+                        // Cut off from the store past the leases: serve nothing of them. Their
+                        // objects are reset; the shards are taken again once the store answers.
+                        let lost: Vec<u32> =
+                            self.ownership.owned().iter().map(|&(s, _)| s).collect();
+                        if !lost.is_empty() {
+                            tracing::warn!(shards = lost.len(), "leases lapsed: serving none");
+                            self.drop_shards(&lost, false);
+                        }
                     }
+                    return;
                 }
-                return;
-            }
-        };
+            };
         self.ownership.renewed(sent, self.options.lease);
         let mine: HashMap<u32, u64> = view
             .leases
@@ -436,7 +439,10 @@ mod tests {
             nodes,
             leases: Vec::new(),
         };
-        assert_eq!(fair_share(&view(vec![row("a", true, false)]), 256, "a"), 256);
+        assert_eq!(
+            fair_share(&view(vec![row("a", true, false)]), 256, "a"),
+            256
+        );
         let three = vec![
             row("a", true, false),
             row("b", true, false),

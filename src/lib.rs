@@ -31,9 +31,9 @@ mod host;
 pub mod storage;
 // The faces of the host, and what assembles them.
 mod admin;
+pub mod cluster;
 pub mod gateway;
 pub mod rpc;
-pub mod cluster;
 mod server;
 mod shards;
 // Above the server: the built-in classes and their registration, the client, the test harness.

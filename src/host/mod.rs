@@ -51,11 +51,11 @@ use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response, StreamRequest, StreamResponse};
 use crate::metrics::{Bound, Metrics, NamespaceMetrics};
+use crate::storage::cluster::{Ownership, Route};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterHandle,
     WriterStats,
 };
-use crate::storage::cluster::{Ownership, Route};
 use crate::wire::budget::Budget;
 
 /// Bounds of the host. Past a bound, calls fail with `overloaded` or a named error.

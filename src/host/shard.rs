@@ -83,8 +83,7 @@ pub(crate) trait Peers {
     /// A capability to the object `id` of `namespace` on another node of the cluster, through
     /// this shard's link to that node (see `Host.nodeLink`). Answers at once, as
     /// [`Peers::stub`] does.
-    fn node_stub(&self, node: &NodeAddr, namespace: &str, id: &ObjectId)
-    -> durable_object::Client;
+    fn node_stub(&self, node: &NodeAddr, namespace: &str, id: &ObjectId) -> durable_object::Client;
 }
 
 /// A stub to an object of another shard: the capability to it there.

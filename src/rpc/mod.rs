@@ -434,9 +434,7 @@ impl namespace::Server for NamespaceServer {
                 true => self.namespace.stub_here(id)?,
                 false => self.namespace.stub_of(id)?,
             };
-            results
-                .get()
-                .set_stub(stub_client(stub, &self.connection));
+            results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
     }
@@ -449,12 +447,12 @@ impl namespace::Server for NamespaceServer {
         ready((|| {
             let name = text(params.get()?.get_name()?)?;
             let stub = match self.node_link {
-                true => self.namespace.stub_here(self.namespace.id_from_name(name)?)?,
+                true => self
+                    .namespace
+                    .stub_here(self.namespace.id_from_name(name)?)?,
                 false => self.namespace.get_by_name(name)?,
             };
-            results
-                .get()
-                .set_stub(stub_client(stub, &self.connection));
+            results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
     }

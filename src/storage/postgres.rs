@@ -78,7 +78,8 @@ const OWNER_LOCK: i64 = 0x6475_726f;
 /// The advisory lock migrations take.
 const MIGRATION_LOCK: i64 = 0x6475_726f_6d69;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE duro_meta (key text PRIMARY KEY, value bigint NOT NULL);
 CREATE TABLE duro_namespaces (
     name text PRIMARY KEY,
@@ -107,17 +108,20 @@ CREATE TABLE duro_alarms (
     PRIMARY KEY (tag, id)
 );
 CREATE INDEX duro_alarms_by_time ON duro_alarms (at_ms, tag, id);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE duro_nodes (
     name text PRIMARY KEY,
     advertise text NOT NULL,
     started_at timestamptz NOT NULL,
     heartbeat_at timestamptz NOT NULL,
+    lease_ms bigint NOT NULL,
     draining boolean NOT NULL DEFAULT false
 );
 CREATE TABLE duro_leases (shard bigint PRIMARY KEY, owner text, lease_until timestamptz);
 INSERT INTO duro_leases (shard) SELECT shard FROM duro_epochs;
-"#];
+"#,
+];
 
 /// Options of [`PostgresBackend::open`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -157,10 +161,7 @@ impl Drop for PostgresBackend {
     fn drop(&mut self) {
         // Let go of the store at once: the server would notice the closed connection only a
         // little later, and a host started right after would find the store locked.
-        let _ = block_on(
-            self._owner
-                .execute("SELECT pg_advisory_unlock_all()", &[]),
-        );
+        let _ = block_on(self._owner.execute("SELECT pg_advisory_unlock_all()", &[]));
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -238,8 +239,8 @@ impl PostgresBackend {
             false => "SELECT pg_try_advisory_lock($1)",
         };
         let locked: bool = block_on(owner.query_one(lock, &[&OWNER_LOCK]))
-                .map_err(open_error)?
-                .get(0);
+            .map_err(open_error)?
+            .get(0);
         if !locked {
             return Err(OpenError::Locked(format!("PostgreSQL store {describe}")));
         }
@@ -1395,6 +1396,7 @@ mod tests {
         };
         let options = PostgresOptions {
             virtual_shards: Some(16),
+            ..PostgresOptions::default()
         };
         let first = PostgresBackend::open(&db.url, &options).unwrap();
         assert_eq!(first.shard_map().unwrap().count(), 16);
@@ -1412,6 +1414,7 @@ mod tests {
         drop(again);
         let other = PostgresOptions {
             virtual_shards: Some(8),
+            ..PostgresOptions::default()
         };
         assert!(matches!(
             PostgresBackend::open(&db.url, &other),

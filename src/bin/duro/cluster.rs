@@ -9,8 +9,8 @@ use crate::cli::EXIT_REFUSED;
 
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum ClusterCommand {
-    /// Lists the nodes (alive, dead or draining, by the database's clock, with their
-    /// heartbeat's age) and the virtual shards each owns; then the shards no node holds a live
+    /// Lists the nodes (alive, dead or draining: dead when its last heartbeat is older than its
+    /// lease time, by the database's clock) and the virtual shards each owns; then the shards no node holds a live
     /// lease on.
     Status(StatusArgs),
 }
@@ -20,10 +20,6 @@ pub struct StatusArgs {
     /// The cluster's store: postgresql://USER@HOST:PORT/DB.
     #[arg(long, value_name = "URL", env = "DURO_STORE")]
     store: String,
-    /// The nodes' lease time in ms (their --lease-ms): a node whose heartbeat is older is
-    /// shown dead.
-    #[arg(long, default_value_t = 5000)]
-    lease_ms: u64,
     /// Print one JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -45,7 +41,7 @@ pub fn run(command: &ClusterCommand) -> ExitCode {
             };
         }
     };
-    let view = match store.cluster_view(args.lease_ms) {
+    let view = match store.cluster_view() {
         Ok(view) => view,
         Err(error) => {
             eprintln!("error: reading the cluster: {error}");
