@@ -60,6 +60,10 @@ pub struct ClusterOptions {
     /// How long a lease holds after its renewal, by the database's clock (`--lease-ms`). A
     /// dead node's shards are served again within about this time.
     pub lease: Duration,
+    /// TLS on the links to the other nodes, whose listeners have it (`--tls-cert`): the
+    /// authorities that vouch for their certificates (`--cluster-ca`). A node's certificate
+    /// must be valid for the host of its advertised address. `None`: plain TCP.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ClusterOptions {

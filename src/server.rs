@@ -501,6 +501,7 @@ impl Builder {
                 ..self.config.clone()
             },
             token: self.rpc.token.clone(),
+            node_tls: self.cluster.as_ref().and_then(|c| c.tls.clone()),
             backend: backend.clone(),
             external: self.external.clone(),
             gateway: self
@@ -695,6 +696,8 @@ struct ShardPlan {
     queues: Queues,
     /// The server's token, which the nodes of a cluster present to each other.
     token: Option<Arc<str>>,
+    /// TLS on the links to the other nodes of a cluster.
+    node_tls: Option<crate::tls::ClientTls>,
 }
 
 impl ShardPlan {
@@ -708,7 +711,7 @@ impl ShardPlan {
             gateway::install(&host, options, token);
         }
         if self.queues.len() > 1 || clustered {
-            host.set_peers(Links::open(&host, self.queues, self.token));
+            host.set_peers(Links::open(&host, self.queues, self.token, self.node_tls));
         }
         Ok(host)
     }

@@ -35,17 +35,25 @@ struct Cluster {
     store: String,
     dir: tempfile::TempDir,
     nodes: Vec<Option<Served>>,
+    /// Flags every node gets besides the cluster's own.
+    flags: Vec<String>,
 }
 
 impl Cluster {
     /// `count` nodes named n0, n1, ... on a fresh database; waits until they share the shards.
     fn start(count: usize) -> Option<Cluster> {
+        Cluster::start_with(count, &["--http", "off"])
+    }
+
+    /// [`Cluster::start`], each node with `flags` too.
+    fn start_with(count: usize, flags: &[&str]) -> Option<Cluster> {
         let store = duro::testing::postgres_database()?;
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = Cluster {
             store,
             dir,
             nodes: Vec::new(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         for index in 0..count {
             let node = cluster.spawn(index);
@@ -60,18 +68,17 @@ impl Cluster {
         let lease = LEASE_MS.to_string();
         // Node 1 runs two event loops: calls cross its shards as well as the nodes.
         let shards = if index == 1 { "2" } else { "1" };
-        let flags = [
+        let mut flags = vec![
             "--store",
             &self.store,
             "--node",
             &name,
             "--lease-ms",
             &lease,
-            "--http",
-            "off",
             "--shards",
             shards,
         ];
+        flags.extend(self.flags.iter().map(String::as_str));
         common::serve_with(self.dir.path(), &flags)
     }
 
@@ -637,5 +644,189 @@ fn a_paused_node_serves_nothing_of_its_shards_once_its_lease_lapsed() {
             }
         };
         assert!(answer.value > newest, "{answer:?} after {newest}");
+    });
+}
+
+/// An object's name among `prefix0`, `prefix1`... whose shard node `owner` owns.
+async fn name_owned_by(cluster: &Cluster, client: &Client, prefix: &str, owner: usize) -> String {
+    let tally = client.namespace("tally");
+    for candidate in 0.. {
+        let name = format!("{prefix}{candidate}");
+        let id = tally.id_from_name(&name).await.unwrap();
+        if cluster.owner_of(&id) == owner {
+            return name;
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn nodes_that_listen_with_tls_link_over_tls() {
+    let _serial = serial();
+    let tls = common::tls_files();
+    let flags = [
+        "--http",
+        "off",
+        "--tls-cert",
+        tls.cert_str(),
+        "--tls-key",
+        tls.key_str(),
+        "--cluster-ca",
+        tls.ca_str(),
+    ];
+    let Some(cluster) = Cluster::start_with(2, &flags) else {
+        return;
+    };
+    runtime().block_on(async {
+        let ca = duro::client::ClientTls::with_ca_pem(&tls.ca).unwrap();
+        let client = Client::connect_tls(cluster.addr(0).unwrap(), ca)
+            .await
+            .unwrap();
+        let name = name_owned_by(&cluster, &client, "t", 1).await;
+        let stub = client.namespace("tally").get_by_name(&name);
+        for value in 1..=3 {
+            let answer = parse(stub.call("POST", "/", "").await.unwrap().body());
+            assert_eq!((answer.value, answer.activation), (value, 1));
+        }
+    });
+    // Nodes whose links do not trust the others' certificates (the certificate is taken as its
+    // own CA, which it is not) cannot pass calls on: TLS is what links them.
+    let Some(untrusting) = Cluster::start_with(
+        2,
+        &[
+            "--http",
+            "off",
+            "--tls-cert",
+            tls.cert_str(),
+            "--tls-key",
+            tls.key_str(),
+        ],
+    ) else {
+        return;
+    };
+    runtime().block_on(async {
+        let ca = duro::client::ClientTls::with_ca_pem(&tls.ca).unwrap();
+        let client = Client::connect_tls(untrusting.addr(0).unwrap(), ca)
+            .await
+            .unwrap();
+        let name = name_owned_by(&untrusting, &client, "t", 1).await;
+        let stub = client.namespace("tally").get_by_name(&name);
+        let refused = stub.call("POST", "/", "").await.unwrap_err();
+        assert!(matches!(refused, duro::Error::Disconnected(_)), "{refused}");
+    });
+}
+
+#[test]
+fn nodes_with_a_token_present_it_to_each_other() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "cluster-secret\n").unwrap();
+    let flags = [
+        "--http",
+        "127.0.0.1:0",
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let Some(cluster) = Cluster::start_with(2, &flags) else {
+        return;
+    };
+    let gateway = cluster.nodes[0].as_ref().unwrap().http.unwrap();
+    // Which names node 1 owns: the IDs come from a node's minting (the gateway's path names
+    // the object); a client without the token cannot ask, so derive them from the status.
+    let status = cluster.status();
+    let owned_by_1: Vec<u64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "n1")
+        .unwrap()["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    assert!(!owned_by_1.is_empty());
+    // Through node 0's gateway, many objects: about half live on node 1, and every call
+    // succeeds, so node 0 reached node 1 with the token.
+    let mut answered = 0;
+    for object in 0..40 {
+        let path = format!("/tally/g{object}");
+        let (status, body) = http_post(gateway, &path, Some("cluster-secret"));
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body, "1 1\n");
+        answered += 1;
+    }
+    assert_eq!(answered, 40);
+    let (status, _) = http_post(gateway, "/tally/g0", None);
+    assert_eq!(status, 401);
+}
+
+/// `POST path` to the gateway at `addr` with an empty body: the status and the body.
+fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: duro\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn a_streamed_request_reaches_an_object_on_another_node() {
+    let _serial = serial();
+    let Some(cluster) = Cluster::start(2) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(cluster.addr(0).unwrap()).await.unwrap();
+        let name = name_owned_by(&cluster, &client, "s", 1).await;
+        let stub = client.namespace("echo").get_by_name(&name);
+        let (mut sender, body) = duro::Body::channel();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("/streamed")
+            .body(body)
+            .unwrap();
+        let call = stub.fetch_stream(request);
+        let writing = async move {
+            sender
+                .send(bytes::Bytes::from_static(b"hello "))
+                .await
+                .unwrap();
+            sender
+                .send(bytes::Bytes::from_static(b"world"))
+                .await
+                .unwrap();
+            sender.finish();
+        };
+        let (response, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(call, writing)
+        })
+        .await
+        .expect("the streamed call was answered");
+        let response = response.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().bytes().await.unwrap();
+        let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echoed["url"], "/streamed");
     });
 }

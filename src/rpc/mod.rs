@@ -59,22 +59,31 @@ fn bootstrap_of(
 ) -> host::Client {
     let real: host::Client = capnp_rpc::new_client(HostServer {
         host: host.clone(),
-        connection,
+        connection: connection.clone(),
         node_link: false,
     });
     match &options.token {
         Some(token) => capnp_rpc::new_client(GuardServer {
             token: token.clone(),
             host: real,
+            link: HostServer {
+                host: host.clone(),
+                connection,
+                node_link: true,
+            },
         }),
         None => real,
     }
 }
 
-/// The bootstrap Host of a host with a token: nothing but `authenticate` works.
+/// The bootstrap Host of a host with a token: nothing but `authenticate` (and `nodeLink`)
+/// works.
 struct GuardServer {
     token: std::sync::Arc<str>,
     host: host::Client,
+    /// What `nodeLink` gives, made here so that the answer carries a capability that is
+    /// resolved already.
+    link: HostServer,
 }
 
 fn unauthenticated() -> capnp::Error {
@@ -127,8 +136,12 @@ impl host::Server for GuardServer {
         });
         async move {
             if right? {
-                let link = self.host.node_link_request().send().pipeline.get_host();
-                results.get().set_host(link);
+                let link = HostServer {
+                    host: self.link.host.clone(),
+                    connection: self.link.connection.clone(),
+                    node_link: true,
+                };
+                results.get().set_host(capnp_rpc::new_client(link));
                 return Ok(());
             }
             tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;

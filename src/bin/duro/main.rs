@@ -157,6 +157,12 @@ struct ServeArgs {
     /// about this time; a node heartbeats every fifth of it.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
     lease_ms: u64,
+    /// The CA certificates (PEM) that vouch for the other nodes' certificates, when the nodes
+    /// listen with TLS (--tls-cert): the links between nodes then use TLS too, and a node's
+    /// certificate must be valid for the host of its --advertise address [default: the
+    /// --tls-cert file itself, for nodes that share one self-signed certificate].
+    #[arg(long, value_name = "PEM", requires = "node")]
+    cluster_ca: Option<PathBuf>,
     /// Sends the message of an object's error to HTTP clients in the 500's body. Without it the
     /// body carries a request ID, and the message is logged with that ID.
     #[arg(long)]
@@ -305,10 +311,15 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
         builder = builder.store(url);
     }
     if let Some(node) = &args.node {
+        let tls = match (&args.cluster_ca, &args.tls_cert) {
+            (Some(ca), _) | (None, Some(ca)) => Some(duro::tls::ClientTls::with_ca_pem(ca)?),
+            (None, None) => None,
+        };
         builder = builder.cluster(duro::cluster::ClusterOptions {
             node: node.clone(),
             advertise: args.advertise.clone().unwrap_or_default(),
             lease: Duration::from_millis(args.lease_ms),
+            tls,
         });
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
