@@ -118,7 +118,9 @@ impl Cluster {
                 .map(|n| n["shards"].as_array().unwrap().len())
                 .collect();
             let unowned = status["unowned"].as_array().unwrap().len();
-            let even = live.iter().all(|&owned| owned + 2 >= shards / alive);
+            // No node above its share (rounded up): no hand-off is still to come, whose shards
+            // would have no owner for a moment.
+            let even = live.iter().all(|&owned| owned <= shards.div_ceil(alive));
             if live.len() == alive && unowned == 0 && even {
                 return;
             }
@@ -270,6 +272,28 @@ fn calls_through_any_node_reach_one_instance_in_order() {
             .collect();
         assert_eq!(values, expected);
     });
+    // An export reads the whole store through any node; a node does not import (the other
+    // nodes' instances would keep their caches).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.jsonl");
+    let duro = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_duro"))
+            .args(args)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let node0 = cluster.addr(0).unwrap().to_string();
+    let node1 = cluster.addr(1).unwrap().to_string();
+    let file_arg = file.to_str().unwrap();
+    let exported = duro(&["export", "tally", "--connect", &node0, "-o", file_arg]);
+    assert!(exported.status.success(), "{exported:?}");
+    let lines = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(lines.matches("{\"object\":").count(), 25, "{lines}");
+    let refused = duro(&["import", "--connect", &node1, "-i", file_arg]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("does not import"), "{stderr}");
 }
 
 #[test]
@@ -450,7 +474,7 @@ fn under_kills_pauses_and_restarts_nothing_acknowledged_is_lost_and_one_instance
     let workers: Vec<_> = (0..12u64)
         .map(|worker| {
             let addrs = addrs.clone();
-            let mut pick = Seeded((seed ^ (worker + 1) * 0x9e37_79b9) | 1);
+            let mut pick = Seeded((seed ^ ((worker + 1) * 0x9e37_79b9)) | 1);
             runtime.spawn(async move {
                 let mut clients = Clients::default();
                 let name = format!("c{worker}");
@@ -760,6 +784,64 @@ fn nodes_with_a_token_present_it_to_each_other() {
     assert_eq!(answered, 40);
     let (status, _) = http_post(gateway, "/tally/g0", None);
     assert_eq!(status, 401);
+    // A WebSocket upgrade is served for an object of this node (tally answers it as a GET),
+    // and refused with a clear error for one of another node.
+    let mut answers = Vec::new();
+    for object in 0..20 {
+        answers.push(http_upgrade(
+            gateway,
+            &format!("/tally/w{object}"),
+            "cluster-secret",
+        ));
+    }
+    assert!(
+        answers.iter().any(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|(status, body)| *status == 502 && body.contains("another node")),
+        "{answers:?}"
+    );
+}
+
+/// A WebSocket upgrade request for `path` to the gateway at `addr`: the status and the body.
+fn http_upgrade(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: duro\r\nAuthorization: Bearer {token}\r\n\
+         Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // The answer is not an upgrade: read it until its body is whole (Content-Length).
+    loop {
+        let read = stream.read(&mut buffer).unwrap();
+        reply.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&reply).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|l| l.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length || read == 0 {
+                return (text[9..12].parse().unwrap(), body.to_owned());
+            }
+        }
+        assert!(read > 0, "the gateway closed: {text}");
+    }
 }
 
 /// `POST path` to the gateway at `addr` with an empty body: the status and the body.

@@ -56,8 +56,7 @@ use super::lmdb::MAX_NAMESPACE_NAME;
 use super::shards::{EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, virtual_shard};
 use super::{Error, OpenError};
 
-mod cluster;
-pub use cluster::{ClusterView, LeaseRow, NodeRow};
+pub mod cluster;
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = 2;
