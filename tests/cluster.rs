@@ -122,6 +122,9 @@ impl Cluster {
             // would have no owner for a moment.
             let even = live.iter().all(|&owned| owned <= shards.div_ceil(alive));
             if live.len() == alive && unowned == 0 && even {
+                // Each node learns the others' shards at its next heartbeat (every fifth of
+                // the lease): until then it would answer a call for them `disconnected`.
+                std::thread::sleep(Duration::from_millis(LEASE_MS * 2 / 5));
                 return;
             }
             assert!(

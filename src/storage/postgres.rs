@@ -366,9 +366,17 @@ async fn migrate(client: &mut Client, requested: Option<u32>) -> Result<u32, Ope
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(open_error)?;
-    txn.batch_execute("CREATE TABLE IF NOT EXISTS duro_schema (version integer NOT NULL)")
+    // Under the lock: no other node creates it meanwhile (and no notice that it exists).
+    let exists: bool = txn
+        .query_one("SELECT to_regclass('duro_schema') IS NOT NULL", &[])
         .await
-        .map_err(open_error)?;
+        .map_err(open_error)?
+        .get(0);
+    if !exists {
+        txn.batch_execute("CREATE TABLE duro_schema (version integer NOT NULL)")
+            .await
+            .map_err(open_error)?;
+    }
     let version: i32 = match txn
         .query_opt("SELECT version FROM duro_schema", &[])
         .await

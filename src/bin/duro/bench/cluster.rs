@@ -172,7 +172,7 @@ async fn postgres(settings: &Settings, admin: &str, nodes: usize) -> Setup {
     }
 }
 
-/// Waits until `nodes` nodes own every shard between them, evenly.
+/// Waits until `nodes` nodes own every shard between them, none above its share.
 fn settled(store: &str, nodes: usize, within: Duration) -> Result<(), String> {
     let options = duro::storage::PostgresOptions {
         cluster: true,
@@ -194,7 +194,13 @@ fn settled(store: &str, nodes: usize, within: Duration) -> Result<(), String> {
             })
             .collect();
         let all_owned = owners.iter().sum::<usize>() == shards;
-        if owners.len() == nodes && all_owned && owners.iter().all(|&o| o + 2 >= shards / nodes) {
+        // No node above its share: no hand-off is still to come.
+        let even = owners.iter().all(|&o| o <= shards.div_ceil(nodes));
+        if owners.len() == nodes && all_owned && even {
+            // Each node learns the others' shards at its next heartbeat (a fifth of the lease).
+            std::thread::sleep(Duration::from_millis(
+                LEASE_MS.parse::<u64>().unwrap_or(0) / 4,
+            ));
             return Ok(());
         }
         if Instant::now() > deadline {
