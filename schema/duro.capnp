@@ -60,6 +60,15 @@ interface Host {
   # `Admin`). With a token (`--token-file`), only the Host that `authenticate` returned gives
   # it. An object's `ObjectContext.env` Host does not (`unimplemented`): exports carry the
   # namespaces' secrets.
+
+  nodeLink @5 (token :Text) -> (host :Host);
+  # For the nodes of a cluster (`duro serve --node`): the Host that one node calls another's
+  # objects through. It checks `token` as `authenticate` does (the cluster shares the token of
+  # `--token-file`), and its namespaces serve only the objects of the virtual shards this node
+  # owns now: a `get` for any other object is answered `disconnected` ("not the owner"), never
+  # passed on again, so that two nodes whose views of ownership differ for a moment cannot
+  # pass a call back and forth. The caller gets a new stub through its own node, which by then
+  # knows the new owner.
 }
 
 interface Admin {

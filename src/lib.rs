@@ -31,6 +31,7 @@ mod host;
 pub mod storage;
 // The faces of the host, and what assembles them.
 mod admin;
+pub mod cluster;
 pub mod gateway;
 pub mod rpc;
 mod server;

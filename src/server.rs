@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::admin::{self, AdminContext};
+use crate::cluster::{ClusterOptions, Keeper};
 use crate::gateway::{self, GatewayOptions};
 use crate::host::{
     Config, DurableObject, Env, Host, HostLimits, Placement, StartError, State, factory,
@@ -20,7 +21,8 @@ use crate::rpc::RpcOptions;
 use crate::rpc::external::External;
 use crate::rpc::external::registry::Registry;
 use crate::shards::{Links, Queues, run_jobs};
-use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions, Writer};
+use crate::storage::cluster::Ownership;
+use crate::storage::{Backend, Limits, LmdbBackend, LmdbOptions, PostgresBackend, Writer};
 use crate::tls::ServerTls;
 use crate::wire::ListenAddr;
 use crate::wire::frame::FrameLimits;
@@ -72,6 +74,7 @@ impl Server {
             external: std::collections::BTreeSet::new(),
             shards: 1,
             writer_per_shard: false,
+            cluster: None,
         }
     }
 }
@@ -124,6 +127,8 @@ pub struct Builder {
     shards: usize,
     /// Each shard commits with a writer of its own instead of the one they share.
     writer_per_shard: bool,
+    /// The server is a node of a cluster (see [`Builder::cluster`]).
+    cluster: Option<ClusterOptions>,
 }
 
 impl Builder {
@@ -185,6 +190,15 @@ impl Builder {
             url: url.into(),
             options: crate::storage::PostgresOptions::default(),
         };
+        self
+    }
+
+    /// Makes the server a node of a cluster: several servers on one PostgreSQL store
+    /// ([`Builder::store`]), each owning the virtual shards it holds leases on and passing calls
+    /// for the others' objects to their owners (see [`crate::cluster`]). The server's token
+    /// ([`Builder::token`]) is the cluster's: the nodes present it to each other.
+    pub fn cluster(mut self, options: ClusterOptions) -> Builder {
+        self.cluster = Some(options);
         self
     }
 
@@ -335,19 +349,40 @@ impl Builder {
     }
 
     fn open_backend(&self) -> Result<Arc<dyn Backend>, StartError> {
+        Ok(self.open_store()?.0)
+    }
+
+    /// The backend, and for a node of a cluster the PostgreSQL store it shares.
+    #[allow(clippy::type_complexity)]
+    fn open_store(&self) -> Result<(Arc<dyn Backend>, Option<Arc<PostgresBackend>>), StartError> {
+        let mut shared = None;
         let backend: Arc<dyn Backend> = match &self.storage {
+            StorageChoice::Lmdb { .. } | StorageChoice::Given(_) if self.cluster.is_some() => {
+                return Err(StartError::Io(std::io::Error::other(
+                    "a node of a cluster (--node) keeps its data in PostgreSQL: give --store",
+                )));
+            }
             StorageChoice::Lmdb { data_dir, options } => {
                 Arc::new(LmdbBackend::open(data_dir, options)?)
             }
             StorageChoice::Postgres { url, options } => {
-                Arc::new(crate::storage::PostgresBackend::open(url, options)?)
+                let options = crate::storage::PostgresOptions {
+                    cluster: self.cluster.is_some(),
+                    ..options.clone()
+                };
+                let store = Arc::new(PostgresBackend::open(url, &options)?);
+                if self.cluster.is_some() {
+                    shared = Some(store.clone());
+                }
+                store
             }
             StorageChoice::Given(backend) => backend.clone(),
         };
-        Ok(match &self.wrap_backend {
+        let backend = match &self.wrap_backend {
             Some(wrap) => wrap(backend),
             None => backend,
-        })
+        };
+        Ok((backend, shared))
     }
 
     fn load_tls(&self) -> Result<Option<ServerTls>, StartError> {
@@ -423,7 +458,7 @@ impl Builder {
         stop: impl FnOnce() -> F,
     ) -> Result<(), StartError> {
         let tls = self.load_tls()?;
-        let backend = self.open_backend()?;
+        let (backend, cluster_store) = self.open_store()?;
         // Made here, one after the other, before any shard reads them.
         for name in self.config.bindings.keys() {
             backend.namespace(name)?;
@@ -439,6 +474,10 @@ impl Builder {
                 self.metrics().storage().clone(),
             )?),
         };
+        let ownership = self
+            .cluster
+            .as_ref()
+            .map(|options| Ownership::new(&options.node, virtual_shards));
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
             .unzip();
@@ -458,8 +497,11 @@ impl Builder {
                     activations_max: (self.config.limits.activations_max / shards).max(1),
                     ..self.config.limits.clone()
                 },
+                cluster: ownership.clone(),
                 ..self.config.clone()
             },
+            token: self.rpc.token.clone(),
+            node_tls: self.cluster.as_ref().and_then(|c| c.tls.clone()),
             backend: backend.clone(),
             external: self.external.clone(),
             gateway: self
@@ -504,6 +546,27 @@ impl Builder {
             warn_if_clear_text(&self.listen, self.http, tls.is_some());
             let listener = Listener::bind(&self.listen).await?;
             warn_if_open(&self.listen, self.http, self.rpc.token.is_some());
+            let keeper = match (&self.cluster, cluster_store, &ownership) {
+                (Some(options), Some(store), Some(ownership)) => {
+                    let options = ClusterOptions {
+                        advertise: advertise(options, &listener.local_addr()?)?,
+                        ..options.clone()
+                    };
+                    let (first_tx, first) = oneshot::channel();
+                    let keeper =
+                        Keeper::start(options, store, ownership.clone(), queues.clone(), first_tx)?;
+                    match first.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => return Err(StartError::Io(std::io::Error::other(error))),
+                        Err(_) => {
+                            let error = "the cluster's lease keeper died";
+                            return Err(StartError::Io(std::io::Error::other(error)));
+                        }
+                    }
+                    Some(keeper)
+                }
+                _ => None,
+            };
             let dispatch = Dispatch::new(queues);
             let mut http_addr = None;
             let mut http = None;
@@ -544,6 +607,11 @@ impl Builder {
                 _ = stop => {}
             }
             tracing::info!("shutting down");
+            // A node hands its shards off while it still serves its connections: calls in
+            // progress finish, then the other nodes take the shards.
+            if let Some(keeper) = keeper {
+                keeper.drain().await;
+            }
             drop((listener, http));
             let stopped: Vec<_> = others
                 .into_iter()
@@ -572,6 +640,20 @@ impl Builder {
             writer.shutdown();
         }
         result
+    }
+}
+
+/// Where the other nodes reach this one: `--advertise`, or the address it listens on when that
+/// is a TCP address of one interface.
+fn advertise(options: &ClusterOptions, listening: &ListenAddr) -> Result<String, StartError> {
+    if !options.advertise.is_empty() {
+        return Ok(options.advertise.clone());
+    }
+    match listening {
+        ListenAddr::Tcp(addr) if !addr.ip().is_unspecified() => Ok(addr.to_string()),
+        _ => Err(StartError::Io(std::io::Error::other(format!(
+            "a node of a cluster must be reachable by the others: it listens on {listening}, so give --advertise HOST:PORT"
+        )))),
     }
 }
 
@@ -612,19 +694,24 @@ struct ShardPlan {
     /// The gateway's options and token, when it is on.
     gateway: Option<(GatewayOptions, Option<Arc<str>>)>,
     queues: Queues,
+    /// The server's token, which the nodes of a cluster present to each other.
+    token: Option<Arc<str>>,
+    /// TLS on the links to the other nodes of a cluster.
+    node_tls: Option<crate::tls::ClientTls>,
 }
 
 impl ShardPlan {
     /// Opens the shard's host on the current event loop, with its gateway and its links to
     /// the other shards.
     fn open(self) -> Result<Host, StartError> {
+        let clustered = self.config.cluster.is_some();
         let host = Host::open(self.config, self.backend)?;
         Registry::install(&host, self.external);
         if let Some((options, token)) = self.gateway {
             gateway::install(&host, options, token);
         }
-        if self.queues.len() > 1 {
-            host.set_peers(Links::open(&host, self.queues));
+        if self.queues.len() > 1 || clustered {
+            host.set_peers(Links::open(&host, self.queues, self.token, self.node_tls));
         }
         Ok(host)
     }

@@ -80,6 +80,32 @@ fn test_store(dir: &Path) -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// A fresh database on the PostgreSQL server that `DURO_TEST_PG` names
+/// (`postgresql://USER@HOST:PORT/DB`, a user who may create databases): its URL. `None` when
+/// the variable is not set, unless `DURO_REQUIRE_PG` is (CI sets both), which then panics: a
+/// test that needs a real server must not pass by skipping there.
+pub fn postgres_database() -> Option<String> {
+    let admin = std::env::var("DURO_TEST_PG")
+        .ok()
+        .filter(|url| !url.is_empty());
+    let Some(admin) = admin else {
+        assert!(
+            std::env::var("DURO_REQUIRE_PG").is_err(),
+            "DURO_REQUIRE_PG is set but DURO_TEST_PG is not (see .ci/postgres)"
+        );
+        eprintln!("skipped: DURO_TEST_PG is not set (see .ci/postgres)");
+        return None;
+    };
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).expect("the OS random source");
+    let name = format!("duro_test_{}", crate::id::to_hex(&suffix));
+    create_database(&admin, &name);
+    let base = admin
+        .rsplit_once('/')
+        .map_or(admin.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
 /// Creates the database `name`, on a thread of its own: the caller may be inside a runtime.
 fn create_database(admin: &str, name: &str) {
     let (admin, sql) = (admin.to_owned(), format!("CREATE DATABASE {name}"));

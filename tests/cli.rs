@@ -207,7 +207,7 @@ fn ls_lists_namespaces_with_their_classes() {
     assert_exit(&output, 0);
     assert_eq!(
         stdout(&output),
-        "counter  counter\necho     echo\nkv       kv\nroom     room\ntimer    timer\n"
+        "counter  counter\necho     echo\nkv       kv\nroom     room\ntally    tally\ntimer    timer\n"
     );
 }
 

@@ -200,6 +200,7 @@ async fn namespaces_are_listed_with_their_classes() {
         ("fragile", "fragile"),
         ("kv", "kv"),
         ("room", "room"),
+        ("tally", "tally"),
         ("timer", "timer"),
     ];
     assert_eq!(listed, expected.map(|(n, c)| (n.to_owned(), c.to_owned())));

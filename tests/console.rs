@@ -283,7 +283,7 @@ fn the_api_lists_namespaces_and_pages_objects_with_their_names() {
         .iter()
         .map(|ns| ns["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["counter", "echo", "kv", "room", "timer"]);
+    assert_eq!(names, ["counter", "echo", "kv", "room", "tally", "timer"]);
     assert!(
         namespaces
             .as_array()
@@ -521,7 +521,7 @@ fn the_page_is_served_whole_from_the_binary_and_the_api_behind_the_token() {
     }
     let answer = request(admin, "GET", "/api/namespaces", Some("s3cret"));
     assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.json().as_array().unwrap().len(), 5);
+    assert_eq!(answer.json().as_array().unwrap().len(), 6);
     let answer = request(admin, "GET", "/api/objects?namespace=kv", Some("s3cret"));
     assert_eq!(answer.status, 200, "{}", answer.body);
 }
@@ -666,7 +666,7 @@ async fn the_page_lists_namespaces_objects_and_storage_and_charts_live_metrics()
     // The namespaces, with their classes.
     wait(
         &page,
-        "document.querySelectorAll('#namespaces tbody tr').length === 5",
+        "document.querySelectorAll('#namespaces tbody tr').length === 6",
     )
     .await;
     let classes = page
@@ -859,7 +859,7 @@ async fn with_a_token_the_page_asks_for_it_once_and_sends_it() {
     page.eval(&sign_in("s3cret")).await;
     wait(
         &page,
-        "document.querySelectorAll('#namespaces tbody tr').length === 5",
+        "document.querySelectorAll('#namespaces tbody tr').length === 6",
     )
     .await;
     assert_eq!(

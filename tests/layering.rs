@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["storage"],
     &["host"],
     &["rpc", "gateway", "admin"],
-    &["server", "shards"],
+    &["server", "shards", "cluster"],
     &["builtin", "client", "testing"],
     &["lib"],
 ];

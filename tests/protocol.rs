@@ -153,6 +153,7 @@ fn namespaces_are_listed_with_their_classes() {
                 ("recorder", "recorder"),
                 ("recorder2", "recorder"),
                 ("room", "room"),
+                ("tally", "tally"),
                 ("timer", "timer")
             ]
             .map(|(a, b)| (a.to_string(), b.to_string()))

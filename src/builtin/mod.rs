@@ -5,12 +5,13 @@ pub mod counter;
 pub mod echo;
 pub mod kv;
 pub mod room;
+pub mod tally;
 pub mod timer;
 
 use crate::server::Builder;
 
 /// Registers the built-in classes on `builder`, each bound to a namespace of the same name:
-/// `echo`, `counter`, `kv`, `timer` and `room`. This is what `duro serve` hosts.
+/// `echo`, `counter`, `kv`, `timer`, `room` and `tally`. This is what `duro serve` hosts.
 ///
 /// ```
 /// let builder = duro::builtin::register(duro::Server::builder());
@@ -28,4 +29,6 @@ pub fn register(builder: Builder) -> Builder {
         .namespace("timer", "timer")
         .class("room", |state, _env| room::Room::new(state))
         .namespace("room", "room")
+        .class("tally", |state, _env| tally::Tally::new(state))
+        .namespace("tally", "tally")
 }

@@ -405,6 +405,15 @@ impl Gateway {
             let response = stub.fetch_stream(request).await;
             return response.map_err(|error| self.body_failed(&broken, failed, error));
         };
+        if stub.remote_client().is_some() {
+            // Another node of the cluster owns the object: the socket would have to be passed
+            // on through its `request`, which this gateway does not do yet.
+            return Err(failed(crate::error::Error::Disconnected(
+                "the object lives on another node of the cluster: a WebSocket reaches it through \
+                 the gateway of the node that owns it, or over Cap'n Proto"
+                    .into(),
+            )));
+        }
         let slot =
             ConnectionSlot::take_within(&self.web_sockets, WEB_SOCKETS_MAX).ok_or_else(|| {
                 self.host.metrics().refused(Bound::web_sockets);

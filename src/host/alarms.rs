@@ -243,6 +243,7 @@ impl Scheduler {
             host: Rc::downgrade(host),
             metrics: host.metrics.alarms().clone(),
         });
+        *host.scheduler.borrow_mut() = Rc::downgrade(&scheduler);
         let hooked = Rc::downgrade(&scheduler);
         *host.storage.on_alarm.borrow_mut() = Some(Rc::new(move |object, alarm| {
             if let Some(scheduler) = hooked.upgrade() {
@@ -254,6 +255,21 @@ impl Scheduler {
             }
         }));
         tokio::task::spawn_local(run(scheduler));
+    }
+
+    /// Forgets the window and reads it again from the start of the index: the objects the host
+    /// serves changed (its node took virtual shards of the cluster), and the alarms of the new
+    /// ones were skipped before. Deliveries in flight stay so until they settle.
+    pub(crate) fn reload(&self) {
+        {
+            let mut window = self.window.borrow_mut();
+            let in_flight = std::mem::take(&mut window.in_flight);
+            *window = Window {
+                in_flight,
+                ..Window::default()
+            };
+        }
+        self.wake.notify_one();
     }
 
     /// Refills the window from the index if it is low.
@@ -268,7 +284,9 @@ impl Scheduler {
         match host.storage.backend.next_alarms(after, asked) {
             Ok(entries) => {
                 let placement = host.placement;
-                let mine = |object: &ObjectKey| !placement.is_remote(&object.id);
+                let mine = |object: &ObjectKey| {
+                    !placement.is_remote(&object.id) && host.serves_shard_of(&object.id)
+                };
                 self.window.borrow_mut().refill(entries, asked, mine);
             }
             Err(error) => tracing::warn!(%error, "reading the alarm index"),
@@ -364,6 +382,10 @@ async fn deliver(
         .find(|ns| ns.tag == object.tag)
         .cloned()
         .ok_or_else(|| crate::Error::InvalidArgument("no namespace of the alarm's tag".into()))?;
+    if !host.serves_shard_of(&object.id) {
+        let shard = host.storage.shards.shard_of(&object.id);
+        return Err(super::cluster::not_owner(shard, None));
+    }
     let id = namespace.minter.borrow().check(&object.id, None)?;
     let activation = namespace.activation(id)?;
     activation.alarm(at_ms, AlarmInfo::new(retries)).await
@@ -374,6 +396,9 @@ fn delete_if_unchanged(host: &Rc<HostInner>, object: ObjectKey, at_ms: u64) {
     let Some(namespace) = host.namespaces.values().find(|ns| ns.tag == object.tag) else {
         return;
     };
+    if !host.serves_shard_of(&object.id) {
+        return;
+    }
     let Ok(id) = namespace.minter.borrow().check(&object.id, None) else {
         return;
     };

@@ -15,6 +15,7 @@
 pub(crate) mod activation;
 mod alarms;
 pub(crate) mod class;
+pub(crate) mod cluster;
 pub(crate) mod operations;
 pub(crate) mod shard;
 pub(crate) mod socket;
@@ -50,6 +51,7 @@ use crate::error::Error;
 use crate::id::{IdMinter, ObjectId};
 use crate::message::{Request, Response, StreamRequest, StreamResponse};
 use crate::metrics::{Bound, Metrics, NamespaceMetrics};
+use crate::storage::cluster::{Ownership, Route};
 use crate::storage::{
     self, Backend, Limits, ObjectKey, ObjectRecord, ObjectStore, Shared, Writer, WriterHandle,
     WriterStats,
@@ -126,6 +128,8 @@ pub(crate) struct Config {
     pub(crate) writer: Option<WriterHandle>,
     /// The server's metrics, which its shards share; `None`: the host keeps its own.
     pub(crate) metrics: Option<Arc<Metrics>>,
+    /// In a cluster, the virtual shards this node owns (see [`crate::storage::cluster`]).
+    pub(crate) cluster: Option<Arc<Ownership>>,
 }
 
 /// Why a host could not start.
@@ -170,6 +174,8 @@ pub(crate) struct HostInner {
     metrics: Arc<Metrics>,
     /// Exports and backups running (see [`operations::DUMPS_MAX`]).
     dumps: Arc<tokio::sync::Semaphore>,
+    /// The alarm scheduler, once started.
+    scheduler: RefCell<Weak<alarms::Scheduler>>,
 }
 
 /// A running host, on the current thread (inside a tokio `LocalSet`). Cheap to clone.
@@ -198,11 +204,9 @@ impl Host {
                 (Some(writer), handle)
             }
         };
-        let shared = Rc::new(Shared::new(
-            backend.clone(),
-            handle,
-            config.storage_limits.clone(),
-        )?);
+        let mut shared = Shared::new(backend.clone(), handle, config.storage_limits.clone())?;
+        shared.cluster = config.cluster.clone();
+        let shared = Rc::new(shared);
         let records = config
             .bindings
             .iter()
@@ -242,6 +246,7 @@ impl Host {
             extensions: RefCell::default(),
             metrics,
             dumps: Arc::new(tokio::sync::Semaphore::new(operations::DUMPS_MAX)),
+            scheduler: RefCell::new(Weak::new()),
         });
         tokio::task::spawn_local(sweep_idle(Rc::downgrade(&inner)));
         alarms::Scheduler::start(&inner, clock);
@@ -385,6 +390,18 @@ const SOCKETS_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl HostInner {
+    /// Whether this host may serve the object `id` as far as its cluster goes: always outside
+    /// one; in one, while its node owns the object's virtual shard and its leases hold.
+    pub(crate) fn serves_shard_of(&self, id: &[u8; 32]) -> bool {
+        match &self.storage.cluster {
+            None => true,
+            Some(cluster) => {
+                let shard = self.storage.shards.shard_of(id);
+                matches!(cluster.route(shard), Route::Here(_))
+            }
+        }
+    }
+
     fn all_idle(&self) -> bool {
         let mut activations = self.namespaces.values().flat_map(|ns| {
             let registry = ns.activations.borrow();
@@ -651,11 +668,44 @@ impl Namespace {
     /// its activation here, or through the peers when it is an object of another shard (see
     /// [`shard`]).
     pub(crate) fn stub_of(&self, id: ObjectId) -> Result<Stub, Error> {
+        self.stub_routed(id, true)
+    }
+
+    /// A stub for `id` of an object this node owns, never one passed on to another node of
+    /// the cluster: what a node link asks for (see `Host.nodeLink`).
+    pub(crate) fn stub_here(&self, id: ObjectId) -> Result<Stub, Error> {
+        self.stub_routed(id, false)
+    }
+
+    /// [`Namespace::stub_of`]; in a cluster, an object of a virtual shard another node owns is
+    /// reached there when `forward`, and refused with `disconnected` when not (or when no node
+    /// owns its shard now).
+    fn stub_routed(&self, id: ObjectId, forward: bool) -> Result<Stub, Error> {
         let host = self
             .core
             .host
             .upgrade()
             .ok_or_else(activation::shutting_down)?;
+        if let Some(cluster) = &host.storage.cluster {
+            let shard = host.storage.shards.shard_of(id.bytes());
+            match cluster.route(shard) {
+                Route::Here(_) => {}
+                Route::Node(node) if forward => {
+                    if host.closing.get() {
+                        return Err(activation::shutting_down());
+                    }
+                    let peers = host.peers.borrow().clone().ok_or_else(|| {
+                        Error::Disconnected("the node is not linked to the cluster yet".into())
+                    })?;
+                    let client = peers.node_stub(&node, &self.core.name, &id);
+                    return Ok(Stub {
+                        target: Target::Remote(RemoteObject::new(id, client)),
+                    });
+                }
+                Route::Node(node) => return Err(cluster::not_owner(shard, Some(&node.name))),
+                Route::Nobody => return Err(cluster::not_owner(shard, None)),
+            }
+        }
         let shard = host.placement.shard_of(id.bytes());
         if shard == host.placement.shard {
             return Ok(Stub::new(self.core.clone(), self.core.activation(id)?));
@@ -789,6 +839,19 @@ impl Stub {
             return Err(activation::shutting_down());
         }
         let current = activation.borrow().clone();
+        if let Some(cluster) = &host.storage.cluster {
+            let shard = host.storage.shards.shard_of(current.id().bytes());
+            if !cluster.holds(shard, current.store.epoch) {
+                let error = cluster::not_owner(shard, None);
+                // Owned again since, under a new epoch: this activation's cache may be stale.
+                // (Not owned now: the node's lease keeper resets or hands its objects off.)
+                let now = cluster.epoch(shard);
+                if now != 0 && now != current.store.epoch {
+                    current.reset(&error.to_string());
+                }
+                return Err(error);
+            }
+        }
         if !current.is_evicted() {
             return Ok(current);
         }

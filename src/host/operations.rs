@@ -241,6 +241,15 @@ impl Host {
 
     /// Begins an import; see [`Import`].
     pub fn import(&self, overwrite: bool) -> Result<Import, Error> {
+        if self.inner.storage.cluster.is_some() {
+            // The other nodes' instances of the imported objects would keep their caches, and
+            // the import's writes carry no shard's epoch.
+            return Err(Error::InvalidArgument(
+                "a node of a cluster does not import: stop the nodes, import with one \
+                 `duro serve --store URL` (not a node), then start the nodes again"
+                    .into(),
+            ));
+        }
         let file = tempfile::tempfile()
             .map_err(|e| storage_error(&format!("making the import's staging file: {e}")))?;
         Ok(Import {

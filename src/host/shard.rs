@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::id::ObjectId;
 use crate::message::StreamRequest;
 use crate::message::StreamResponse;
+use crate::storage::cluster::NodeAddr;
 use crate::storage::{VIRTUAL_SHARDS_DEFAULT, virtual_shard};
 use crate::wire::duro_capnp::durable_object;
 use crate::wire::stream;
@@ -78,6 +79,11 @@ pub(crate) trait Peers {
 
     /// The `Host` of another shard, privileged (as a link from a shard is).
     fn host(&self, shard: usize) -> Option<crate::wire::duro_capnp::host::Client>;
+
+    /// A capability to the object `id` of `namespace` on another node of the cluster, through
+    /// this shard's link to that node (see `Host.nodeLink`). Answers at once, as
+    /// [`Peers::stub`] does.
+    fn node_stub(&self, node: &NodeAddr, namespace: &str, id: &ObjectId) -> durable_object::Client;
 }
 
 /// A stub to an object of another shard: the capability to it there.

@@ -60,21 +60,31 @@ fn bootstrap_of(
 ) -> host::Client {
     let real: host::Client = capnp_rpc::new_client(HostServer {
         host: host.clone(),
-        connection,
+        connection: connection.clone(),
+        node_link: false,
     });
     match &options.token {
         Some(token) => capnp_rpc::new_client(GuardServer {
             token: token.clone(),
             host: real,
+            link: HostServer {
+                host: host.clone(),
+                connection,
+                node_link: true,
+            },
         }),
         None => real,
     }
 }
 
-/// The bootstrap Host of a host with a token: nothing but `authenticate` works.
+/// The bootstrap Host of a host with a token: nothing but `authenticate` (and `nodeLink`)
+/// works.
 struct GuardServer {
     token: std::sync::Arc<str>,
     host: host::Client,
+    /// What `nodeLink` gives, made here so that the answer carries a capability that is
+    /// resolved already.
+    link: HostServer,
 }
 
 fn unauthenticated() -> capnp::Error {
@@ -112,6 +122,32 @@ impl host::Server for GuardServer {
         _: host::RegisterProviderResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready(Err(unauthenticated()))
+    }
+
+    fn node_link(
+        self: Rc<Self>,
+        params: host::NodeLinkParams,
+        mut results: host::NodeLinkResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let right = params.get().and_then(|p| {
+            Ok(crate::auth::constant_time_eq(
+                p.get_token()?.as_bytes(),
+                self.token.as_bytes(),
+            ))
+        });
+        async move {
+            if right? {
+                let link = HostServer {
+                    host: self.link.host.clone(),
+                    connection: self.link.connection.clone(),
+                    node_link: true,
+                };
+                results.get().set_host(capnp_rpc::new_client(link));
+                return Ok(());
+            }
+            tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;
+            Err(unauthenticated())
+        }
     }
 
     fn authenticate(
@@ -212,9 +248,26 @@ fn text(reader: capnp::text::Reader<'_>) -> capnp::Result<&str> {
 struct HostServer {
     host: Host,
     connection: std::rc::Rc<Connection>,
+    /// Reached through `nodeLink`: its namespaces serve only this node's objects.
+    node_link: bool,
 }
 
 impl host::Server for HostServer {
+    fn node_link(
+        self: Rc<Self>,
+        _: host::NodeLinkParams,
+        mut results: host::NodeLinkResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        // The token (if the host has one) was checked by the guard in front.
+        let link = HostServer {
+            host: self.host.clone(),
+            connection: self.connection.clone(),
+            node_link: true,
+        };
+        results.get().set_host(capnp_rpc::new_client(link));
+        ready(Ok(()))
+    }
+
     fn admin(
         self: Rc<Self>,
         _: host::AdminParams,
@@ -253,6 +306,7 @@ impl host::Server for HostServer {
                 .set_namespace(capnp_rpc::new_client(NamespaceServer {
                     namespace,
                     connection: self.connection.clone(),
+                    node_link: self.node_link,
                 }));
             Ok(())
         })())
@@ -330,6 +384,8 @@ impl registration::Server for Registrations {}
 struct NamespaceServer {
     namespace: Namespace,
     connection: std::rc::Rc<Connection>,
+    /// Reached through `Host.nodeLink`: a `get` is served here or refused, never passed on.
+    node_link: bool,
 }
 
 fn write_id(id: &ObjectId, mut builder: object_id::Builder) {
@@ -388,9 +444,11 @@ impl namespace::Server for NamespaceServer {
             let name = text(id.get_name()?)?;
             let name = (!name.is_empty()).then_some(name);
             let id = self.namespace.check_id(id.get_bytes()?, name)?;
-            results
-                .get()
-                .set_stub(stub_client(self.namespace.get(&id)?, &self.connection));
+            let stub = match self.node_link {
+                true => self.namespace.stub_here(id)?,
+                false => self.namespace.stub_of(id)?,
+            };
+            results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
     }
@@ -402,10 +460,13 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         ready((|| {
             let name = text(params.get()?.get_name()?)?;
-            results.get().set_stub(stub_client(
-                self.namespace.get_by_name(name)?,
-                &self.connection,
-            ));
+            let stub = match self.node_link {
+                true => self
+                    .namespace
+                    .stub_here(self.namespace.id_from_name(name)?)?,
+                false => self.namespace.get_by_name(name)?,
+            };
+            results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
     }

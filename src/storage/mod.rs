@@ -26,6 +26,7 @@
 //! [`MemoryBackend`] for tests without a disk).
 
 mod backend;
+pub mod cluster;
 #[cfg(test)]
 mod conformance;
 mod dump;
@@ -63,6 +64,7 @@ pub(crate) use keys::successor;
 pub use lmdb::{FORMAT_VERSION, LmdbBackend, LmdbOptions};
 pub use memory::MemoryBackend;
 pub use options::{Limits, ListOptions};
+pub use postgres::cluster::{ClusterView, LeaseRow, NodeRow};
 pub use postgres::{PostgresBackend, PostgresOptions};
 pub use shards::{ShardMap, VIRTUAL_SHARDS_DEFAULT, VIRTUAL_SHARDS_MAX, virtual_shard};
 pub(crate) use store::{ObjectStore, PRELOAD_KEYS_MAX, Shared};

@@ -28,11 +28,16 @@
 //! one PostgreSQL transaction, durable when it returns (`synchronous_commit` as the server
 //! has it: keep it `on`).
 //!
-//! # One host per store
+//! - `duro_nodes` and `duro_leases` (version 2): the nodes of a cluster and a lease per
+//!   virtual shard (see the `cluster` module).
 //!
-//! Until the cluster mode, one host owns a store: the engine holds a session advisory lock on
-//! a connection of its own for its life, and a second one is refused, as a second LMDB open
-//! of a data dir is.
+//! # One host per store, or a cluster
+//!
+//! A host that is not a node of a cluster owns its store alone: the engine holds a session
+//! advisory lock on a connection of its own for its life, and a second one is refused, as a
+//! second LMDB open of a data dir is. The nodes of a cluster ([`PostgresOptions::cluster`]) take
+//! that lock shared: they share the store, each committing only for the virtual shards it holds
+//! leases on (fenced by the epochs), and a host outside the cluster cannot open it meanwhile.
 
 use std::ops::Bound;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -51,8 +56,10 @@ use super::lmdb::MAX_NAMESPACE_NAME;
 use super::shards::{EPOCH_FIRST, ShardMap, VIRTUAL_SHARDS_DEFAULT, check_count, virtual_shard};
 use super::{Error, OpenError};
 
+pub mod cluster;
+
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Connections in the pool: the event loops' reads and the writer's commits share them.
 pub const POOL_SIZE: usize = 8;
@@ -70,7 +77,8 @@ const OWNER_LOCK: i64 = 0x6475_726f;
 /// The advisory lock migrations take.
 const MIGRATION_LOCK: i64 = 0x6475_726f_6d69;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE duro_meta (key text PRIMARY KEY, value bigint NOT NULL);
 CREATE TABLE duro_namespaces (
     name text PRIMARY KEY,
@@ -99,7 +107,20 @@ CREATE TABLE duro_alarms (
     PRIMARY KEY (tag, id)
 );
 CREATE INDEX duro_alarms_by_time ON duro_alarms (at_ms, tag, id);
-"#];
+"#,
+    r#"
+CREATE TABLE duro_nodes (
+    name text PRIMARY KEY,
+    advertise text NOT NULL,
+    started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL,
+    lease_ms bigint NOT NULL,
+    draining boolean NOT NULL DEFAULT false
+);
+CREATE TABLE duro_leases (shard bigint PRIMARY KEY, owner text, lease_until timestamptz);
+INSERT INTO duro_leases (shard) SELECT shard FROM duro_epochs;
+"#,
+];
 
 /// Options of [`PostgresBackend::open`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -107,6 +128,10 @@ pub struct PostgresOptions {
     /// Virtual shards of a store created by this open (`None`: [`VIRTUAL_SHARDS_DEFAULT`]);
     /// an existing store keeps its own, and another count is refused.
     pub virtual_shards: Option<u32>,
+    /// Open as a node of a cluster: the store is shared with the other nodes (each owning the
+    /// virtual shards it holds leases on), so the owner lock is taken shared, which only a host
+    /// that is not a node of a cluster refuses.
+    pub cluster: bool,
 }
 
 /// The PostgreSQL engine; see the module docs.
@@ -135,10 +160,7 @@ impl Drop for PostgresBackend {
     fn drop(&mut self) {
         // Let go of the store at once: the server would notice the closed connection only a
         // little later, and a host started right after would find the store locked.
-        let _ = block_on(
-            self._owner
-                .execute("SELECT pg_advisory_unlock($1)", &[&OWNER_LOCK]),
-        );
+        let _ = block_on(self._owner.execute("SELECT pg_advisory_unlock_all()", &[]));
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -211,10 +233,13 @@ impl PostgresBackend {
             .map_err(|e| OpenError::Io(format!("starting the PostgreSQL runtime: {e}")))?;
         let handle = runtime.handle().clone();
         let owner = connect(&handle, &config).map_err(|e| OpenError::Io(e.to_string()))?;
-        let locked: bool =
-            block_on(owner.query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK]))
-                .map_err(open_error)?
-                .get(0);
+        let lock = match options.cluster {
+            true => "SELECT pg_try_advisory_lock_shared($1)",
+            false => "SELECT pg_try_advisory_lock($1)",
+        };
+        let locked: bool = block_on(owner.query_one(lock, &[&OWNER_LOCK]))
+            .map_err(open_error)?
+            .get(0);
         if !locked {
             return Err(OpenError::Locked(format!("PostgreSQL store {describe}")));
         }
@@ -341,9 +366,17 @@ async fn migrate(client: &mut Client, requested: Option<u32>) -> Result<u32, Ope
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(open_error)?;
-    txn.batch_execute("CREATE TABLE IF NOT EXISTS duro_schema (version integer NOT NULL)")
+    // Under the lock: no other node creates it meanwhile (and no notice that it exists).
+    let exists: bool = txn
+        .query_one("SELECT to_regclass('duro_schema') IS NOT NULL", &[])
         .await
-        .map_err(open_error)?;
+        .map_err(open_error)?
+        .get(0);
+    if !exists {
+        txn.batch_execute("CREATE TABLE duro_schema (version integer NOT NULL)")
+            .await
+            .map_err(open_error)?;
+    }
     let version: i32 = match txn
         .query_opt("SELECT version FROM duro_schema", &[])
         .await
@@ -392,6 +425,13 @@ async fn migrate(client: &mut Client, requested: Option<u32>) -> Result<u32, Ope
                 "INSERT INTO duro_epochs (shard, epoch) \
                  SELECT s, $2::bigint FROM generate_series(0::bigint, $1::bigint - 1) AS s",
                 &[&i64::from(count), &(EPOCH_FIRST as i64)],
+            )
+            .await
+            .map_err(open_error)?;
+            txn.execute(
+                "INSERT INTO duro_leases (shard) \
+                 SELECT s FROM generate_series(0::bigint, $1::bigint - 1) AS s",
+                &[&i64::from(count)],
             )
             .await
             .map_err(open_error)?;
@@ -1363,6 +1403,7 @@ mod tests {
         };
         let options = PostgresOptions {
             virtual_shards: Some(16),
+            ..PostgresOptions::default()
         };
         let first = PostgresBackend::open(&db.url, &options).unwrap();
         assert_eq!(first.shard_map().unwrap().count(), 16);
@@ -1380,6 +1421,7 @@ mod tests {
         drop(again);
         let other = PostgresOptions {
             virtual_shards: Some(8),
+            ..PostgresOptions::default()
         };
         assert!(matches!(
             PostgresBackend::open(&db.url, &other),

@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 use super::Error;
 use super::backend::{AlarmWrite, Backend, ObjectBatch, ObjectKey};
+use super::cluster::Ownership;
 use super::keys::{as_ref, range_is_empty};
 use super::options::Limits;
 use super::shards::ShardMap;
@@ -43,6 +44,9 @@ pub(crate) struct Shared {
     /// when the host opened: every batch carries its shard's epoch from here, and the backend
     /// refuses it once the shard's stored epoch moved on (see `storage::shards`).
     pub(crate) shards: ShardMap,
+    /// In a cluster, the virtual shards this node owns and their epochs now: an object
+    /// activated here writes under the epoch its shard had then (not the opening map's).
+    pub(crate) cluster: Option<Arc<Ownership>>,
     /// Objects with writes to flush at the end of this turn of the event loop; their batches
     /// go to the writer together, as one group (each batch answered on its own).
     pub(crate) pending: RefCell<Vec<Rc<ObjectStore>>>,
@@ -67,6 +71,7 @@ impl Shared {
             writer,
             limits,
             shards,
+            cluster: None,
             pending: RefCell::default(),
             on_alarm: RefCell::default(),
         })
@@ -178,10 +183,17 @@ pub(crate) struct ObjectStore {
     on_failure: RefCell<Option<OnFailure>>,
     /// Bumped by every write; a transaction compares it to detect concurrent writes.
     pub(crate) mutations: Cell<u64>,
+    /// The ownership epoch of the object's virtual shard when it was activated: every batch
+    /// carries it, so a commit made after the shard moved is fenced.
+    pub(crate) epoch: u64,
 }
 
 impl ObjectStore {
     pub(crate) fn new(shared: Rc<Shared>, key: ObjectKey, name: Option<String>) -> ObjectStore {
+        let epoch = match &shared.cluster {
+            Some(cluster) => cluster.epoch(shared.shards.shard_of(&key.id)),
+            None => shared.shards.epoch_of(&key.id),
+        };
         ObjectStore {
             shared,
             key,
@@ -189,6 +201,7 @@ impl ObjectStore {
             state: RefCell::default(),
             on_failure: RefCell::new(None),
             mutations: Cell::new(0),
+            epoch,
         }
     }
 
@@ -373,7 +386,7 @@ impl ObjectStore {
             name: self.name.clone(),
             clear: std::mem::take(&mut state.clear_pending),
             alarm: std::mem::take(&mut state.alarm_dirty),
-            epoch: self.shared.shards.epoch_of(&self.key.id),
+            epoch: self.epoch,
             mutations: dirty
                 .into_iter()
                 .map(|(k, v)| (k, v.map(|v| v.to_vec())))

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod cluster;
 mod ops;
 
 // Generated code names its types from the crate's root (the bench's typed counter).
@@ -86,6 +87,11 @@ enum Command {
         #[command(flatten)]
         args: ops::BackupArgs,
     },
+    /// Shows the nodes of a cluster and the virtual shards each owns, from its store.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// Measures duro against its limits and against workerd (see the README's Benchmarks section).
     Bench(bench::BenchArgs),
 }
@@ -138,6 +144,25 @@ struct ServeArgs {
     /// shard's writes into its group commits). For measuring.
     #[arg(long)]
     writer_per_shard: bool,
+    /// Run as the node NAME of a cluster: several servers on one PostgreSQL store (--store),
+    /// each owning the virtual shards it holds leases on, passing calls for the others'
+    /// objects to their owners. --token-file's token is the cluster's.
+    #[arg(long, value_name = "NAME", requires = "store")]
+    node: Option<String>,
+    /// Where the other nodes reach this one, HOST:PORT [default: --listen, when it names one
+    /// interface].
+    #[arg(long, value_name = "HOST:PORT", requires = "node")]
+    advertise: Option<String>,
+    /// A node's lease time in ms: a dead node's objects are served again by the others within
+    /// about this time; a node heartbeats every fifth of it.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    lease_ms: u64,
+    /// The CA certificates (PEM) that vouch for the other nodes' certificates, when the nodes
+    /// listen with TLS (--tls-cert): the links between nodes then use TLS too, and a node's
+    /// certificate must be valid for the host of its --advertise address [default: the
+    /// --tls-cert file itself, for nodes that share one self-signed certificate].
+    #[arg(long, value_name = "PEM", requires = "node")]
+    cluster_ca: Option<PathBuf>,
     /// Sends the message of an object's error to HTTP clients in the 500's body. Without it the
     /// body carries a request ID, and the message is logged with that ID.
     #[arg(long)]
@@ -285,6 +310,18 @@ fn serve(args: ServeArgs) -> Result<(), duro::StartError> {
     if let Some(url) = &args.store {
         builder = builder.store(url);
     }
+    if let Some(node) = &args.node {
+        let tls = match (&args.cluster_ca, &args.tls_cert) {
+            (Some(ca), _) | (None, Some(ca)) => Some(duro::tls::ClientTls::with_ca_pem(ca)?),
+            (None, None) => None,
+        };
+        builder = builder.cluster(duro::cluster::ClusterOptions {
+            node: node.clone(),
+            advertise: args.advertise.clone().unwrap_or_default(),
+            lease: Duration::from_millis(args.lease_ms),
+            tls,
+        });
+    }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_pem(cert, key);
     }
@@ -363,6 +400,7 @@ fn main() -> ExitCode {
         Command::Export { connect, args } => ops::export(&connect, &args),
         Command::Import { connect, args } => ops::import(&connect, &args),
         Command::Backup { connect, args } => ops::backup(&connect, &args),
+        Command::Cluster { command } => cluster::run(&command),
         Command::Bench(args) => bench::run(&args),
     }
 }

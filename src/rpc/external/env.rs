@@ -22,6 +22,7 @@ pub(super) fn host(host: &Host, connection: &Rc<Connection>, turns: &Rc<Turns>) 
         inner: Rc::new(HostServer {
             host: host.clone(),
             connection: connection.clone(),
+            node_link: false,
         }),
         turns: Rc::downgrade(turns),
     })
@@ -49,6 +50,7 @@ impl host::Server for EnvHost {
             let inner = Rc::new(NamespaceServer {
                 namespace,
                 connection: self.inner.connection.clone(),
+                node_link: false,
             });
             let turns = self.turns.clone();
             let env: namespace::Client = capnp_rpc::new_client(EnvNamespace { inner, turns });

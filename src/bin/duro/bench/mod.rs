@@ -12,6 +12,7 @@
 mod alarms;
 mod capnp_load;
 mod child;
+mod cluster;
 mod disk;
 mod durable;
 mod external;
@@ -51,6 +52,7 @@ pub const WORKLOADS: &[&str] = &[
     "room",
     "external",
     "shards",
+    "cluster",
 ];
 
 /// Arguments of `duro bench`.
@@ -63,7 +65,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Run only these workloads (comma-separated): echo-baseline, noop, incr, typed,
-    /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room, external.
+    /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room, external,
+    /// shards, cluster.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -93,6 +96,10 @@ pub struct BenchArgs {
     /// With --connect: the server's PID, to read its CPU per call from /proc (same machine).
     #[arg(long, value_name = "PID", requires = "connect")]
     pub server_pid: Option<u32>,
+    /// `cluster`: a PostgreSQL server on which the user may create databases
+    /// (postgresql://USER@HOST:PORT/DB); without one, its PostgreSQL series are skipped.
+    #[arg(long, value_name = "URL", env = "DURO_BENCH_PG")]
+    pub postgres: Option<String>,
     /// Internal: serves the typed counter with this data dir, as the `typed` workload's
     /// child process.
     #[arg(long, hide = true, value_name = "DIR")]
@@ -116,6 +123,8 @@ pub(crate) struct Settings {
     pub workerd: Option<PathBuf>,
     /// A running server for `shards` to load, and its PID if known.
     pub connect: Option<(std::net::SocketAddr, Option<u32>)>,
+    /// A PostgreSQL server for `cluster`.
+    pub postgres: Option<String>,
     /// Holds every data dir; removed at the end.
     pub root: tempfile::TempDir,
 }
@@ -149,6 +158,7 @@ impl Settings {
             setup_time_max: Duration::from_secs(if quick { 30 } else { 180 }),
             workerd: args.workerd.clone(),
             connect: args.connect.map(|addr| (addr, args.server_pid)),
+            postgres: args.postgres.clone(),
             root,
         })
     }
@@ -273,6 +283,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("shards") {
         step("shards", &|| shards::run(settings));
+    }
+    if selection.has("cluster") {
+        step("cluster", &|| cluster::run(settings));
     }
     series
 }
