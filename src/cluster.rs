@@ -17,8 +17,9 @@
 //!    rounded up. Below it, the node takes free shards (no owner, or an expired lease) — all it
 //!    needs at once, so that a dead node's shards are taken as soon as its leases expire.
 //!    Above it, it hands at most [`MOVES_PER_SECOND`] shards off per second: it stops serving
-//!    them, lets their calls in progress finish (bounded), resets their objects, waits for
-//!    their commits, and releases the leases, which the nodes below their share then take.
+//!    them, lets their calls in progress finish (for up to [`HANDOFF_CALLS_WAIT`], and at most a
+//!    fifth of the lease, so that the heartbeats go on), resets their objects, waits for their
+//!    commits, and releases the leases, which the nodes below their share then take.
 //! 4. **Routes**: every shard another node holds a live lease on routes there; a call for one of
 //!    its objects is passed to that node over a capnp link (`Host.nodeLink`).
 //!
@@ -43,11 +44,15 @@ use crate::storage::{ClusterView, PostgresBackend};
 /// dead node's shards, or free ones, is not bounded: they serve nobody meanwhile).
 pub const MOVES_PER_SECOND: usize = 32;
 
+/// How long a hand-off waits for the calls in progress on the shards' objects to finish before
+/// it resets them (at most: see [`ClusterOptions::handoff_wait`]).
+pub const HANDOFF_CALLS_WAIT: Duration = Duration::from_secs(2);
+
 /// The lease time of a node started without `--lease-ms`.
 pub const LEASE_DEFAULT: Duration = Duration::from_secs(5);
 
 /// How long the lease keeper waits for the event loops to give up the objects of shards
-/// before it goes on (a hand-off waits for calls in progress up to 2 s of it).
+/// before it goes on (a hand-off waits for calls in progress for part of it).
 const GIVE_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// What makes a server a node of a cluster.
@@ -71,6 +76,12 @@ impl ClusterOptions {
     /// few times before the leases lapse.
     pub fn tick(&self) -> Duration {
         self.lease / 5
+    }
+
+    /// How long a hand-off waits for calls in progress: [`HANDOFF_CALLS_WAIT`], or a fifth of
+    /// the lease when that is shorter, since the keeper does not heartbeat meanwhile.
+    pub fn handoff_wait(&self) -> Duration {
+        HANDOFF_CALLS_WAIT.min(self.lease / 5)
     }
 }
 
@@ -186,7 +197,7 @@ impl State {
                             self.ownership.owned().iter().map(|&(s, _)| s).collect();
                         if !lost.is_empty() {
                             tracing::warn!(shards = lost.len(), "leases lapsed: serving none");
-                            self.drop_shards(&lost, false);
+                            self.drop_shards(&lost);
                         }
                     }
                     return;
@@ -209,7 +220,7 @@ impl State {
             .collect();
         if !lost.is_empty() {
             tracing::warn!(shards = ?lost, "virtual shards lost to other nodes");
-            self.drop_shards(&lost, false);
+            self.drop_shards(&lost);
         }
         // Shards the store gives this node that it did not record (an acquire whose answer
         // was lost): no other node wrote under their epoch since, so they are this node's.
@@ -276,7 +287,7 @@ impl State {
         for &shard in shards {
             self.ownership.set_epoch(shard, 0);
         }
-        self.give_up(shards, true);
+        self.give_up(shards, self.options.handoff_wait());
         match self.backend.release(&self.options.node, shards) {
             Ok(()) => tracing::info!(shards = shards.len(), "handed virtual shards off"),
             // Their leases lapse instead; the node serves them no more either way.
@@ -285,16 +296,16 @@ impl State {
     }
 
     /// Stops serving `shards` at once, resetting their objects.
-    fn drop_shards(&self, shards: &[u32], graceful: bool) {
+    fn drop_shards(&self, shards: &[u32]) {
         for &shard in shards {
             self.ownership.set_epoch(shard, 0);
         }
-        self.give_up(shards, graceful);
+        self.give_up(shards, Duration::ZERO);
     }
 
     /// Has every event loop give up the objects of `shards`, and waits (bounded) until they
     /// have.
-    fn give_up(&self, shards: &[u32], graceful: bool) {
+    fn give_up(&self, shards: &[u32], calls_wait: Duration) {
         let mut lost = vec![false; self.ownership.count() as usize];
         for &shard in shards {
             lost[shard as usize] = true;
@@ -304,7 +315,7 @@ impl State {
             let host = host.clone();
             let lost = lost.clone();
             let giving_up: Pin<Box<dyn Future<Output = ()>>> =
-                Box::pin(async move { host.give_up_shards(&lost, graceful).await });
+                Box::pin(async move { host.give_up_shards(&lost, calls_wait).await });
             giving_up
         });
         let deadline = Instant::now() + GIVE_UP_WAIT;

@@ -10,10 +10,6 @@ use super::activation::Activation;
 use crate::error::Error;
 use std::rc::Rc;
 
-/// How long a hand-off waits for the calls in progress on the shards' objects to finish
-/// before it resets them.
-pub(crate) const HANDOFF_CALLS_WAIT: Duration = Duration::from_secs(2);
-
 /// The error of a call for an object whose virtual shard this node does not serve now.
 pub(crate) fn not_owner(shard: u32, owner: Option<&str>) -> Error {
     Error::Disconnected(match owner {
@@ -27,12 +23,11 @@ pub(crate) fn not_owner(shard: u32, owner: Option<&str>) -> Error {
 }
 
 impl Host {
-    /// Gives up the objects of the virtual shards `lost` marks (indexed by shard): when
-    /// `graceful`, first waits (up to [`HANDOFF_CALLS_WAIT`]) for the calls in progress on
-    /// them; then resets them (their stubs break with `disconnected`) and waits until their
+    /// Gives up the objects of the virtual shards `lost` marks (indexed by shard): first waits
+    /// up to `calls_wait` for the calls in progress on them (a hand-off); then resets them (their stubs break with `disconnected`) and waits until their
     /// commits in flight settled. The node must already have stopped owning those shards, so
     /// that no new call reaches them meanwhile.
-    pub(crate) async fn give_up_shards(&self, lost: &[bool], graceful: bool) {
+    pub(crate) async fn give_up_shards(&self, lost: &[bool], calls_wait: Duration) {
         let shards = &self.inner.storage.shards;
         let of_lost = |host: &Host| -> Vec<Rc<Activation>> {
             let mut found = Vec::new();
@@ -46,8 +41,8 @@ impl Host {
             }
             found
         };
-        if graceful {
-            let deadline = tokio::time::Instant::now() + HANDOFF_CALLS_WAIT;
+        if !calls_wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + calls_wait;
             while tokio::time::Instant::now() < deadline
                 && !of_lost(self).iter().all(|a| a.is_idle())
             {
