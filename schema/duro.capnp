@@ -447,6 +447,15 @@ interface Namespace {
   # `listObjects` with what the host stores about each object: the same objects, order, paging
   # and limits. A read of durable storage only: no object is activated, so an alarm set by a
   # write not yet committed is not shown.
+
+  fetchByName @7 (name :Text, request :HttpRequest) -> (response :HttpResponse);
+  # `getByName(name).stub.fetch(request)` in one call, for a caller that makes one call on the
+  # object: one question and one answer on the wire, where the pipelined pair takes two of
+  # each and a release of the stub. It reaches the same single instance as every stub to
+  # `idFromName(name)` does, through the same gates and bounds, and answers and fails as
+  # `fetch` does; a name over the host's bound fails as in `getByName`. It holds no stub, so it
+  # has no order with any other call: a caller that needs its calls delivered in order makes
+  # them on one stub.
 }
 
 struct ObjectInfo {

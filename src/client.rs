@@ -278,6 +278,31 @@ impl RemoteNamespace {
         }
     }
 
+    /// Sends `request` to the object named `name`, in one call that holds no stub
+    /// (`Namespace.fetchByName`): for one call to an object, it costs the host one message in
+    /// and one out, where `get_by_name(name).fetch(request)` costs two of each and a release.
+    /// It reaches the same single instance as a stub from [`RemoteNamespace::get_by_name`];
+    /// but it has no place in any stub's order: calls that must arrive in order go on one
+    /// stub. Errors as [`RemoteStub::fetch`]; a name over the host's bound fails with
+    /// [`Error::InvalidArgument`]. A host older than `fetchByName` answers that it does not
+    /// implement it ([`Error::Remote`]).
+    pub fn fetch_by_name(&self, name: &str, request: Request) -> Pending<Response> {
+        let size = convert::request_bytes(&request) + name.len();
+        if size > REQUEST_BYTES_MAX {
+            return Pending::refused(Error::InvalidArgument(format!(
+                "request of about {size} bytes is over the limit of {REQUEST_BYTES_MAX} bytes \
+                 (REQUEST_BYTES_MAX)"
+            )));
+        }
+        let (namespace, name) = (self.handle.id, name.to_owned());
+        self.shared().call(|reply| Command::FetchByName {
+            namespace,
+            name,
+            request,
+            reply,
+        })
+    }
+
     /// The namespace's objects that have stored data, in order of their hex IDs, after the hex
     /// ID `start_after` (`None`: from the start); at most `limit` of them (between 1 and the
     /// host's `list_objects_max`, 1000 by default, else [`Error::InvalidArgument`]).
@@ -755,6 +780,12 @@ enum Command {
         request: Request,
         reply: Reply<Response>,
     },
+    FetchByName {
+        namespace: u64,
+        name: String,
+        request: Request,
+        reply: Reply<Response>,
+    },
     /// Calls made by the caller's code on the stub's capability (see
     /// [`RemoteStub::with_capability`]), or the error that there is no such capability.
     Capability {
@@ -955,6 +986,19 @@ mod driver {
                     request,
                     reply,
                 } => self.fetch(stub, &request, reply),
+                Command::FetchByName {
+                    namespace,
+                    name,
+                    request,
+                    reply,
+                } => self.on_namespace(namespace, reply, |namespace, reply| {
+                    let mut call = namespace.fetch_by_name_request();
+                    call.get().set_name(&name);
+                    convert::request_to_capnp(&request, call.get().init_request());
+                    answer(reply, call.send().promise, |r| {
+                        convert::response_from_capnp(r.get()?.get_response()?)
+                    });
+                }),
                 Command::Capability { stub, call } => match self.capabilities.get(&stub) {
                     Some(Capability::Stub(stub)) => call(Ok(stub.clone())),
                     _ => call(Err(unknown_handle())),

@@ -11,6 +11,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, DefaultHasher};
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -49,14 +51,17 @@ struct Waiting {
 #[derive(Default)]
 pub(crate) struct InputGate {
     /// The task holding the gate closed, and how many nested locks it holds.
-    holder: Cell<Option<TaskId>>,
+    /// (Task IDs start at 1, so `None` takes no room of its own: there is a gate per object.)
+    holder: Cell<Option<NonZeroU64>>,
     depth: Cell<u32>,
     /// Calls not yet delivered, in arrival order.
     queue: RefCell<VecDeque<Waiting>>,
     next_ticket: Cell<u64>,
     /// Tasks waiting for the gate to open (parked gated tasks and lock requests): one waker per
     /// waiting future, under its key, so one polled again and again takes one entry.
-    parked: RefCell<HashMap<u64, Waker>>,
+    /// Keyed by the gate's own serial numbers, not by anything a peer chooses, so hashed
+    /// without the random state (which would take 16 bytes in each object's gate).
+    parked: RefCell<HashMap<u64, Waker, BuildHasherDefault<DefaultHasher>>>,
     /// The key of the next future to park.
     next_waiter: Cell<u64>,
 }
@@ -82,10 +87,19 @@ impl InputGate {
         self.parked.borrow().len()
     }
 
+    /// Gives back the memory of an empty delivery queue, for an object gone idle.
+    pub(crate) fn trim(&self) {
+        if let Ok(mut queue) = self.queue.try_borrow_mut()
+            && queue.is_empty()
+        {
+            *queue = VecDeque::new();
+        }
+    }
+
     fn is_open_for(&self, task: Option<TaskId>) -> bool {
         match self.holder.get() {
             None => true,
-            Some(holder) => Some(holder) == task,
+            Some(holder) => Some(holder.get()) == task,
         }
     }
 
@@ -169,7 +183,8 @@ impl InputGate {
         if !self.is_open_for(Some(task)) {
             return false;
         }
-        self.holder.set(Some(task));
+        debug_assert_ne!(task, 0, "task IDs start at 1");
+        self.holder.set(NonZeroU64::new(task));
         self.depth.set(self.depth.get() + 1);
         true
     }

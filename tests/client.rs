@@ -640,3 +640,54 @@ fn kv_hex(ids: &[duro::ObjectId], name: &str) -> String {
         .unwrap()
         .to_hex()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_by_name_reaches_the_object_a_stub_by_name_does() {
+    let server = server();
+    let client = connect(&server).await;
+    let counter = client.namespace("counter");
+    let post = || {
+        http::Request::builder()
+            .method("POST")
+            .uri("/")
+            .body(bytes::Bytes::new())
+            .unwrap()
+    };
+    let response = counter.fetch_by_name("hits", post()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(text(&response), "1\n");
+    let stub = counter.get_by_name("hits");
+    assert_eq!(text(&stub.call("POST", "/", "").await.unwrap()), "2\n");
+    assert_eq!(
+        text(&counter.fetch_by_name("hits", post()).await.unwrap()),
+        "3\n"
+    );
+    // Errors by kind, as for a stub's fetch; the client lives on.
+    refused(
+        client.namespace("nope").fetch_by_name("x", post()).await,
+        "unknown namespace 'nope'",
+    );
+    refused(
+        counter.fetch_by_name(&"n".repeat(1025), post()).await,
+        "name_bytes_max",
+    );
+    let huge = http::Request::builder()
+        .method("PUT")
+        .uri("/")
+        .body(bytes::Bytes::from(vec![0u8; REQUEST_BYTES_MAX + 1]))
+        .unwrap();
+    refused(
+        counter.fetch_by_name("hits", huge).await,
+        "REQUEST_BYTES_MAX",
+    );
+    let fragile = client.namespace("fragile");
+    let answered = fragile.fetch_by_name("f", post()).await.unwrap();
+    assert_eq!(text(&answered), "ok");
+    let request = http::Request::builder()
+        .uri("/panic")
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let error = fragile.fetch_by_name("f", request).await.unwrap_err();
+    assert!(matches!(error, Error::Disconnected(_)), "{error:?}");
+    assert_eq!(text(&stub.call("GET", "/", "").await.unwrap()), "3\n");
+}

@@ -541,3 +541,151 @@ fn objects_call_other_objects_through_env() {
         assert_eq!(direct.body().as_ref(), b"2\n");
     });
 }
+
+/// `Namespace.fetchByName(name, request)` sent now, its body read as text.
+fn fetch_named(
+    ns: &namespace::Client,
+    name: &str,
+    path: &str,
+) -> impl std::future::Future<Output = Result<String, Error>> + use<> {
+    let mut call = ns.fetch_by_name_request();
+    call.get().set_name(name);
+    {
+        let mut request = call.get().init_request();
+        request.set_method("POST");
+        request.set_url(path);
+    }
+    let promise = call.send().promise;
+    async move {
+        let reply = promise.await?;
+        let response = reply.get()?.get_response()?;
+        Ok(String::from_utf8(response.get_body()?.to_vec()).unwrap())
+    }
+}
+
+#[test]
+fn fetch_by_name_reaches_the_instance_get_by_name_does() {
+    let (server, counters) = server();
+    run_local(async {
+        let a = server.connect().await;
+        let b = server.connect().await;
+        let recorder = ns(&a, "recorder");
+        // Also before the object exists: the first call activates it.
+        assert_eq!(fetch_named(&recorder, "shared", "/a").await.unwrap(), "1");
+        let held = stub_by_name(&ns(&b, "recorder"), "shared");
+        assert_eq!(body(&held, "/b").await.unwrap(), "2");
+        assert_eq!(
+            fetch_named(&ns(&b, "recorder"), "shared", "/c")
+                .await
+                .unwrap(),
+            "3"
+        );
+        let id = id_from_name(&recorder, "shared").await;
+        assert_eq!(body(&stub_by_id(&recorder, &id), "/d").await.unwrap(), "4");
+        assert_eq!(
+            fetch_named(&recorder, "shared", "/seen").await.unwrap(),
+            "a,b,c,d"
+        );
+        // The same name in another namespace is another object; the empty name is a name.
+        assert_eq!(
+            fetch_named(&ns(&b, "recorder2"), "shared", "/e")
+                .await
+                .unwrap(),
+            "1"
+        );
+        assert_eq!(fetch_named(&recorder, "", "/f").await.unwrap(), "1");
+        assert_eq!(body(&stub_by_name(&recorder, ""), "/g").await.unwrap(), "2");
+        assert_eq!(counters.built.load(Ordering::SeqCst), 3);
+        // Many names at once, each sent before any answer: one instance each, the same ones
+        // stubs reach (with several shards, most of them live on another shard).
+        let calls: Vec<_> = (0..30)
+            .map(|i| fetch_named(&recorder, &format!("many{i}"), "/x"))
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap(), "1");
+        }
+        for i in 0..30 {
+            let stub = stub_by_name(&ns(&b, "recorder"), &format!("many{i}"));
+            assert_eq!(body(&stub, "/y").await.unwrap(), "2");
+            assert_eq!(
+                fetch_named(&recorder, &format!("many{i}"), "/seen")
+                    .await
+                    .unwrap(),
+                "x,y"
+            );
+        }
+        assert_eq!(counters.built.load(Ordering::SeqCst), 33);
+    });
+}
+
+#[test]
+fn fetch_by_name_refuses_bad_names_and_namespaces_and_answers_as_fetch() {
+    let (server, counters) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let recorder = ns(&host, "recorder");
+        let refused = |e: Error, rule: &str| match e {
+            Error::InvalidArgument(message) => assert!(message.contains(rule), "{message}"),
+            other => panic!("expected a refused argument, got {other:?}"),
+        };
+        let long = "n".repeat(1025);
+        refused(
+            fetch_named(&recorder, &long, "/x").await.unwrap_err(),
+            "name_bytes_max",
+        );
+        refused(
+            fetch_named(&ns(&host, "nope"), "x", "/x")
+                .await
+                .unwrap_err(),
+            "unknown namespace 'nope'",
+        );
+        assert_eq!(
+            counters.built.load(Ordering::SeqCst),
+            0,
+            "nothing activated"
+        );
+        refused(
+            fetch_named(&recorder, "f", "no spaces allowed")
+                .await
+                .unwrap_err(),
+            "invalid URL",
+        );
+        // The object's own error, with the call's request ID; the object lives on.
+        let error = fetch_named(&recorder, "f", "/fail").await.unwrap_err();
+        let own = matches!(&error, Error::Remote(m) if m.starts_with("it failed (request id "));
+        assert!(own, "{error:?}");
+        assert_eq!(fetch_named(&recorder, "f", "/a").await.unwrap(), "1");
+        // A panic resets the object as for any call; the next call builds a fresh instance.
+        let held = stub_by_name(&recorder, "f");
+        assert_eq!(body(&held, "/b").await.unwrap(), "2");
+        let error = fetch_named(&recorder, "f", "/panic").await.unwrap_err();
+        assert!(matches!(error, Error::Disconnected(_)), "{error:?}");
+        assert!(matches!(
+            body(&held, "/c").await,
+            Err(Error::Disconnected(_))
+        ));
+        assert_eq!(fetch_named(&recorder, "f", "/d").await.unwrap(), "1");
+        assert_eq!(counters.built.load(Ordering::SeqCst), 2);
+        assert_eq!(counters.live.load(Ordering::SeqCst), 1);
+    });
+}
+
+#[test]
+fn fetch_by_name_takes_one_round_trip() {
+    let (server, counters) = server();
+    run_local(async {
+        let (addr, release) = common::holding_proxy(server.addr()).await;
+        let host = duro::testing::connect(addr).await.unwrap();
+        // bootstrap → namespace → fetchByName reaches the object while no byte of any answer
+        // has reached the client.
+        let _call = fetch_named(&ns(&host, "recorder"), "one-trip", "/hang");
+        wait_for(|| counters.hanging.load(Ordering::SeqCst) == 1).await;
+        release.send(()).unwrap();
+        assert_eq!(
+            fetch_named(&ns(&host, "recorder"), "one-trip", "/x")
+                .await
+                .unwrap(),
+            "1"
+        );
+    });
+}

@@ -330,3 +330,60 @@ impl HttpConnection {
         String::from_utf8(body).unwrap()
     }
 }
+
+/// `Namespace.fetchByName(name, POST path)`, its body as text.
+async fn fetch_named(
+    namespace: &namespace::Client,
+    name: &str,
+    path: &str,
+) -> Result<String, Error> {
+    let mut call = namespace.fetch_by_name_request();
+    call.get().set_name(name);
+    {
+        let mut request = call.get().init_request();
+        request.set_method("POST");
+        request.set_url(path);
+    }
+    let reply = call.send().promise.await?;
+    let response = reply.get()?.get_response()?;
+    Ok(String::from_utf8_lossy(response.get_body()?).into_owned())
+}
+
+#[test]
+fn fetch_by_name_reaches_the_one_instance_on_another_shard() {
+    let (server, built) = server();
+    run_local(async {
+        // The first connection is served by shard 0, the second by shard 1.
+        let first = server.connect().await;
+        let second = server.connect().await;
+        let namespace = probes(&first);
+        let far = name_on(&namespace, 1, "far").await;
+        let near = name_on(&namespace, 0, "near").await;
+        // From shard 0 to an object of shard 1, and to one of its own.
+        assert_eq!(fetch_named(&namespace, &far, "/a").await.unwrap(), "1");
+        assert_eq!(fetch_named(&namespace, &near, "/a").await.unwrap(), "1");
+        // A stub from either shard reaches the same instances.
+        assert_eq!(
+            body(&stub(&namespace, &far), "POST", "/b").await.unwrap(),
+            "2"
+        );
+        let there = probes(&second);
+        assert_eq!(body(&stub(&there, &far), "POST", "/c").await.unwrap(), "3");
+        assert_eq!(fetch_named(&there, &near, "/b").await.unwrap(), "2");
+        assert_eq!(fetch_named(&there, &far, "/d").await.unwrap(), "4");
+        assert_eq!(built.load(Ordering::SeqCst), 2, "one instance each");
+        // A reset there answers disconnected here; the next call builds a fresh instance.
+        let error = fetch_named(&namespace, &far, "/panic").await.unwrap_err();
+        assert!(matches!(error, Error::Disconnected(_)), "{error:?}");
+        assert_eq!(fetch_named(&namespace, &far, "/e").await.unwrap(), "1");
+        assert_eq!(built.load(Ordering::SeqCst), 3);
+        // A bad request is refused by the far shard as a `fetch` would be.
+        let error = fetch_named(&namespace, &far, "no spaces")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, Error::InvalidArgument(m) if m.contains("invalid URL")),
+            "{error:?}"
+        );
+    });
+}

@@ -34,7 +34,6 @@ type Handler<T> = LocalBoxFuture<'static, Result<T, BoxError>>;
 use crate::storage::{ObjectStore, PRELOAD_KEYS_MAX, Storage};
 
 pub(crate) struct Activation {
-    pub(crate) id: ObjectId,
     /// `None` once reset: the instance is dropped at the reset.
     instance: RefCell<Option<Rc<dyn ErasedObject>>>,
     /// The interface the instance exports ([`DurableObject::interface`](super::DurableObject::interface)),
@@ -49,21 +48,22 @@ pub(crate) struct Activation {
     /// Set at the reset: every call of this activation ends with `disconnected`.
     broken: Cell<bool>,
     /// Why it was reset, which the calls it ends are told.
-    reset_reason: RefCell<Option<String>>,
+    reset_reason: RefCell<Option<Box<str>>>,
     /// The tasks of the calls in progress, aborted at a reset (their callers then get
     /// `disconnected`). A slot per call, reused.
     calls: RefCell<Calls>,
     /// Set when the host evicted the idle object: stubs then move to a new activation.
     evicted: Cell<bool>,
     /// Calls admitted and not yet finished; the object is idle only at 0.
-    running: Cell<usize>,
+    running: Cell<u32>,
     /// Response bodies still streaming out of the object (see [`Streaming`]); the object is
     /// idle only at 0, so it is not evicted under a stream it is writing.
-    streams: Cell<usize>,
+    streams: Cell<u32>,
     /// When the last call was admitted, for least-recently-used eviction.
     last_used: Cell<std::time::Instant>,
-    /// Most calls waiting for delivery before new ones are refused as overloaded.
-    queue_max: usize,
+    /// Most calls waiting for delivery before new ones are refused as overloaded (a `u32`,
+    /// like the counts above: there is one of these per object).
+    queue_max: u32,
     /// The WebSockets the host holds for the object; they outlive this activation.
     sockets: Rc<ObjectSockets>,
     /// Set until the constructor returned. The activation is in the registry by then, so that
@@ -94,15 +94,13 @@ impl Activation {
         }
         let activation = Rc::new_cyclic(|weak: &std::rc::Weak<Activation>| Activation {
             state: State::new(
-                id.clone(),
+                id,
                 Storage::new(store.clone(), gate.clone()),
-                gate.clone(),
                 clock,
                 weak.clone(),
                 sockets.clone(),
             ),
             sockets,
-            id,
             instance: RefCell::new(None),
             interface: RefCell::new(None),
             gate,
@@ -114,7 +112,7 @@ impl Activation {
             running: Cell::new(0),
             streams: Cell::new(0),
             last_used: Cell::new(std::time::Instant::now()),
-            queue_max,
+            queue_max: u32::try_from(queue_max).unwrap_or(u32::MAX),
             constructing: Cell::new(true),
             metrics,
         });
@@ -125,6 +123,11 @@ impl Activation {
             }
         }));
         activation
+    }
+
+    /// The object's ID, which its `State` keeps (one copy of the ID and its name).
+    pub(crate) fn id(&self) -> &ObjectId {
+        self.state.id()
     }
 
     /// The object's `State`: what its constructor gets, with the object's gate and store.
@@ -170,7 +173,8 @@ impl Activation {
         self.metrics.queue_refused();
         Error::Overloaded(format!(
             "object {} has {} requests in progress (object_queue_max)",
-            self.id, self.queue_max
+            self.id(),
+            self.queue_max
         ))
     }
 
@@ -222,13 +226,13 @@ impl Activation {
             return;
         }
         if reason == SHUTTING_DOWN {
-            tracing::debug!(id = %self.id, reason, "object reset");
+            tracing::debug!(id = %self.id(), reason, "object reset");
         } else {
-            tracing::warn!(id = %self.id, reason, "object reset");
+            tracing::warn!(id = %self.id(), reason, "object reset");
             self.metrics.reset();
         }
         self.broken.set(true);
-        *self.reset_reason.borrow_mut() = Some(reason.to_owned());
+        *self.reset_reason.borrow_mut() = Some(reason.into());
         let calls = std::mem::take(&mut self.calls.borrow_mut().slots);
         for call in calls.into_iter().flatten() {
             call.abort();
@@ -351,10 +355,12 @@ impl Activation {
         T: Answer + 'static,
         H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
     {
+        // One reading of the clock for the call's latency and the object's last use.
+        let now = std::time::Instant::now();
         let mut counted = Counted {
             activation: self.clone(),
             method,
-            started: std::time::Instant::now(),
+            started: now,
             outcome: Outcome::disconnected,
         };
         let admitted = if self.is_broken() || self.evicted.get() {
@@ -364,13 +370,13 @@ impl Activation {
         } else {
             // Queued calls are also running ones, so the running bound covers the queue.
             self.gate
-                .enqueue(self.queue_max)
+                .enqueue(self.queue_max as usize)
                 .map_err(|_| self.overloaded())
         };
         // A task of its own, so the call progresses whoever awaits it (an object awaiting
         // another object's call must not stall that object's handler while its gate is shut).
         let task = admitted.map(|ticket| {
-            self.last_used.set(std::time::Instant::now());
+            self.last_used.set(now);
             let running = Running::new(self.clone());
             let slot = running.slot;
             // In the span of the call that delivers it, when spans are recorded: what the
@@ -613,8 +619,17 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let activation = &self.activation;
-        activation.running.set(activation.running.get() - 1);
+        let running = activation.running.get() - 1;
+        activation.running.set(running);
         let mut calls = activation.calls.borrow_mut();
+        if running == 0 {
+            // The last call ended: an idle object keeps no buffers for its calls (most
+            // objects are idle most of the time, and there can be very many of them).
+            *calls = Calls::default();
+            drop(calls);
+            activation.gate.trim();
+            return;
+        }
         // After a reset the slots were taken; there is nothing to give back.
         if let Some(slot) = calls.slots.get_mut(self.slot) {
             *slot = None;
@@ -726,7 +741,7 @@ impl Activation {
     /// The answer of a call this activation cannot deliver: why it was reset, when it was.
     fn disconnected(&self) -> Error {
         match &*self.reset_reason.borrow() {
-            Some(reason) if reason == SHUTTING_DOWN => shutting_down(),
+            Some(reason) if &**reason == SHUTTING_DOWN => shutting_down(),
             Some(reason) => {
                 Error::Disconnected(format!("the object was reset ({reason}); get a new stub"))
             }

@@ -51,7 +51,7 @@ impl Host {
         }
         let activations = of_lost(self);
         for activation in &activations {
-            let shard = shards.shard_of(activation.id.bytes());
+            let shard = shards.shard_of(activation.id().bytes());
             activation.reset(&not_owner(shard, None).to_string());
         }
         for activation in activations {

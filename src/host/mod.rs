@@ -553,7 +553,7 @@ impl NamespaceCore {
     /// Takes an activation whose constructor failed out of the registry, so the next `get`
     /// builds again; the reset one it replaced goes back, as the next one must wait on it.
     fn unregister(&self, activation: &Rc<Activation>, replaced: Option<Rc<Activation>>) {
-        let key = *activation.id.bytes();
+        let key = *activation.id().bytes();
         let mut registry = self.activations.borrow_mut();
         let ours = registry
             .get(&key)
@@ -798,7 +798,7 @@ impl Stub {
     /// The object's ID.
     pub fn id(&self) -> ObjectId {
         match &self.target {
-            Target::Local { activation, .. } => activation.borrow().id.clone(),
+            Target::Local { activation, .. } => activation.borrow().id().clone(),
             Target::Remote(remote) => remote.id.clone(),
         }
     }
@@ -840,7 +840,7 @@ impl Stub {
         }
         let current = activation.borrow().clone();
         if let Some(cluster) = &host.storage.cluster {
-            let shard = host.storage.shards.shard_of(current.id.bytes());
+            let shard = host.storage.shards.shard_of(current.id().bytes());
             if !cluster.holds(shard, current.store.epoch) {
                 let error = cluster::not_owner(shard, None);
                 // Owned again since, under a new epoch: this activation's cache may be stale.
@@ -855,7 +855,7 @@ impl Stub {
         if !current.is_evicted() {
             return Ok(current);
         }
-        let fresh = namespace.activation(current.id.clone())?;
+        let fresh = namespace.activation(current.id().clone())?;
         *activation.borrow_mut() = fresh.clone();
         Ok(fresh)
     }

@@ -272,7 +272,7 @@ impl SocketCore {
         };
         let owner = self.owner.upgrade()?;
         let pair = owner.auto_response.borrow();
-        let (request, response) = pair.as_ref()?;
+        let (request, response) = pair.as_deref()?;
         (request == text).then(|| response.clone())
     }
 
@@ -380,10 +380,13 @@ async fn pump(socket: Rc<SocketCore>, mut sink: Box<dyn SocketSink>) {
 /// the object's activations.
 pub struct ObjectSockets {
     sockets: RefCell<Vec<Rc<SocketCore>>>,
-    /// Upgrades offered to the object by calls in progress, by token (see [`UpgradeToken`]).
-    offered: RefCell<HashMap<u64, Rc<Offer>>>,
-    /// A text message the host answers itself, and the answer (`set_web_socket_auto_response`).
-    auto_response: RefCell<Option<(String, String)>>,
+    /// Upgrades offered to the object by calls in progress, with their tokens (see
+    /// [`UpgradeToken`]): a few at a time, so a list (every object has one of these, sockets
+    /// or not, and an empty list is smaller than an empty map).
+    offered: RefCell<Vec<(u64, Rc<Offer>)>>,
+    /// A text message the host answers itself, and the answer (`set_web_socket_auto_response`);
+    /// boxed, as few objects set one.
+    auto_response: RefCell<Option<Box<(String, String)>>>,
     limits: SocketLimits,
     /// The namespace's map of objects with sockets, which holds this while it has any. Weak:
     /// the namespace outlives it.
@@ -447,13 +450,13 @@ impl ObjectSockets {
     pub fn offer(&self) -> (UpgradeToken, Rc<Offer>) {
         let token = next_serial();
         let offer = Rc::new(Offer::default());
-        self.offered.borrow_mut().insert(token, offer.clone());
+        self.offered.borrow_mut().push((token, offer.clone()));
         (UpgradeToken(token), offer)
     }
 
     /// Withdraws an offer once its call returned.
     pub fn withdraw(&self, token: UpgradeToken) {
-        self.offered.borrow_mut().remove(&token.0);
+        self.take_offer(token);
     }
 
     /// Accepts the upgrade offered under `token`, with `tags`.
@@ -463,7 +466,7 @@ impl ObjectSockets {
         tags: &[&str],
     ) -> Result<Rc<SocketCore>, Error> {
         check_tags(tags)?;
-        let offer = self.offered.borrow_mut().remove(&token.0).ok_or_else(|| {
+        let offer = self.take_offer(token).ok_or_else(|| {
             Error::InvalidArgument(
                 "the request is not a WebSocket upgrade of this call, or it was accepted already"
                     .into(),
@@ -516,7 +519,14 @@ impl ObjectSockets {
     }
 
     pub fn set_auto_response(&self, pair: Option<(String, String)>) {
-        *self.auto_response.borrow_mut() = pair;
+        *self.auto_response.borrow_mut() = pair.map(Box::new);
+    }
+
+    /// Takes the offer of `token` out of the list, if it is there.
+    fn take_offer(&self, token: UpgradeToken) -> Option<Rc<Offer>> {
+        let mut offered = self.offered.borrow_mut();
+        let at = offered.iter().position(|(t, _)| *t == token.0)?;
+        Some(offered.swap_remove(at).1)
     }
 
     /// Closes every socket with `code`: at a reset (1011) or a shutdown (1001).

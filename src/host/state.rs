@@ -10,7 +10,7 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::gate::{self, Gated, InputGate};
 use crate::id::ObjectId;
-use crate::storage::{ObjectStore, Storage};
+use crate::storage::Storage;
 
 /// What a [`State`] may ask of the activation it belongs to. A trait, so that this file does
 /// not depend on the activation's (which holds the state).
@@ -23,8 +23,8 @@ pub(crate) trait Reset {
 #[derive(Clone)]
 pub struct State {
     id: ObjectId,
+    /// The object's storage, with its store and its input gate.
     storage: Storage,
-    gate: Rc<InputGate>,
     /// The host's wall clock (`Builder::clock`): the one alarms fire by, so an object that
     /// compares stored times with [`State::now_ms`] agrees with its alarms, also in a test
     /// on a manual clock.
@@ -33,24 +33,19 @@ pub struct State {
     activation: Weak<dyn Reset>,
     /// The WebSockets the host holds for the object, which outlive this activation.
     sockets: Rc<ObjectSockets>,
-    /// The object's store, for the output gate of the messages its sockets send.
-    store: Rc<ObjectStore>,
 }
 
 impl State {
     pub(crate) fn new(
         id: ObjectId,
         storage: Storage,
-        gate: Rc<InputGate>,
         clock: Arc<dyn Clock>,
         activation: Weak<dyn Reset>,
         sockets: Rc<ObjectSockets>,
     ) -> State {
         State {
             id,
-            store: storage.store().clone(),
             storage,
-            gate,
             clock,
             activation,
             sockets,
@@ -79,7 +74,7 @@ impl State {
             )
         })?;
         let socket = self.sockets.accept(*token, tags)?;
-        Ok(WebSocket::new(socket, self.store.clone()))
+        Ok(WebSocket::new(socket, self.storage.store().clone()))
     }
 
     /// The object's open WebSockets, those accepted with `tag` if one is given, in the order
@@ -88,7 +83,7 @@ impl State {
         self.sockets
             .list(tag)
             .into_iter()
-            .map(|socket| WebSocket::new(socket, self.store.clone()))
+            .map(|socket| WebSocket::new(socket, self.storage.store().clone()))
             .collect()
     }
 
@@ -110,7 +105,7 @@ impl State {
     /// The object's input gate: for a class that takes it around work the host does for an
     /// instance living elsewhere (an external class's events and storage calls).
     pub(crate) fn gate(&self) -> &Rc<InputGate> {
-        &self.gate
+        self.storage.gate()
     }
 
     /// The object's ID.
@@ -143,9 +138,9 @@ impl State {
         E: Display,
     {
         let task = gate::current_task().unwrap_or_else(gate::next_task_id);
-        let mut lock = self.gate.lock(task);
+        let mut lock = self.gate().lock(task);
         lock.try_now();
-        let gate = self.gate.clone();
+        let gate = self.gate().clone();
         let activation = self.activation.clone();
         async move {
             (&mut lock).await;

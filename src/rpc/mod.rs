@@ -19,7 +19,8 @@ use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, registration};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
-use crate::wire::{Buffers, rpc_system_buffered};
+use crate::wire::{Buffers, convert, rpc_system_buffered};
+use futures::future::Either;
 
 mod admin;
 mod connection;
@@ -468,6 +469,34 @@ impl namespace::Server for NamespaceServer {
             results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
+    }
+
+    fn fetch_by_name(
+        self: Rc<Self>,
+        params: namespace::FetchByNameParams,
+        mut results: namespace::FetchByNameResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        let stub = (|| {
+            let name = text(params.get()?.get_name()?)?;
+            Ok::<_, capnp::Error>(self.namespace.get_by_name(name)?)
+        })();
+        let stub = match stub {
+            Ok(stub) => stub,
+            Err(error) => return Either::Left(ready(Err(error))),
+        };
+        let request = params.get().and_then(|params| params.get_request());
+        // An object of another shard: the call goes on to its stub there, as a `fetch` made
+        // on a stub from `getByName` would.
+        if let Some(remote) = stub.remote_client() {
+            let call = relay::fetch(remote, &self.connection, request, move |response| {
+                results.get().set_response(response)
+            });
+            return Either::Right(Either::Left(call));
+        }
+        let call = stub::fetch(&stub, &self.connection, request, move |response| {
+            convert::response_to_capnp(response, results.get().init_response())
+        });
+        Either::Right(Either::Right(call))
     }
 
     fn list_objects(

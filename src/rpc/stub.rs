@@ -27,9 +27,10 @@ use super::relay;
 use super::stream;
 use crate::error::Error;
 use crate::host::{InterfaceCall, Stub};
+use crate::message::Response;
 use crate::trace::RequestId;
 use crate::wire::convert;
-use crate::wire::duro_capnp::durable_object;
+use crate::wire::duro_capnp::{durable_object, http_request};
 use tracing::Instrument;
 
 /// A host [`Stub`] as a capability: the `DurableObject` interface (`fetch`, `request`) and the
@@ -69,28 +70,9 @@ impl durable_object::Server for StubServer {
         params: durable_object::FetchParams,
         mut results: durable_object::FetchResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        let traced = Traced::start(&self.stub);
-        // Read and enqueue now, in the order calls arrive: this is where E-order is kept.
-        let call = traced.span.in_scope(|| -> capnp::Result<_> {
-            let request = convert::request_from_capnp(params.get()?.get_request()?)?;
-            let in_flight = InFlight::admit(&self.connection, convert::request_bytes(&request))?;
-            Ok((in_flight, self.stub.fetch(request)))
-        });
-        let account = self.connection.account.clone();
-        traced.run(async move {
-            let (_in_flight, call) = call?;
-            let response = call.await?;
-            let len = convert::response_bytes(&response);
-            if len > RESPONSE_BYTES_MAX {
-                return Err(capnp::Error::failed(format!(
-                    "remote: the response takes about {len} bytes, over the limit of \
-                     {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
-                )));
-            }
-            // Owed until the writer has sent it: a peer that does not read stops being read.
-            account.owe(convert::response_payload_bytes(&response));
-            convert::response_to_capnp(&response, results.get().init_response());
-            Ok(())
+        let request = params.get().and_then(|params| params.get_request());
+        fetch(&self.stub, &self.connection, request, move |response| {
+            convert::response_to_capnp(response, results.get().init_response())
         })
     }
 
@@ -105,6 +87,43 @@ impl durable_object::Server for StubServer {
             .in_scope(|| stream::request(&self.stub, &self.connection, params, results));
         traced.run(call)
     }
+}
+
+/// `DurableObject.fetch` of a local `stub` within `connection`'s bounds: `Namespace.fetchByName`
+/// calls it too. The request is read, admitted and enqueued on the stub now, in the order
+/// calls arrive (this is where E-order is kept); `write` writes the response into the call's
+/// results once it passed the output gate.
+pub(super) fn fetch<W>(
+    stub: &Stub,
+    connection: &Rc<Connection>,
+    request: capnp::Result<http_request::Reader<'_>>,
+    write: W,
+) -> impl Future<Output = capnp::Result<()>> + 'static + use<W>
+where
+    W: FnOnce(&Response) + 'static,
+{
+    let traced = Traced::start(stub);
+    let call = traced.span.in_scope(|| -> capnp::Result<_> {
+        let request = convert::request_from_capnp(request?)?;
+        let in_flight = InFlight::admit(connection, convert::request_bytes(&request))?;
+        Ok((in_flight, stub.fetch(request)))
+    });
+    let account = connection.account.clone();
+    traced.run(async move {
+        let (_in_flight, call) = call?;
+        let response = call.await?;
+        let len = convert::response_bytes(&response);
+        if len > RESPONSE_BYTES_MAX {
+            return Err(capnp::Error::failed(format!(
+                "remote: the response takes about {len} bytes, over the limit of \
+                 {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
+            )));
+        }
+        // Owed until the writer has sent it: a peer that does not read stops being read.
+        account.owe(convert::response_payload_bytes(&response));
+        write(&response);
+        Ok(())
+    })
 }
 
 /// Lets capnp-rpc serve a [`StubServer`] through [`StubDispatch`].

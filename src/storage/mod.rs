@@ -91,6 +91,11 @@ impl Storage {
         &self.store
     }
 
+    /// The object's input gate, which its storage calls hold.
+    pub(crate) fn gate(&self) -> &Rc<InputGate> {
+        &self.gate
+    }
+
     pub(crate) fn check_count(&self, count: usize) -> Result<(), Error> {
         self.store.limits().check_count(count)
     }

@@ -139,7 +139,9 @@ struct Cached {
 
 #[derive(Default)]
 struct State {
-    cache: BTreeMap<Vec<u8>, Cached>,
+    /// Keys boxed, not `Vec`s: 8 bytes less a key, in each of a B-tree node's 11 slots (a node
+    /// is allocated whole, and an idle object of a few keys holds one).
+    cache: BTreeMap<Box<[u8]>, Cached>,
     cached_bytes: usize,
     /// Writes not yet handed to the writer, latest per key, applied after `clear_pending`.
     dirty: BTreeMap<Vec<u8>, Option<Bytes>>,
@@ -536,8 +538,8 @@ impl ObjectStore {
                 if range_is_empty(as_ref(from), as_ref(to)) {
                     return Vec::new();
                 }
-                let range = state.cache.range::<Vec<u8>, _>((from.clone(), to.clone()));
-                let entries = range.map(|(k, c)| (k.clone(), c.value.clone()));
+                let range = state.cache.range::<[u8], _>((as_ref(from), as_ref(to)));
+                let entries = range.map(|(k, c)| (k.to_vec(), c.value.clone()));
                 if reverse {
                     entries.rev().collect()
                 } else {
@@ -567,8 +569,12 @@ fn entry_bytes(key: &[u8], value: &Option<Bytes>) -> usize {
 
 fn insert_cached(state: &mut State, key: Vec<u8>, value: Option<Bytes>, seq: u64) {
     let added = entry_bytes(&key, &value);
-    if let Some(old) = state.cache.insert(key.clone(), Cached { value, seq }) {
-        state.cached_bytes -= entry_bytes(&key, &old.value);
+    let key_bytes = key.len();
+    if let Some(old) = state
+        .cache
+        .insert(key.into_boxed_slice(), Cached { value, seq })
+    {
+        state.cached_bytes -= key_bytes + entry_bytes(&[], &old.value);
     }
     state.cached_bytes += added;
 }

@@ -94,6 +94,40 @@ pub fn fetch(
     }
 }
 
+/// `namespace.fetchByName(name, request)`, sent now: one call, holding no stub; resolves as
+/// [`fetch`].
+pub fn fetch_by_name(
+    namespace: &namespace::Client,
+    name: &str,
+    method: &str,
+    url: &str,
+    body: &[u8],
+    ok: &'static [u16],
+) -> impl Future<Output = Result<(), String>> + use<> {
+    let mut call = namespace.fetch_by_name_request();
+    call.get().set_name(name);
+    {
+        let mut request = call.get().init_request();
+        request.set_method(method);
+        request.set_url(url);
+        request.set_body(body);
+    }
+    let promise = call.send().promise;
+    async move {
+        let reply = promise.await.map_err(|e| e.to_string())?;
+        let status = reply
+            .get()
+            .and_then(|r| r.get_response())
+            .map_err(|e| e.to_string())?
+            .get_status();
+        if ok.contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("answered HTTP {status}"))
+        }
+    }
+}
+
 /// Sends a fetch on `stub` now and resolves with the answer's body, or an error unless its
 /// status is 200.
 pub fn fetch_body(

@@ -261,7 +261,7 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
         step("typed", &|| typed::run(settings));
     }
     if selection.has("activate") {
-        step("activate", &|| vec![objects::activate(settings)]);
+        step("activate", &|| objects::activate(settings));
     }
     if selection.has("list") {
         step("list", &|| vec![objects::list(settings)]);

@@ -3,6 +3,8 @@
 //! random starts, and the bytes on disk), `kv-mixed` (90% get / 10% put over 10,000 objects).
 
 use std::rc::Rc;
+
+use futures::future::Either;
 use std::time::{Duration, Instant};
 
 use super::Settings;
@@ -26,56 +28,111 @@ async fn start(
     Ok((duro, namespace))
 }
 
-pub fn activate(settings: &Settings) -> Series {
-    let shape = format!(
-        "{}k new objects, 64 in flight{}",
-        settings.activations / 1000,
-        if settings.quick { " (quick)" } else { "" }
-    );
-    let mut series = Series::new("activate", &shape);
-    let (mut cpu_us, mut rss_bytes) = (Vec::new(), Vec::new());
+/// How `activate` reaches each new object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FirstCall {
+    /// `getByName(name)` and a `fetch` pipelined on the stub, which is then released: four
+    /// messages on the host's side of the wire (two calls, their returns) and a release.
+    Stub,
+    /// `Namespace.fetchByName(name, request)`: one call and its return.
+    ByName,
+}
+
+impl FirstCall {
+    /// The end of the series' shape, which names the path.
+    pub const fn label(self) -> &'static str {
+        match self {
+            FirstCall::Stub => "getByName+fetch",
+            FirstCall::ByName => "fetchByName",
+        }
+    }
+}
+
+/// Both paths of `activate`, their runs taken in turn (one fresh server each), so that the
+/// two are measured back to back.
+pub fn activate(settings: &Settings) -> Vec<Series> {
+    let paths = [FirstCall::Stub, FirstCall::ByName];
+    let mut all = paths.map(|path| Activations::new(settings, path));
     for _ in 0..settings.runs.min(3) {
-        match duro::testing::run_local(activate_once(settings)) {
-            Ok((run, cpu, rss)) => {
-                cpu_us.push(cpu);
-                rss_bytes.push(rss);
-                series.push(Ok(run));
-            }
-            Err(e) => {
-                series.fail(e);
-                break;
+        for (path, activations) in paths.iter().zip(all.iter_mut()) {
+            match duro::testing::run_local(activate_once(settings, *path)) {
+                Ok((run, cpu, rss)) => {
+                    activations.cpu_us.push(cpu);
+                    activations.rss_bytes.push(rss);
+                    activations.series.push(Ok(run));
+                }
+                Err(e) => activations.series.fail(e),
             }
         }
     }
-    series.add_extra("cpu_per_activation", "µs", &cpu_us);
-    series.add_extra("rss_per_object", "bytes", &rss_bytes);
-    series
+    all.map(Activations::finish).into()
+}
+
+/// The runs of one path of `activate`.
+struct Activations {
+    series: Series,
+    cpu_us: Vec<f64>,
+    rss_bytes: Vec<f64>,
+}
+
+impl Activations {
+    fn new(settings: &Settings, path: FirstCall) -> Activations {
+        let shape = format!(
+            "{}k new, 64 in flight, {}{}",
+            settings.activations / 1000,
+            path.label(),
+            if settings.quick { " (quick)" } else { "" }
+        );
+        Activations {
+            series: Series::new("activate", &shape),
+            cpu_us: Vec::new(),
+            rss_bytes: Vec::new(),
+        }
+    }
+
+    fn finish(mut self) -> Series {
+        if !self.series.runs.is_empty() {
+            self.series
+                .add_extra("cpu_per_activation", "µs", &self.cpu_us);
+            self.series
+                .add_extra("rss_per_object", "bytes", &self.rss_bytes);
+        }
+        self.series
+    }
 }
 
 /// Activates `settings.activations` new `counter` objects with a GET each (which reads a
-/// missing key: no write) on a fresh server; answers the run, the server's CPU per activation
-/// in µs, and its resident memory per idle object in bytes.
-async fn activate_once(settings: &Settings) -> Result<(Run, f64, f64), String> {
+/// missing key: no write), reached by `path`, on a fresh server; answers the run, the server's
+/// CPU per activation in µs, and its resident memory per idle object in bytes.
+async fn activate_once(settings: &Settings, path: FirstCall) -> Result<(Run, f64, f64), String> {
     let (duro, namespace) = start(settings, "activate", "counter").await?;
     let pid = duro.child.pid();
-    // Warm the connection and the code paths on objects that are not counted.
-    let warm = |i: u64| {
-        let stub = capnp_load::stub(&namespace, &format!("warm{i}"));
-        capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200])
+    let first_fetch = |name: String| match path {
+        // A new stub per object, dropped as soon as the call is sent: the object stays
+        // activated, idle, with no capability held on it.
+        FirstCall::Stub => {
+            let stub = capnp_load::stub(&namespace, &name);
+            Either::Left(capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200]))
+        }
+        FirstCall::ByName => Either::Right(capnp_load::fetch_by_name(
+            &namespace,
+            &name,
+            "GET",
+            "/",
+            PAYLOAD,
+            &[200],
+        )),
     };
+    // Warm the connection and the code paths on objects that are not counted.
+    let warm = |i: u64| first_fetch(format!("warm{i}"));
     drive(IN_FLIGHT, Budget::new(settings.warmup, 1000), warm).await?;
     settle().await;
     let cpu_before = child::process_cpu(pid).ok_or("reading the server's CPU time")?;
     let rss_before = child::rss_bytes(pid).ok_or("reading the server's VmRSS")?;
     let count = settings.activations;
-    let first_fetch = |i: u64| {
-        // A new stub per object, dropped as soon as the call is sent: the object stays
-        // activated, idle, with no capability held on it.
-        let stub = capnp_load::stub(&namespace, &format!("object{i}"));
-        capnp_load::fetch(&stub, "GET", "/", PAYLOAD, &[200])
-    };
     let budget = Budget::new(settings.setup_time_max, count);
-    let mut run = drive_all(vec![drive(IN_FLIGHT, budget, first_fetch)]).await?;
+    let new_object = |i: u64| first_fetch(format!("object{i}"));
+    let mut run = drive_all(vec![drive(IN_FLIGHT, budget, new_object)]).await?;
     if run.ops < count {
         return Err(format!(
             "only {} of {count} objects activated within {:?}",
