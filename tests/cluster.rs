@@ -261,13 +261,29 @@ fn calls_through_any_node_reach_one_instance_in_order() {
                 break;
             }
         }
+        // One call by name (fetchByName) through that node reaches the owner's instance too.
+        let post = || {
+            http::Request::builder()
+                .method("POST")
+                .uri("/")
+                .body(bytes::Bytes::new())
+                .unwrap()
+        };
+        let first = tally.fetch_by_name(&name, post()).await.unwrap();
+        assert_eq!(
+            parse(first.body()),
+            Answer {
+                value: 1,
+                activation: 1
+            }
+        );
         let stub = tally.get_by_name(&name);
         let calls: Vec<_> = (0..100).map(|_| stub.call("POST", "/", "")).collect();
         let mut values = Vec::new();
         for call in calls {
             values.push(parse(call.await.unwrap().body()));
         }
-        let expected: Vec<Answer> = (1..=100)
+        let expected: Vec<Answer> = (2..=101)
             .map(|value| Answer {
                 value,
                 activation: 1,

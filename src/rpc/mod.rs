@@ -478,7 +478,14 @@ impl namespace::Server for NamespaceServer {
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         let stub = (|| {
             let name = text(params.get()?.get_name()?)?;
-            Ok::<_, capnp::Error>(self.namespace.get_by_name(name)?)
+            let stub = match self.node_link {
+                // Through a node link: served here or refused, never passed on again.
+                true => self
+                    .namespace
+                    .stub_here(self.namespace.id_from_name(name)?)?,
+                false => self.namespace.get_by_name(name)?,
+            };
+            Ok::<_, capnp::Error>(stub)
         })();
         let stub = match stub {
             Ok(stub) => stub,
