@@ -231,7 +231,17 @@ pub(crate) struct Scheduler {
     host: Weak<HostInner>,
     /// The server's counts of alarms.
     metrics: AlarmMetrics,
+    /// Bumped by every change to the window from outside its refills (a committed alarm
+    /// change, a reload): a refill read off the event loop is applied only if none came
+    /// meanwhile, since the index it read may be older than the change.
+    changes: std::cell::Cell<u64>,
+    /// Refills read off the event loop and dropped for a change meanwhile, in a row.
+    refills_dropped: std::cell::Cell<u32>,
 }
+
+/// Refills dropped in a row before one is read on the event loop instead, so that a stream of
+/// changes cannot keep the window from refilling.
+const REFILLS_DROPPED_MAX: u32 = 3;
 
 impl Scheduler {
     /// Starts the scheduler of `host` as a local task, hooked to the storage's alarm changes.
@@ -242,6 +252,8 @@ impl Scheduler {
             wake: Notify::new(),
             host: Rc::downgrade(host),
             metrics: host.metrics.alarms().clone(),
+            changes: std::cell::Cell::new(0),
+            refills_dropped: std::cell::Cell::new(0),
         });
         *host.scheduler.borrow_mut() = Rc::downgrade(&scheduler);
         let hooked = Rc::downgrade(&scheduler);
@@ -251,6 +263,7 @@ impl Scheduler {
                     scheduler.metrics.set.inc();
                 }
                 scheduler.window.borrow_mut().changed(object, alarm);
+                scheduler.changes.set(scheduler.changes.get() + 1);
                 scheduler.wake.notify_one();
             }
         }));
@@ -269,11 +282,13 @@ impl Scheduler {
                 ..Window::default()
             };
         }
+        self.changes.set(self.changes.get() + 1);
         self.wake.notify_one();
     }
 
-    /// Refills the window from the index if it is low.
-    fn refill(&self, host: &HostInner) {
+    /// Refills the window from the index if it is low: off the event loop when the engine's
+    /// reads are remote (a round trip to PostgreSQL), applied only if no change came meanwhile.
+    async fn refill(&self, host: &Rc<HostInner>) {
         let (after, asked) = {
             let window = self.window.borrow();
             match window.wants_refill() {
@@ -281,7 +296,25 @@ impl Scheduler {
                 None => return,
             }
         };
-        match host.storage.backend.next_alarms(after, asked) {
+        let backend = host.storage.backend.clone();
+        let off_loop = backend.remote_reads() && self.refills_dropped.get() < REFILLS_DROPPED_MAX;
+        let read = match off_loop {
+            true => {
+                let before = self.changes.get();
+                let read = tokio::task::spawn_blocking(move || backend.next_alarms(after, asked));
+                let read = read.await.unwrap_or(Err(crate::storage::Error::Closed));
+                if self.changes.get() != before {
+                    // The window moved while the index was read: read again next time.
+                    self.refills_dropped.set(self.refills_dropped.get() + 1);
+                    self.wake.notify_one();
+                    return;
+                }
+                read
+            }
+            false => backend.next_alarms(after, asked),
+        };
+        self.refills_dropped.set(0);
+        match read {
             Ok(entries) => {
                 let placement = host.placement;
                 let mine = |object: &ObjectKey| {
@@ -348,7 +381,7 @@ async fn run(scheduler: Rc<Scheduler>) {
         if host.closing.get() {
             return;
         }
-        scheduler.refill(&host);
+        scheduler.refill(&host).await;
         drop(host);
         let now_ms = scheduler.clock.now_ms();
         let due = scheduler.window.borrow_mut().take_due(now_ms);

@@ -598,6 +598,9 @@ pub struct Namespace {
     core: Rc<NamespaceCore>,
 }
 
+/// A page of objects: each with its stored alarm, when asked for; and whether more remain.
+pub(crate) type ObjectsPage = (Vec<(ObjectRecord, Option<u64>)>, bool);
+
 impl Namespace {
     /// The namespace's name.
     pub fn name(&self) -> &str {
@@ -743,6 +746,74 @@ impl Namespace {
             .backend
             .list_objects(self.core.tag, start_after, limit)
             .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
+    }
+
+    /// A page of [`Namespace::list_objects`], each object with its stored alarm when
+    /// `alarms`, read off the event loop when the engine's reads are remote (a round trip to
+    /// PostgreSQL), on it otherwise (LMDB answers from memory).
+    pub(crate) fn list_objects_page(
+        &self,
+        start_after: Option<[u8; 32]>,
+        limit: usize,
+        alarms: bool,
+    ) -> impl Future<Output = Result<ObjectsPage, Error>> + use<> {
+        let checked = self.list_objects_reader(start_after, limit, alarms);
+        async move {
+            let (read, remote) = checked?;
+            match remote {
+                true => tokio::task::spawn_blocking(read).await.unwrap_or_else(|_| {
+                    Err(Error::Disconnected("storage error: the read failed".into()))
+                }),
+                false => read(),
+            }
+        }
+    }
+
+    /// The read of [`Namespace::list_objects_page`], checked, and whether it is remote.
+    fn list_objects_reader(
+        &self,
+        start_after: Option<[u8; 32]>,
+        limit: usize,
+        alarms: bool,
+    ) -> Result<
+        (
+            impl FnOnce() -> Result<ObjectsPage, Error> + Send + use<>,
+            bool,
+        ),
+        Error,
+    > {
+        let max = self.limits().list_objects_max;
+        if limit == 0 || limit > max {
+            return Err(Error::InvalidArgument(format!(
+                "limit must be between 1 and {max} (list_objects_max), got {limit}"
+            )));
+        }
+        let host = self
+            .core
+            .host
+            .upgrade()
+            .ok_or_else(activation::shutting_down)?;
+        let backend = host.storage.backend.clone();
+        let remote = backend.remote_reads();
+        let tag = self.core.tag;
+        let read = move || {
+            let failed = |e: storage::Error| Error::Disconnected(format!("storage error: {e}"));
+            let (records, more) = backend
+                .list_objects(tag, start_after.as_ref(), limit)
+                .map_err(failed)?;
+            let mut page = Vec::with_capacity(records.len());
+            for record in records {
+                let alarm = match alarms {
+                    true => backend
+                        .alarm(&ObjectKey { tag, id: record.id })
+                        .map_err(failed)?,
+                    false => None,
+                };
+                page.push((record, alarm));
+            }
+            Ok((page, more))
+        };
+        Ok((read, remote))
     }
 
     /// The durable alarm of the object `id` (ms since the Unix epoch), if it has one: read from

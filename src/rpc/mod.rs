@@ -14,7 +14,7 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::Error;
-use crate::host::{Host, Namespace, Stub};
+use crate::host::{Host, Namespace, ObjectsPage, Stub};
 use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, registration};
@@ -511,17 +511,17 @@ impl namespace::Server for NamespaceServer {
         params: namespace::ListObjectsParams,
         mut results: namespace::ListObjectsResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        ready((|| {
-            let params = params.get()?;
-            let (records, more) = self.page(params.get_start_after()?, params.get_limit())?;
+        let page = self.page(params.get(), false);
+        async move {
+            let (records, more) = page?.await?;
             let mut results = results.get();
             results.set_more(more);
             let mut ids = results.init_ids(records.len() as u32);
-            for (i, record) in records.iter().enumerate() {
+            for (i, (record, _)) in records.iter().enumerate() {
                 write_record_id(record, ids.reborrow().get(i as u32));
             }
             Ok(())
-        })())
+        }
     }
 
     fn list_object_info(
@@ -529,17 +529,13 @@ impl namespace::Server for NamespaceServer {
         params: namespace::ListObjectInfoParams,
         mut results: namespace::ListObjectInfoResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        ready((|| {
-            let params = params.get()?;
-            let (records, more) = self.page(params.get_start_after()?, params.get_limit())?;
-            let alarms = records
-                .iter()
-                .map(|record| self.namespace.stored_alarm(&record.id))
-                .collect::<Result<Vec<_>, Error>>()?;
+        let page = self.page(params.get(), true);
+        async move {
+            let (records, more) = page?.await?;
             let mut results = results.get();
             results.set_more(more);
             let mut objects = results.init_objects(records.len() as u32);
-            for (i, (record, alarm)) in records.iter().zip(alarms).enumerate() {
+            for (i, (record, alarm)) in records.iter().enumerate() {
                 let mut info = objects.reborrow().get(i as u32);
                 write_record_id(record, info.reborrow().init_id());
                 info.set_created_ms(record.created_ms);
@@ -547,21 +543,54 @@ impl namespace::Server for NamespaceServer {
                 info.set_alarm_ms(alarm.unwrap_or(0));
             }
             Ok(())
-        })())
+        }
     }
 }
 
+/// The parameters `listObjects` and `listObjectInfo` share.
+trait PageParams {
+    fn start_after(&self) -> capnp::Result<capnp::text::Reader<'_>>;
+    fn limit(&self) -> u32;
+}
+
+impl PageParams for namespace::list_objects_params::Reader<'_> {
+    fn start_after(&self) -> capnp::Result<capnp::text::Reader<'_>> {
+        self.get_start_after()
+    }
+    fn limit(&self) -> u32 {
+        self.get_limit()
+    }
+}
+
+impl PageParams for namespace::list_object_info_params::Reader<'_> {
+    fn start_after(&self) -> capnp::Result<capnp::text::Reader<'_>> {
+        self.get_start_after()
+    }
+    fn limit(&self) -> u32 {
+        self.get_limit()
+    }
+}
+
+/// A page of the namespace's objects being read (off the event loop when the engine's reads
+/// are remote).
+type PageRead = std::pin::Pin<Box<dyn Future<Output = Result<ObjectsPage, Error>>>>;
+
 impl NamespaceServer {
-    /// One page of the namespace's objects, as `listObjects` and `listObjectInfo` ask for it.
-    fn page(
+    /// One page of the namespace's objects, as `listObjects` and `listObjectInfo` ask for it,
+    /// with each object's alarm when `alarms`.
+    fn page<P: PageParams>(
         &self,
-        start_after_hex: capnp::text::Reader<'_>,
-        limit: u32,
-    ) -> capnp::Result<(Vec<ObjectRecord>, bool)> {
-        let start_after = start_after(text(start_after_hex)?)?;
-        Ok(self
-            .namespace
-            .list_objects(start_after.as_ref(), limit as usize)?)
+        params: capnp::Result<P>,
+        alarms: bool,
+    ) -> capnp::Result<PageRead> {
+        let params = params?;
+        let start_after = start_after(text(params.start_after()?)?)?;
+        let limit = params.limit() as usize;
+        Ok(Box::pin(self.namespace.list_objects_page(
+            start_after,
+            limit,
+            alarms,
+        )))
     }
 }
 
