@@ -731,21 +731,9 @@ impl Namespace {
         start_after: Option<&[u8; 32]>,
         limit: usize,
     ) -> Result<(Vec<ObjectRecord>, bool), Error> {
-        let max = self.limits().list_objects_max;
-        if limit == 0 || limit > max {
-            return Err(Error::InvalidArgument(format!(
-                "limit must be between 1 and {max} (list_objects_max), got {limit}"
-            )));
-        }
-        let host = self
-            .core
-            .host
-            .upgrade()
-            .ok_or_else(activation::shutting_down)?;
-        host.storage
-            .backend
-            .list_objects(self.core.tag, start_after, limit)
-            .map_err(|e| Error::Disconnected(format!("storage error: {e}")))
+        let (read, _) = self.list_objects_reader(start_after.copied(), limit, false)?;
+        let (page, more) = read()?;
+        Ok((page.into_iter().map(|(record, _)| record).collect(), more))
     }
 
     /// A page of [`Namespace::list_objects`], each object with its stored alarm when

@@ -87,6 +87,25 @@ struct GuardServer {
     link: HostServer,
 }
 
+impl GuardServer {
+    /// Checks `token` against the host's, in constant time; a wrong one is answered after a
+    /// short delay.
+    fn check(
+        &self,
+        token: capnp::Result<capnp::text::Reader<'_>>,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static + use<> {
+        let right =
+            token.map(|t| crate::auth::constant_time_eq(t.as_bytes(), self.token.as_bytes()));
+        async move {
+            if right? {
+                return Ok(());
+            }
+            tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;
+            Err(unauthenticated())
+        }
+    }
+}
+
 fn unauthenticated() -> capnp::Error {
     capnp::Error::failed("unauthenticated: call authenticate with the host's token first".into())
 }
@@ -129,24 +148,16 @@ impl host::Server for GuardServer {
         params: host::NodeLinkParams,
         mut results: host::NodeLinkResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        let right = params.get().and_then(|p| {
-            Ok(crate::auth::constant_time_eq(
-                p.get_token()?.as_bytes(),
-                self.token.as_bytes(),
-            ))
-        });
+        let checked = self.check(params.get().and_then(|p| p.get_token()));
         async move {
-            if right? {
-                let link = HostServer {
-                    host: self.link.host.clone(),
-                    connection: self.link.connection.clone(),
-                    node_link: true,
-                };
-                results.get().set_host(capnp_rpc::new_client(link));
-                return Ok(());
-            }
-            tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;
-            Err(unauthenticated())
+            checked.await?;
+            let link = HostServer {
+                host: self.link.host.clone(),
+                connection: self.link.connection.clone(),
+                node_link: true,
+            };
+            results.get().set_host(capnp_rpc::new_client(link));
+            Ok(())
         }
     }
 
@@ -155,19 +166,11 @@ impl host::Server for GuardServer {
         params: host::AuthenticateParams,
         mut results: host::AuthenticateResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
-        let right = params.get().and_then(|p| {
-            Ok(crate::auth::constant_time_eq(
-                p.get_token()?.as_bytes(),
-                self.token.as_bytes(),
-            ))
-        });
+        let checked = self.check(params.get().and_then(|p| p.get_token()));
         async move {
-            if right? {
-                results.get().set_host(self.host.clone());
-                return Ok(());
-            }
-            tokio::time::sleep(crate::auth::WRONG_TOKEN_DELAY).await;
-            Err(unauthenticated())
+            checked.await?;
+            results.get().set_host(self.host.clone());
+            Ok(())
         }
     }
 }
