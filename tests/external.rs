@@ -1397,8 +1397,13 @@ fn a_response_body_the_instance_breaks_off_fails_the_callers_read() {
         let request = http::Request::get("/ext/broken/broken")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let read = response.into_body().collect().await;
+        // The gateway fails the read: after the head, or (when the body broke before hyper
+        // flushed the head, which it then drops with the connection) at the head. Either way
+        // the caller never reads a broken body as whole.
+        let read = match sender.send_request(request).await {
+            Ok(response) => response.into_body().collect().await.map(|_| ()),
+            Err(error) => Err(error),
+        };
         assert!(
             read.is_err(),
             "a broken body read as whole through the gateway"
