@@ -239,7 +239,6 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<host::Client> {
     Ok(host)
 }
 
-/// [`connect`] over TLS, for a server started with [`Builder::tls_pem`]: `tls` says which CA
 /// `Host.authenticate` with `token` on `host` (the bootstrap of a server with a token): the
 /// working `Host`, or the error a wrong token gets.
 pub async fn authenticate(host: &host::Client, token: &str) -> Result<host::Client, Error> {
@@ -249,6 +248,7 @@ pub async fn authenticate(host: &host::Client, token: &str) -> Result<host::Clie
     Ok(reply.get()?.get_host()?)
 }
 
+/// [`connect`] over TLS, for a server started with [`Builder::tls_pem`]: `tls` says which CA
 /// to trust.
 pub async fn connect_tls(addr: SocketAddr, tls: &ClientTls) -> std::io::Result<host::Client> {
     let (host, rpc) = crate::wire::connect_tls(addr, tls).await?;

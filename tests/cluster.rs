@@ -135,19 +135,18 @@ impl Cluster {
         }
     }
 
-    /// The node (its index) that owns the shard of `id` now.
-    fn owner_of(&self, id: &duro::ObjectId) -> usize {
+    /// The node (its index) that owns each virtual shard now, from one read of the status.
+    fn owners(&self) -> Vec<Option<usize>> {
         let status = self.status();
-        let shards = status["virtual_shards"].as_u64().unwrap() as u32;
-        let shard = u64::from(duro::storage::virtual_shard(id.bytes(), shards));
+        let shards = status["virtual_shards"].as_u64().unwrap() as usize;
+        let mut owners = vec![None; shards];
         for node in status["nodes"].as_array().unwrap() {
-            let owned = node["shards"].as_array().unwrap();
-            if owned.iter().any(|s| s.as_u64() == Some(shard)) {
-                let name = node["name"].as_str().unwrap();
-                return name[1..].parse().unwrap();
+            let index: usize = node["name"].as_str().unwrap()[1..].parse().unwrap();
+            for shard in node["shards"].as_array().unwrap() {
+                owners[shard.as_u64().unwrap() as usize] = Some(index);
             }
         }
-        panic!("no node owns shard {shard}: {status}");
+        owners
     }
 }
 
@@ -253,14 +252,9 @@ fn calls_through_any_node_reach_one_instance_in_order() {
         // the order made.
         let client = Client::connect(cluster.addr(0).unwrap()).await.unwrap();
         let tally = client.namespace("tally");
-        let mut name = String::new();
-        for candidate in 0.. {
-            name = format!("far{candidate}");
-            let id = tally.id_from_name(&name).await.unwrap();
-            if cluster.owner_of(&id) != 0 {
-                break;
-            }
-        }
+        let name = names_where(&cluster, &client, "far", 1, |owner| owner != 0)
+            .await
+            .remove(0);
         // One call by name (fetchByName) through that node reaches the owner's instance too.
         let post = || {
             http::Request::builder()
@@ -328,20 +322,11 @@ fn a_killed_node_s_objects_are_served_again_within_the_lease() {
         let survivor = cluster.addr(0).unwrap();
         // Objects the victim owns, each incremented once through it.
         let client = Client::connect(survivor).await.unwrap();
-        let tally = client.namespace("tally");
-        let mut names = Vec::new();
-        for candidate in 0.. {
-            let name = format!("k{candidate}");
-            let id = tally.id_from_name(&name).await.unwrap();
-            if cluster.owner_of(&id) == victim {
-                let addr = cluster.addr(victim).unwrap();
-                let answer = clients.call(addr, &name, "POST", wait).await.unwrap();
-                assert_eq!(answer.value, 1);
-                names.push(name);
-                if names.len() == 8 {
-                    break;
-                }
-            }
+        let names = names_where(&cluster, &client, "k", 8, |owner| owner == victim).await;
+        for name in &names {
+            let addr = cluster.addr(victim).unwrap();
+            let answer = clients.call(addr, name, "POST", wait).await.unwrap();
+            assert_eq!(answer.value, 1);
         }
         let killed = Instant::now();
         unsafe_kill(cluster.pid(victim), libc::SIGKILL);
@@ -623,15 +608,7 @@ fn a_paused_node_serves_nothing_of_its_shards_once_its_lease_lapsed() {
         let wait = Duration::from_secs(10);
         let other = cluster.addr(0).unwrap();
         let client = Client::connect(other).await.unwrap();
-        let tally = client.namespace("tally");
-        let mut name = String::new();
-        for candidate in 0.. {
-            name = format!("p{candidate}");
-            let id = tally.id_from_name(&name).await.unwrap();
-            if cluster.owner_of(&id) == paused {
-                break;
-            }
-        }
+        let name = name_owned_by(&cluster, &client, "p", paused).await;
         // The object is live on the paused node, its value in that instance's cache.
         let at_paused = Client::connect(cluster.addr(paused).unwrap()).await.unwrap();
         let stub = at_paused.namespace("tally");
@@ -690,17 +667,38 @@ fn a_paused_node_serves_nothing_of_its_shards_once_its_lease_lapsed() {
     });
 }
 
-/// An object's name among `prefix0`, `prefix1`... whose shard node `owner` owns.
-async fn name_owned_by(cluster: &Cluster, client: &Client, prefix: &str, owner: usize) -> String {
+/// The first `count` names among `prefix0`, `prefix1`... of objects whose shard's owner
+/// (a node's index) `wanted` picks, by one read of the cluster's status.
+async fn names_where(
+    cluster: &Cluster,
+    client: &Client,
+    prefix: &str,
+    count: usize,
+    wanted: impl Fn(usize) -> bool,
+) -> Vec<String> {
+    let owners = cluster.owners();
     let tally = client.namespace("tally");
+    let mut names = Vec::new();
     for candidate in 0.. {
         let name = format!("{prefix}{candidate}");
         let id = tally.id_from_name(&name).await.unwrap();
-        if cluster.owner_of(&id) == owner {
-            return name;
+        let shard = duro::storage::virtual_shard(id.bytes(), owners.len() as u32);
+        let owner = owners[shard as usize].expect("every shard has an owner");
+        if wanted(owner) {
+            names.push(name);
+            if names.len() == count {
+                break;
+            }
         }
     }
-    unreachable!()
+    names
+}
+
+/// An object's name among `prefix0`, `prefix1`... whose shard node `owner` owns.
+async fn name_owned_by(cluster: &Cluster, client: &Client, prefix: &str, owner: usize) -> String {
+    names_where(cluster, client, prefix, 1, |o| o == owner)
+        .await
+        .remove(0)
 }
 
 #[test]
@@ -930,4 +928,22 @@ fn a_streamed_request_reaches_an_object_on_another_node() {
         let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(echoed["url"], "/streamed");
     });
+}
+
+#[test]
+fn a_node_needs_a_postgresql_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = duro::cluster::ClusterOptions {
+        node: "a".into(),
+        advertise: String::new(),
+        lease: Duration::from_secs(5),
+        tls: None,
+    };
+    let started = duro::builtin::register(duro::Server::builder())
+        .data_dir(dir.path())
+        .listen("127.0.0.1:0".parse().unwrap())
+        .cluster(options)
+        .start();
+    let error = started.err().expect("a node on a data dir is refused");
+    assert!(error.to_string().contains("give --store"), "{error}");
 }

@@ -17,6 +17,35 @@ fn refused_as_unauthenticated(result: Result<Response, Error>) {
 }
 
 #[test]
+fn a_node_link_asks_for_the_token_and_serves_this_host_s_objects() {
+    let server =
+        TestServer::start(duro::builtin::register(Server::builder()).token("s3cret token"));
+    run_local(async {
+        let host = server.connect().await;
+        let link = |token: &str| {
+            let mut call = host.node_link_request();
+            call.get().set_token(token);
+            async move {
+                let reply = call.send().promise.await.map_err(Error::from)?;
+                reply.get().and_then(|r| r.get_host()).map_err(Error::from)
+            }
+        };
+        let wrong = link("s3cret tokeN")
+            .await
+            .err()
+            .expect("a wrong token is refused");
+        assert!(wrong.to_string().contains("unauthenticated"), "{wrong:?}");
+        // With the token: a Host whose objects (all of them: this host is no cluster's node)
+        // are served here.
+        let linked = link("s3cret token").await.unwrap();
+        let response = fetch_by_name(&linked, "counter", "a", "POST", "/", b"")
+            .await
+            .unwrap();
+        assert_eq!(response.body().as_ref(), b"1\n");
+    });
+}
+
+#[test]
 fn with_a_token_only_authenticated_clients_get_in() {
     let server =
         TestServer::start(duro::builtin::register(Server::builder()).token("s3cret token"));

@@ -67,10 +67,10 @@ fn bootstrap_of(
         Some(token) => capnp_rpc::new_client(GuardServer {
             token: token.clone(),
             host: real,
-            link: HostServer {
+            server: HostServer {
                 host: host.clone(),
                 connection,
-                node_link: true,
+                node_link: false,
             },
         }),
         None => real,
@@ -82,9 +82,9 @@ fn bootstrap_of(
 struct GuardServer {
     token: std::sync::Arc<str>,
     host: host::Client,
-    /// What `nodeLink` gives, made here so that the answer carries a capability that is
-    /// resolved already.
-    link: HostServer,
+    /// What `host` serves, from which `nodeLink` makes its link (a capability resolved
+    /// already, not one pipelined through `host`).
+    server: HostServer,
 }
 
 impl GuardServer {
@@ -151,12 +151,9 @@ impl host::Server for GuardServer {
         let checked = self.check(params.get().and_then(|p| p.get_token()));
         async move {
             checked.await?;
-            let link = HostServer {
-                host: self.link.host.clone(),
-                connection: self.link.connection.clone(),
-                node_link: true,
-            };
-            results.get().set_host(capnp_rpc::new_client(link));
+            results
+                .get()
+                .set_host(capnp_rpc::new_client(self.server.as_link()));
             Ok(())
         }
     }
@@ -255,6 +252,17 @@ struct HostServer {
     node_link: bool,
 }
 
+impl HostServer {
+    /// The same host and connection, as `nodeLink` gives them.
+    fn as_link(&self) -> HostServer {
+        HostServer {
+            host: self.host.clone(),
+            connection: self.connection.clone(),
+            node_link: true,
+        }
+    }
+}
+
 impl host::Server for HostServer {
     fn node_link(
         self: Rc<Self>,
@@ -262,12 +270,9 @@ impl host::Server for HostServer {
         mut results: host::NodeLinkResults,
     ) -> impl Future<Output = capnp::Result<()>> + 'static {
         // The token (if the host has one) was checked by the guard in front.
-        let link = HostServer {
-            host: self.host.clone(),
-            connection: self.connection.clone(),
-            node_link: true,
-        };
-        results.get().set_host(capnp_rpc::new_client(link));
+        results
+            .get()
+            .set_host(capnp_rpc::new_client(self.as_link()));
         ready(Ok(()))
     }
 

@@ -63,22 +63,11 @@ impl PostgresBackend {
     /// an earlier run of a node of that name still held are released first (their epochs are
     /// raised by whoever takes them next, so that earlier run can never commit again).
     pub fn join(&self, node: &str, advertise: &str, lease_ms: u64) -> Result<(), Error> {
-        let lease = lease_ms as i64;
         let mut pooled = self.client()?;
         let client = &mut pooled.get().client;
         block_on(async {
             let txn = client.transaction().await.map_err(pg_error)?;
-            txn.execute(
-                "INSERT INTO duro_nodes \
-                 (name, advertise, started_at, heartbeat_at, lease_ms, draining) \
-                 VALUES ($1, $2, clock_timestamp(), clock_timestamp(), $3, false) \
-                 ON CONFLICT (name) DO UPDATE SET advertise = $2, \
-                 started_at = clock_timestamp(), heartbeat_at = clock_timestamp(), \
-                 lease_ms = $3, draining = false",
-                &[&node, &advertise, &lease],
-            )
-            .await
-            .map_err(pg_error)?;
+            record_node(&txn, node, advertise, lease_ms, false, true).await?;
             txn.execute(
                 "UPDATE duro_leases SET owner = NULL, lease_until = NULL WHERE owner = $1",
                 &[&node],
@@ -99,21 +88,11 @@ impl PostgresBackend {
         draining: bool,
     ) -> Result<ClusterView, Error> {
         let lease = lease_ms as f64;
-        let lease_column = lease_ms as i64;
         let mut pooled = self.client()?;
         let client = &mut pooled.get().client;
         block_on(async {
             let txn = client.transaction().await.map_err(pg_error)?;
-            txn.execute(
-                "INSERT INTO duro_nodes \
-                 (name, advertise, started_at, heartbeat_at, lease_ms, draining) \
-                 VALUES ($1, $2, clock_timestamp(), clock_timestamp(), $4, $3) \
-                 ON CONFLICT (name) DO UPDATE SET heartbeat_at = clock_timestamp(), \
-                 lease_ms = $4, draining = $3",
-                &[&node, &advertise, &draining, &lease_column],
-            )
-            .await
-            .map_err(pg_error)?;
+            record_node(&txn, node, advertise, lease_ms, draining, false).await?;
             let renew = format!(
                 "UPDATE duro_leases SET lease_until = clock_timestamp() + {} WHERE owner = $1",
                 millis(2)
@@ -210,6 +189,29 @@ impl PostgresBackend {
             Ok(view)
         })
     }
+}
+
+/// Records `node` alive now (by the database's clock), with its address, lease time and
+/// whether it drains; `joining` also restarts its `started_at`.
+async fn record_node(
+    txn: &tokio_postgres::Transaction<'_>,
+    node: &str,
+    advertise: &str,
+    lease_ms: u64,
+    draining: bool,
+    joining: bool,
+) -> Result<(), Error> {
+    txn.execute(
+        "INSERT INTO duro_nodes (name, advertise, started_at, heartbeat_at, lease_ms, draining) \
+         VALUES ($1, $2, clock_timestamp(), clock_timestamp(), $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET advertise = $2, heartbeat_at = clock_timestamp(), \
+         lease_ms = $3, draining = $4, \
+         started_at = CASE WHEN $5 THEN clock_timestamp() ELSE duro_nodes.started_at END",
+        &[&node, &advertise, &(lease_ms as i64), &draining, &joining],
+    )
+    .await
+    .map_err(pg_error)?;
+    Ok(())
 }
 
 async fn read_view(txn: &tokio_postgres::Transaction<'_>) -> Result<ClusterView, Error> {
