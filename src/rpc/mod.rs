@@ -19,7 +19,7 @@ use crate::id::{self, ObjectId};
 use crate::storage::ObjectRecord;
 use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, registration};
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
-use crate::wire::{Buffers, convert, rpc_system_buffered};
+use crate::wire::{Buffers, convert, rpc_system_corked};
 use futures::future::Either;
 
 mod admin;
@@ -172,6 +172,9 @@ impl host::Server for GuardServer {
     }
 }
 
+/// How long a connection whose RPC system ended still tries to write what it had buffered.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves the protocol on one connection: the returned future runs until the peer leaves (see
 /// [`crate::wire::rpc_system`] for the buffering and bounds). It borrows nothing, so it can be
 /// spawned; dropping it drops the connection, and with it every call the peer had in flight.
@@ -200,10 +203,25 @@ where
         read_bytes: 0,
         ..Buffers::default()
     };
-    let system = rpc_system_buffered(reader, writer, Side::Server, Some(bootstrap), buffers);
+    let (system, flusher) =
+        rpc_system_corked(reader, writer, Side::Server, Some(bootstrap), buffers);
     async move {
         let _open = open;
-        system.await
+        let mut flusher = std::pin::pin!(flusher);
+        let mut system = std::pin::pin!(system);
+        let mut flushing = true;
+        let result = loop {
+            tokio::select! {
+                result = &mut system => break result,
+                () = &mut flusher, if flushing => flushing = false,
+            }
+        };
+        // The system is gone: what it wrote last (an abort message) leaves if the peer takes
+        // it soon; a peer that does not read is not waited for.
+        if flushing {
+            let _ = tokio::time::timeout(LINGER, flusher).await;
+        }
+        result
     }
 }
 

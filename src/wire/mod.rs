@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod convert;
+pub mod cork;
 pub mod frame;
 pub(crate) mod stream;
 
@@ -128,6 +129,35 @@ where
     let reader = futures::io::BufReader::with_capacity(buffers.read_bytes, reader.compat());
     let network = twoparty::VatNetwork::new(reader, writer, side, reader_options());
     RpcSystem::new(Box::new(network), bootstrap)
+}
+
+/// [`rpc_system_buffered`] with its writes corked (see [`cork`]): the messages of one turn of
+/// the event loop leave in one write. The [`cork::Flusher`] must run beside the RPC system (it
+/// writes what is due); it ends once the system is gone and its bytes are written.
+pub fn rpc_system_corked<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+    buffers: Buffers,
+) -> (
+    RpcSystem<Side>,
+    cork::Flusher<tokio_util::compat::Compat<W>>,
+)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (writer, flusher) = cork::cork(writer.compat_write(), buffers.write_bytes);
+    let system = if buffers.read_bytes == 0 {
+        let network = twoparty::VatNetwork::new(reader.compat(), writer, side, reader_options());
+        RpcSystem::new(Box::new(network), bootstrap)
+    } else {
+        let reader = futures::io::BufReader::with_capacity(buffers.read_bytes, reader.compat());
+        let network = twoparty::VatNetwork::new(reader, writer, side, reader_options());
+        RpcSystem::new(Box::new(network), bootstrap)
+    };
+    (system, flusher)
 }
 
 /// Connects to a host at `addr` and returns its bootstrap `Host` capability together with the
