@@ -234,10 +234,10 @@ impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
                     cork.start += n;
                     cork.fresh = false;
                     cork.yields = 0;
-                    if cork.pending() == 0 {
-                        if let Poll::Ready(Err(e)) = Pin::new(&mut cork.inner).poll_flush(cx) {
-                            cork.error = Some((e.kind(), e.to_string()));
-                        }
+                    if cork.pending() == 0
+                        && let Poll::Ready(Err(e)) = Pin::new(&mut cork.inner).poll_flush(cx)
+                    {
+                        cork.error = Some((e.kind(), e.to_string()));
                     }
                     // Room again: a writer waiting for it may go on.
                     cork.wake_writer();
