@@ -343,24 +343,17 @@ mod tests {
         let (writer, flusher) = cork(socket.clone(), 1 << 20);
         set.block_on(&runtime, async move {
             tokio::task::spawn_local(flusher);
-            let writer = Rc::new(RefCell::new(writer));
             // A writer that writes and flushes a byte on every pass, for 50 passes.
-            let w = writer.clone();
             let busy = tokio::task::spawn_local(async move {
+                let mut writer = writer;
                 for _ in 0..50 {
-                    {
-                        let mut w = w.borrow_mut();
-                        futures::future::poll_fn(|cx| Pin::new(&mut *w).poll_write(cx, b"x"))
-                            .await
-                            .unwrap();
-                        futures::future::poll_fn(|cx| Pin::new(&mut *w).poll_flush(cx))
-                            .await
-                            .unwrap();
-                    }
+                    writer.write_all(b"x").await.unwrap();
+                    writer.flush().await.unwrap();
                     tokio::task::yield_now().await;
                 }
+                writer
             });
-            busy.await.unwrap();
+            let writer = busy.await.unwrap();
             // Writes happened while the writer was still busy: it was not starved.
             assert!(
                 socket.writes.borrow().len() >= 50 / (YIELDS_MAX as usize + 2),
