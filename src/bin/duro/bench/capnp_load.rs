@@ -2,7 +2,11 @@
 //! `DurableObject` capability that copies the request body into the response, with no host,
 //! object, gate or storage behind it. It is served on a thread of its own over real loopback
 //! TCP with duro's transport settings (TCP_NODELAY, `duro::rpc::reader_options()`), so it
-//! measures what capnp-rpc itself costs: the ceiling of anything built on it.
+//! measures what capnp-rpc itself costs. Started corked ([`EchoBaseline::start_corked`]), its
+//! answers leave through duro's server writer (`duro::wire::cork`), which gathers the answers
+//! of one turn of the event loop into one send where capnp-rpc makes one per answer: the same
+//! echo with duro's transport, to tell what duro's server gains from its writer from what its
+//! host costs per call.
 
 use std::future::{Future, ready};
 use std::net::SocketAddr;
@@ -192,11 +196,20 @@ impl EchoBaseline {
     /// Starts the server on 127.0.0.1, port 0, with buffered reads and writes as duro's
     /// connections have.
     pub fn start() -> Result<EchoBaseline, String> {
+        EchoBaseline::start_with(false)
+    }
+
+    /// [`EchoBaseline::start`] with corked writes, as duro's server connections write.
+    pub fn start_corked() -> Result<EchoBaseline, String> {
+        EchoBaseline::start_with(true)
+    }
+
+    fn start_with(corked: bool) -> Result<EchoBaseline, String> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("echo-baseline".into())
-            .spawn(move || serve_echo(ready_tx, stopped))
+            .spawn(move || serve_echo(ready_tx, stopped, corked))
             .map_err(|e| format!("starting the echo-baseline thread: {e}"))?;
         match ready_rx.recv() {
             Ok(Ok((addr, tid))) => Ok(EchoBaseline {
@@ -224,7 +237,7 @@ impl Drop for EchoBaseline {
 
 type Ready = std::sync::mpsc::Sender<Result<(SocketAddr, i64), String>>;
 
-fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
+fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>, corked: bool) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -247,7 +260,7 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let (reader, writer) = stream.into_split();
-                spawn_echo_connection(reader, writer);
+                spawn_echo_connection(reader, writer, corked);
             }
         };
         tokio::select! {
@@ -258,19 +271,22 @@ fn serve_echo(ready: Ready, stopped: oneshot::Receiver<()>) {
 }
 
 /// An echo connection: duro's connection setup with the generator's buffers (as the baseline
-/// always had), without duro's framing reader and budget, which count as duro's cost per call.
-fn spawn_echo_connection<R, W>(reader: R, writer: W)
+/// always had), without duro's framing reader and budget, which count as duro's cost per call;
+/// `corked`, with duro's server writer.
+fn spawn_echo_connection<R, W>(reader: R, writer: W, corked: bool)
 where
     R: tokio::io::AsyncRead + Unpin + 'static,
     W: tokio::io::AsyncWrite + Unpin + 'static,
 {
     let echo: durable_object::Client = capnp_rpc::new_client(EchoServer);
-    let rpc = duro::wire::rpc_system_buffered(
-        reader,
-        writer,
-        Side::Server,
-        Some(echo.client),
-        IO_BUFFERS,
-    );
+    let bootstrap = Some(echo.client);
+    if corked {
+        let (rpc, flusher) =
+            duro::wire::rpc_system_corked(reader, writer, Side::Server, bootstrap, IO_BUFFERS);
+        tokio::task::spawn_local(rpc);
+        tokio::task::spawn_local(flusher);
+        return;
+    }
+    let rpc = duro::wire::rpc_system_buffered(reader, writer, Side::Server, bootstrap, IO_BUFFERS);
     tokio::task::spawn_local(rpc);
 }

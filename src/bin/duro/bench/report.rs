@@ -12,7 +12,7 @@ use super::external;
 use super::measure::{Series, Spread};
 use super::peer::{INCR, NOOP};
 use super::room;
-use super::rpc_group::SHAPES;
+use super::rpc_group::{ECHO_CORKED, SHAPES};
 use super::shards;
 use super::typed;
 
@@ -90,6 +90,18 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
         ) {
             ratios.extend(ops_ratio(
                 format!("noop / echo-baseline, {shape}"),
+                noop,
+                echo,
+            ));
+        }
+    }
+    for shape in SHAPES.iter().map(|s| s.name()) {
+        if let (Some(noop), Some(echo)) = (
+            find(series, "noop", &shape),
+            find(series, ECHO_CORKED, &shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("noop / {ECHO_CORKED}, {shape}"),
                 noop,
                 echo,
             ));

@@ -16,6 +16,9 @@ use super::measure::{Budget, Run, Series, drive, drive_all};
 use super::{Selection, Settings};
 use duro::duro_capnp::{durable_object, host};
 
+/// The echo baseline with duro's server writer (see [`EchoBaseline::start_corked`]).
+pub const ECHO_CORKED: &str = "echo-corked";
+
 /// A call of a workload: given the connection's index and the call's number, sends it.
 pub type CallFn = Rc<dyn Fn(usize, u64) -> Pin<Box<dyn Future<Output = Result<(), String>>>>>;
 
@@ -118,6 +121,23 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
             }
             Err(e) => return vec![Series::skipped("echo-baseline", "all", e)],
         }
+        // The same echo with duro's server writer, where many calls are in flight (with one,
+        // there is nothing to gather): a figure, not a target.
+        match EchoBaseline::start_corked() {
+            Ok(echo) => {
+                let (addr, tid) = (echo.addr, echo.tid);
+                let series = SHAPES
+                    .iter()
+                    .map(|s| (s.in_flight > 1).then(|| Series::new(ECHO_CORKED, &s.name())));
+                sides.push(Side {
+                    series: series.collect(),
+                    stubs: Box::new(move |n| Box::pin(echo_stubs(addr, n))),
+                    cpu: Box::new(move || child::cpu_time(&format!("/proc/self/task/{tid}/stat"))),
+                });
+                echoes.push(echo);
+            }
+            Err(e) => return vec![Series::skipped(ECHO_CORKED, "all", e)],
+        }
     }
     if selection.has("noop") {
         match child::start_duro(&settings.fresh_dir("noop"), false) {
@@ -176,7 +196,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
         .flatten()
         .collect();
     // Grouped by workload for the table: the diagnostic series last.
-    series.sort_by_key(|s| s.workload != "echo-baseline");
+    series.sort_by_key(|s| !s.workload.starts_with("echo-"));
     series
 }
 
