@@ -203,25 +203,42 @@ where
         read_bytes: 0,
         ..Buffers::default()
     };
-    let (system, flusher) =
-        rpc_system_corked(reader, writer, Side::Server, Some(bootstrap), buffers);
+    let (system, flusher) = corked(reader, writer, Side::Server, Some(bootstrap), buffers);
     async move {
         let _open = open;
-        let mut flusher = std::pin::pin!(flusher);
-        let mut system = std::pin::pin!(system);
-        let mut flushing = true;
-        let result = loop {
-            tokio::select! {
-                result = &mut system => break result,
-                () = &mut flusher, if flushing => flushing = false,
-            }
-        };
+        let mut flusher = flusher;
+        let result = system.await;
         // The system is gone: what it wrote last (an abort message) leaves if the peer takes
         // it soon; a peer that does not read is not waited for.
-        if flushing {
-            let _ = tokio::time::timeout(LINGER, flusher).await;
-        }
+        let _ = tokio::time::timeout(LINGER, &mut flusher.0).await;
         result
+    }
+}
+
+/// A corked RPC system (see [`crate::wire::cork`]) and its flusher, running as a task of its
+/// own (so that its passes of the event loop do not poll the RPC system again), aborted when
+/// the returned guard is dropped. Call inside a `LocalSet`.
+fn corked<R, W>(
+    reader: R,
+    writer: W,
+    side: Side,
+    bootstrap: Option<capnp::capability::Client>,
+    buffers: Buffers,
+) -> (capnp_rpc::RpcSystem<Side>, AbortOnDrop)
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let (system, flusher) = rpc_system_corked(reader, writer, side, bootstrap, buffers);
+    (system, AbortOnDrop(tokio::task::spawn_local(flusher)))
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
