@@ -943,7 +943,9 @@ impl Stub {
         request: StreamRequest,
     ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
         if let Target::Remote(remote) = &self.target {
-            return Either::Left(remote.fetch_stream(request));
+            // Boxed: the far larger future of a call through capnp would otherwise set the
+            // size of every local call's future, which is moved on each of its layers.
+            return Either::Left(Box::pin(remote.fetch_stream(request)));
         }
         let call = self.start(request, false);
         Either::Right(async move { Ok(call.await?.response) })
