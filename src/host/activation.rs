@@ -359,6 +359,7 @@ impl Activation {
         T: Answer + 'static,
         H: FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T> + 'static,
     {
+        let inline = matches!(method, Method::fetch | Method::interface);
         // One reading of the clock for the call's latency and the object's last use.
         let now = std::time::Instant::now();
         let mut counted = Counted {
@@ -377,8 +378,6 @@ impl Activation {
                 .enqueue(self.queue_max as usize)
                 .map_err(|_| self.overloaded())
         };
-        // A task of its own, so the call progresses whoever awaits it (an object awaiting
-        // another object's call must not stall that object's handler while its gate is shut).
         let task = admitted.map(|ticket| {
             self.last_used.set(now);
             let running = Running::new(self.clone());
@@ -389,14 +388,34 @@ impl Activation {
                 let running = running;
                 run(&running.activation, ticket, durable, handler).await
             };
-            let handle = tokio::task::spawn_local(call.instrument(crate::trace::call_span()));
-            // The task has not run yet (it runs when this one yields), so its slot is still its.
-            self.calls.borrow_mut().slots[slot] = Some(handle.abort_handle());
-            AbortOnDrop(handle)
+            let mut call = Box::pin(call.instrument(crate::trace::call_span()));
+            // A call that has nothing to wait for (its turn at the gate is now, its handler
+            // does not wait, and no write of the object is waiting to be durable) ends here,
+            // as it is delivered: no task, no wake-up round through the event loop. Only for
+            // requests, whose callers (a connection, the gateway, an object's stub) hold no
+            // borrow of the host while they deliver; WebSocket events and alarms always run
+            // as tasks.
+            if inline {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if let std::task::Poll::Ready(result) = call.as_mut().poll(&mut cx) {
+                    return Delivery::Done(result);
+                }
+            }
+            // A task of its own, so the call progresses whoever awaits it (an object awaiting
+            // another object's call must not stall that object's handler while its gate is
+            // shut). A poll above registered no waker that counts: the task polls it again.
+            let handle = tokio::task::spawn_local(call);
+            match self.calls.borrow_mut().slots.get_mut(slot) {
+                Some(entry) => *entry = Some(handle.abort_handle()),
+                // Reset while it ran above: the reset aborted the tasks it saw, not this one.
+                None => handle.abort(),
+            }
+            Delivery::Task(AbortOnDrop(handle))
         });
         async move {
             let result = match task {
-                Ok(task) => match task.await {
+                Ok(Delivery::Done(result)) => result,
+                Ok(Delivery::Task(task)) => match task.await {
                     Ok(result) => result,
                     Err(_) => Err(counted.activation.disconnected()),
                 },
@@ -643,6 +662,12 @@ impl Drop for Running {
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+/// A delivered call: ended as it was delivered, or running as a task.
+enum Delivery<T> {
+    Done(T),
+    Task(AbortOnDrop<T>),
+}
 
 impl<T> Future for AbortOnDrop<T> {
     type Output = Result<T, tokio::task::JoinError>;

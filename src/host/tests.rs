@@ -269,17 +269,19 @@ fn past_object_queue_max_calls_are_overloaded() {
     };
     with_host(memory(), limits, |host, shared| async move {
         let stub = get(&host, "q").unwrap();
+        // Two calls that do not end at once (a call that can end as it is delivered, ends
+        // there, and holds no place in the queue).
         let first = stub.call("POST", "/block", "");
-        let second = stub.call("POST", "/count", "");
+        let second = stub.call("POST", "/block", "");
         let refused = stub.call("POST", "/count", "").await;
         assert!(matches!(refused, Err(Error::Overloaded(_))), "{refused:?}");
-        shared.open.add_permits(1);
+        shared.open.add_permits(2);
         first.await.unwrap();
-        assert_eq!(second.await.unwrap().body().as_ref(), b"1");
+        second.await.unwrap();
         assert_eq!(
             call(&stub, "/count", "").await,
-            "2",
-            "admitted again once served"
+            "1",
+            "admitted again once served, and the refused call was not run"
         );
     });
 }
