@@ -542,6 +542,54 @@ fn objects_call_other_objects_through_env() {
     });
 }
 
+/// An object that calls the next of a chain: `GET /{n}` on object `n` asks object `n - 1`, and
+/// answers its answer plus one (object 0 answers 0).
+struct Link {
+    env: duro::Env,
+}
+
+impl DurableObject for Link {
+    async fn fetch(&self, request: Request) -> Result<Response, BoxError> {
+        let n: u32 = request.uri().path().trim_start_matches('/').parse()?;
+        if n == 0 {
+            return Ok(Response::new("0".into()));
+        }
+        let chain = self.env.namespace("chain").ok_or("no chain namespace")?;
+        let next = chain.get_by_name(&(n - 1).to_string())?;
+        let path = format!("/{}", n - 1);
+        let answer = next
+            .fetch(duro::testing::request("GET", &path, b""))
+            .await?;
+        let below: u32 = std::str::from_utf8(answer.body())?.parse()?;
+        Ok(Response::new((below + 1).to_string().into()))
+    }
+}
+
+#[test]
+fn a_long_chain_of_objects_calling_objects_is_answered() {
+    // Each call of the chain ends inside its caller's: without a bound on how deep calls run
+    // inside one another, this chain would overflow the stack.
+    const DEPTH: u32 = 3000;
+    let builder = Server::builder()
+        .class("chain", |_s, env| Link { env })
+        .namespace("chain", "chain");
+    let server = TestServer::start(builder);
+    run_local(async {
+        let host = server.connect().await;
+        let answer = fetch_by_name(
+            &host,
+            "chain",
+            &DEPTH.to_string(),
+            "GET",
+            &format!("/{DEPTH}"),
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.body().as_ref(), DEPTH.to_string().as_bytes());
+    });
+}
+
 /// `Namespace.fetchByName(name, request)` sent now, its body read as text.
 fn fetch_named(
     ns: &namespace::Client,

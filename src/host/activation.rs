@@ -395,7 +395,7 @@ impl Activation {
             // requests, whose callers (a connection, the gateway, an object's stub) hold no
             // borrow of the host while they deliver; WebSocket events and alarms always run
             // as tasks.
-            if inline {
+            if inline && let Some(_depth) = InlineDepth::enter() {
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 if let std::task::Poll::Ready(result) = call.as_mut().poll(&mut cx) {
                     return Delivery::Done(result);
@@ -662,6 +662,36 @@ impl Drop for Running {
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+/// Most calls run inline inside one another on a thread: an object whose handler calls
+/// another object, which calls another..., runs each inside its caller's poll, so the stack
+/// grows with the chain. Past this depth calls run as tasks again, each on a stack of its own.
+const INLINE_DEPTH_MAX: u32 = 16;
+
+thread_local! {
+    static INLINE_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// One level of calls run inline on this thread, while it lives.
+struct InlineDepth;
+
+impl InlineDepth {
+    /// A level, or `None` at [`INLINE_DEPTH_MAX`].
+    fn enter() -> Option<InlineDepth> {
+        INLINE_DEPTH.with(|depth| {
+            (depth.get() < INLINE_DEPTH_MAX).then(|| {
+                depth.set(depth.get() + 1);
+                InlineDepth
+            })
+        })
+    }
+}
+
+impl Drop for InlineDepth {
+    fn drop(&mut self) {
+        INLINE_DEPTH.with(|depth| depth.set(depth.get() - 1));
+    }
+}
 
 /// A delivered call: ended as it was delivered, or running as a task.
 enum Delivery<T> {
