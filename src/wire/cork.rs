@@ -43,6 +43,7 @@ pub fn cork<W: AsyncWrite + Unpin>(inner: W, capacity: usize) -> (CorkedWriter<W
         writer: None,
         error: None,
         writer_gone: false,
+        unflushed: false,
     }));
     (
         CorkedWriter {
@@ -71,6 +72,9 @@ struct Cork<W> {
     error: Option<(io::ErrorKind, String)>,
     /// The writer was dropped: the flusher ends once the bytes are written.
     writer_gone: bool,
+    /// Bytes went into the socket since its last flush: a socket that buffers (TLS) may hold
+    /// them until it is flushed, which the flusher does, waiting for it as long as it takes.
+    unflushed: bool,
 }
 
 impl<W> Cork<W> {
@@ -123,11 +127,16 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CorkedWriter<W> {
             return Poll::Ready(Ok(0));
         }
         let pending = cork.pending();
-        if pending == 0 && data.len() >= cork.capacity {
-            // Nothing buffered, so the flusher is not on the socket: write through.
+        if pending == 0 && !cork.unflushed && data.len() >= cork.capacity {
+            // Nothing buffered or being flushed, so the flusher is not on the socket: write
+            // through.
             cork.buf.clear();
             cork.start = 0;
-            return Pin::new(&mut cork.inner).poll_write(cx, data);
+            let written = Pin::new(&mut cork.inner).poll_write(cx, data);
+            if let Poll::Ready(Ok(n)) = written {
+                cork.unflushed |= n > 0;
+            }
+            return written;
         }
         let room = cork.capacity.saturating_sub(pending);
         if room == 0 {
@@ -153,7 +162,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CorkedWriter<W> {
         if let Some(error) = cork.error() {
             return Poll::Ready(Err(error));
         }
-        if cork.pending() > 0 {
+        if cork.pending() > 0 || cork.unflushed {
             cork.due = true;
             cork.wake_flusher();
         }
@@ -165,7 +174,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CorkedWriter<W> {
         if let Some(error) = cork.error() {
             return Poll::Ready(Err(error));
         }
-        if cork.pending() > 0 {
+        if cork.pending() > 0 || cork.unflushed {
             cork.due = true;
             cork.wait_as_writer(cx);
             cork.wake_flusher();
@@ -201,6 +210,16 @@ impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
                 cork.wake_writer();
                 return Poll::Ready(());
             }
+            if cork.pending() == 0 && cork.unflushed {
+                // Everything is in the socket: flush it (a TLS stream writes its records).
+                let cork = &mut *cork;
+                match Pin::new(&mut cork.inner).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => cork.unflushed = false,
+                    Poll::Ready(Err(e)) => cork.error = Some((e.kind(), e.to_string())),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
             if cork.pending() == 0 {
                 cork.due = false;
                 cork.yields = 0;
@@ -234,11 +253,7 @@ impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
                     cork.start += n;
                     cork.fresh = false;
                     cork.yields = 0;
-                    if cork.pending() == 0
-                        && let Poll::Ready(Err(e)) = Pin::new(&mut cork.inner).poll_flush(cx)
-                    {
-                        cork.error = Some((e.kind(), e.to_string()));
-                    }
+                    cork.unflushed = true;
                     // Room again: a writer waiting for it may go on.
                     cork.wake_writer();
                 }
@@ -262,6 +277,10 @@ mod tests {
         full: Rc<Cell<bool>>,
         waker: Rc<RefCell<Option<Waker>>>,
         broken: Rc<Cell<bool>>,
+        /// Bytes taken and not yet flushed (a TLS stream's records in its buffer).
+        unflushed: Rc<Cell<bool>>,
+        /// Flushes wait until this is cleared (the socket is full).
+        flush_blocked: Rc<Cell<bool>>,
     }
 
     impl AsyncWrite for Socket {
@@ -278,9 +297,15 @@ mod tests {
                 return Poll::Pending;
             }
             self.writes.borrow_mut().push(data.to_vec());
+            self.unflushed.set(true);
             Poll::Ready(Ok(data.len()))
         }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.flush_blocked.get() {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            self.unflushed.set(false);
             Poll::Ready(Ok(()))
         }
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -291,6 +316,7 @@ mod tests {
     impl Socket {
         fn drain(&self) {
             self.full.set(false);
+            self.flush_blocked.set(false);
             if let Some(waker) = self.waker.borrow_mut().take() {
                 waker.wake();
             }
@@ -398,6 +424,45 @@ mod tests {
             drop(writer);
             flusher.await.unwrap();
             assert_eq!(socket.bytes(), expected);
+        });
+    }
+
+    #[test]
+    fn what_the_socket_took_is_flushed_even_when_its_flush_waits() {
+        let (runtime, set) = local();
+        let socket = Socket::default();
+        socket.flush_blocked.set(true);
+        let (mut writer, flusher) = cork(socket.clone(), 1000);
+        let checks = async move {
+            let flusher = tokio::task::spawn_local(flusher);
+            // A small answer through the buffer, then a large one straight through.
+            writer.write_all(b"answer").await.unwrap();
+            writer.flush().await.unwrap();
+            for _ in 0..=YIELDS_MAX + 1 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(socket.bytes(), b"answer");
+            assert!(socket.unflushed.get(), "the socket's flush is waiting");
+            socket.drain();
+            for _ in 0..=YIELDS_MAX + 1 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!socket.unflushed.get(), "flushed once the socket could");
+            writer.write_all(&[7; 4000]).await.unwrap();
+            writer.flush().await.unwrap();
+            tokio::task::yield_now().await;
+            assert!(
+                !socket.unflushed.get(),
+                "a write straight through is flushed too"
+            );
+            drop(writer);
+            flusher.await.unwrap();
+        };
+        // A flusher that forgets the socket's flush can spin instead of ending: bounded.
+        set.block_on(&runtime, async move {
+            tokio::time::timeout(std::time::Duration::from_secs(10), checks)
+                .await
+                .expect("the flusher ended within 10 s");
         });
     }
 
