@@ -197,6 +197,53 @@ fn a_client_that_never_reads_slows_only_itself() {
     });
 }
 
+/// The server's open Cap'n Proto connections, from its admin server's `/metrics`.
+fn capnp_connections_open(admin: std::net::SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let line = answer
+        .lines()
+        .find(|l| l.starts_with("duro_connections_open{transport=\"capnp\"}"))
+        .expect("the capnp connections gauge");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_connection_whose_peer_left_without_reading_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = serve_with(dir.path(), &["--http", "off", "--admin", "127.0.0.1:0"]);
+    let admin = served.admin.expect("the admin server");
+    run_local(async {
+        // 64 echo calls of 256 KiB (16 MiB of answers, far more than the sockets' buffers
+        // take), then the client closes its side and never reads: what the server still has
+        // to write cannot leave, and the connection must not wait for it forever.
+        let attack = recorded_echo_calls(64, 256 << 10).await;
+        let stream = TcpStream::connect(served.addr).await.unwrap();
+        let (unread, mut writer) = stream.into_split();
+        writer.write_all(&attack).await.unwrap();
+        writer.shutdown().await.unwrap();
+        let started = Instant::now();
+        let mut open = capnp_connections_open(admin);
+        while open > 0 && started.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            open = capnp_connections_open(admin);
+        }
+        assert_eq!(
+            open, 0,
+            "the connection is let go (LINGER) although its answers cannot leave"
+        );
+        drop(unread);
+    });
+}
+
 #[test]
 fn slow_senders_are_cut_off_and_others_do_not_notice() {
     raise_file_limit();
