@@ -646,13 +646,7 @@ async fn fetch_by_name_reaches_the_object_a_stub_by_name_does() {
     let server = server();
     let client = connect(&server).await;
     let counter = client.namespace("counter");
-    let post = || {
-        http::Request::builder()
-            .method("POST")
-            .uri("/")
-            .body(bytes::Bytes::new())
-            .unwrap()
-    };
+    let post = || duro::testing::request("POST", "/", b"");
     let response = counter.fetch_by_name("hits", post()).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(text(&response), "1\n");

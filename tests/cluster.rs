@@ -256,13 +256,7 @@ fn calls_through_any_node_reach_one_instance_in_order() {
             .await
             .remove(0);
         // One call by name (fetchByName) through that node reaches the owner's instance too.
-        let post = || {
-            http::Request::builder()
-                .method("POST")
-                .uri("/")
-                .body(bytes::Bytes::new())
-                .unwrap()
-        };
+        let post = || duro::testing::request("POST", "/", b"");
         let first = tally.fetch_by_name(&name, post()).await.unwrap();
         assert_eq!(
             parse(first.body()),

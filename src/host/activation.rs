@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use futures::FutureExt;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use futures::future::LocalBoxFuture;
@@ -410,7 +411,7 @@ impl Activation {
                 // Reset while it ran above: the reset aborted the tasks it saw, not this one.
                 None => handle.abort(),
             }
-            Delivery::Task(AbortOnDrop(handle))
+            Delivery::Task(AbortOnDropHandle::new(handle))
         });
         async move {
             let result = match task {
@@ -661,8 +662,6 @@ impl Drop for Running {
     }
 }
 
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
 /// Most calls run inline inside one another on a thread: an object whose handler calls
 /// another object, which calls another..., runs each inside its caller's poll, so the stack
 /// grows with the chain. Past this depth calls run as tasks again, each on a stack of its own.
@@ -696,24 +695,7 @@ impl Drop for InlineDepth {
 /// A delivered call: ended as it was delivered, or running as a task.
 enum Delivery<T> {
     Done(T),
-    Task(AbortOnDrop<T>),
-}
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    Task(AbortOnDropHandle<T>),
 }
 
 /// Runs one call: waits for its turn, runs the handler through the gate, then holds the

@@ -21,6 +21,7 @@ use crate::wire::duro_capnp::{durable_object, host, namespace, object_id, regist
 use crate::wire::frame::{Busy, CountedWriter, FrameLimits, FramedReader};
 use crate::wire::{Buffers, convert, rpc_system_corked};
 use futures::future::Either;
+use tokio_util::task::AbortOnDropHandle;
 
 mod admin;
 mod connection;
@@ -203,42 +204,18 @@ where
         read_bytes: 0,
         ..Buffers::default()
     };
-    let (system, flusher) = corked(reader, writer, Side::Server, Some(bootstrap), buffers);
+    let (system, flusher) =
+        rpc_system_corked(reader, writer, Side::Server, Some(bootstrap), buffers);
     async move {
         let _open = open;
-        let mut flusher = flusher;
+        // A task of its own, so that its passes of the event loop do not poll the RPC system
+        // again; aborted when the connection ends.
+        let mut flusher = AbortOnDropHandle::new(tokio::task::spawn_local(flusher));
         let result = system.await;
         // The system is gone: what it wrote last (an abort message) leaves if the peer takes
         // it soon; a peer that does not read is not waited for.
-        let _ = tokio::time::timeout(LINGER, &mut flusher.0).await;
+        let _ = tokio::time::timeout(LINGER, &mut flusher).await;
         result
-    }
-}
-
-/// A corked RPC system (see [`crate::wire::cork`]) and its flusher, running as a task of its
-/// own (so that its passes of the event loop do not poll the RPC system again), aborted when
-/// the returned guard is dropped. Call inside a `LocalSet`.
-fn corked<R, W>(
-    reader: R,
-    writer: W,
-    side: Side,
-    bootstrap: Option<capnp::capability::Client>,
-    buffers: Buffers,
-) -> (capnp_rpc::RpcSystem<Side>, AbortOnDrop)
-where
-    R: AsyncRead + Unpin + 'static,
-    W: AsyncWrite + Unpin + 'static,
-{
-    let (system, flusher) = rpc_system_corked(reader, writer, side, bootstrap, buffers);
-    (system, AbortOnDrop(tokio::task::spawn_local(flusher)))
-}
-
-/// A task that ends with its owner.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
