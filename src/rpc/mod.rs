@@ -173,7 +173,8 @@ impl host::Server for GuardServer {
     }
 }
 
-/// How long a connection whose RPC system ended still tries to write what it had buffered.
+/// How long a connection still tries to write what it answered once its peer can ask for
+/// nothing more (its stream ended or broke a bound), and once its RPC system ended.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves the protocol on one connection: the returned future runs until the peer leaves (see
@@ -196,7 +197,8 @@ where
     let metrics = host.metrics().connections(crate::metrics::Transport::capnp);
     let open = metrics.opened();
     let (reader, writer) = (metrics.count(reader), metrics.count(writer));
-    let reader = FramedReader::new(reader, account.clone(), options.frame, busy);
+    let mut reader = FramedReader::new(reader, account.clone(), options.frame, busy);
+    let read_ended = reader.ended();
     let writer = CountedWriter::new(writer, account);
     let bootstrap = bootstrap_of(host, options, connection).client;
     // The framing reader buffers already: a second buffer would only copy the bytes again.
@@ -211,7 +213,21 @@ where
         // A task of its own, so that its passes of the event loop do not poll the RPC system
         // again; aborted when the connection ends.
         let mut flusher = AbortOnDropHandle::new(tokio::task::spawn_local(flusher));
-        let result = system.await;
+        // Once the peer can ask for nothing more, the system only writes what it answered
+        // (capnp-rpc's shutdown waits for its whole write queue): a peer that does not read it
+        // is not waited for.
+        let lingered = async move {
+            read_ended.await;
+            tokio::time::sleep(LINGER).await;
+        };
+        let result = match futures::future::select(system, std::pin::pin!(lingered)).await {
+            Either::Left((result, _)) => result,
+            Either::Right(((), _)) => {
+                return Err(capnp::Error::disconnected(format!(
+                    "the peer left and did not read its answers within {LINGER:?}"
+                )));
+            }
+        };
         // The system is gone: what it wrote last (an abort message) leaves if the peer takes
         // it soon; a peer that does not read is not waited for.
         let _ = tokio::time::timeout(LINGER, &mut flusher).await;

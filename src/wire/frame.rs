@@ -15,6 +15,7 @@
 //! - the connection's share of the host's budget ([`super::budget`]): over it, nothing more is
 //!   read until what the connection holds drains.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -73,6 +74,9 @@ pub struct FramedReader<R> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// When the connection counts as idle.
     idle: Pin<Box<Sleep>>,
+    /// Dropped when the reading ends (end of stream, an error, or the reader dropped): see
+    /// [`FramedReader::ended`].
+    ended: Option<futures::channel::oneshot::Sender<()>>,
 }
 
 impl<R> FramedReader<R> {
@@ -87,6 +91,19 @@ impl<R> FramedReader<R> {
             handed: 0,
             deadline: None,
             idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            ended: None,
+        }
+    }
+
+    /// A future that completes once this reader has handed out its last byte: at the end of
+    /// the stream, at its first error (a broken bound included), or when it is dropped. From
+    /// then on the peer can ask for nothing more, so what is left to do for it (writing what
+    /// it was answered) can be given a bound of time.
+    pub fn ended(&mut self) -> impl Future<Output = ()> + 'static + use<R> {
+        let (sender, receiver) = futures::channel::oneshot::channel();
+        self.ended = Some(sender);
+        async move {
+            let _ = receiver.await;
         }
     }
 
@@ -257,6 +274,26 @@ impl<R: AsyncRead + Unpin> AsyncRead for FramedReader<R> {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
+        let filled = buf.filled().len();
+        let polled = this.poll_messages(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if buf.filled().len() == filled => this.ended = None,
+            Poll::Ready(Err(_)) => this.ended = None,
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<R: AsyncRead + Unpin> FramedReader<R> {
+    /// Hands out the bytes of whole messages, reading more when there are none: what
+    /// `poll_read` does, with no bytes handed out at the end of the stream.
+    fn poll_messages(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if this.hand_out(buf) {
                 return Poll::Ready(Ok(()));
@@ -281,9 +318,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for FramedReader<R> {
             }
         }
     }
-}
 
-impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// Reads what the socket has into the buffer (held in the account); how many bytes.
     ///
     /// Into the buffer's spare room when it has some; else into the stack, and then only the
@@ -505,5 +540,39 @@ mod tests {
             8,
             "what arrived is counted until the connection goes"
         );
+    }
+
+    #[tokio::test]
+    async fn the_end_of_reading_is_announced_at_the_end_of_the_stream_or_an_error() {
+        use futures::FutureExt;
+        use tokio::io::AsyncWriteExt;
+        let budget = Budget::new(1 << 30);
+        // The end of the stream, after a whole message.
+        let (mut peer, inner) = tokio::io::duplex(1 << 10);
+        let mut framed = reader(inner, &budget, FrameLimits::default());
+        let mut ended = Box::pin(framed.ended());
+        let whole = message(1);
+        peer.write_all(&whole).await.unwrap();
+        let mut out = vec![0; whole.len()];
+        framed.read_exact(&mut out).await.unwrap();
+        assert!((&mut ended).now_or_never().is_none(), "ended while reading");
+        drop(peer);
+        assert_eq!(framed.read(&mut out).await.unwrap(), 0);
+        assert!(ended.now_or_never().is_some(), "the end of the stream");
+        // An error: an announcement over the bound.
+        let (mut peer, inner) = tokio::io::duplex(64);
+        let mut framed = reader(inner, &budget, FrameLimits::default());
+        let ended = framed.ended();
+        peer.write_all(&[0, 0, 0, 0, 0x80, 0x84, 0x1e, 0])
+            .await
+            .unwrap();
+        framed.read(&mut out).await.unwrap_err();
+        assert!(ended.now_or_never().is_some(), "an error");
+        // A reader dropped while the peer is still there.
+        let (_peer, inner) = tokio::io::duplex(64);
+        let mut framed = reader(inner, &budget, FrameLimits::default());
+        let ended = framed.ended();
+        drop(framed);
+        assert!(ended.now_or_never().is_some(), "a dropped reader");
     }
 }
