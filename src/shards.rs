@@ -3,8 +3,8 @@
 //! connections, one pipe per pair of shards, each served by the shard at its far end as a
 //! privileged connection (no token, no bounds of its own: the calls that cross it were
 //! admitted on the connections they came from). Work for another shard (a connection accepted
-//! for it, a request its gateway serves) goes through its queue of jobs, which its event loop
-//! runs in the order sent.
+//! for it, a request its gateway serves, a whole fetch a stub hands off to it) goes through its
+//! queue of jobs, which its event loop runs in the order sent.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

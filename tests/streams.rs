@@ -445,6 +445,46 @@ fn fetch_and_request_on_one_stub_arrive_in_the_order_made() {
     });
 }
 
+/// With several shards, a stub to an object of another shard hands its whole fetches off to
+/// that shard until its first streamed call, which goes through the link between the shards:
+/// that call, sent right behind fetches not yet delivered there, must still arrive after them.
+#[test]
+fn a_streamed_call_right_behind_fetches_arrives_after_them_on_every_object() {
+    const OBJECTS: usize = 24;
+    let (server, _) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let mut calls: Vec<LocalBoxFuture<'static, ()>> = Vec::new();
+        let stubs: Vec<_> = (0..OBJECTS)
+            .map(|o| stub(&host, "recorder", &format!("behind-{o}")))
+            .collect();
+        for stub in &stubs {
+            for i in 0..30 {
+                let path = format!("/{i}");
+                if i == 10 {
+                    let (call, mut got) = send_request(stub, &request("POST", &path, b""), false);
+                    calls.push(
+                        async move {
+                            call.promise.await.unwrap();
+                            ok_response(got.recv().await);
+                        }
+                        .boxed_local(),
+                    );
+                } else {
+                    let call = fetch_call(stub, &request("POST", &path, b""));
+                    calls.push(async move { drop(call.promise.await.unwrap()) }.boxed_local());
+                }
+            }
+        }
+        futures::future::join_all(calls).await;
+        let expected: Vec<String> = (0..30).map(|i| i.to_string()).collect();
+        for stub in &stubs {
+            let seen = duro::testing::fetch(stub, request("GET", "/seen", b"")).await;
+            assert_eq!(seen.unwrap().body(), expected.join(",").as_bytes());
+        }
+    });
+}
+
 #[test]
 fn ten_thousand_pipelined_writes_arrive_in_order() {
     const WRITES: u64 = 10_000;

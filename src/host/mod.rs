@@ -38,6 +38,7 @@ use futures::future::Either;
 use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
+pub(crate) use shard::LinkTurn;
 use shard::RemoteObject;
 pub(crate) use shard::{Job, Peers, Placement};
 pub(crate) use socket::UpgradeToken;
@@ -162,6 +163,8 @@ pub(crate) struct HostInner {
     placement: Placement,
     /// The other shards, once the server linked them.
     peers: RefCell<Option<Rc<dyn Peers>>>,
+    /// The stubs that the other shards' stubs to objects of this one hand their calls to.
+    pub(crate) handoffs: shard::Handoffs,
     /// Bytes in flight over every connection of the host (see `inflight_bytes_max`).
     budget: Rc<Budget>,
     /// The wall clock alarms fire by; objects read it through [`State::now_ms`], so that a
@@ -241,6 +244,7 @@ impl Host {
             writer: RefCell::new(writer),
             placement: config.placement,
             peers: RefCell::default(),
+            handoffs: shard::Handoffs::default(),
             budget: Budget::new(config.limits.inflight_bytes_max),
             clock: clock.clone(),
             extensions: RefCell::default(),
@@ -373,6 +377,7 @@ impl Host {
         // What the layers above keep with the host may hold the host (the gateway, the links
         // to other shards): let go of it, so that the host and its storage are dropped.
         self.inner.peers.borrow_mut().take();
+        self.inner.handoffs.clear();
         std::mem::take(&mut *self.inner.extensions.borrow_mut());
         let writer = self.inner.writer.borrow_mut().take();
         if let Some(writer) = writer {
@@ -702,7 +707,7 @@ impl Namespace {
                     })?;
                     let client = peers.node_stub(&node, &self.core.name, &id);
                     return Ok(Stub {
-                        target: Target::Remote(RemoteObject::new(id, client)),
+                        target: Target::Remote(RemoteObject::linked(id, client)),
                     });
                 }
                 Route::Node(node) => return Err(cluster::not_owner(shard, Some(&node.name))),
@@ -719,9 +724,8 @@ impl Namespace {
         let peers = host.peers.borrow().clone().ok_or_else(|| {
             Error::Disconnected("the host is not linked to the other shards yet".into())
         })?;
-        let client = peers.stub(shard, &self.core.name, &id);
         Ok(Stub {
-            target: Target::Remote(RemoteObject::new(id, client)),
+            target: Target::Remote(RemoteObject::on_shard(peers, shard, &self.core.name, id)),
         })
     }
 
@@ -862,19 +866,49 @@ impl Stub {
         }
     }
 
-    /// The name of the object's namespace; `None` for an object of another shard.
+    /// The name of the object's namespace; `None` for an object of another node.
     pub(crate) fn namespace_name(&self) -> Option<&str> {
         match &self.target {
             Target::Local { namespace, .. } => Some(&namespace.name),
-            Target::Remote(_) => None,
+            Target::Remote(remote) => remote.namespace(),
         }
     }
 
-    /// The capability to the object on its shard, when it is an object of another shard.
-    pub(crate) fn remote_client(&self) -> Option<&crate::wire::duro_capnp::durable_object::Client> {
+    /// Whether the object lives on another shard or node.
+    pub(crate) fn is_remote(&self) -> bool {
+        matches!(self.target, Target::Remote(_))
+    }
+
+    /// For a stub to an object of another shard or node, the capability of its link and when
+    /// the call about to be made may take it (see [`RemoteObject::link_turn`]).
+    pub(crate) fn remote_link_turn(
+        &self,
+    ) -> Option<(crate::wire::duro_capnp::durable_object::Client, LinkTurn)> {
         match &self.target {
             Target::Local { .. } => None,
-            Target::Remote(remote) => Some(&remote.client),
+            Target::Remote(remote) => Some(remote.link_turn()),
+        }
+    }
+
+    /// Whether a whole `fetch` on this stub to an object of another shard is handed off to
+    /// it there (until the stub's first call that needs its link).
+    pub(crate) fn hands_off(&self) -> bool {
+        matches!(&self.target, Target::Remote(remote) if remote.hands_off())
+    }
+
+    /// Why a stub to an object of another shard or node is broken, if it is.
+    pub(crate) fn remote_broken(&self) -> Option<Error> {
+        match &self.target {
+            Target::Remote(remote) => remote.broken_error(),
+            Target::Local { .. } => None,
+        }
+    }
+
+    /// Notes the error of a call made through [`Stub::remote_link_turn`]: a `disconnected` breaks
+    /// the stub for good, whichever way its later calls go.
+    pub(crate) fn note_remote_error(&self, error: &Error) {
+        if let Target::Remote(remote) = &self.target {
+            remote.note(error);
         }
     }
 
@@ -924,8 +958,13 @@ impl Stub {
     /// takes its place in the object's delivery order when `fetch` is called, not when the
     /// future is first polled.
     pub fn fetch(&self, request: Request) -> impl Future<Output = Result<Response, Error>> + use<> {
+        if let Target::Remote(remote) = &self.target
+            && remote.hands_off()
+        {
+            return Either::Left(remote.hand_off(request));
+        }
         let call = self.fetch_stream(request.map(Body::from));
-        async move {
+        Either::Right(async move {
             let (parts, body) = call.await?.into_parts();
             let body = body
                 .with_whole_bytes_max(WHOLE_RESPONSE_BYTES_MAX)
@@ -933,7 +972,7 @@ impl Stub {
                 .await
                 .map_err(|e| Error::Remote(format!("reading the response body: {e}")))?;
             Ok(Response::from_parts(parts, body))
-        }
+        })
     }
 
     /// Sends `request` to the object, whose body may be a stream; the response's body may be

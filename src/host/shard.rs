@@ -5,24 +5,30 @@
 //! fixed number of virtual shards, so that the mapping stays the same while the shard count
 //! does, and a virtual shard can later move without rehashing objects. A host activates only
 //! its own objects; for an object of another shard, [`Namespace::get`](super::Namespace::get)
-//! gives a stub that reaches it through [`Peers`]: a Cap'n Proto capability to the object on
-//! its shard, carried by an in-process connection between the two shards. capnp-rpc keeps the
-//! contract across it: calls on one stub arrive in the order made, calls pipeline on a stub not
-//! yet resolved, streams and capabilities pass through, and a reset there breaks it here.
+//! gives a [`RemoteObject`] stub: it hands whole fetches off to the object's shard as jobs,
+//! and sends every other call through a Cap'n Proto capability to the object there, carried
+//! by an in-process connection between the two shards (its link), in the order the calls were
+//! made.
 //!
 //! The layers above fill [`Peers`] in (the links are capnp connections, which the RPC layer
 //! serves); this layer only asks it for capabilities, and for a shard to run a job on.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use futures::future::{FutureExt, LocalBoxFuture, Shared};
+use futures::task::AtomicWaker;
 
 use super::Host;
 use crate::error::Error;
 use crate::id::ObjectId;
-use crate::message::StreamRequest;
-use crate::message::StreamResponse;
+use crate::message::{Request, Response, StreamRequest, StreamResponse};
 use crate::storage::cluster::NodeAddr;
 use crate::storage::{VIRTUAL_SHARDS_DEFAULT, virtual_shard};
 use crate::wire::duro_capnp::durable_object;
@@ -86,51 +92,366 @@ pub(crate) trait Peers {
     fn node_stub(&self, node: &NodeAddr, namespace: &str, id: &ObjectId) -> durable_object::Client;
 }
 
-/// A stub to an object of another shard: the capability to it there.
+/// A stub to an object of another shard.
+///
+/// Its calls reach the object on its shard in one of two ways:
+///
+/// - **Handed off**: a whole `fetch` goes to the object's shard as a [`Job`] with the request
+///   (an `http::Request` of `Bytes`, which may cross threads), delivered there to a stub that
+///   shard keeps for this one ([`Handoffs`]), and the response comes back through a oneshot.
+///   No Cap'n Proto on the way: no second serialization, no RPC tables, no message segments.
+/// - **Through the link**: every other call (a streamed request or response, a call of the
+///   object's own interface) goes through the capability a `get` on the in-process Cap'n
+///   Proto link between the two shards gave.
+///
+/// Calls on one stub keep their order across the two: a stub hands off until its first call
+/// that needs the link; from then on every call takes the link (it is sticky), and the link
+/// passes on no call before every handed-off call was delivered there. Both ways reach the
+/// same activation, and a stub that saw `disconnected` either way stays broken.
 pub(crate) struct RemoteObject {
     pub(crate) id: ObjectId,
-    pub(crate) client: durable_object::Client,
-    /// A call failed with `disconnected`: the object was reset (or its shard stopped).
-    broken: Cell<bool>,
+    /// The capability to the object on its shard (pipelined on the `get` that finds it).
+    client: durable_object::Client,
+    /// Why the stub is broken: a call failed with `disconnected` (the object was reset, or its
+    /// shard stopped).
+    broken: RefCell<Option<String>>,
+    /// For an object of another shard of this server (not of another node): the hand-off.
+    handoff: Option<Handoff>,
+}
+
+/// A stub's hand-off to the object's shard (see [`RemoteObject`]).
+struct Handoff {
+    peers: Rc<dyn Peers>,
+    shard: usize,
+    namespace: String,
+    /// The stub's key in the far shard's [`Handoffs`].
+    key: u64,
+    undelivered: Arc<Undelivered>,
+    /// Set by the first call that needed the link: every later call takes it.
+    linked: Cell<bool>,
+    /// Resolves once the last call that waited for its turn on the link was issued.
+    last_issued: RefCell<Option<Shared<LocalBoxFuture<'static, ()>>>>,
+}
+
+/// When a call may go through a stub's link (see [`RemoteObject::link_turn`]).
+pub(crate) enum LinkTurn {
+    /// Now.
+    Now,
+    /// Once the future resolves; dropping the sender then tells the next call it was issued.
+    After(
+        LocalBoxFuture<'static, ()>,
+        futures::channel::oneshot::Sender<()>,
+    ),
+}
+
+impl LinkTurn {
+    /// Runs `issue` in this turn: now, or in a task once the turn came.
+    pub(crate) fn run(self, issue: impl FnOnce() + 'static) {
+        match self {
+            LinkTurn::Now => issue(),
+            LinkTurn::After(turn, issued) => {
+                tokio::task::spawn_local(async move {
+                    turn.await;
+                    issue();
+                    drop(issued);
+                });
+            }
+        }
+    }
+}
+
+/// Keys of the stubs handed off to: unique in the process.
+static HANDOFF_KEYS: AtomicU64 = AtomicU64::new(1);
+
+/// Handed-off calls not yet delivered on the far shard, and who waits for there to be none.
+#[derive(Default)]
+struct Undelivered {
+    count: AtomicUsize,
+    waiter: AtomicWaker,
+}
+
+/// One call counted in [`Undelivered`] until dropped: when it was delivered, or when its job
+/// was dropped unrun (the far shard stopped).
+struct Delivery(Arc<Undelivered>);
+
+impl Delivery {
+    fn new(undelivered: &Arc<Undelivered>) -> Delivery {
+        undelivered.count.fetch_add(1, Ordering::AcqRel);
+        Delivery(undelivered.clone())
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waiter.wake();
+        }
+    }
+}
+
+/// Resolves once every handed-off call counted in `undelivered` was delivered.
+async fn all_delivered(undelivered: Arc<Undelivered>) {
+    std::future::poll_fn(|cx| {
+        if undelivered.count.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(());
+        }
+        undelivered.waiter.register(cx.waker());
+        match undelivered.count.load(Ordering::Acquire) {
+            0 => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The stubs a shard keeps for the stubs of other shards that hand calls off to it, by key:
+/// each made when the stub on the other shard was, and dropped with it.
+#[derive(Default)]
+pub(crate) struct Handoffs(RefCell<HashMap<u64, Result<super::Stub, Error>>>);
+
+impl Handoffs {
+    fn open(&self, host: &Host, key: u64, namespace: &str, id: ObjectId) {
+        let stub = host
+            .namespace(namespace)
+            .ok_or_else(|| Error::InvalidArgument(format!("no namespace {namespace:?}")))
+            .and_then(|namespace| namespace.stub_here(id));
+        self.0.borrow_mut().insert(key, stub);
+    }
+
+    fn get(&self, key: u64) -> Result<super::Stub, Error> {
+        match self.0.borrow().get(&key) {
+            Some(stub) => stub.clone(),
+            None => Err(super::activation::shutting_down()),
+        }
+    }
+
+    fn close(&self, key: u64) {
+        self.0.borrow_mut().remove(&key);
+    }
+
+    /// Drops every stub kept (at shutdown).
+    pub(crate) fn clear(&self) {
+        std::mem::take(&mut *self.0.borrow_mut());
+    }
 }
 
 /// Largest request sent whole with its call; a larger one streams its body.
 const WHOLE_REQUEST_BYTES_MAX: usize = crate::wire::MESSAGE_BYTES_MAX - (64 << 10);
 
 impl RemoteObject {
-    pub(crate) fn new(id: ObjectId, client: durable_object::Client) -> Rc<RemoteObject> {
+    /// A stub to `id` on another node, through `client` alone.
+    pub(crate) fn linked(id: ObjectId, client: durable_object::Client) -> Rc<RemoteObject> {
         Rc::new(RemoteObject {
             id,
             client,
-            broken: Cell::new(false),
+            broken: RefCell::default(),
+            handoff: None,
         })
     }
 
-    pub(crate) fn is_broken(&self) -> bool {
-        self.broken.get()
+    /// A stub to `id` of `namespace` on `shard` of this server: it asks that shard now to make
+    /// the stub it hands calls off to.
+    pub(crate) fn on_shard(
+        peers: Rc<dyn Peers>,
+        shard: usize,
+        namespace: &str,
+        id: ObjectId,
+    ) -> Rc<RemoteObject> {
+        let client = peers.stub(shard, namespace, &id);
+        let key = HANDOFF_KEYS.fetch_add(1, Ordering::Relaxed);
+        let undelivered = Arc::new(Undelivered::default());
+        let delivery = Delivery::new(&undelivered);
+        let (name, far_id) = (namespace.to_owned(), id.clone());
+        peers.run_on(
+            shard,
+            Box::new(move |host: &Host| {
+                host.inner.handoffs.open(host, key, &name, far_id);
+                drop(delivery);
+            }),
+        );
+        Rc::new(RemoteObject {
+            id,
+            client,
+            broken: RefCell::default(),
+            handoff: Some(Handoff {
+                peers,
+                shard,
+                namespace: namespace.to_owned(),
+                key,
+                undelivered,
+                linked: Cell::new(false),
+                last_issued: RefCell::default(),
+            }),
+        })
     }
 
-    /// Sends `request` now (its place in the object's order is taken here), as
-    /// `DurableObject.request`: the body streams when it is not whole, and so may the
+    /// The name of the object's namespace, for an object of another shard.
+    pub(crate) fn namespace(&self) -> Option<&str> {
+        self.handoff.as_ref().map(|h| h.namespace.as_str())
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken.borrow().is_some()
+    }
+
+    /// Notes the outcome of a call: a `disconnected` breaks the stub for good.
+    pub(crate) fn note(&self, error: &Error) {
+        if let Error::Disconnected(message) = error {
+            self.broken
+                .borrow_mut()
+                .get_or_insert_with(|| message.clone());
+        }
+    }
+
+    pub(crate) fn broken_error(&self) -> Option<Error> {
+        self.broken.borrow().clone().map(Error::Disconnected)
+    }
+
+    /// The capability calls take through the link, and when the call about to be made may
+    /// take it. For a stub that hands off, the first call makes the link the way of every
+    /// later call, and a call goes only once every call handed off was delivered and the link
+    /// calls made before it were issued: issue it with [`LinkTurn::run`], or wait for the
+    /// turn and drop its sender once issued.
+    pub(crate) fn link_turn(&self) -> (durable_object::Client, LinkTurn) {
+        let client = self.client.clone();
+        let Some(handoff) = &self.handoff else {
+            return (client, LinkTurn::Now);
+        };
+        handoff.linked.set(true);
+        let mut last_issued = handoff.last_issued.borrow_mut();
+        let queue_idle = last_issued
+            .as_ref()
+            .is_none_or(|issued| issued.peek().is_some());
+        if queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
+            *last_issued = None;
+            return (client, LinkTurn::Now);
+        }
+        let previous = last_issued.take();
+        let delivered = all_delivered(handoff.undelivered.clone());
+        let (issued, on_issued) = futures::channel::oneshot::channel::<()>();
+        *last_issued = Some(on_issued.map(drop).boxed_local().shared());
+        let turn = async move {
+            if let Some(previous) = previous {
+                previous.await;
+            }
+            delivered.await;
+        };
+        (client, LinkTurn::After(turn.boxed_local(), issued))
+    }
+
+    /// Whether a whole `fetch` is handed off (rather than sent through the link).
+    pub(crate) fn hands_off(&self) -> bool {
+        self.handoff
+            .as_ref()
+            .is_some_and(|handoff| !handoff.linked.get())
+    }
+
+    /// Hands a whole `request` off to the object's shard (see [`RemoteObject`]); its place in
+    /// the object's order is taken there, after the calls handed off before it. For a stub
+    /// that [`hands_off`](Self::hands_off).
+    pub(crate) fn hand_off(
+        self: &Rc<Self>,
+        request: Request,
+    ) -> Pin<Box<dyn Future<Output = Result<Response, Error>>>> {
+        if let Some(error) = self.broken_error() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let Some(handoff) = &self.handoff else {
+            return Box::pin(std::future::ready(Err(Error::Disconnected(
+                "the object lives on another node: its stub calls it through its link".into(),
+            ))));
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let delivery = Delivery::new(&handoff.undelivered);
+        let key = handoff.key;
+        handoff.peers.run_on(
+            handoff.shard,
+            Box::new(move |host: &Host| {
+                let call = host.inner.handoffs.get(key).map(|stub| stub.fetch(request));
+                drop(delivery);
+                let mut call = match call {
+                    Ok(call) => Box::pin(call),
+                    Err(error) => {
+                        let _ = answer.send(Err(error));
+                        return;
+                    }
+                };
+                // A call that has nothing to wait for ends here, without a task.
+                let mut cx = Context::from_waker(Waker::noop());
+                if let Poll::Ready(response) = call.as_mut().poll(&mut cx) {
+                    let _ = answer.send(response);
+                    return;
+                }
+                // The caller may drop its call: then this one is dropped too (cancelled).
+                let mut answer = answer;
+                tokio::task::spawn_local(async move {
+                    let response = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(response) = call.as_mut().poll(cx) {
+                            return Poll::Ready(Some(response));
+                        }
+                        match answer.poll_closed(cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    })
+                    .await;
+                    if let Some(response) = response {
+                        let _ = answer.send(response);
+                    }
+                });
+            }),
+        );
+        let this = self.clone();
+        Box::pin(async move {
+            let response = answered.await.unwrap_or_else(|_| {
+                Err(Error::Disconnected(
+                    "the object's shard stopped before it answered".into(),
+                ))
+            });
+            if let Err(error) = &response {
+                this.note(error);
+            }
+            response
+        })
+    }
+
+    /// Sends `request` now (its place in the object's order is taken here) through the link,
+    /// as `DurableObject.request`: the body streams when it is not whole, and so may the
     /// response's.
     pub(crate) fn fetch_stream(
         self: &Rc<Self>,
         request: StreamRequest,
     ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
-        let client = self.client.clone();
+        let broken = self.broken_error();
+        let (client, turn) = self.link_turn();
         let send = Box::new(move |head, upload| {
+            if let Some(error) = broken {
+                return Err(error);
+            }
             let (command, call) = stream::call(head, upload, Arc::new(()));
-            stream::issue(&client, command, ());
+            turn.run(move || stream::issue(&client, command, ()));
             Ok(call)
         });
         let call = stream::fetch(request, WHOLE_REQUEST_BYTES_MAX, send);
         let this = self.clone();
         async move {
             let answer = call.await;
-            if let Err(Error::Disconnected(_)) = &answer {
-                this.broken.set(true);
+            if let Err(error) = &answer {
+                this.note(error);
             }
             answer
+        }
+    }
+}
+
+impl Drop for RemoteObject {
+    fn drop(&mut self) {
+        if let Some(handoff) = &self.handoff {
+            let key = handoff.key;
+            handoff.peers.run_on(
+                handoff.shard,
+                Box::new(move |host: &Host| host.inner.handoffs.close(key)),
+            );
         }
     }
 }

@@ -528,18 +528,11 @@ impl namespace::Server for NamespaceServer {
             Err(error) => return Either::Left(ready(Err(error))),
         };
         let request = params.get().and_then(|params| params.get_request());
-        // An object of another shard: the call goes on to its stub there, as a `fetch` made
-        // on a stub from `getByName` would.
-        if let Some(remote) = stub.remote_client() {
-            let call = relay::fetch(remote, &self.connection, request, move |response| {
-                results.get().set_response(response)
-            });
-            return Either::Right(Either::Left(call));
-        }
+        // An object of another shard: its stub hands the call off to it there.
         let call = stub::fetch(&stub, &self.connection, request, move |response| {
             convert::response_to_capnp(response, results.get().init_response())
         });
-        Either::Right(Either::Right(call))
+        Either::Right(call)
     }
 
     fn list_objects(

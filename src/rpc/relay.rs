@@ -25,9 +25,7 @@ use capnp::traits::HasTypeId;
 
 use super::connection::{Connection, InFlight};
 use super::measured::{Measured, message_bytes};
-use crate::wire::duro_capnp::{
-    class_provider, durable_object, external_object, http_request, http_response,
-};
+use crate::wire::duro_capnp::{class_provider, durable_object, external_object};
 
 /// The ordinal of `DurableObject.request`.
 const REQUEST_METHOD: u16 = 1;
@@ -191,39 +189,6 @@ fn forward_request(
         .set_request_body(crate::wire::duro_capnp::byte_stream::Client { client: body });
     results.set_pipeline()?;
     Ok(sent.promise)
-}
-
-/// A whole `fetch` of `request` passed on to `target`, an object of another shard, within
-/// `connection`'s bounds (`Namespace.fetchByName` of such an object): `write` copies the
-/// response into the caller's results, and what it takes is owed to the connection until
-/// written. The far shard's stub checks the response's size, as for any `fetch`.
-pub(super) fn fetch<W>(
-    target: &durable_object::Client,
-    connection: &Rc<Connection>,
-    request: capnp::Result<http_request::Reader<'_>>,
-    write: W,
-) -> impl Future<Output = capnp::Result<()>> + 'static + use<W>
-where
-    W: FnOnce(http_response::Reader<'_>) -> capnp::Result<()> + 'static,
-{
-    let sent = (|| -> capnp::Result<_> {
-        let request = request?;
-        let bytes = request.total_size()?.word_count as usize * 8;
-        let in_flight = InFlight::admit(connection, bytes)?;
-        let mut call = target.fetch_request();
-        call.get().set_request(request)?;
-        Ok((in_flight, call.send().promise))
-    })();
-    let account = connection.account.clone();
-    async move {
-        let (in_flight, answer) = sent?;
-        let answer = answer.await.map_err(crossed)?;
-        drop(in_flight);
-        let response = answer.get()?.get_response()?;
-        // Owed until the writer has sent it: a peer that does not read stops being read.
-        account.owe(response.total_size()?.word_count as usize * 8);
-        write(response)
-    }
 }
 
 /// An exception as it came back over the links it crossed, made what it was where it was

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::ops::Deref;
 use std::rc::Rc;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use capnp::any_pointer;
 use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results};
@@ -26,7 +26,7 @@ use super::measured::{Measured, message_bytes};
 use super::relay;
 use super::stream;
 use crate::error::Error;
-use crate::host::{InterfaceCall, Stub};
+use crate::host::{InterfaceCall, LinkTurn, Stub};
 use crate::message::Response;
 use crate::trace::RequestId;
 use crate::wire::convert;
@@ -49,8 +49,12 @@ pub fn stub_capability(stub: Stub) -> durable_object::Client {
 
 /// The capability of `stub`, served within `connection`'s bounds.
 pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_object::Client {
-    if let Some(remote) = stub.remote_client() {
-        let client = relay::relay(remote.client.clone(), Some(connection));
+    if stub.is_remote() {
+        let client = capnp_rpc::new_client(RemoteStubServer {
+            stub,
+            connection,
+            link: Default::default(),
+        });
         return durable_object::Client { client };
     }
     let client: capnp::capability::Client = capnp_rpc::new_client(StubServer { stub, connection });
@@ -276,5 +280,121 @@ fn object_error(error: capnp::Error) -> capnp::Error {
     match error.kind {
         capnp::ErrorKind::Unimplemented => error,
         _ => Error::Remote(error.extra).into(),
+    }
+}
+
+/// The ordinal of `DurableObject.fetch`.
+const FETCH_METHOD: u16 = 0;
+
+/// The server of a stub to an object of another shard or node (see
+/// [`RemoteObject`](crate::host::RemoteObject)): a whole `fetch` goes through the stub, which
+/// hands it off to the object's shard; every other call is relayed through the stub's link,
+/// in its turn, within the connection's bounds.
+struct RemoteStubServer {
+    stub: Stub,
+    connection: Rc<Connection>,
+    /// The relay of the stub's link, made at the first call that takes it.
+    link: RefCell<Option<capnp::capability::Client>>,
+}
+
+impl FromServer<RemoteStubServer> for capnp::capability::Client {
+    type Dispatch = RemoteStubDispatch;
+
+    fn from_server(server: Rc<RemoteStubServer>) -> RemoteStubDispatch {
+        RemoteStubDispatch { server }
+    }
+}
+
+#[derive(Clone)]
+struct RemoteStubDispatch {
+    server: Rc<RemoteStubServer>,
+}
+
+impl Deref for RemoteStubDispatch {
+    type Target = RemoteStubServer;
+
+    fn deref(&self) -> &RemoteStubServer {
+        &self.server
+    }
+}
+
+impl capnp::capability::Server for RemoteStubDispatch {
+    fn dispatch_call(
+        self,
+        interface_id: u64,
+        method_id: u16,
+        params: Params<any_pointer::Owned>,
+        results: Results<any_pointer::Owned>,
+    ) -> DispatchCallResult {
+        let call = self.server.call(interface_id, method_id, params, results);
+        DispatchCallResult::new(call, false)
+    }
+
+    fn as_ptr(&self) -> usize {
+        Rc::as_ptr(&self.server) as usize
+    }
+}
+
+impl RemoteStubServer {
+    fn call(
+        &self,
+        interface_id: u64,
+        method_id: u16,
+        params: Params<any_pointer::Owned>,
+        mut results: Results<any_pointer::Owned>,
+    ) -> Promise<(), capnp::Error> {
+        let stub = &self.stub;
+        if interface_id == durable_object::Client::TYPE_ID
+            && method_id == FETCH_METHOD
+            && stub.hands_off()
+        {
+            let request = params
+                .get()
+                .and_then(|p| p.get_as::<durable_object::fetch_params::Reader<'_>>())
+                .and_then(|p| p.get_request());
+            let call = fetch(stub, &self.connection, request, move |response| {
+                let results = results
+                    .get()
+                    .init_as::<durable_object::fetch_results::Builder<'_>>();
+                convert::response_to_capnp(response, results.init_response());
+            });
+            return Promise::from_future(call);
+        }
+        if let Some(error) = stub.remote_broken() {
+            return Promise::err(error.into());
+        }
+        let Some((target, turn)) = stub.remote_link_turn() else {
+            return Promise::err(capnp::Error::failed("a remote stub has a link".into()));
+        };
+        let link = self
+            .link
+            .borrow_mut()
+            .get_or_insert_with(|| relay::relay(target.client, Some(self.connection.clone())))
+            .clone();
+        let stub = stub.clone();
+        Promise::from_future(async move {
+            // Issued in its turn (a `request`'s body is published then: capnp-rpc holds the
+            // writes pipelined on it until then).
+            let answer = match turn {
+                LinkTurn::Now => link
+                    .hook
+                    .call(interface_id, method_id, params.hook, results.hook),
+                LinkTurn::After(turn, issued) => {
+                    turn.await;
+                    let answer = link
+                        .hook
+                        .call(interface_id, method_id, params.hook, results.hook);
+                    drop(issued);
+                    answer
+                }
+            };
+            let answer = answer.await;
+            if let Err(error) = &answer
+                && error.kind == capnp::ErrorKind::Disconnected
+            {
+                stub.note_remote_error(&Error::Disconnected(error.extra.clone()));
+            }
+            answer
+        })
     }
 }
