@@ -23,6 +23,51 @@ use crate::wire::{Buffers, convert, rpc_system_corked};
 use futures::future::Either;
 use tokio_util::task::AbortOnDropHandle;
 
+/// Lets capnp-rpc serve `$server` for any interface ID, through a dispatch type `$dispatch`
+/// this defines: its method `call(&self, interface_id, method_id, params, results)`, which
+/// returns a `Promise<(), capnp::Error>`, answers every call (none of them streaming).
+macro_rules! serve_any_interface {
+    ($server:ty, $dispatch:ident) => {
+        impl capnp::capability::FromServer<$server> for capnp::capability::Client {
+            type Dispatch = $dispatch;
+
+            fn from_server(server: std::rc::Rc<$server>) -> $dispatch {
+                $dispatch { server }
+            }
+        }
+
+        #[derive(Clone)]
+        struct $dispatch {
+            server: std::rc::Rc<$server>,
+        }
+
+        impl std::ops::Deref for $dispatch {
+            type Target = $server;
+
+            fn deref(&self) -> &$server {
+                &self.server
+            }
+        }
+
+        impl capnp::capability::Server for $dispatch {
+            fn dispatch_call(
+                self,
+                interface_id: u64,
+                method_id: u16,
+                params: capnp::capability::Params<capnp::any_pointer::Owned>,
+                results: capnp::capability::Results<capnp::any_pointer::Owned>,
+            ) -> capnp::capability::DispatchCallResult {
+                let call = self.server.call(interface_id, method_id, params, results);
+                capnp::capability::DispatchCallResult::new(call, false)
+            }
+
+            fn as_ptr(&self) -> usize {
+                std::rc::Rc::as_ptr(&self.server) as usize
+            }
+        }
+    };
+}
+
 mod admin;
 mod connection;
 pub(crate) mod external;

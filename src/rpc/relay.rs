@@ -20,7 +20,7 @@ use std::future::Future;
 use std::rc::Rc;
 
 use capnp::any_pointer;
-use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results};
+use capnp::capability::{Params, Promise, Results};
 use capnp::traits::HasTypeId;
 
 use super::connection::{Connection, InFlight};
@@ -55,43 +55,7 @@ struct Relay {
     stream: bool,
 }
 
-impl FromServer<Relay> for capnp::capability::Client {
-    type Dispatch = RelayDispatch;
-
-    fn from_server(server: Rc<Relay>) -> RelayDispatch {
-        RelayDispatch { server }
-    }
-}
-
-#[derive(Clone)]
-struct RelayDispatch {
-    server: Rc<Relay>,
-}
-
-impl std::ops::Deref for RelayDispatch {
-    type Target = Relay;
-
-    fn deref(&self) -> &Relay {
-        &self.server
-    }
-}
-
-impl capnp::capability::Server for RelayDispatch {
-    fn dispatch_call(
-        self,
-        interface_id: u64,
-        method_id: u16,
-        params: Params<any_pointer::Owned>,
-        results: Results<any_pointer::Owned>,
-    ) -> DispatchCallResult {
-        let call = self.server.call(interface_id, method_id, params, results);
-        DispatchCallResult::new(call, false)
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.server) as usize
-    }
-}
+serve_any_interface!(Relay, RelayDispatch);
 
 impl Relay {
     fn call(

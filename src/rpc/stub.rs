@@ -297,43 +297,7 @@ struct RemoteStubServer {
     link: RefCell<Option<capnp::capability::Client>>,
 }
 
-impl FromServer<RemoteStubServer> for capnp::capability::Client {
-    type Dispatch = RemoteStubDispatch;
-
-    fn from_server(server: Rc<RemoteStubServer>) -> RemoteStubDispatch {
-        RemoteStubDispatch { server }
-    }
-}
-
-#[derive(Clone)]
-struct RemoteStubDispatch {
-    server: Rc<RemoteStubServer>,
-}
-
-impl Deref for RemoteStubDispatch {
-    type Target = RemoteStubServer;
-
-    fn deref(&self) -> &RemoteStubServer {
-        &self.server
-    }
-}
-
-impl capnp::capability::Server for RemoteStubDispatch {
-    fn dispatch_call(
-        self,
-        interface_id: u64,
-        method_id: u16,
-        params: Params<any_pointer::Owned>,
-        results: Results<any_pointer::Owned>,
-    ) -> DispatchCallResult {
-        let call = self.server.call(interface_id, method_id, params, results);
-        DispatchCallResult::new(call, false)
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.server) as usize
-    }
-}
+serve_any_interface!(RemoteStubServer, RemoteStubDispatch);
 
 impl RemoteStubServer {
     fn call(

@@ -216,37 +216,17 @@ struct Forwarder {
     core: Rc<Core>,
 }
 
-/// Lets capnp-rpc serve a [`Forwarder`] for any interface ID.
-impl capnp::capability::FromServer<Forwarder> for capnp::capability::Client {
-    type Dispatch = ForwarderDispatch;
+serve_any_interface!(Forwarder, ForwarderDispatch);
 
-    fn from_server(server: Rc<Forwarder>) -> ForwarderDispatch {
-        ForwarderDispatch { server }
-    }
-}
-
-#[derive(Clone)]
-struct ForwarderDispatch {
-    server: Rc<Forwarder>,
-}
-
-impl std::ops::Deref for ForwarderDispatch {
-    type Target = Forwarder;
-
-    fn deref(&self) -> &Forwarder {
-        &self.server
-    }
-}
-
-impl capnp::capability::Server for ForwarderDispatch {
-    fn dispatch_call(
-        self,
+impl Forwarder {
+    fn call(
+        &self,
         interface_id: u64,
         method_id: u16,
         params: capnp::capability::Params<capnp::any_pointer::Owned>,
         results: capnp::capability::Results<capnp::any_pointer::Owned>,
-    ) -> capnp::capability::DispatchCallResult {
-        let core = self.server.core.clone();
+    ) -> capnp::capability::Promise<(), capnp::Error> {
+        let core = self.core.clone();
         let place = core.turnstile.take();
         let deadline = Instant::now() + PROVIDER_WAIT;
         let call = async move {
@@ -268,14 +248,7 @@ impl capnp::capability::Server for ForwarderDispatch {
                 answer => answer,
             }
         };
-        capnp::capability::DispatchCallResult::new(
-            capnp::capability::Promise::from_future(call),
-            false,
-        )
-    }
-
-    fn as_ptr(&self) -> usize {
-        Rc::as_ptr(&self.server) as usize
+        capnp::capability::Promise::from_future(call)
     }
 }
 
