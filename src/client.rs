@@ -1069,7 +1069,8 @@ mod driver {
                 let mut builder = call.get().init_id();
                 builder.set_bytes(id.bytes());
                 builder.set_name(id.name().unwrap_or(""));
-                let stub = call.send().pipeline.get_stub();
+                let pipeline = call.send().pipeline;
+                let stub = crate::wire::resolving(pipeline.get_stub(), pipeline);
                 self.capabilities.insert(handle, Capability::Stub(stub));
             }
         }
@@ -1078,7 +1079,8 @@ mod driver {
             if let Some(namespace) = self.namespace(namespace) {
                 let mut call = namespace.get_by_name_request();
                 call.get().set_name(name);
-                let stub = call.send().pipeline.get_stub();
+                let pipeline = call.send().pipeline;
+                let stub = crate::wire::resolving(pipeline.get_stub(), pipeline);
                 self.capabilities.insert(handle, Capability::Stub(stub));
             }
         }

@@ -189,7 +189,8 @@ fn namespace_of(
         None => {
             let mut request = host.namespace_request();
             request.get().set_name(name);
-            let namespace = request.send().pipeline.get_namespace();
+            let pipeline = request.send().pipeline;
+            let namespace = crate::wire::resolving(pipeline.get_namespace(), pipeline);
             namespaces.insert(name.to_owned(), namespace.clone());
             namespace
         }
@@ -202,7 +203,8 @@ fn get(namespace: &namespace::Client, id: &ObjectId) -> durable_object::Client {
     let mut target = request.get().init_id();
     target.set_bytes(id.bytes());
     target.set_name(id.name().unwrap_or(""));
-    request.send().pipeline.get_stub()
+    let pipeline = request.send().pipeline;
+    crate::wire::resolving(pipeline.get_stub(), pipeline)
 }
 
 impl Peers for Links {

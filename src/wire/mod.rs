@@ -108,6 +108,25 @@ impl Default for Buffers {
     }
 }
 
+/// `capability`, taken from `pipeline` (a call's results, pipelined: usable at once), made to
+/// resolve to the capability itself once the call returned. capnp-rpc resolves a pipelined
+/// capability only while its pipeline lives; `pipeline.get_x()` alone keeps addressing every
+/// later call through the call's answer, which the server then looks up and reads again for
+/// each call. Held in a task of the event loop until the capability resolved (or failed).
+pub fn resolving<T, P>(capability: T, pipeline: P) -> T
+where
+    T: capnp::capability::FromClientHook,
+    P: 'static,
+{
+    let resolved = capnp::capability::Client::new(capability.as_client_hook().add_ref());
+    let resolved = resolved.when_resolved();
+    tokio::task::spawn_local(async move {
+        let _ = resolved.await;
+        drop(pipeline);
+    });
+    capability
+}
+
 /// [`rpc_system`] with the buffer sizes given: larger ones suit a client that pipelines many
 /// calls (a load generator), none suits a reader that buffers itself.
 pub fn rpc_system_buffered<R, W>(

@@ -63,7 +63,9 @@ pub fn namespace(host: &host::Client, name: &str) -> namespace::Client {
 pub fn stub(namespace: &namespace::Client, name: &str) -> durable_object::Client {
     let mut request = namespace.get_by_name_request();
     request.get().set_name(name);
-    request.send().pipeline.get_stub()
+    let pipeline = request.send().pipeline;
+    // Resolved once the call returns, as a C++ or Python client's would be.
+    duro::wire::resolving(pipeline.get_stub(), pipeline)
 }
 
 /// Sends a fetch on `stub` now (it takes its place in E-order at once) and resolves when the
