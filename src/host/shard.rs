@@ -145,16 +145,30 @@ pub(crate) enum LinkTurn {
 }
 
 impl LinkTurn {
+    /// Issues a call with `issue` in this turn: at once when it is now (its place is taken
+    /// here), else once the turn came, telling the next call then. The future gives what
+    /// `issue` returned.
+    pub(crate) fn issue<T: 'static>(
+        self,
+        issue: impl FnOnce() -> T + 'static,
+    ) -> impl Future<Output = T> + 'static {
+        match self {
+            LinkTurn::Now => futures::future::Either::Left(std::future::ready(issue())),
+            LinkTurn::After(turn, issued) => futures::future::Either::Right(async move {
+                turn.await;
+                let call = issue();
+                drop(issued);
+                call
+            }),
+        }
+    }
+
     /// Runs `issue` in this turn: now, or in a task once the turn came.
     pub(crate) fn run(self, issue: impl FnOnce() + 'static) {
         match self {
             LinkTurn::Now => issue(),
-            LinkTurn::After(turn, issued) => {
-                tokio::task::spawn_local(async move {
-                    turn.await;
-                    issue();
-                    drop(issued);
-                });
+            after => {
+                tokio::task::spawn_local(after.issue(issue));
             }
         }
     }

@@ -26,7 +26,7 @@ use super::measured::{Measured, message_bytes};
 use super::relay;
 use super::stream;
 use crate::error::Error;
-use crate::host::{InterfaceCall, LinkTurn, Stub};
+use crate::host::{InterfaceCall, Stub};
 use crate::message::Response;
 use crate::trace::RequestId;
 use crate::wire::convert;
@@ -335,24 +335,16 @@ impl RemoteStubServer {
             .borrow_mut()
             .get_or_insert_with(|| relay::relay(target.client, Some(self.connection.clone())))
             .clone();
+        // Issued in its turn: now, when it is now, so that its place is taken at dispatch (a
+        // `request`'s body is published when it is issued: capnp-rpc holds the writes
+        // pipelined on it until then).
+        let answer = turn.issue(move || {
+            link.hook
+                .call(interface_id, method_id, params.hook, results.hook)
+        });
         let stub = stub.clone();
         Promise::from_future(async move {
-            // Issued in its turn (a `request`'s body is published then: capnp-rpc holds the
-            // writes pipelined on it until then).
-            let answer = match turn {
-                LinkTurn::Now => link
-                    .hook
-                    .call(interface_id, method_id, params.hook, results.hook),
-                LinkTurn::After(turn, issued) => {
-                    turn.await;
-                    let answer = link
-                        .hook
-                        .call(interface_id, method_id, params.hook, results.hook);
-                    drop(issued);
-                    answer
-                }
-            };
-            let answer = answer.await;
+            let answer = answer.await.await;
             if let Err(error) = &answer
                 && error.kind == capnp::ErrorKind::Disconnected
             {
