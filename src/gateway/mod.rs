@@ -405,7 +405,7 @@ impl Gateway {
             let response = stub.fetch_stream(request).await;
             return response.map_err(|error| self.body_failed(&broken, failed, error));
         };
-        if stub.is_remote() {
+        if stub.remote().is_some() {
             // Another node of the cluster owns the object: the socket would have to be passed
             // on through its `request`, which this gateway does not do yet.
             return Err(failed(crate::error::Error::Disconnected(

@@ -38,8 +38,7 @@ use futures::future::Either;
 use class::ErasedObject;
 use class::SocketEvent;
 pub use class::{AlarmInfo, DurableObject};
-pub(crate) use shard::LinkTurn;
-use shard::RemoteObject;
+pub(crate) use shard::RemoteObject;
 pub(crate) use shard::{Job, Peers, Placement};
 pub(crate) use socket::UpgradeToken;
 use socket::{ObjectSockets, SocketCore, SocketRegistry};
@@ -874,41 +873,12 @@ impl Stub {
         }
     }
 
-    /// Whether the object lives on another shard or node.
-    pub(crate) fn is_remote(&self) -> bool {
-        matches!(self.target, Target::Remote(_))
-    }
-
-    /// For a stub to an object of another shard or node, the capability of its link and when
-    /// the call about to be made may take it (see [`RemoteObject::link_turn`]).
-    pub(crate) fn remote_link_turn(
-        &self,
-    ) -> Option<(crate::wire::duro_capnp::durable_object::Client, LinkTurn)> {
+    /// The stub's way to the object when it lives on another shard or node: its hand-off,
+    /// its link and whether it is broken (see [`RemoteObject`]).
+    pub(crate) fn remote(&self) -> Option<&Rc<RemoteObject>> {
         match &self.target {
+            Target::Remote(remote) => Some(remote),
             Target::Local { .. } => None,
-            Target::Remote(remote) => Some(remote.link_turn()),
-        }
-    }
-
-    /// Whether a whole `fetch` on this stub to an object of another shard is handed off to
-    /// it there (until the stub's first call that needs its link).
-    pub(crate) fn hands_off(&self) -> bool {
-        matches!(&self.target, Target::Remote(remote) if remote.hands_off())
-    }
-
-    /// Why a stub to an object of another shard or node is broken, if it is.
-    pub(crate) fn remote_broken(&self) -> Option<Error> {
-        match &self.target {
-            Target::Remote(remote) => remote.broken_error(),
-            Target::Local { .. } => None,
-        }
-    }
-
-    /// Notes the error of a call made through [`Stub::remote_link_turn`]: a `disconnected` breaks
-    /// the stub for good, whichever way its later calls go.
-    pub(crate) fn note_remote_error(&self, error: &Error) {
-        if let Target::Remote(remote) = &self.target {
-            remote.note(error);
         }
     }
 

@@ -49,7 +49,7 @@ pub fn stub_capability(stub: Stub) -> durable_object::Client {
 
 /// The capability of `stub`, served within `connection`'s bounds.
 pub(super) fn stub_client(stub: Stub, connection: Rc<Connection>) -> durable_object::Client {
-    if stub.is_remote() {
+    if stub.remote().is_some() {
         let client = capnp_rpc::new_client(RemoteStubServer {
             stub,
             connection,
@@ -308,9 +308,14 @@ impl RemoteStubServer {
         mut results: Results<any_pointer::Owned>,
     ) -> Promise<(), capnp::Error> {
         let stub = &self.stub;
+        let Some(remote) = stub.remote() else {
+            return Promise::err(capnp::Error::failed(
+                "a remote stub's server has a remote stub".into(),
+            ));
+        };
         if interface_id == durable_object::Client::TYPE_ID
             && method_id == FETCH_METHOD
-            && stub.hands_off()
+            && remote.hands_off()
         {
             let request = params
                 .get()
@@ -324,12 +329,10 @@ impl RemoteStubServer {
             });
             return Promise::from_future(call);
         }
-        if let Some(error) = stub.remote_broken() {
+        if let Some(error) = remote.broken_error() {
             return Promise::err(error.into());
         }
-        let Some((target, turn)) = stub.remote_link_turn() else {
-            return Promise::err(capnp::Error::failed("a remote stub has a link".into()));
-        };
+        let (target, turn) = remote.link_turn();
         let link = self
             .link
             .borrow_mut()
@@ -342,13 +345,13 @@ impl RemoteStubServer {
             link.hook
                 .call(interface_id, method_id, params.hook, results.hook)
         });
-        let stub = stub.clone();
+        let remote = remote.clone();
         Promise::from_future(async move {
             let answer = answer.await.await;
             if let Err(error) = &answer
                 && error.kind == capnp::ErrorKind::Disconnected
             {
-                stub.note_remote_error(&Error::Disconnected(error.extra.clone()));
+                remote.note(&Error::Disconnected(error.extra.clone()));
             }
             answer
         })
