@@ -69,6 +69,13 @@ interface Host {
   # passed on again, so that two nodes whose views of ownership differ for a moment cannot
   # pass a call back and forth. The caller gets a new stub through its own node, which by then
   # knows the new owner.
+
+  shardStub @6 (key :UInt64) -> (stub :DurableObject);
+  # Between the shards of one server only (on any other connection it fails): the stub this
+  # shard keeps for the stub numbered `key` of the calling shard, the one to which that stub
+  # hands its fetches off. The calling stub sends its other calls through the capability
+  # returned, so that both ways reach the same stub here: one instance, one order, and one
+  # `disconnected` once the object was reset.
 }
 
 interface Admin {

@@ -33,8 +33,6 @@ pub(crate) struct Links {
     queues: Queues,
     /// The `Host` of each other shard (`None` for this one).
     hosts: Vec<Option<host::Client>>,
-    /// The namespaces asked for on each shard, by name: a `get` pipelines on them.
-    namespaces: Vec<RefCell<HashMap<String, namespace::Client>>>,
     /// The token that other nodes' `Host.nodeLink` asks for (the cluster's, `--token-file`).
     token: Option<Arc<str>>,
     /// TLS on the links to other nodes, when their listeners have it.
@@ -116,11 +114,9 @@ impl Links {
         let hosts = (0..queues.len())
             .map(|other| (other != me).then(|| link(&queues[other])))
             .collect();
-        let namespaces = (0..queues.len()).map(|_| RefCell::default()).collect();
         Rc::new(Links {
             queues,
             hosts,
-            namespaces,
             token,
             tls,
             nodes: RefCell::default(),
@@ -208,11 +204,14 @@ fn get(namespace: &namespace::Client, id: &ObjectId) -> durable_object::Client {
 }
 
 impl Peers for Links {
-    fn stub(&self, shard: usize, name: &str, id: &ObjectId) -> durable_object::Client {
+    fn shard_stub(&self, shard: usize, key: u64) -> durable_object::Client {
         let host = self.hosts[shard]
             .as_ref()
             .expect("a stub to another shard's object");
-        get(&namespace_of(host, &self.namespaces[shard], name), id)
+        let mut request = host.shard_stub_request();
+        request.get().set_key(key);
+        let pipeline = request.send().pipeline;
+        crate::wire::resolving(pipeline.get_stub(), pipeline)
     }
 
     fn node_stub(&self, node: &NodeAddr, name: &str, id: &ObjectId) -> durable_object::Client {

@@ -462,6 +462,21 @@ fn a_panic_resets_the_object_and_breaks_its_stubs() {
 }
 
 #[test]
+fn shard_stub_is_refused_to_a_client_and_the_connection_lives_on() {
+    let (server, _) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let mut call = host.shard_stub_request();
+        call.get().set_key(1);
+        let error = call.send().promise.await.map(drop).unwrap_err();
+        assert_eq!(error.kind, capnp::ErrorKind::Failed, "{error}");
+        assert!(error.to_string().contains("only for the links"), "{error}");
+        let stub = stub_by_name(&ns(&host, "recorder"), "after-shard-stub");
+        assert_eq!(body(&stub, "/a").await.unwrap(), "1");
+    });
+}
+
+#[test]
 fn a_dropped_connection_leaves_nothing_behind() {
     let (server, counters) = server();
     run_local(async {

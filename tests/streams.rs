@@ -130,7 +130,8 @@ impl DurableObject for Ticker {
     }
 }
 
-/// Records the paths of the requests it gets, in order; `/seen` answers with them.
+/// Records the paths of the requests it gets, in order; `/seen` answers with them, and
+/// `/panic` panics (which resets the object).
 #[derive(Default)]
 struct Recorder {
     seen: std::cell::RefCell<Vec<String>>,
@@ -141,6 +142,9 @@ impl DurableObject for Recorder {
         let path = request.uri().path().trim_start_matches('/').to_owned();
         if path == "seen" {
             return Ok(Response::new(self.seen.borrow().join(",").into()));
+        }
+        if path == "panic" {
+            panic!("the recorder panics, as asked");
         }
         self.seen.borrow_mut().push(path);
         Ok(Response::new(Bytes::new()))
@@ -481,6 +485,56 @@ fn a_streamed_call_right_behind_fetches_arrives_after_them_on_every_object() {
         for stub in &stubs {
             let seen = duro::testing::fetch(stub, request("GET", "/seen", b"")).await;
             assert_eq!(seen.unwrap().body(), expected.join(",").as_bytes());
+        }
+    });
+}
+
+/// A stub made before its object was reset stays broken whichever way its calls go: with
+/// several shards, a stub to an object of another shard hands its fetches off, and its first
+/// streamed call takes the link, which must reach the instance the stub was made for (reset),
+/// not a new one.
+#[test]
+fn a_stub_that_only_fetched_before_its_object_reset_fails_its_first_streamed_call() {
+    const OBJECTS: usize = 12;
+    let (server, _) = server();
+    run_local(async {
+        let host = server.connect().await;
+        let other_host = server.connect().await;
+        for o in 0..OBJECTS {
+            let name = format!("reset-{o}");
+            let stub = stub(&host, "recorder", &name);
+            let call = fetch_call(&stub, &request("POST", "/a", b""));
+            call.promise.await.unwrap();
+            // The object is reset through a stub of another connection.
+            let other = self::stub(&other_host, "recorder", &name);
+            let panicked = fetch_call(&other, &request("POST", "/panic", b""));
+            let error = panicked.promise.await.map(drop).map_err(Error::from);
+            assert!(matches!(error, Err(Error::Disconnected(_))), "{error:?}");
+            // The first call of `stub` that takes the link fails too, and so do later ones.
+            let (call, mut got) = send_request(&stub, &request("POST", "/b", b""), false);
+            let error = call.promise.await.map(drop).map_err(Error::from);
+            assert!(
+                matches!(error, Err(Error::Disconnected(_))),
+                "{name}: {error:?}"
+            );
+            assert_eq!(
+                got.recv().await,
+                None,
+                "a call to the reset object answered"
+            );
+            let call = fetch_call(&stub, &request("POST", "/c", b""));
+            let error = call.promise.await.map(drop).map_err(Error::from);
+            assert!(
+                matches!(error, Err(Error::Disconnected(_))),
+                "{name}: {error:?}"
+            );
+            // A new stub reaches a new instance, which saw none of those calls.
+            let fresh = self::stub(&host, "recorder", &name);
+            let (call, mut got) = send_request(&fresh, &request("POST", "/d", b""), false);
+            call.promise.await.unwrap();
+            ok_response(got.recv().await);
+            let seen = duro::testing::fetch(&fresh, request("GET", "/seen", b"")).await;
+            assert_eq!(seen.unwrap().body(), &b"d"[..], "{name}");
         }
     });
 }

@@ -311,6 +311,12 @@ impl Host {
         self.inner.peers.borrow().clone()
     }
 
+    /// The stub this shard keeps for stub `key` of another shard, which hands its calls off
+    /// to it (see [`RemoteObject`]).
+    pub(crate) fn handed_stub(&self, key: u64) -> Result<Stub, Error> {
+        self.inner.handoffs.get(key)
+    }
+
     /// The shard of `id` when it is not this host's.
     pub(crate) fn remote_shard(&self, id: &ObjectId) -> Option<usize> {
         let placement = self.inner.placement;

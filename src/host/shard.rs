@@ -73,9 +73,11 @@ impl Placement {
 
 /// The other shards of the server, as one shard sees them.
 pub(crate) trait Peers {
-    /// A capability to the object `id` of `namespace`, on `shard`. Answers at once: calls on
-    /// it pipeline behind the `get` that finds the object there.
-    fn stub(&self, shard: usize, namespace: &str, id: &ObjectId) -> durable_object::Client;
+    /// The capability, through the link to `shard`, to the stub that shard keeps for stub
+    /// `key` of this one (`Host.shardStub`; see [`RemoteObject`]). Answers at once: calls on
+    /// it pipeline behind the call that finds the stub there. Only once the job that opened
+    /// that stub ran there.
+    fn shard_stub(&self, shard: usize, key: u64) -> durable_object::Client;
 
     /// Runs `job` on `shard`'s event loop, with its host, after the jobs sent there before.
     fn run_on(&self, shard: usize, job: Job);
@@ -88,7 +90,7 @@ pub(crate) trait Peers {
 
     /// A capability to the object `id` of `namespace` on another node of the cluster, through
     /// this shard's link to that node (see `Host.nodeLink`). Answers at once, as
-    /// [`Peers::stub`] does.
+    /// [`Peers::shard_stub`] does.
     fn node_stub(&self, node: &NodeAddr, namespace: &str, id: &ObjectId) -> durable_object::Client;
 }
 
@@ -110,8 +112,10 @@ pub(crate) trait Peers {
 /// same activation, and a stub that saw `disconnected` either way stays broken.
 pub(crate) struct RemoteObject {
     pub(crate) id: ObjectId,
-    /// The capability to the object on its shard (pipelined on the `get` that finds it).
-    client: durable_object::Client,
+    /// The capability to the object on its node, or to the stub its shard keeps for this one;
+    /// for the latter, asked for at the first call that takes the link (most stubs only
+    /// fetch, and never do).
+    client: RefCell<Option<durable_object::Client>>,
     /// Why the stub is broken: a call failed with `disconnected` (the object was reset, or its
     /// shard stopped).
     broken: RefCell<Option<String>>,
@@ -133,42 +137,43 @@ struct Handoff {
     last_issued: RefCell<Option<Shared<LocalBoxFuture<'static, ()>>>>,
 }
 
-/// When a call may go through a stub's link (see [`RemoteObject::link_turn`]).
-pub(crate) enum LinkTurn {
-    /// Now.
-    Now,
-    /// Once the future resolves; dropping the sender then tells the next call it was issued.
-    After(
+/// When a call may go through a stub's link, and the link (see [`RemoteObject::link_turn`]).
+pub(crate) struct LinkTurn {
+    object: Rc<RemoteObject>,
+    /// `None`: now. Else the turn comes once the future resolves; dropping the sender then
+    /// tells the next call it was issued.
+    after: Option<(
         LocalBoxFuture<'static, ()>,
         futures::channel::oneshot::Sender<()>,
-    ),
+    )>,
 }
 
 impl LinkTurn {
-    /// Issues a call with `issue` in this turn: at once when it is now (its place is taken
-    /// here), else once the turn came, telling the next call then. The future gives what
-    /// `issue` returned.
+    /// Issues a call with `issue`, given the link, in this turn: at once when it is now (its
+    /// place is taken here), else once the turn came, telling the next call then. The future
+    /// gives what `issue` returned.
     pub(crate) fn issue<T: 'static>(
         self,
-        issue: impl FnOnce() -> T + 'static,
+        issue: impl FnOnce(&durable_object::Client) -> T + 'static,
     ) -> impl Future<Output = T> + 'static {
-        match self {
-            LinkTurn::Now => futures::future::Either::Left(std::future::ready(issue())),
-            LinkTurn::After(turn, issued) => futures::future::Either::Right(async move {
+        let LinkTurn { object, after } = self;
+        match after {
+            None => futures::future::Either::Left(std::future::ready(issue(&object.link()))),
+            Some((turn, issued)) => futures::future::Either::Right(async move {
                 turn.await;
-                let call = issue();
+                let call = issue(&object.link());
                 drop(issued);
                 call
             }),
         }
     }
 
-    /// Runs `issue` in this turn: now, or in a task once the turn came.
-    pub(crate) fn run(self, issue: impl FnOnce() + 'static) {
-        match self {
-            LinkTurn::Now => issue(),
-            after => {
-                tokio::task::spawn_local(after.issue(issue));
+    /// Runs `issue`, given the link, in this turn: now, or in a task once the turn came.
+    pub(crate) fn run(self, issue: impl FnOnce(&durable_object::Client) + 'static) {
+        match self.after {
+            None => issue(&self.object.link()),
+            Some(_) => {
+                tokio::task::spawn_local(self.issue(issue));
             }
         }
     }
@@ -232,7 +237,7 @@ impl Handoffs {
         self.0.borrow_mut().insert(key, stub);
     }
 
-    fn get(&self, key: u64) -> Result<super::Stub, Error> {
+    pub(super) fn get(&self, key: u64) -> Result<super::Stub, Error> {
         match self.0.borrow().get(&key) {
             Some(stub) => stub.clone(),
             None => Err(super::activation::shutting_down()),
@@ -257,21 +262,21 @@ impl RemoteObject {
     pub(crate) fn linked(id: ObjectId, client: durable_object::Client) -> Rc<RemoteObject> {
         Rc::new(RemoteObject {
             id,
-            client,
+            client: RefCell::new(Some(client)),
             broken: RefCell::default(),
             handoff: None,
         })
     }
 
     /// A stub to `id` of `namespace` on `shard` of this server: it asks that shard now to make
-    /// the stub it hands calls off to.
+    /// the stub it hands calls off to (and, through the link, at its first call that needs
+    /// the link, for that same stub).
     pub(crate) fn on_shard(
         peers: Rc<dyn Peers>,
         shard: usize,
         namespace: &str,
         id: ObjectId,
     ) -> Rc<RemoteObject> {
-        let client = peers.stub(shard, namespace, &id);
         let key = HANDOFF_KEYS.fetch_add(1, Ordering::Relaxed);
         let undelivered = Arc::new(Undelivered::default());
         let delivery = Delivery::new(&undelivered);
@@ -285,7 +290,7 @@ impl RemoteObject {
         );
         Rc::new(RemoteObject {
             id,
-            client,
+            client: RefCell::default(),
             broken: RefCell::default(),
             handoff: Some(Handoff {
                 peers,
@@ -321,15 +326,18 @@ impl RemoteObject {
         self.broken.borrow().clone().map(Error::Disconnected)
     }
 
-    /// The capability calls take through the link, and when the call about to be made may
-    /// take it. For a stub that hands off, the first call makes the link the way of every
-    /// later call, and a call goes only once every call handed off was delivered and the link
-    /// calls made before it were issued: issue it with [`LinkTurn::run`], or wait for the
-    /// turn and drop its sender once issued.
-    pub(crate) fn link_turn(&self) -> (durable_object::Client, LinkTurn) {
-        let client = self.client.clone();
+    /// When the call about to be made may take the link. For a stub that hands off, the
+    /// first call makes the link the way of every later call, and a call goes only once every
+    /// call handed off was delivered (the job that opened the far stub included) and the link
+    /// calls made before it were issued: issue it with [`LinkTurn::issue`] or
+    /// [`LinkTurn::run`], which give it the link.
+    pub(crate) fn link_turn(self: &Rc<Self>) -> LinkTurn {
+        let now = LinkTurn {
+            object: self.clone(),
+            after: None,
+        };
         let Some(handoff) = &self.handoff else {
-            return (client, LinkTurn::Now);
+            return now;
         };
         handoff.linked.set(true);
         let mut last_issued = handoff.last_issued.borrow_mut();
@@ -338,7 +346,7 @@ impl RemoteObject {
             .is_none_or(|issued| issued.peek().is_some());
         if queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
             *last_issued = None;
-            return (client, LinkTurn::Now);
+            return now;
         }
         let previous = last_issued.take();
         let delivered = all_delivered(handoff.undelivered.clone());
@@ -350,7 +358,26 @@ impl RemoteObject {
             }
             delivered.await;
         };
-        (client, LinkTurn::After(turn.boxed_local(), issued))
+        LinkTurn {
+            after: Some((turn.boxed_local(), issued)),
+            ..now
+        }
+    }
+
+    /// The capability calls take through the link: for a stub that hands off, asked for the
+    /// first time here, in a call's turn (so once the far stub was opened).
+    fn link(&self) -> durable_object::Client {
+        let mut client = self.client.borrow_mut();
+        if let Some(client) = &*client {
+            return client.clone();
+        }
+        let handoff = self
+            .handoff
+            .as_ref()
+            .expect("a stub without a hand-off has its link from the start");
+        client
+            .insert(handoff.peers.shard_stub(handoff.shard, handoff.key))
+            .clone()
     }
 
     /// Whether a whole `fetch` is handed off (rather than sent through the link).
@@ -437,13 +464,13 @@ impl RemoteObject {
         request: StreamRequest,
     ) -> impl Future<Output = Result<StreamResponse, Error>> + use<> {
         let broken = self.broken_error();
-        let (client, turn) = self.link_turn();
+        let turn = self.link_turn();
         let send = Box::new(move |head, upload| {
             if let Some(error) = broken {
                 return Err(error);
             }
             let (command, call) = stream::call(head, upload, Arc::new(()));
-            turn.run(move || stream::issue(&client, command, ()));
+            turn.run(move |client| stream::issue(client, command, ()));
             Ok(call)
         });
         let call = stream::fetch(request, WHOLE_REQUEST_BYTES_MAX, send);

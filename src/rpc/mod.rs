@@ -204,6 +204,14 @@ impl host::Server for GuardServer {
         }
     }
 
+    fn shard_stub(
+        self: Rc<Self>,
+        _: host::ShardStubParams,
+        _: host::ShardStubResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready(Err(unauthenticated()))
+    }
+
     fn authenticate(
         self: Rc<Self>,
         params: host::AuthenticateParams,
@@ -389,6 +397,23 @@ impl host::Server for HostServer {
                     connection: self.connection.clone(),
                     node_link: self.node_link,
                 }));
+            Ok(())
+        })())
+    }
+
+    fn shard_stub(
+        self: Rc<Self>,
+        params: host::ShardStubParams,
+        mut results: host::ShardStubResults,
+    ) -> impl Future<Output = capnp::Result<()>> + 'static {
+        ready((|| {
+            if !self.connection.peer {
+                return Err(capnp::Error::failed(
+                    "shardStub is only for the links between the shards of one server".into(),
+                ));
+            }
+            let stub = self.host.handed_stub(params.get()?.get_key())?;
+            results.get().set_stub(stub_client(stub, &self.connection));
             Ok(())
         })())
     }

@@ -294,7 +294,7 @@ struct RemoteStubServer {
     stub: Stub,
     connection: Rc<Connection>,
     /// The relay of the stub's link, made at the first call that takes it.
-    link: RefCell<Option<capnp::capability::Client>>,
+    link: Rc<RefCell<Option<capnp::capability::Client>>>,
 }
 
 serve_any_interface!(RemoteStubServer, RemoteStubDispatch);
@@ -332,16 +332,16 @@ impl RemoteStubServer {
         if let Some(error) = remote.broken_error() {
             return Promise::err(error.into());
         }
-        let (target, turn) = remote.link_turn();
-        let link = self
-            .link
-            .borrow_mut()
-            .get_or_insert_with(|| relay::relay(target.client, Some(self.connection.clone())))
-            .clone();
+        let turn = remote.link_turn();
+        let (link, connection) = (self.link.clone(), self.connection.clone());
         // Issued in its turn: now, when it is now, so that its place is taken at dispatch (a
         // `request`'s body is published when it is issued: capnp-rpc holds the writes
         // pipelined on it until then).
-        let answer = turn.issue(move || {
+        let answer = turn.issue(move |target| {
+            let link = link
+                .borrow_mut()
+                .get_or_insert_with(|| relay::relay(target.client.clone(), Some(connection)))
+                .clone();
             link.hook
                 .call(interface_id, method_id, params.hook, results.hook)
         });
