@@ -12,6 +12,7 @@
 mod alarms;
 mod capnp_load;
 mod child;
+mod client;
 mod cluster;
 mod disk;
 mod durable;
@@ -52,6 +53,7 @@ pub const WORKLOADS: &[&str] = &[
     "room",
     "external",
     "shards",
+    "client",
     "cluster",
 ];
 
@@ -66,7 +68,7 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     /// Run only these workloads (comma-separated): echo-baseline, noop, incr, typed,
     /// lmdb-baseline, activate, list, kv-mixed, alarms, gateway, workerd, room, external,
-    /// shards, cluster.
+    /// shards, client, cluster.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub only: Vec<String>,
     /// Print each target with PASS or FAIL, and exit non-zero if one fails.
@@ -283,6 +285,9 @@ fn run_workloads(settings: &Settings, selection: &Selection) -> Vec<Series> {
     }
     if selection.has("shards") {
         step("shards", &|| shards::run(settings));
+    }
+    if selection.has("client") {
+        step("client", &|| client::run(settings));
     }
     if selection.has("cluster") {
         step("cluster", &|| cluster::run(settings));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::Settings;
+use super::client;
 use super::durable::{HOT, SPREAD};
 use super::external;
 use super::measure::{Series, Spread};
@@ -160,6 +161,18 @@ fn ratios(series: &[Series]) -> Vec<Ratio> {
                 format!("{} / {}, {shape}", external::PYTHON, external::RUST),
                 python,
                 rust,
+            ));
+        }
+    }
+    for shape in [client::NOOP, client::INCR] {
+        if let (Some(rust), Some(bare)) = (
+            find(series, client::WORKLOAD, shape),
+            find(series, client::BARE, shape),
+        ) {
+            ratios.extend(ops_ratio(
+                format!("{} / {}, {shape}", client::WORKLOAD, client::BARE),
+                rust,
+                bare,
             ));
         }
     }
