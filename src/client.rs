@@ -914,13 +914,14 @@ mod driver {
     }
 
     /// Opens the connection and starts its RPC system on the local set.
+    ///
+    /// Its writes are corked: the driver issues a batch of commands at once, and their calls
+    /// leave in one write rather than one `send` each.
     async fn connect(addr: &ListenAddr, tls: Option<&ClientTls>) -> std::io::Result<host::Client> {
-        let (host, rpc) = match (addr, tls) {
-            (ListenAddr::Tcp(addr), Some(tls)) => crate::wire::connect_tls(*addr, tls).await?,
-            _ => crate::wire::connect(addr).await?,
-        };
-        tokio::task::spawn_local(rpc);
-        Ok(host)
+        let connection = crate::wire::connect_corked(addr, tls).await?;
+        tokio::task::spawn_local(connection.system);
+        tokio::task::spawn_local(connection.flusher);
+        Ok(connection.host)
     }
 
     /// A capability in the driver's table.

@@ -202,6 +202,68 @@ pub async fn connect(
     Ok((host, rpc))
 }
 
+/// A connection to a host with its writes corked (see [`connect_corked`]): run `system` and
+/// `flusher` side by side on a `LocalSet` (spawn both); the connection lives until the system
+/// ends or is dropped.
+pub struct CorkedConnection {
+    /// The host's bootstrap `Host` capability.
+    pub host: duro_capnp::host::Client,
+    pub system: RpcSystem<Side>,
+    /// Writes what the calls of each turn of the event loop wrote, together; ends once the
+    /// system is gone and its bytes are written.
+    pub flusher: futures::future::LocalBoxFuture<'static, ()>,
+}
+
+/// [`connect`], or [`connect_tls`] when `tls` is given, with the writes corked as a server's
+/// are (see [`cork`]): the calls made in one turn of the event loop leave in one write, not
+/// one `send` each. For a client that makes many calls at once (pipelined, or from many
+/// tasks); a lone call leaves in the same turn as without.
+pub async fn connect_corked(
+    addr: &ListenAddr,
+    tls: Option<&crate::tls::ClientTls>,
+) -> std::io::Result<CorkedConnection> {
+    fn corked<R, W>(reader: R, writer: W) -> CorkedConnection
+    where
+        R: AsyncRead + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        let (mut system, flusher) =
+            rpc_system_corked(reader, writer, Side::Client, None, Buffers::default());
+        let host = system.bootstrap(Side::Server);
+        CorkedConnection {
+            host,
+            system,
+            flusher: Box::pin(flusher),
+        }
+    }
+    match (addr, tls) {
+        (ListenAddr::Tcp(addr), tls) => {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            // Request/response RPC would otherwise wait on Nagle's algorithm.
+            stream.set_nodelay(true)?;
+            match tls {
+                Some(tls) => {
+                    let stream = tls.connect(addr.ip(), stream).await?;
+                    let (reader, writer) = tokio::io::split(stream);
+                    Ok(corked(reader, writer))
+                }
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    Ok(corked(reader, writer))
+                }
+            }
+        }
+        (ListenAddr::Unix(path), None) => {
+            let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
+            Ok(corked(reader, writer))
+        }
+        (ListenAddr::Unix(_), Some(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a unix socket has no TLS: the file's permissions guard it",
+        )),
+    }
+}
+
 /// [`connect`] over TLS: connects to the host at the TCP address `addr`, runs the handshake
 /// with `tls` (which checks the server's certificate), and sets up the capnp connection on
 /// the encrypted stream. A certificate that `tls` does not trust fails with an error saying

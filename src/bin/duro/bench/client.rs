@@ -49,7 +49,10 @@ fn client_calls(stubs: Vec<RemoteStub>, method: &'static str) -> CallFn {
 }
 
 /// The same with bare capnp stubs.
-fn bare_calls(stubs: Vec<duro::duro_capnp::durable_object::Client>, method: &'static str) -> CallFn {
+fn bare_calls(
+    stubs: Vec<duro::duro_capnp::durable_object::Client>,
+    method: &'static str,
+) -> CallFn {
     Rc::new(move |_, i| {
         let stub = &stubs[(i % stubs.len() as u64) as usize];
         Box::pin(capnp_load::fetch(stub, method, "/", PAYLOAD, &[200]))
