@@ -114,6 +114,8 @@ async fn flush_group(shared: Rc<Shared>) {
     }
     // One answer per batch, in order: each store settles with its own.
     let answers = shared.writer.submit(batches).await.unwrap_or_default();
+    // The calls that waited for these writes are answered now, over the next passes.
+    crate::wire::cork::settled();
     let mut answers = answers.into_iter();
     for (store, seq, alarm) in group {
         // A missing answer means the writer stopped before settling it.

@@ -10,6 +10,11 @@
 //! at once. A flush is delayed by at most [`YIELDS_MAX`] passes of the event loop, not by a
 //! timer: a lone call's answer leaves in the same turn as before.
 //!
+//! Answers released together by a commit ([`settled`]) reach the writer a few at a time: each
+//! call's task ends, then the connection's task writes its answer, one wake-up apart, so over
+//! more passes than a flush waits for. After a commit settled, the flusher's first wait lasts
+//! until the event loop ran out of ready tasks, and they leave in one write, not one each.
+//!
 //! Bounds: the buffer holds at most its capacity; past it, the writer waits for the flusher to
 //! drain it (a peer that does not read stops being written to, as with a buffered writer). A
 //! write of at least the capacity into an empty buffer goes straight to the socket, as
@@ -49,7 +54,11 @@ pub fn cork<W: AsyncWrite + Unpin>(inner: W, capacity: usize) -> (CorkedWriter<W
         CorkedWriter {
             shared: shared.clone(),
         },
-        Flusher { shared },
+        Flusher {
+            shared,
+            pass: None,
+            settled: SETTLED.get(),
+        },
     )
 }
 
@@ -198,13 +207,36 @@ impl<W> Drop for CorkedWriter<W> {
 /// first error (which the writer then reports).
 pub struct Flusher<W> {
     shared: Rc<RefCell<Cork<W>>>,
+    /// A pass that lasts until the event loop ran out of ready tasks (see [`settled`]).
+    pass: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// The count of [`settled`] calls as of this flusher's last such pass.
+    settled: u64,
+}
+
+thread_local! {
+    static SETTLED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Tells the flushers of this thread that many answers were just released at once (a commit
+/// settled the calls waiting for it), to reach them over the next passes of the event loop
+/// through several tasks each: a flusher that gets bytes then lets the event loop run out of
+/// ready tasks (once) before it writes, so that they leave together, not a few per write.
+pub fn settled() {
+    SETTLED.set(SETTLED.get().wrapping_add(1));
 }
 
 impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut cork = self.shared.borrow_mut();
+        let this = self.get_mut();
+        if let Some(pass) = &mut this.pass {
+            if pass.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.pass = None;
+        }
+        let mut cork = this.shared.borrow_mut();
         loop {
             if cork.error.is_some() {
                 cork.wake_writer();
@@ -240,8 +272,20 @@ impl<W: AsyncWrite + Unpin> Future for Flusher<W> {
                 // Let the tasks that are ready run first: their answers join these bytes.
                 cork.fresh = false;
                 cork.yields += 1;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
+                let settled = SETTLED.get();
+                if settled == this.settled {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                // Answers released together may still be on their way here through other
+                // tasks: this pass lasts until the event loop ran out of ready tasks.
+                this.settled = settled;
+                let mut pass = Box::pin(tokio::task::yield_now());
+                if pass.as_mut().poll(cx).is_pending() {
+                    this.pass = Some(pass);
+                    return Poll::Pending;
+                }
+                continue;
             }
             let cork = &mut *cork;
             match Pin::new(&mut cork.inner).poll_write(cx, &cork.buf[cork.start..]) {
@@ -359,6 +403,65 @@ mod tests {
             );
             let expected: Vec<u8> = (0..10u8).flat_map(|i| [i; 100]).collect();
             assert_eq!(socket.bytes(), expected);
+        });
+    }
+
+    /// Lets the tasks queued now run, then goes on, in the same pass of the event loop: what a
+    /// wake-up through another task costs an answer on its way to the writer.
+    async fn hop() {
+        let mut hopped = false;
+        std::future::poll_fn(|cx| {
+            if hopped {
+                return Poll::Ready(());
+            }
+            hopped = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+
+    #[test]
+    fn answers_released_together_leave_in_one_write_though_each_comes_a_hop_later() {
+        let (runtime, set) = local();
+        let socket = Socket::default();
+        let (writer, flusher) = cork(socket.clone(), 8 << 10);
+        set.block_on(&runtime, async move {
+            tokio::task::spawn_local(flusher);
+            tokio::task::yield_now().await;
+            // Ten answers that reach the writer one hop apart (in tasks of the event loop, as
+            // a connection's answers do): more hops than the passes a flush waits for.
+            let answer = |mut writer: CorkedWriter<Socket>| {
+                tokio::task::spawn_local(async move {
+                    for i in 0..10u8 {
+                        writer.write_all(&[i; 100]).await.unwrap();
+                        writer.flush().await.unwrap();
+                        hop().await;
+                    }
+                    writer
+                })
+            };
+            let passes = || async {
+                for _ in 0..=YIELDS_MAX + 1 {
+                    tokio::task::yield_now().await;
+                }
+            };
+            // Without a commit settling, they leave a few at a time.
+            let writer = answer(writer).await.unwrap();
+            passes().await;
+            let apart = socket.writes.borrow().len();
+            assert!(apart > 2, "{apart} writes: the flush waited for every hop");
+            // Released by a commit, they leave in one write.
+            settled();
+            let _writer = answer(writer).await.unwrap();
+            passes().await;
+            assert_eq!(
+                socket.writes.borrow().len(),
+                apart + 1,
+                "one write for ten answers"
+            );
+            let expected: Vec<u8> = (0..10u8).flat_map(|i| [i; 100]).collect();
+            assert_eq!(socket.bytes(), [expected.clone(), expected].concat());
         });
     }
 
