@@ -7,13 +7,12 @@
 //! process's (the calling thread and the client's), not the calling thread's alone.
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use super::Settings;
 use super::capnp_load::{self, PAYLOAD};
 use super::child;
 use super::durable::SPREAD_OBJECTS;
-use super::measure::Series;
+use super::measure::{Series, process_cpu};
 use super::rpc_group::{CallFn, Shape, run_shape};
 use duro::client::{Client, RemoteStub};
 use duro::duro_capnp::host;
@@ -57,21 +56,6 @@ fn bare_calls(
         let stub = &stubs[(i % stubs.len() as u64) as usize];
         Box::pin(capnp_load::fetch(stub, method, "/", PAYLOAD, &[200]))
     })
-}
-
-/// CPU time of this whole process (every thread), read with getrusage.
-fn process_cpu() -> Option<Duration> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
-    // SAFETY: getrusage writes a whole rusage into the pointer it is given, or fails.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: initialized by the successful call above.
-    let usage = unsafe { usage.assume_init() };
-    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    Some(Duration::from_micros(
-        micros(usage.ru_utime) + micros(usage.ru_stime),
-    ))
 }
 
 async fn run_group(settings: &Settings) -> Vec<Series> {

@@ -126,9 +126,18 @@ where
 /// CPU time of this thread, which runs every client of a run (getrusage: µs resolution,
 /// where /proc counts 10 ms ticks).
 pub fn generator_cpu() -> Option<Duration> {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// CPU time of this whole process, every thread of it (getrusage).
+pub fn process_cpu() -> Option<Duration> {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Option<Duration> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage writes a whole rusage into the pointer it is given, or fails.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
+    if unsafe { libc::getrusage(who, usage.as_mut_ptr()) } != 0 {
         return None;
     }
     // SAFETY: initialized by the successful call above.
