@@ -344,7 +344,8 @@ impl RemoteObject {
         let queue_idle = last_issued
             .as_ref()
             .is_none_or(|issued| issued.peek().is_some());
-        if queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
+        let linked = self.client.borrow().is_some();
+        if linked && queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
             *last_issued = None;
             return now;
         }
@@ -352,11 +353,13 @@ impl RemoteObject {
         let delivered = all_delivered(handoff.undelivered.clone());
         let (issued, on_issued) = futures::channel::oneshot::channel::<()>();
         *last_issued = Some(on_issued.map(drop).boxed_local().shared());
+        let object = self.clone();
         let turn = async move {
             if let Some(previous) = previous {
                 previous.await;
             }
             delivered.await;
+            object.link_resolved().await;
         };
         LinkTurn {
             after: Some((turn.boxed_local(), issued)),
@@ -364,8 +367,21 @@ impl RemoteObject {
         }
     }
 
+    /// Asks for the link if no call did yet, and then waits until it resolved: the first call
+    /// through it goes only once `shardStub` answered. Calls pipelined on a capability that
+    /// resolves while they stream (a `request`'s body writes, pipelined on a call on it) could
+    /// overtake each other as capnp-rpc switched them from the question to the capability.
+    async fn link_resolved(&self) {
+        let asked = self.client.borrow().is_some();
+        let client = self.link();
+        if !asked {
+            // Asked for just now, so not resolved yet: `when_resolved` answers.
+            let _ = client.client.when_resolved().await;
+        }
+    }
+
     /// The capability calls take through the link: for a stub that hands off, asked for the
-    /// first time here, in a call's turn (so once the far stub was opened).
+    /// first time in a call's turn (so once the far stub was opened).
     fn link(&self) -> durable_object::Client {
         let mut client = self.client.borrow_mut();
         if let Some(client) = &*client {
