@@ -580,6 +580,42 @@ fn ten_thousand_pipelined_writes_arrive_in_order() {
     });
 }
 
+/// The Rust client's stubs resolve (`wire::resolving`): a streamed call made at once on a new
+/// stub sends its body while the stub resolves, and the body must still arrive in order.
+#[test]
+fn the_clients_body_writes_on_a_stub_resolving_meanwhile_arrive_in_order() {
+    const WRITES: u64 = 5_000;
+    let (server, _) = server();
+    run_local(async {
+        let client = Client::connect(server.addr()).await.unwrap();
+        for round in 0..2 {
+            let stub = client
+                .namespace("sequence")
+                .get_by_name(&format!("resolving-{round}"));
+            let (mut sender, body) = Body::channel();
+            let writer = tokio::task::spawn_local(async move {
+                for n in 0..WRITES {
+                    sender
+                        .send(Bytes::copy_from_slice(&n.to_le_bytes()))
+                        .await
+                        .unwrap();
+                }
+                sender.finish();
+            });
+            let request = http::Request::builder().method("PUT").uri("/").body(body);
+            let response = stub.fetch_stream(request.unwrap()).await.unwrap();
+            let answer = response.into_body().bytes().await.unwrap();
+            writer.await.unwrap();
+            let sum: u64 = (0..WRITES).map(|n| (n + 1) * n).sum();
+            assert_eq!(
+                std::str::from_utf8(&answer).unwrap(),
+                format!("{WRITES} true {sum}"),
+                "round {round}"
+            );
+        }
+    });
+}
+
 #[test]
 fn writes_past_the_connections_bounds_are_refused_as_they_come_not_queued() {
     const FLOOD: usize = CONNECTION_CALLS_MAX + 1000;
