@@ -344,8 +344,8 @@ impl RemoteObject {
         let queue_idle = last_issued
             .as_ref()
             .is_none_or(|issued| issued.peek().is_some());
-        let linked = self.client.borrow().is_some();
-        if linked && queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
+        let link_asked = self.client.borrow().is_some();
+        if link_asked && queue_idle && handoff.undelivered.count.load(Ordering::Acquire) == 0 {
             *last_issued = None;
             return now;
         }

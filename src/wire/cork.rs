@@ -221,7 +221,7 @@ thread_local! {
 /// settled the calls waiting for it), to reach them over the next passes of the event loop
 /// through several tasks each: a flusher that gets bytes then lets the event loop run out of
 /// ready tasks (once) before it writes, so that they leave together, not a few per write.
-pub fn settled() {
+pub(crate) fn settled() {
     SETTLED.set(SETTLED.get().wrapping_add(1));
 }
 

@@ -185,21 +185,43 @@ where
 pub async fn connect(
     addr: &ListenAddr,
 ) -> std::io::Result<(duro_capnp::host::Client, RpcSystem<Side>)> {
-    let mut rpc = match addr {
-        ListenAddr::Tcp(addr) => {
+    let (reader, writer) = open(addr, None).await?;
+    let mut rpc = rpc_system(reader, writer, Side::Client, None);
+    let host = rpc.bootstrap(Side::Server);
+    Ok((host, rpc))
+}
+
+/// The two halves of a client's stream to `addr`: TCP (TCP_NODELAY), over TLS when `tls` is
+/// given, or a unix socket (which has no TLS: the file's permissions guard it).
+type Halves = (Box<dyn AsyncRead + Unpin>, Box<dyn AsyncWrite + Unpin>);
+
+async fn open(addr: &ListenAddr, tls: Option<&crate::tls::ClientTls>) -> std::io::Result<Halves> {
+    match (addr, tls) {
+        (ListenAddr::Tcp(addr), tls) => {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             // Request/response RPC would otherwise wait on Nagle's algorithm.
             stream.set_nodelay(true)?;
-            let (reader, writer) = stream.into_split();
-            rpc_system(reader, writer, Side::Client, None)
+            match tls {
+                Some(tls) => {
+                    let stream = tls.connect(addr.ip(), stream).await?;
+                    let (reader, writer) = tokio::io::split(stream);
+                    Ok((Box::new(reader), Box::new(writer)))
+                }
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    Ok((Box::new(reader), Box::new(writer)))
+                }
+            }
         }
-        ListenAddr::Unix(path) => {
+        (ListenAddr::Unix(path), None) => {
             let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
-            rpc_system(reader, writer, Side::Client, None)
+            Ok((Box::new(reader), Box::new(writer)))
         }
-    };
-    let host = rpc.bootstrap(Side::Server);
-    Ok((host, rpc))
+        (ListenAddr::Unix(_), Some(_)) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a unix socket has no TLS: the file's permissions guard it",
+        )),
+    }
 }
 
 /// A connection to a host with its writes corked (see [`connect_corked`]): run `system` and
@@ -222,46 +244,15 @@ pub async fn connect_corked(
     addr: &ListenAddr,
     tls: Option<&crate::tls::ClientTls>,
 ) -> std::io::Result<CorkedConnection> {
-    fn corked<R, W>(reader: R, writer: W) -> CorkedConnection
-    where
-        R: AsyncRead + Unpin + 'static,
-        W: AsyncWrite + Unpin + 'static,
-    {
-        let (mut system, flusher) =
-            rpc_system_corked(reader, writer, Side::Client, None, Buffers::default());
-        let host = system.bootstrap(Side::Server);
-        CorkedConnection {
-            host,
-            system,
-            flusher: Box::pin(flusher),
-        }
-    }
-    match (addr, tls) {
-        (ListenAddr::Tcp(addr), tls) => {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            // Request/response RPC would otherwise wait on Nagle's algorithm.
-            stream.set_nodelay(true)?;
-            match tls {
-                Some(tls) => {
-                    let stream = tls.connect(addr.ip(), stream).await?;
-                    let (reader, writer) = tokio::io::split(stream);
-                    Ok(corked(reader, writer))
-                }
-                None => {
-                    let (reader, writer) = stream.into_split();
-                    Ok(corked(reader, writer))
-                }
-            }
-        }
-        (ListenAddr::Unix(path), None) => {
-            let (reader, writer) = tokio::net::UnixStream::connect(path).await?.into_split();
-            Ok(corked(reader, writer))
-        }
-        (ListenAddr::Unix(_), Some(_)) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "a unix socket has no TLS: the file's permissions guard it",
-        )),
-    }
+    let (reader, writer) = open(addr, tls).await?;
+    let (mut system, flusher) =
+        rpc_system_corked(reader, writer, Side::Client, None, Buffers::default());
+    let host = system.bootstrap(Side::Server);
+    Ok(CorkedConnection {
+        host,
+        system,
+        flusher: Box::pin(flusher),
+    })
 }
 
 /// [`connect`] over TLS: connects to the host at the TCP address `addr`, runs the handshake
@@ -272,11 +263,7 @@ pub async fn connect_tls(
     addr: SocketAddr,
     tls: &crate::tls::ClientTls,
 ) -> std::io::Result<(duro_capnp::host::Client, RpcSystem<Side>)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    // Request/response RPC would otherwise wait on Nagle's algorithm.
-    stream.set_nodelay(true)?;
-    let stream = tls.connect(addr.ip(), stream).await?;
-    let (reader, writer) = tokio::io::split(stream);
+    let (reader, writer) = open(&ListenAddr::Tcp(addr), Some(tls)).await?;
     let mut rpc = rpc_system(reader, writer, Side::Client, None);
     let host = rpc.bootstrap(Side::Server);
     Ok((host, rpc))
