@@ -34,6 +34,7 @@ use activation::Activation;
 pub(crate) use activation::{InterfaceAnswer, InterfaceCall};
 use bytes::Bytes;
 use futures::future::Either;
+use futures::{FutureExt, TryFutureExt};
 
 use class::ErasedObject;
 use class::SocketEvent;
@@ -939,16 +940,16 @@ impl Stub {
         {
             return Either::Left(remote.hand_off(request));
         }
+        // Combinators, not an async block: see `rpc::stub::Traced::run`.
         let call = self.fetch_stream(request.map(Body::from));
-        Either::Right(async move {
-            let (parts, body) = call.await?.into_parts();
-            let body = body
-                .with_whole_bytes_max(WHOLE_RESPONSE_BYTES_MAX)
-                .bytes()
-                .await
-                .map_err(|e| Error::Remote(format!("reading the response body: {e}")))?;
-            Ok(Response::from_parts(parts, body))
-        })
+        Either::Right(call.and_then(|response| {
+            let (parts, body) = response.into_parts();
+            let body = body.with_whole_bytes_max(WHOLE_RESPONSE_BYTES_MAX).bytes();
+            body.map(move |body| match body {
+                Ok(body) => Ok(Response::from_parts(parts, body)),
+                Err(e) => Err(Error::Remote(format!("reading the response body: {e}"))),
+            })
+        }))
     }
 
     /// Sends `request` to the object, whose body may be a stream; the response's body may be
@@ -963,7 +964,7 @@ impl Stub {
             return Either::Left(Box::pin(remote.fetch_stream(request)));
         }
         let call = self.start(request, false);
-        Either::Right(async move { Ok(call.await?.response) })
+        Either::Right(call.map_ok(|called| called.response))
     }
 
     /// [`Stub::fetch_stream`] of a request that offers the object a WebSocket upgrade, for the

@@ -20,6 +20,8 @@ use std::cell::{Cell, RefCell};
 use capnp::any_pointer;
 use capnp::capability::{DispatchCallResult, FromServer, Params, Promise, Results};
 use capnp::traits::HasTypeId;
+use futures::future::Either;
+use futures::{FutureExt, TryFutureExt};
 
 use super::connection::{Connection, InFlight, RESPONSE_BYTES_MAX};
 use super::measured::{Measured, message_bytes};
@@ -113,21 +115,26 @@ where
         Ok((in_flight, stub.fetch(request)))
     });
     let account = connection.account.clone();
-    traced.run(async move {
-        let (_in_flight, call) = call?;
-        let response = call.await?;
-        let len = convert::response_bytes(&response);
-        if len > RESPONSE_BYTES_MAX {
-            return Err(capnp::Error::failed(format!(
-                "remote: the response takes about {len} bytes, over the limit of \
-                 {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
-            )));
-        }
-        // Owed until the writer has sent it: a peer that does not read stops being read.
-        account.owe(convert::response_payload_bytes(&response));
-        write(&response);
-        Ok(())
-    })
+    // A combinator, not an async block: see `Traced::run`.
+    let call = match call {
+        Ok((in_flight, call)) => Either::Left(call.map(move |response| {
+            let _in_flight = in_flight;
+            let response = response?;
+            let len = convert::response_bytes(&response);
+            if len > RESPONSE_BYTES_MAX {
+                return Err(capnp::Error::failed(format!(
+                    "remote: the response takes about {len} bytes, over the limit of \
+                     {RESPONSE_BYTES_MAX} bytes (RESPONSE_BYTES_MAX)"
+                )));
+            }
+            // Owed until the writer has sent it: a peer that does not read stops being read.
+            account.owe(convert::response_payload_bytes(&response));
+            write(&response);
+            Ok(())
+        })),
+        Err(error) => Either::Right(std::future::ready(Err(error))),
+    };
+    traced.run(call)
 }
 
 /// Lets capnp-rpc serve a [`StubServer`] through [`StubDispatch`].
@@ -209,6 +216,10 @@ impl Traced {
     }
 
     /// Runs `call` in the span; its error names the request ID.
+    ///
+    /// With a combinator, not an async block: an async block that awaits a future it owns
+    /// holds it twice (rustc keeps the captured future and the awaited one apart), and a
+    /// call's future is moved whole on each layer of capnp-rpc, and boxed by it.
     fn run(
         self,
         call: impl Future<Output = capnp::Result<()>> + 'static,
@@ -218,13 +229,11 @@ impl Traced {
             request_id,
             span,
         } = self;
-        let call = async move {
-            call.await.map_err(|error| {
-                let namespace = stub.namespace_name().unwrap_or_default();
-                crate::trace::answer_error(error, request_id, namespace, &stub.id())
-            })
-        };
-        call.instrument(span)
+        call.map_err(move |error| {
+            let namespace = stub.namespace_name().unwrap_or_default();
+            crate::trace::answer_error(error, request_id, namespace, &stub.id())
+        })
+        .instrument(span)
     }
 }
 
