@@ -516,6 +516,73 @@ impl Drop for RemoteObject {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::duro_capnp::host;
+
+    /// The peers of a shard whose one other shard takes jobs into `queue`, and never serves a
+    /// link: what `shards::Links::run_on` does for a shard that stopped (its queue closed, or
+    /// dropped with the jobs in it) is what the receiver's end decides here.
+    struct Queue(tokio::sync::mpsc::UnboundedSender<Job>);
+
+    impl Peers for Queue {
+        fn shard_stub(&self, _shard: usize, _key: u64) -> durable_object::Client {
+            unreachable!("these tests hand calls off, and take no link")
+        }
+
+        fn run_on(&self, _shard: usize, job: Job) {
+            let _ = self.0.send(job);
+        }
+
+        fn count(&self) -> usize {
+            2
+        }
+
+        fn host(&self, _shard: usize) -> Option<host::Client> {
+            None
+        }
+
+        fn node_stub(&self, _: &NodeAddr, _: &str, _: &ObjectId) -> durable_object::Client {
+            unreachable!("these tests have no cluster")
+        }
+    }
+
+    fn post() -> Request {
+        http::Request::post("/").body(bytes::Bytes::new()).unwrap()
+    }
+
+    fn stopped_before_it_answered() -> Error {
+        Error::Disconnected("the object's shard stopped before it answered".into())
+    }
+
+    #[test]
+    fn calls_handed_off_to_a_shard_that_stops_before_answering_fail_disconnected_and_break_the_stub()
+     {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (queue, mut jobs) = tokio::sync::mpsc::unbounded_channel();
+            let id = crate::id::IdMinter::new("counter", &[7; 32]).from_name("a");
+            let stub = RemoteObject::on_shard(Rc::new(Queue(queue)), 1, "counter", id);
+            let first = stub.hand_off(post());
+            let second = stub.hand_off(post());
+            // The far shard took the job that opens its stub and the first call, and stopped
+            // before it ran them (its loop ended with them in hand); the second was still in
+            // its queue, which closed with it.
+            let opening = jobs.recv().await.expect("the job that opens the far stub");
+            let taken = jobs.recv().await.expect("the first call's job");
+            drop((opening, taken));
+            jobs.close();
+            drop(jobs);
+            assert_eq!(first.await.unwrap_err(), stopped_before_it_answered());
+            assert_eq!(second.await.unwrap_err(), stopped_before_it_answered());
+            // The stub stays broken: a later call fails at once.
+            assert!(stub.is_broken());
+            assert_eq!(
+                stub.hand_off(post()).await.unwrap_err(),
+                stopped_before_it_answered()
+            );
+        });
+    }
 
     #[test]
     fn objects_go_to_the_shard_of_their_virtual_shard_in_turn() {
