@@ -12,7 +12,7 @@
 //! batches are answered [`Error::Fenced`] and the others committed again without them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -48,6 +48,8 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     /// Batches they carried (a retried batch counts again).
     pub batches: AtomicU64,
+    /// Whether the writer is at work on a group (else it waits for one).
+    committing: AtomicBool,
 }
 
 /// Owns the writer thread; dropping it (or [`Writer::shutdown`]) finishes queued batches first.
@@ -144,10 +146,27 @@ impl WriterHandle {
         }
         receiver
     }
+
+    /// Whether the writer is at work on a group: what is submitted now joins the next one,
+    /// which starts when this one is done. Else what is submitted starts a commit at once.
+    pub(crate) fn is_committing(&self) -> bool {
+        self.stats.committing.load(Ordering::Relaxed)
+    }
 }
 
 fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &Tally) {
-    while let Ok(first) = receiver.recv() {
+    loop {
+        let first = match receiver.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                stats.stats.committing.store(false, Ordering::Relaxed);
+                match receiver.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            }
+        };
+        stats.stats.committing.store(true, Ordering::Relaxed);
         let mut batches = first.batches.len();
         let mut mutations = mutations_of(&first);
         let mut jobs = vec![first];
@@ -419,6 +438,27 @@ mod tests {
         assert_eq!(faulty.commits(), 2);
         assert_eq!(handle.stats.batches.load(Ordering::Relaxed), 4);
         assert_eq!(memory.get(&obj(1, 4), b"d").unwrap(), Some(vec![4]));
+    }
+
+    #[test]
+    fn it_tells_whether_it_is_at_work_on_a_group() {
+        let (_memory, faulty, writer) = writer(MemoryBackend::new());
+        let handle = writer.handle();
+        assert!(!handle.is_committing());
+        faulty.hold();
+        let answer = handle.submit(vec![write(1, b"a", 1)]);
+        until_commits(&faulty, 1);
+        assert!(handle.is_committing());
+        faulty.release();
+        assert_eq!(answer.blocking_recv().unwrap(), vec![Ok(())]);
+        // Done, and nothing queued: it waits for work again.
+        for _ in 0..5000 {
+            if !handle.is_committing() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the writer still says it commits, with nothing to commit");
     }
 
     #[test]
