@@ -1,5 +1,6 @@
 //! `incr` (the durable counter: POST = get + put, answered after fsync), with 64 calls in
-//! flight on one hot object and spread over 1000 objects, measured in alternation with
+//! flight on one hot object and spread over 1000 objects, and one at a time (the latency of a
+//! durable write on an idle host), measured in alternation with
 //! `lmdb-baseline` (LMDB directly, one synced transaction per increment) and the disk's fsync
 //! latency, all on the same disk.
 
@@ -19,6 +20,7 @@ pub const SPREAD_OBJECTS: u64 = 1000;
 const IN_FLIGHT: usize = 64;
 pub const HOT: &str = "1 object, 64 in flight";
 pub const SPREAD: &str = "1000 objects, 64 in flight";
+pub const SERIAL: &str = "1 object, 1 in flight";
 pub const LMDB_SHAPE: &str = "1 txn+fsync per incr, serial";
 pub const FSYNC: &str = "fsync";
 pub const FSYNC_SHAPE: &str = "64 B write+fdatasync, serial";
@@ -40,8 +42,13 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
         connections: 1,
         in_flight: IN_FLIGHT,
     };
+    let one = Shape {
+        connections: 1,
+        in_flight: 1,
+    };
     let mut hot = Series::new("incr", HOT);
     let mut spread = Series::new("incr", SPREAD);
+    let mut serial = Series::new("incr", SERIAL);
     let mut lmdb = Series::new("lmdb-baseline", LMDB_SHAPE);
     let mut fsync = Series::new(FSYNC, FSYNC_SHAPE);
 
@@ -53,6 +60,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
             Ok(duro) => Some(duro),
             Err(e) => {
                 hot.fail(&e);
+                serial.fail(&e);
                 spread.fail(e);
                 None
             }
@@ -73,6 +81,7 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
             }
             Err(e) => {
                 hot.fail(&e);
+                serial.fail(&e);
                 spread.fail(e);
             }
         }
@@ -116,11 +125,14 @@ async fn run_group(settings: &Settings, selection: &Selection) -> Vec<Series> {
                     series.push(run_shape(shape, settings.run_budget(), call, &cpu).await);
                 }
             }
+            if !serial.failed() {
+                serial.push(run_shape(one, settings.run_budget(), hot_call, &cpu).await);
+            }
         }
     }
     let mut series = Vec::new();
     if selection.has("incr") {
-        series.extend([hot, spread]);
+        series.extend([hot, spread, serial]);
     }
     if selection.has("lmdb-baseline") {
         series.extend([lmdb, fsync]);
