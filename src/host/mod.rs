@@ -940,7 +940,8 @@ impl Stub {
         {
             return Either::Left(remote.hand_off(request));
         }
-        // Combinators, not an async block: see `rpc::stub::Traced::run`.
+        // Combinators, not an async block: an async block that awaits a future it owns holds
+        // it twice, and the callers of `fetch` move this future on each of their layers.
         let call = self.fetch_stream(request.map(Body::from));
         Either::Right(call.and_then(|response| {
             let (parts, body) = response.into_parts();

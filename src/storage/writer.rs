@@ -48,8 +48,6 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     /// Batches they carried (a retried batch counts again).
     pub batches: AtomicU64,
-    /// Whether the writer is at work on a group (else it waits for one).
-    committing: AtomicBool,
 }
 
 /// Owns the writer thread; dropping it (or [`Writer::shutdown`]) finishes queued batches first.
@@ -65,6 +63,8 @@ pub(crate) struct WriterHandle {
     /// from one thread, so it is never contended.
     sender: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
     pub(crate) stats: Arc<WriterStats>,
+    /// Whether the writer is at work on a group (else it waits for one); set by its thread.
+    committing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -85,12 +85,15 @@ impl Writer {
             stats: stats.clone(),
             metrics,
         };
+        let committing = Arc::new(AtomicBool::new(false));
+        let at_work = committing.clone();
         let thread = std::thread::Builder::new()
             .name("duro-writer".into())
-            .spawn(move || run(&*backend, &receiver, &tally))?;
+            .spawn(move || run(&*backend, &receiver, &tally, &at_work))?;
         let handle = WriterHandle {
             sender: Arc::new(Mutex::new(Some(sender))),
             stats,
+            committing,
         };
         Ok(Writer {
             handle,
@@ -150,23 +153,28 @@ impl WriterHandle {
     /// Whether the writer is at work on a group: what is submitted now joins the next one,
     /// which starts when this one is done. Else what is submitted starts a commit at once.
     pub(crate) fn is_committing(&self) -> bool {
-        self.stats.committing.load(Ordering::Relaxed)
+        self.committing.load(Ordering::Relaxed)
     }
 }
 
-fn run(backend: &dyn Backend, receiver: &mpsc::Receiver<Job>, stats: &Tally) {
+fn run(
+    backend: &dyn Backend,
+    receiver: &mpsc::Receiver<Job>,
+    stats: &Tally,
+    committing: &AtomicBool,
+) {
     loop {
         let first = match receiver.try_recv() {
             Ok(job) => job,
             Err(_) => {
-                stats.stats.committing.store(false, Ordering::Relaxed);
+                committing.store(false, Ordering::Relaxed);
                 match receiver.recv() {
                     Ok(job) => job,
                     Err(_) => return,
                 }
             }
         };
-        stats.stats.committing.store(true, Ordering::Relaxed);
+        committing.store(true, Ordering::Relaxed);
         let mut batches = first.batches.len();
         let mut mutations = mutations_of(&first);
         let mut jobs = vec![first];
