@@ -835,6 +835,51 @@ fn many_objects_share_commits() {
     });
 }
 
+/// With the writer idle, a flush lets the event loop poll its sockets and run what is ready
+/// first: the writes of a call whose request arrives on a socket meanwhile join the group of
+/// the call before it, and the two share one commit.
+#[test]
+fn on_an_idle_writer_a_call_arriving_meanwhile_shares_the_group() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    run_local(async {
+        let builder = duro::builtin::register(Server::builder());
+        let host = duro::testing::data_dir(builder, dir.path())
+            .open_host()
+            .unwrap();
+        let stats = host.writer_stats();
+        let counter = host.namespace("counter").unwrap();
+        let a = counter.get_by_name("a").unwrap();
+        let b = counter.get_by_name("b").unwrap();
+        // Both activated, and nothing written: the writer waits for work.
+        for stub in [&a, &b] {
+            let read = stub.fetch(request("GET", "/", b"")).await.unwrap();
+            assert_eq!(read.body().as_ref(), b"0\n");
+        }
+        let groups = stats.groups.load(Ordering::SeqCst);
+        let commits = stats.commits.load(Ordering::SeqCst);
+        let (mut sender, mut receiver) = tokio::net::UnixStream::pair().unwrap();
+        // `b`'s call waits for its request on a socket, as a connection's does.
+        let later = tokio::task::spawn_local(async move {
+            let mut byte = [0u8; 1];
+            receiver.read_exact(&mut byte).await.unwrap();
+            b.fetch(request("POST", "/", b"")).await
+        });
+        // `a`'s call sends that request, then writes: `b`'s request arrives after the write,
+        // before the event loop polls its sockets again.
+        let first = tokio::task::spawn_local(async move {
+            sender.write_all(b"x").await.unwrap();
+            a.fetch(request("POST", "/", b"")).await
+        });
+        for call in [first, later] {
+            assert_eq!(call.await.unwrap().unwrap().body().as_ref(), b"1\n");
+        }
+        assert_eq!(stats.groups.load(Ordering::SeqCst), groups + 1);
+        assert_eq!(stats.commits.load(Ordering::SeqCst), commits + 1);
+        host.shutdown().await;
+    });
+}
+
 /// `POST` stores a key, `DELETE` empties the object's storage.
 struct Boxed {
     state: State,

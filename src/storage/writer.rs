@@ -43,6 +43,8 @@ struct Job {
 pub struct WriterStats {
     /// Batches handed to the writer.
     pub submitted: AtomicU64,
+    /// Groups of batches handed to the writer (one each time an event loop flushes).
+    pub groups: AtomicU64,
     /// Transactions committed (or attempted), the retries of a group that hit a full disk
     /// included.
     pub commits: AtomicU64,
@@ -138,6 +140,7 @@ impl WriterHandle {
         self.stats
             .submitted
             .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        self.stats.groups.fetch_add(1, Ordering::Relaxed);
         let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
         let job = Job { batches, done };
         let refused = match sender.as_ref() {
