@@ -383,28 +383,37 @@ impl Activation {
             self.last_used.set(now);
             let running = Running::new(self.clone());
             let slot = running.slot;
+            let activation = self.clone();
             // In the span of the call that delivers it, when spans are recorded: what the
             // object logs is then tied to the call's request ID.
-            let call = async move {
-                let running = running;
-                run(&running.activation, ticket, durable, handler).await
-            };
-            let mut call = Box::pin(call.instrument(crate::trace::call_span()));
-            // A call that has nothing to wait for (its turn at the gate is now, its handler
-            // does not wait, and no write of the object is waiting to be durable) ends here,
-            // as it is delivered: no task, no wake-up round through the event loop. Only for
-            // requests, whose callers (a connection, the gateway, an object's stub) hold no
-            // borrow of the host while they deliver; WebSocket events and alarms always run
-            // as tasks.
+            let handled = async move { run(&activation, ticket, handler).await };
+            let mut handled = Box::pin(handled.instrument(crate::trace::call_span()));
+            // A call whose handler has nothing to wait for (its turn at the gate is now and
+            // the handler does not wait) is handled here, as it is delivered: no task, no
+            // wake-up round through the event loop. What is left is the output gate, which
+            // needs no task either: the caller's future waits for the writes, and a reset
+            // fails them. Only for requests, whose callers (a connection, the gateway, an
+            // object's stub) hold no borrow of the host while they deliver; WebSocket events
+            // and alarms always run as tasks.
             if inline && let Some(_depth) = InlineDepth::enter() {
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                if let std::task::Poll::Ready(result) = call.as_mut().poll(&mut cx) {
-                    return Delivery::Done(result);
+                if let std::task::Poll::Ready(result) = handled.as_mut().poll(&mut cx) {
+                    let seq = durable.then(|| self.store.written_seq());
+                    return Delivery::Handled {
+                        result,
+                        seq,
+                        running,
+                    };
                 }
             }
             // A task of its own, so the call progresses whoever awaits it (an object awaiting
             // another object's call must not stall that object's handler while its gate is
             // shut). A poll above registered no waker that counts: the task polls it again.
+            let call = async move {
+                let result = handled.await;
+                let seq = durable.then(|| running.activation.store.written_seq());
+                output_gate(&running.activation, seq, result).await
+            };
             let handle = tokio::task::spawn_local(call);
             match self.calls.borrow_mut().slots.get_mut(slot) {
                 Some(entry) => *entry = Some(handle.abort_handle()),
@@ -415,7 +424,11 @@ impl Activation {
         });
         async move {
             let result = match task {
-                Ok(Delivery::Done(result)) => result,
+                Ok(Delivery::Handled {
+                    result,
+                    seq,
+                    running,
+                }) => output_gate(&running.activation, seq, result).await,
                 Ok(Delivery::Task(task)) => match task.await {
                     Ok(result) => result,
                     Err(_) => Err(counted.activation.disconnected()),
@@ -692,18 +705,24 @@ impl Drop for InlineDepth {
     }
 }
 
-/// A delivered call: ended as it was delivered, or running as a task.
+/// A delivered call: handled as it was delivered (its answer held only by the output gate,
+/// when `seq` is set), or running as a task.
 enum Delivery<T> {
-    Done(T),
-    Task(AbortOnDropHandle<T>),
+    Handled {
+        result: Result<T, Error>,
+        /// The newest write when the handler ended, which the answer waits for.
+        seq: Option<u64>,
+        /// The call counts as running until its answer leaves the output gate.
+        running: Running,
+    },
+    Task(AbortOnDropHandle<Result<T, Error>>),
 }
 
-/// Runs one call: waits for its turn, runs the handler through the gate, then holds the
-/// response at the output gate. A reset aborts the task wherever it is.
+/// Runs one call's handler: waits for its turn, then runs the handler through the gate. A
+/// reset aborts the task wherever it is.
 async fn run<T>(
     activation: &Rc<Activation>,
     ticket: gate::Ticket,
-    durable: bool,
     handler: impl FnOnce(Rc<dyn ErasedObject>, Rc<ObjectStore>) -> Handler<T>,
 ) -> Result<T, Error> {
     ticket.await;
@@ -722,11 +741,10 @@ async fn run<T>(
             return Err(activation.disconnected());
         }
     };
-    // The output gate: nothing leaves before the writes made so far are durable.
-    if durable {
-        let seq = activation.store.written_seq();
-        let durable = activation.store.wait_durable(seq).await;
-        durable.map_err(|e| Error::Disconnected(format!("object reset: {e}")))?;
+    // Reset while the handler ran (by the handler itself, or by a failed commit): the call
+    // fails with the reset, whatever the handler answered.
+    if activation.is_broken() {
+        return Err(activation.disconnected());
     }
     result.map_err(|error| {
         if let Some(KindKept(kept)) = error.downcast_ref::<KindKept>() {
@@ -737,6 +755,25 @@ async fn run<T>(
             None => Error::Remote(error.to_string()),
         }
     })
+}
+
+/// The output gate: a call's `result` leaves once the writes up to `seq` (the newest when its
+/// handler ended) are durable. Writes lost to a failed commit or a reset fail it instead.
+async fn output_gate<T>(
+    activation: &Activation,
+    seq: Option<u64>,
+    result: Result<T, Error>,
+) -> Result<T, Error> {
+    if let Some(seq) = seq
+        && let Err(error) = activation.store.wait_durable(seq).await
+    {
+        return Err(if activation.is_broken() {
+            activation.disconnected()
+        } else {
+            Error::Disconnected(format!("object reset: {error}"))
+        });
+    }
+    result
 }
 
 /// Closes `gate` until `predecessor` has no commit in flight, then, for an engine whose reads

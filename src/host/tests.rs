@@ -252,6 +252,28 @@ fn a_reset_breaks_the_stub_and_the_next_instance_waits_for_the_last_commit() {
     );
 }
 
+#[test]
+fn an_answer_whose_writes_are_durable_is_not_lost_to_a_later_reset() {
+    with_host(memory(), HostLimits::default(), |host, shared| async move {
+        let stub = get(&host, "r").unwrap();
+        // Handled as it is delivered, then held at the output gate: its caller reads the
+        // answer only after the commit landed and the object reset.
+        let put = stub.call("POST", "/put", "1");
+        settle().await;
+        let panicked = stub.call("POST", "/panic", "").await;
+        assert!(
+            matches!(panicked, Err(Error::Disconnected(_))),
+            "{panicked:?}"
+        );
+        assert!(stub.is_broken());
+        let put = put.await.expect("its write was durable before the reset");
+        assert_eq!(put.body().as_ref(), b"1");
+        let fresh = get(&host, "r").unwrap();
+        assert_eq!(call(&fresh, "/get", "").await, "1");
+        assert_eq!(built(&shared), 2);
+    });
+}
+
 /// Releases held commits even when an assertion fails, so the writer thread can stop.
 struct ReleaseOnDrop(Arc<FaultyBackend>);
 

@@ -448,14 +448,17 @@ impl ObjectStore {
     }
 
     /// Resolves when every write up to `seq` is durable, or with the error that lost them.
+    /// Writes that are durable stay so: a failure or reset after them does not fail the wait
+    /// (a call whose writes committed is answered, even if the object reset before its
+    /// caller read the answer).
     pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), Error> {
         std::future::poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if let Some(error) = &state.failed {
-                return Poll::Ready(Err(error.clone()));
-            }
             if state.durable_seq >= seq {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(error) = &state.failed {
+                return Poll::Ready(Err(error.clone()));
             }
             state.durable_waiters.push(cx.waker().clone());
             Poll::Pending
