@@ -765,13 +765,11 @@ async fn output_gate<T>(
     result: Result<T, Error>,
 ) -> Result<T, Error> {
     if let Some(seq) = seq
-        && let Err(error) = activation.store.wait_durable(seq).await
+        && activation.store.wait_durable(seq).await.is_err()
     {
-        return Err(if activation.is_broken() {
-            activation.disconnected()
-        } else {
-            Error::Disconnected(format!("object reset: {error}"))
-        });
+        // The store fails only with a reset of the object (a failed commit resets it), and
+        // the reset's reason says why.
+        return Err(activation.disconnected());
     }
     result
 }
