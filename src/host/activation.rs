@@ -392,7 +392,7 @@ impl Activation {
             // the handler does not wait) is handled here, as it is delivered: no task, no
             // wake-up round through the event loop. What is left is the output gate, which
             // needs no task either: the caller's future waits for the writes, and a reset
-            // fails them. Only for requests, whose callers (a connection, the gateway, an
+            // fails those not yet durable. Only for requests, whose callers (a connection, the gateway, an
             // object's stub) hold no borrow of the host while they deliver; WebSocket events
             // and alarms always run as tasks.
             if inline && let Some(_depth) = InlineDepth::enter() {

@@ -4,9 +4,9 @@
 //!   write not yet durable is never evicted, so it is never read from the backend.
 //! - Writes are grouped: all writes made before the flush task runs (at least those with no
 //!   pending await between them, and with an idle writer those of every call the event loop
-//!   ran meanwhile; see [`flush_group`]) go to the writer as one atomic batch. One batch is in flight per object
-//!   at a time; writes made meanwhile form the next batch. So batches commit in order, and a
-//!   failed batch never has a successor committed after it.
+//!   ran meanwhile; see [`flush_group`]) go to the writer as one atomic batch. One batch is in
+//!   flight per object at a time; writes made meanwhile form the next batch. So batches commit
+//!   in order, and a failed batch never has a successor committed after it.
 //! - `written_seq` numbers write operations; `durable_seq` is the newest one known durable. The
 //!   output gate waits for `durable_seq >= written_seq` as it was when the response was made.
 
@@ -98,11 +98,12 @@ impl Shared {
 
 /// Hands the batches of every pending object to the writer as one group, then settles each.
 ///
-/// When the writer is idle, the group would start a commit at once: it first lets the event loop
-/// run what is ready and read what arrived (one deferred yield: one more pass of the loop, which
-/// polls the sockets without waiting), so that the writes of calls that arrived together share
-/// the commit rather than each paying for one. When the writer is at work, the group waits for it anyway, and joins its
-/// next commit with whatever else is queued by then: it goes at once, not to miss that one.
+/// When the writer is idle, the group would start a commit at once: it first lets the event
+/// loop run what is ready and read what arrived (one deferred yield: one more pass of the loop,
+/// which polls the sockets without waiting), so that the writes of calls that arrived together
+/// share the commit rather than each paying for one. When the writer is at work, the group
+/// waits for it anyway, and joins its next commit with whatever else is queued by then: it
+/// goes at once, not to miss that one.
 async fn flush_group(shared: Rc<Shared>) {
     if !shared.writer.is_committing() {
         tokio::task::yield_now().await;
